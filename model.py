@@ -1,0 +1,115 @@
+"""The full network: ResNet trunk, projection head and the supervised (linear) head."""
+import dataclasses
+
+import tensorflow as tf
+
+import resnet
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """Architecture of the network; `run.py` fills it from flags."""
+  resnet_depth: int = 50
+  width_multiplier: float = 1.0
+  cifar_stem: bool = False
+  sk_ratio: float = 0.0
+  se_ratio: float = 0.0
+  batch_norm_decay: float = 0.9
+  global_bn: bool = True
+  proj_head_mode: str = 'nonlinear'   # 'none' | 'linear' | 'nonlinear'
+  num_proj_layers: int = 3
+  proj_out_dim: int = 128
+  num_classes: int = 1000
+  train_mode: str = 'pretrain'        # 'pretrain' | 'finetune'
+  lineareval_while_pretraining: bool = True
+  ft_proj_selector: int = 0
+  fine_tune_after_block: int = -1
+  zero_init_logits_layer: bool = False
+
+  def __post_init__(self):
+    if self.proj_head_mode not in ('none', 'linear', 'nonlinear'):
+      raise ValueError(f"Unknown proj_head_mode {self.proj_head_mode!r}; expected one of "
+                       "'none', 'linear', 'nonlinear'")
+    if self.train_mode not in ('pretrain', 'finetune'):
+      raise ValueError(f"Unknown train_mode {self.train_mode!r}; expected 'pretrain' or 'finetune'")
+    if self.num_proj_layers < 1:
+      raise ValueError(f'num_proj_layers must be >= 1, got {self.num_proj_layers}')
+
+
+class ProjectionHead(tf.keras.layers.Layer):
+  """SimCLR's projection head; also returns every intermediate output for `ft_proj_selector`."""
+
+  def __init__(self, config, input_dim, name='projection_head'):
+    super().__init__(name=name)
+    self.mode = config.proj_head_mode
+    self.num_layers = {'none': 0, 'linear': 1, 'nonlinear': config.num_proj_layers}[self.mode]
+    for j in range(self.num_layers):
+      last = j == self.num_layers - 1
+      # Attributes, not a list: tf.train.Checkpoint does not see Keras 3 layers held in lists.
+      setattr(self, f'proj_{j}_dense', tf.keras.layers.Dense(
+          config.proj_out_dim if last else input_dim, use_bias=False,
+          kernel_initializer=tf.keras.initializers.RandomNormal(stddev=0.01),
+          name=f'proj_{j}_dense'))
+      # The last layer has no offset: a bias before the normalised loss only shifts every
+      # projection alike (SimCLR's choice).
+      setattr(self, f'proj_{j}_bn', tf.keras.layers.BatchNormalization(
+          momentum=config.batch_norm_decay, epsilon=1e-5, center=not last,
+          synchronized=config.global_bn, name=f'proj_{j}_bn'))
+
+  def call(self, features, training=False, num_layers=None):
+    """Returns (projection, hiddens): hiddens[0] is the input, hiddens[j] layer j's output.
+
+    num_layers: run only the first layers (fine-tuning on an intermediate output).
+    """
+    hiddens = [features]
+    x = features
+    for j in range(self.num_layers if num_layers is None else num_layers):
+      dense, bn = getattr(self, f'proj_{j}_dense'), getattr(self, f'proj_{j}_bn')
+      x = bn(dense(x), training=training)
+      if self.mode == 'nonlinear' and j != self.num_layers - 1:
+        x = tf.nn.relu(x)
+      hiddens.append(x)
+    return x, hiddens
+
+
+class ContrastiveModel(tf.keras.Model):
+  """Trunk + projection head + linear head; `call` returns a dict of named outputs."""
+
+  def __init__(self, config, name='contrastive_model'):
+    super().__init__(name=name)
+    self.config = config
+    self.trunk = resnet.resnet(
+        config.resnet_depth, width_multiplier=config.width_multiplier,
+        cifar_stem=config.cifar_stem, sk_ratio=config.sk_ratio, se_ratio=config.se_ratio,
+        bn_momentum=config.batch_norm_decay, sync_bn=config.global_bn,
+        fine_tune_after_block=config.fine_tune_after_block, name='resnet')
+    self.projection_head = ProjectionHead(config, self.trunk.output_dim)
+    self.has_supervised_head = (config.train_mode == 'finetune' or
+                                config.lineareval_while_pretraining)
+    if self.has_supervised_head:
+      initializer = (tf.keras.initializers.Zeros() if config.zero_init_logits_layer
+                     else tf.keras.initializers.RandomNormal(stddev=0.01))
+      self.supervised_head = tf.keras.layers.Dense(
+          config.num_classes, kernel_initializer=initializer, name='supervised_head')
+
+  def call(self, images, training=False):
+    """images: [N, H, W, 3] in [0, 1] -> dict of float32 tensors.
+
+    'features' [N, C] trunk output; 'projection' [N, proj_out_dim] (absent in finetune mode);
+    'supervised_logits' [N, num_classes] when the model has a linear head.
+    """
+    features = self.trunk(images, training=training)
+    outputs = {'features': tf.cast(features, tf.float32)}
+    if self.config.train_mode == 'pretrain':
+      projection, hiddens = self.projection_head(features, training=training)
+      outputs['projection'] = tf.cast(projection, tf.float32)
+      # The linear head must not shape the representation it evaluates.
+      head_inputs = tf.stop_gradient(features)
+    else:
+      selector = self.config.ft_proj_selector
+      num_layers = self.projection_head.num_layers if selector < 0 else selector
+      _, hiddens = self.projection_head(features, training=training, num_layers=num_layers)
+      head_inputs = hiddens[selector]
+    if self.has_supervised_head:
+      outputs['supervised_logits'] = tf.cast(self.supervised_head(head_inputs), tf.float32)
+    return outputs

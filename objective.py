@@ -1,0 +1,181 @@
+"""Contrastive objectives: SimCLR's NT-Xent and SogCLR's global contrastive loss with its `u` table.
+
+Both gather negatives from every replica (gradients flow back through the gather), so one device
+and many devices give the same answer on the same global batch.
+"""
+import math
+
+import tensorflow as tf
+
+# Subtracted from masked logits: exp() of the result is exactly 0 in float32, unlike -inf it keeps
+# 0 * logit finite in the cross-entropy.
+LARGE_NUM = 1e9
+
+
+def cross_replica_concat(tensor):
+  """Concatenates `tensor` [b, ...] from all replicas, in replica order, into [R*b, ...].
+
+  The gradient of the gather sums the upstream gradients of every replica, so a loss computed on
+  gathered negatives sends its gradient back to the replica that produced each row.
+  """
+  context = tf.distribute.get_replica_context()
+  if context is None or context.num_replicas_in_sync == 1:
+    return tensor
+  return context.all_gather(tensor, axis=0)
+
+
+def _replica_offset(local_batch_size):
+  context = tf.distribute.get_replica_context()
+  if context is None or context.num_replicas_in_sync == 1:
+    return 0
+  return tf.cast(context.replica_id_in_sync_group, tf.int32) * local_batch_size
+
+
+def contrastive_similarities(projection_a, projection_b, hidden_norm=True):
+  """Similarities of each local anchor to all 2B gathered views.
+
+  Args:
+    projection_a, projection_b: [b, D] projections of the two views of the local batch.
+    hidden_norm: L2-normalise projections first (cosine similarity).
+
+  Returns:
+    sims_a, sims_b: [b, 2B] raw dot products of view-a (view-b) anchors with the gathered
+      [view b | view a] (respectively [view a | view b]) rows; the positive sits at column
+      `offset + i`, the anchor itself at column `B + offset + i`.
+    positive_mask, self_mask: [b, 2B] one-hot masks of those columns (float32).
+  """
+  projection_a = tf.cast(projection_a, tf.float32)
+  projection_b = tf.cast(projection_b, tf.float32)
+  if hidden_norm:
+    projection_a = tf.math.l2_normalize(projection_a, axis=-1)
+    projection_b = tf.math.l2_normalize(projection_b, axis=-1)
+  all_a = cross_replica_concat(projection_a)
+  all_b = cross_replica_concat(projection_b)
+  local_batch_size = tf.shape(projection_a)[0]
+  global_batch_size = tf.shape(all_a)[0]
+  columns = _replica_offset(local_batch_size) + tf.range(local_batch_size)
+  positive_mask = tf.one_hot(columns, 2 * global_batch_size)
+  self_mask = tf.one_hot(global_batch_size + columns, 2 * global_batch_size)
+  sims_a = tf.matmul(projection_a, tf.concat([all_b, all_a], 0), transpose_b=True)
+  sims_b = tf.matmul(projection_b, tf.concat([all_a, all_b], 0), transpose_b=True)
+  return sims_a, sims_b, positive_mask, self_mask
+
+
+def nt_xent_from_similarities(sims, positive_mask, self_mask, temperature):
+  """Per-anchor NT-Xent [b] and its logits [b, 2B] (self column masked out)."""
+  logits = sims / temperature - LARGE_NUM * self_mask
+  losses = tf.nn.softmax_cross_entropy_with_logits(labels=positive_mask, logits=logits)
+  return losses, logits
+
+
+def contrast_metrics(logits_a, positive_mask):
+  """Contrastive top-1 accuracy and mean softmax entropy of view-a anchors (SimCLR's metrics)."""
+  correct = tf.equal(tf.argmax(logits_a, 1), tf.argmax(positive_mask, 1))
+  probabilities = tf.nn.softmax(logits_a)
+  entropy = -tf.reduce_sum(probabilities * tf.math.log(probabilities + 1e-8), axis=1)
+  return tf.reduce_mean(tf.cast(correct, tf.float32)), tf.reduce_mean(entropy)
+
+
+def nt_xent_loss(projection_a, projection_b, temperature, hidden_norm=True):
+  """SimCLR's NT-Xent: mean over local anchors of view a plus the same for view b.
+
+  Returns:
+    (loss scalar, logits_a [b, 2B], positive_mask [b, 2B]).
+  """
+  sims_a, sims_b, positive_mask, self_mask = contrastive_similarities(
+      projection_a, projection_b, hidden_norm)
+  losses_a, logits_a = nt_xent_from_similarities(sims_a, positive_mask, self_mask, temperature)
+  losses_b, _ = nt_xent_from_similarities(sims_b, positive_mask, self_mask, temperature)
+  return tf.reduce_mean(losses_a) + tf.reduce_mean(losses_b), logits_a, positive_mask
+
+
+def _log_add_exp(x, y):
+  """log(exp(x) + exp(y)) that accepts -inf in either argument (never both)."""
+  larger = tf.maximum(x, y)
+  return larger + tf.math.log(tf.exp(x - larger) + tf.exp(y - larger))
+
+
+class SogCLRLoss(tf.Module):
+  """SogCLR's global contrastive loss and its moving-average denominators `u`, one per image.
+
+  `u` is kept in the log domain (`log_u`): u grows like exp(1/temperature) and overflows float32
+  below temperature ~0.011, and an underflowed u of 0 would read as a first visit. A never-visited
+  image holds -inf, which no real u (always > 0) can take. The table is a non-trainable variable
+  of length `num_examples` and is saved in checkpoints with the model.
+  """
+
+  def __init__(self, num_examples, temperature, gamma, hidden_norm=True, name='sogclr'):
+    super().__init__(name=name)
+    if not 0.0 < gamma <= 1.0:
+      raise ValueError(f'gamma must be in (0, 1], got {gamma}')
+    if temperature <= 0:
+      raise ValueError(f'temperature must be positive, got {temperature}')
+    self.num_examples = int(num_examples)
+    self.temperature = float(temperature)
+    self.gamma = float(gamma)
+    self.hidden_norm = hidden_norm
+    # ONLY_FIRST_REPLICA: every replica computes the same gathered update, so replica 0's is
+    # broadcast and all copies stay identical.
+    self.log_u = tf.Variable(
+        tf.fill([self.num_examples], -math.inf), trainable=False, name='log_u',
+        synchronization=tf.VariableSynchronization.ON_WRITE,
+        aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
+
+  def _moving_average(self, log_u_stored, sims, positive_mask, self_mask):
+    """log of u_i(view) = (1-gamma) u_i(stored) + gamma g_i; gamma = 1 on a first visit."""
+    negatives_logits = sims / self.temperature - LARGE_NUM * (positive_mask + self_mask)
+    num_negatives = tf.cast(tf.shape(sims)[1] - 2, tf.float32)
+    log_g = tf.reduce_logsumexp(negatives_logits, axis=1) - tf.math.log(num_negatives)
+    if self.gamma == 1.0:
+      return log_g, negatives_logits
+    log_u = _log_add_exp(math.log1p(-self.gamma) + log_u_stored, math.log(self.gamma) + log_g)
+    return tf.where(tf.math.is_inf(log_u_stored), log_g, log_u), negatives_logits
+
+  def _surrogate(self, sims, positive_mask, negatives_logits, log_u):
+    """Per-anchor -<z_i, z'_i> + 1/(2(B-1)) sum_k sg(exp(<z_i,z_k>/tau) / u_i) <z_i, z_k>."""
+    weights = tf.stop_gradient(tf.exp(negatives_logits - log_u[:, None]))
+    num_negatives = tf.cast(tf.shape(sims)[1] - 2, tf.float32)
+    positive = tf.reduce_sum(positive_mask * sims, axis=1)
+    return -positive + tf.reduce_sum(weights * sims, axis=1) / num_negatives
+
+  def __call__(self, projection_a, projection_b, ids):
+    """SogCLR loss of the local batch; updates `log_u` for the whole global batch.
+
+    Args:
+      projection_a, projection_b: [b, D] projections of the two views.
+      ids: [b] integer dataset ids in [0, num_examples), distinct across the global batch.
+
+    Returns:
+      dict with 'loss' (the surrogate: mean over anchors of view a plus view b, whose gradient
+      SogCLR follows), 'nt_xent' (the batch NT-Xent, for comparison with SimCLR), 'logits_a' and
+      'positive_mask' (for contrastive metrics) and 'log_u_mean' (log of the mean of the new u
+      over the global batch).
+    """
+    sims_a, sims_b, positive_mask, self_mask = contrastive_similarities(
+        projection_a, projection_b, self.hidden_norm)
+    ids = tf.cast(ids, tf.int32)
+    log_u_stored = tf.gather(self.log_u, ids)
+    log_u_a, negatives_a = self._moving_average(
+        log_u_stored, tf.stop_gradient(sims_a), positive_mask, self_mask)
+    log_u_b, negatives_b = self._moving_average(
+        log_u_stored, tf.stop_gradient(sims_b), positive_mask, self_mask)
+    loss = (tf.reduce_mean(self._surrogate(sims_a, positive_mask, negatives_a, log_u_a)) +
+            tf.reduce_mean(self._surrogate(sims_b, positive_mask, negatives_b, log_u_b)))
+
+    log_u_new = _log_add_exp(log_u_a, log_u_b) - math.log(2.0)
+    all_ids = cross_replica_concat(ids)
+    all_log_u_new = cross_replica_concat(log_u_new)
+    self.log_u.scatter_update(tf.IndexedSlices(all_log_u_new, all_ids))
+
+    nt_xent_a, logits_a = nt_xent_from_similarities(
+        tf.stop_gradient(sims_a), positive_mask, self_mask, self.temperature)
+    nt_xent_b, _ = nt_xent_from_similarities(
+        tf.stop_gradient(sims_b), positive_mask, self_mask, self.temperature)
+    global_batch_size = tf.cast(tf.shape(all_ids)[0], tf.float32)
+    return {
+        'loss': loss,
+        'nt_xent': tf.reduce_mean(nt_xent_a) + tf.reduce_mean(nt_xent_b),
+        'logits_a': logits_a,
+        'positive_mask': positive_mask,
+        'log_u_mean': tf.reduce_logsumexp(all_log_u_new) - tf.math.log(global_batch_size),
+    }

@@ -1,0 +1,610 @@
+r"""SimCLR and SogCLR pretraining, linear evaluation and fine-tuning: flags, strategy and loops.
+
+The only module that reads flags. Example (the embedded demo data, a CPU):
+
+  python run.py --train_mode=pretrain --DCL_mode=True --gamma=0.9 --model_dir=runs/sogclr \
+      --dataset=digits --image_size=16 --resnet_depth=18 --width_multiplier=0.25 ...
+"""
+import json
+import math
+import os
+import sys
+import time
+
+from absl import app
+from absl import flags
+from absl import logging
+import numpy as np
+import tensorflow as tf
+
+import data as data_lib
+import lars_optimizer
+import model as model_lib
+import objective as obj_lib
+
+FLAGS = flags.FLAGS
+
+# -- Data ------------------------------------------------------------------------------------------
+flags.DEFINE_string('dataset', 'imagenet2012',
+                    "TFDS dataset name; 'digits' is the embedded demo data (no download).")
+flags.DEFINE_string('data_dir', None,
+                    'TFDS data directory (local or gs://); default: TFDS\'s own (~/tensorflow_datasets).')
+flags.DEFINE_string('train_split', 'train', 'Split to train on.')
+flags.DEFINE_string('eval_split', 'validation', 'Split to evaluate on.')
+flags.DEFINE_integer('num_classes', 0,
+                     'Number of classes of the supervised head; 0 = read from the dataset.')
+flags.DEFINE_integer('image_size', 224, 'Side of the square input images, in pixels.')
+flags.DEFINE_bool('cache_dataset', False,
+                  'Cache the encoded split in memory (good for small datasets, not ImageNet).')
+flags.DEFINE_float('color_jitter_strength', 1.0,
+                   'Strength s of color jitter (brightness/contrast/saturation 0.8s, hue 0.2s).')
+flags.DEFINE_float('crop_area_min', 0.08,
+                   'Smallest random crop, as a fraction of the image area (0, 1].')
+flags.DEFINE_bool('use_blur', True,
+                  'Gaussian blur of views when pretraining (skipped for images under 32 px).')
+
+# -- Model -----------------------------------------------------------------------------------------
+flags.DEFINE_integer('resnet_depth', 50, 'ResNet depth: 18, 34, 50, 101, 152 or 200.')
+flags.DEFINE_float('width_multiplier', 1.0,
+                   'Width multiplier of the ResNet (fractions such as 0.25 allowed).')
+flags.DEFINE_float('sk_ratio', 0.0, 'Selective-kernel ratio; > 0 enables SK (SimCLR v2: 0.0625).')
+flags.DEFINE_float('se_ratio', 0.0, 'Squeeze-excitation ratio; > 0 enables SE.')
+flags.DEFINE_float('batch_norm_decay', 0.9, 'Momentum of BN moving statistics.')
+flags.DEFINE_bool('global_bn', True, 'Synchronize BN statistics across replicas.')
+flags.DEFINE_enum('proj_head_mode', 'nonlinear', ['none', 'linear', 'nonlinear'],
+                  'Projection head type.')
+flags.DEFINE_integer('num_proj_layers', 3, 'Layers of the nonlinear projection head.')
+flags.DEFINE_integer('proj_out_dim', 128, 'Output dimension of the projection head.')
+flags.DEFINE_integer('ft_proj_selector', 0,
+                     'Projection-head layer whose output feeds the linear head when fine-tuning: '
+                     '0 = trunk features, -1 = the last layer.')
+flags.DEFINE_bool('lineareval_while_pretraining', True,
+                  'Train a linear head on stop-gradient trunk features while pretraining.')
+flags.DEFINE_integer('fine_tune_after_block', -1,
+                     'Fine-tune only after this trunk block: -1 everything, 0 after the stem, '
+                     '1-3 after that block group, 4 only the linear head.')
+flags.DEFINE_bool('zero_init_logits_layer', False, 'Initialize the linear head to zeros.')
+
+# -- Objective -------------------------------------------------------------------------------------
+flags.DEFINE_enum('loss', None, ['simclr', 'sogclr'],
+                  'Contrastive loss; unset = SogCLR unless an alias below says otherwise.')
+flags.DEFINE_bool('DCL_mode', None, 'Alias of --loss: True = sogclr, False = simclr.')
+flags.DEFINE_bool('GCL_mode', None, 'Alias of --loss: True = sogclr, False = simclr.')
+flags.DEFINE_bool('BI_mode', None,
+                  'Alias of --loss ("batch-independent"): True = sogclr, False = simclr.')
+flags.DEFINE_float('temperature', 0.1, 'Temperature tau of the contrastive loss (> 0).')
+flags.DEFINE_float('gamma', 0.9,
+                   "SogCLR's moving-average weight of the new estimate of u, in (0, 1].")
+flags.DEFINE_bool('hidden_norm', True, 'L2-normalise projections (cosine similarity).')
+
+# -- Optimization ----------------------------------------------------------------------------------
+flags.DEFINE_enum('optimizer', 'lars', ['lars', 'momentum', 'adam'],
+                  "Optimizer. SogCLR's gradient carries a factor tau: with plain momentum SGD "
+                  'scale the learning rate by 1/temperature to compare with SimCLR.')
+flags.DEFINE_float('learning_rate', 0.3,
+                   'Base learning rate, scaled by --learning_rate_scaling.')
+flags.DEFINE_enum('learning_rate_scaling', 'linear', ['linear', 'sqrt'],
+                  'Peak lr = learning_rate * batch/256 (linear) or * sqrt(batch) (sqrt).')
+flags.DEFINE_float('warmup_epochs', 10, 'Linear warm-up, in epochs; then cosine decay to 0.')
+flags.DEFINE_float('weight_decay', 1e-6,
+                   'L2 weight decay (per unit of 0.5*||w||^2); BN and biases excluded.')
+flags.DEFINE_float('momentum', 0.9, 'Momentum of LARS and SGD.')
+
+# -- Loop ------------------------------------------------------------------------------------------
+flags.DEFINE_enum('train_mode', 'pretrain', ['pretrain', 'finetune'],
+                  'pretrain: contrastive learning; finetune: supervised, from --checkpoint.')
+flags.DEFINE_enum('mode', 'train', ['train', 'eval', 'train_then_eval'],
+                  'Train (evaluating at the end), evaluate, or both.')
+flags.DEFINE_integer('train_batch_size', 512, 'Global training batch size, in images.')
+flags.DEFINE_integer('train_epochs', 100, 'Training length, in epochs.')
+flags.DEFINE_integer('train_steps', 0, 'Training length, in steps; > 0 overrides train_epochs.')
+flags.DEFINE_integer('eval_batch_size', 256, 'Global evaluation batch size, in images.')
+flags.DEFINE_integer('eval_steps', 0, 'Evaluation steps; 0 = the whole eval split.')
+flags.DEFINE_integer('checkpoint_epochs', 1, 'Epochs between checkpoints.')
+flags.DEFINE_integer('checkpoint_steps', 0,
+                     'Steps between checkpoints; > 0 overrides checkpoint_epochs.')
+flags.DEFINE_integer('keep_checkpoint_max', 5, 'Checkpoints kept in model_dir.')
+flags.DEFINE_string('model_dir', None, 'Directory for checkpoints, summaries and flags.json.')
+flags.DEFINE_string('checkpoint', None,
+                    'Checkpoint (prefix or directory) to initialize from when model_dir has none.')
+flags.DEFINE_integer('seed', 0, 'Seed of initialization, data order and augmentations.')
+flags.DEFINE_bool('deterministic', False,
+                  'Deterministic ops and input order (slower): the same run twice gives the '
+                  'same weights.')
+flags.DEFINE_float('log_every_seconds', 5.0, 'Seconds of training between progress lines.')
+flags.DEFINE_integer('probe_max_examples', 20_000,
+                     'After pretraining, fit a logistic-regression probe on frozen features when '
+                     'the train split has at most this many images (0 = never).')
+flags.DEFINE_bool('probe_baselines', True,
+                  'With the probe, also report raw-pixel and random-network probes.')
+
+# -- Infrastructure --------------------------------------------------------------------------------
+flags.DEFINE_bool('use_tpu', None,
+                  'Run on a TPU; unset = a TPU if one is attached, else all local GPUs, else CPU.')
+flags.DEFINE_string('tpu_name', None, 'Cloud TPU name or grpc:// address.')
+flags.DEFINE_string('tpu_zone', None, 'GCE zone of the Cloud TPU (default: detected).')
+flags.DEFINE_string('gcp_project', None, 'GCP project of the Cloud TPU (default: detected).')
+flags.DEFINE_string('master', None, 'TensorFlow master address (a TPU grpc:// address).')
+
+
+def resolve_loss(loss, aliases):
+  """The canonical loss from --loss and the alias flags; disagreeing flags are an error.
+
+  aliases: {flag name: True/False/None}, True meaning SogCLR.
+  """
+  chosen = {}
+  if loss is not None:
+    chosen['loss'] = loss
+  for name, value in aliases.items():
+    if value is not None:
+      chosen[name] = 'sogclr' if value else 'simclr'
+  if len(set(chosen.values())) > 1:
+    given = ', '.join(f'--{k}={v}' for k, v in chosen.items())
+    raise ValueError(f'Conflicting loss flags ({given}); set them to agree or keep only one')
+  return next(iter(chosen.values()), 'sogclr')
+
+
+def validate_flags():
+  """Cross-flag checks, before anything is built."""
+  if not FLAGS.model_dir:
+    raise ValueError('--model_dir is required (checkpoints, summaries and flags.json go there)')
+  if FLAGS.temperature <= 0:
+    raise ValueError(f'--temperature must be positive, got {FLAGS.temperature}')
+  if not 0 < FLAGS.gamma <= 1:
+    raise ValueError(f'--gamma must be in (0, 1], got {FLAGS.gamma}')
+  if not 0 < FLAGS.crop_area_min <= 1:
+    raise ValueError(f'--crop_area_min must be in (0, 1], got {FLAGS.crop_area_min}')
+  if FLAGS.width_multiplier <= 0:
+    raise ValueError(f'--width_multiplier must be positive, got {FLAGS.width_multiplier}')
+  for name in ('train_batch_size', 'eval_batch_size', 'image_size', 'keep_checkpoint_max'):
+    if FLAGS[name].value <= 0:
+      raise ValueError(f'--{name} must be positive, got {FLAGS[name].value}')
+  if FLAGS.train_mode == 'finetune' and FLAGS.mode != 'eval' and not FLAGS.checkpoint:
+    logging.warning('--train_mode=finetune without --checkpoint trains from scratch.')
+  # The standard stem divides the image by 32, the CIFAR stem by 8.
+  min_size = 8 if FLAGS.image_size <= data_lib.SMALL_IMAGE_SIZE else 32
+  if FLAGS.image_size < min_size:
+    raise ValueError(f'--image_size={FLAGS.image_size} is too small for the ResNet '
+                     f'(at least {min_size} px)')
+
+
+def build_strategy():
+  """TPU if asked for or attached, else MultiWorkerMirrored from TF_CONFIG, else all local GPUs
+  (or the CPU) with MirroredStrategy."""
+  tpu_requested = FLAGS.use_tpu or (FLAGS.use_tpu is None and (
+      FLAGS.tpu_name or FLAGS.master or tf.config.list_physical_devices('TPU')))
+  if tpu_requested:
+    resolver = tf.distribute.cluster_resolver.TPUClusterResolver(
+        tpu=FLAGS.tpu_name or FLAGS.master or 'local', zone=FLAGS.tpu_zone,
+        project=FLAGS.gcp_project)
+    if FLAGS.tpu_name or FLAGS.master:
+      tf.config.experimental_connect_to_cluster(resolver)
+    tf.tpu.experimental.initialize_tpu_system(resolver)
+    return tf.distribute.TPUStrategy(resolver)
+  tf_config = json.loads(os.environ.get('TF_CONFIG', '{}'))
+  if sum(len(tasks) for tasks in tf_config.get('cluster', {}).values()) > 1:
+    return tf.distribute.MultiWorkerMirroredStrategy()
+  gpus = tf.config.list_logical_devices('GPU')
+  return tf.distribute.MirroredStrategy([d.name for d in gpus] or ['/cpu:0'])
+
+
+def is_chief(strategy):
+  resolver = getattr(strategy, 'cluster_resolver', None)
+  if not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy) or resolver is None:
+    return True
+  return resolver.task_type in (None, 'chief') or (
+      resolver.task_type == 'worker' and resolver.task_id == 0 and
+      'chief' not in resolver.cluster_spec().as_dict())
+
+
+def model_config(num_classes):
+  return model_lib.ModelConfig(
+      resnet_depth=FLAGS.resnet_depth, width_multiplier=FLAGS.width_multiplier,
+      cifar_stem=FLAGS.image_size <= data_lib.SMALL_IMAGE_SIZE, sk_ratio=FLAGS.sk_ratio,
+      se_ratio=FLAGS.se_ratio, batch_norm_decay=FLAGS.batch_norm_decay,
+      global_bn=FLAGS.global_bn, proj_head_mode=FLAGS.proj_head_mode,
+      num_proj_layers=FLAGS.num_proj_layers, proj_out_dim=FLAGS.proj_out_dim,
+      num_classes=num_classes, train_mode=FLAGS.train_mode,
+      lineareval_while_pretraining=FLAGS.lineareval_while_pretraining,
+      ft_proj_selector=FLAGS.ft_proj_selector,
+      fine_tune_after_block=FLAGS.fine_tune_after_block,
+      zero_init_logits_layer=FLAGS.zero_init_logits_layer)
+
+
+def build_model(config, image_size):
+  """The model with its variables created (call under the strategy's scope)."""
+  model = model_lib.ContrastiveModel(config)
+  model(tf.zeros([2, image_size, image_size, 3]), training=False)
+  return model
+
+
+class Trainer:
+  """Owns the train step and the many-steps-per-call loop; `run.py`'s loop does bookkeeping."""
+
+  def __init__(self, strategy, model, optimizer, *, loss, temperature, hidden_norm,
+               weight_decay, optimizer_name, sogclr=None):
+    self.strategy = strategy
+    self.model = model
+    self.optimizer = optimizer
+    self.loss = loss
+    self.temperature = temperature
+    self.hidden_norm = hidden_norm
+    self.weight_decay = weight_decay
+    self.decay_in_loss = not lars_optimizer.decays_inside(optimizer_name)
+    self.sogclr = sogclr
+    self.pretrain = model.config.train_mode == 'pretrain'
+    self._loop = tf.function(self._train_loop)
+
+  def train_step(self, views, labels, ids):
+    """One per-replica step; returns a dict of scalar metrics (means over the local batch)."""
+    images = tf.concat(views, 0)
+    metrics = {}
+    with tf.GradientTape() as tape:
+      outputs = self.model(images, training=True)
+      total = 0.0
+      if self.pretrain:
+        projection_a, projection_b = tf.split(outputs['projection'], 2, 0)
+        if self.loss == 'sogclr':
+          result = self.sogclr(projection_a, projection_b, ids)
+          contrastive, logits_a = result['loss'], result['logits_a']
+          positive_mask = result['positive_mask']
+          metrics['contrast_loss'] = result['nt_xent']
+          metrics['log_u_mean'] = result['log_u_mean']
+        else:
+          contrastive, logits_a, positive_mask = obj_lib.nt_xent_loss(
+              projection_a, projection_b, self.temperature, self.hidden_norm)
+          metrics['contrast_loss'] = contrastive
+        metrics['contrast_acc'], metrics['contrast_entropy'] = obj_lib.contrast_metrics(
+            logits_a, positive_mask)
+        metrics['contrastive_objective'] = contrastive
+        total += contrastive
+      if 'supervised_logits' in outputs:
+        repeated_labels = tf.concat([labels] * len(views), 0)
+        logits = outputs['supervised_logits']
+        supervised = tf.reduce_mean(tf.nn.softmax_cross_entropy_with_logits(
+            labels=repeated_labels, logits=logits))
+        metrics['supervised_loss'] = supervised
+        metrics['supervised_acc'] = tf.reduce_mean(tf.cast(tf.equal(
+            tf.argmax(logits, 1), tf.argmax(repeated_labels, 1)), tf.float32))
+        total += supervised
+      weight_decay = lars_optimizer.weight_decay_loss(
+          self.model.trainable_variables, self.weight_decay)
+      metrics['weight_decay'] = weight_decay
+      if self.decay_in_loss:
+        total += weight_decay
+      metrics['total_loss'] = total
+      # apply_gradients sums over replicas.
+      scaled = total / self.strategy.num_replicas_in_sync
+    variables = self.model.trainable_variables
+    gradients = tape.gradient(scaled, variables)
+    self.optimizer.apply_gradients(zip(gradients, variables))
+    return metrics
+
+  def _replicated_step(self, iterator):
+    per_replica = self.strategy.run(self.train_step, args=next(iterator))
+    return {k: self.strategy.reduce(tf.distribute.ReduceOp.MEAN, v, axis=None)
+            for k, v in per_replica.items()}
+
+  def _train_loop(self, iterator, num_steps):
+    """Runs `num_steps` >= 1 steps; returns each metric's mean over them (and replicas)."""
+    totals = self._replicated_step(iterator)
+    for _ in tf.range(num_steps - 1):
+      step = self._replicated_step(iterator)
+      totals = {k: totals[k] + step[k] for k in totals}
+    return {k: v / tf.cast(num_steps, tf.float32) for k, v in totals.items()}
+
+  def train_loop(self, iterator, num_steps):
+    return self._loop(iterator, tf.constant(num_steps, tf.int32))
+
+
+def format_duration(seconds):
+  seconds = int(max(seconds, 0))
+  if seconds >= 3600:
+    return f'{seconds // 3600}h{seconds % 3600 // 60:02d}m'
+  return f'{seconds // 60}m{seconds % 60:02d}s'
+
+
+def train(trainer, iterator, *, total_steps, checkpoint_every, checkpoint_manager,
+          summary_writer, global_batch_size, log_every_seconds=5.0, learning_rate_fn=None):
+  """The outer loop: bookkeeping at loop boundaries, the steps inside `trainer.train_loop`.
+
+  Never overshoots `total_steps`; checkpoints every `checkpoint_every` steps and at the end;
+  raises FloatingPointError naming the step range when a loss is not finite (the last good
+  checkpoint stays).
+  """
+  optimizer = trainer.optimizer
+  step = int(optimizer.iterations.numpy())
+  start_step = step
+  steps_per_call = 1
+  seconds_per_step = None
+  last_log = time.time()
+  train_started = time.time()
+  while step < total_steps:
+    next_checkpoint = (step // checkpoint_every + 1) * checkpoint_every
+    num_steps = min(steps_per_call, total_steps - step, next_checkpoint - step)
+    started = time.time()
+    metrics = {k: float(v) for k, v in trainer.train_loop(iterator, num_steps).items()}
+    elapsed = time.time() - started
+    previous, step = step, int(optimizer.iterations.numpy())
+    assert step == previous + num_steps, (previous, num_steps, step)
+    bad = [k for k, v in metrics.items() if not math.isfinite(v) and k != 'log_u_mean']
+    if bad:
+      raise FloatingPointError(
+          f'Non-finite {", ".join(bad)} between steps {previous + 1} and {step}; the last good '
+          f'checkpoint ({checkpoint_manager.latest_checkpoint}) is kept. Lower --learning_rate '
+          'or raise --temperature.')
+    if previous > start_step or steps_per_call > 1:  # The first call includes tracing.
+      per_step = elapsed / num_steps
+      seconds_per_step = per_step if seconds_per_step is None else (
+          0.7 * seconds_per_step + 0.3 * per_step)
+      # Calls of about a second: few host round-trips, yet progress and summaries stay fresh.
+      steps_per_call = int(np.clip(1.0 / seconds_per_step, 1, 1000))
+    else:
+      steps_per_call = 2
+    if 'log_u_mean' in metrics:
+      metrics['u_mean'] = math.exp(metrics['log_u_mean'])
+    if learning_rate_fn is not None:
+      metrics['learning_rate'] = float(learning_rate_fn(step))
+    if summary_writer is not None:
+      with summary_writer.as_default(step=step):
+        for name, value in metrics.items():
+          tf.summary.scalar(f'train/{name}', value)
+    if step == next_checkpoint or step == total_steps:
+      checkpoint_manager.save(checkpoint_number=step)
+    now = time.time()
+    if now - last_log >= log_every_seconds or step == total_steps:
+      last_log = now
+      rate = global_batch_size / seconds_per_step if seconds_per_step else float('nan')
+      eta = (total_steps - step) * seconds_per_step if seconds_per_step else 0
+      parts = [f'step {step}/{total_steps}', f"loss {metrics['total_loss']:.4f}"]
+      for key, label in (('contrast_loss', 'nt_xent'), ('contrast_acc', 'contrast_acc'),
+                         ('supervised_acc', 'sup_acc'), ('u_mean', 'u_mean')):
+        if key in metrics:
+          parts.append(f'{label} {metrics[key]:.4g}')
+      if seconds_per_step:
+        parts += [f'{rate:.0f} img/s', f'ETA {format_duration(eta)}']
+      logging.info('  '.join(parts))
+  if summary_writer is not None:
+    summary_writer.flush()
+  return time.time() - train_started
+
+
+def evaluate(strategy, model, dataset, num_steps=0):
+  """Top-1/top-5 of the supervised head over the whole dataset (or `num_steps` batches)."""
+
+  def eval_step(views, labels, ids):
+    del ids
+    logits = model(views[0], training=False)['supervised_logits']
+    targets = tf.argmax(labels, 1)
+    return {
+        'top_1': tf.reduce_sum(tf.cast(tf.math.in_top_k(targets, logits, 1), tf.float32)),
+        'top_5': tf.reduce_sum(tf.cast(tf.math.in_top_k(
+            targets, logits, min(5, logits.shape[-1])), tf.float32)),
+        'count': tf.cast(tf.shape(logits)[0], tf.float32),
+    }
+
+  @tf.function(reduce_retracing=True)
+  def run(inputs):
+    per_replica = strategy.run(eval_step, args=inputs)
+    return {k: strategy.reduce(tf.distribute.ReduceOp.SUM, v, axis=None)
+            for k, v in per_replica.items()}
+
+  sums = {'top_1': 0.0, 'top_5': 0.0, 'count': 0.0}
+  for i, inputs in enumerate(dataset):
+    if num_steps and i >= num_steps:
+      break
+    for k, v in run(inputs).items():
+      sums[k] += float(v)
+  count = max(sums['count'], 1.0)
+  return {'top_1': sums['top_1'] / count, 'top_5': sums['top_5'] / count,
+          'num_examples': int(sums['count'])}
+
+
+def extract_features(strategy, model, dataset):
+  """(features [N, C], labels [N]) of the trunk over a non-repeating dataset."""
+
+  # The last batch is smaller: one more trace, not one per call.
+  @tf.function(reduce_retracing=True)
+  def run(inputs):
+    views, labels, _ = inputs
+    return strategy.run(
+        lambda v, l: (model(v[0], training=False)['features'], tf.argmax(l, 1)),
+        args=(views, labels))
+
+  features, labels = [], []
+  for inputs in dataset:
+    f, l = run(inputs)
+    features += [x.numpy() for x in strategy.experimental_local_results(f)]
+    labels += [x.numpy() for x in strategy.experimental_local_results(l)]
+  return np.concatenate(features), np.concatenate(labels)
+
+
+def main(argv):
+  del argv
+  validate_flags()
+  loss = resolve_loss(FLAGS.loss, {'DCL_mode': FLAGS.DCL_mode, 'GCL_mode': FLAGS.GCL_mode,
+                                    'BI_mode': FLAGS.BI_mode})
+  tf.keras.utils.set_random_seed(FLAGS.seed)
+  # tf.data refuses a tensor shuffle seed (data.py's per-epoch shuffles) under a global seed of
+  # exactly 0, so the global TF seed is shifted by one.
+  tf.random.set_seed(FLAGS.seed + 1)
+  if FLAGS.deterministic:
+    tf.config.experimental.enable_op_determinism()
+
+  builder = data_lib.get_builder(FLAGS.dataset, FLAGS.data_dir)
+  info = data_lib.describe(builder, FLAGS.train_split, FLAGS.eval_split, FLAGS.num_classes)
+  strategy = build_strategy()
+  chief = is_chief(strategy)
+  logging.info('Strategy %s with %d replica(s); loss %s; dataset %s: %d train / %d eval images, '
+               '%d classes', type(strategy).__name__, strategy.num_replicas_in_sync, loss,
+               info.name, info.num_train_examples, info.num_eval_examples, info.num_classes)
+  if FLAGS.train_batch_size % strategy.num_replicas_in_sync:
+    raise ValueError(f'--train_batch_size={FLAGS.train_batch_size} is not divisible by the '
+                     f'{strategy.num_replicas_in_sync} replicas')
+  if FLAGS.train_batch_size > info.num_train_examples:
+    raise ValueError(f'--train_batch_size={FLAGS.train_batch_size} is larger than split '
+                     f'{FLAGS.train_split!r} ({info.num_train_examples} images)')
+
+  tf.io.gfile.makedirs(FLAGS.model_dir)
+  if chief:
+    with tf.io.gfile.GFile(os.path.join(FLAGS.model_dir, 'flags.json'), 'w') as f:
+      json.dump(_flag_values() | {'resolved_loss': loss}, f, indent=2, sort_keys=True)
+
+  steps_per_epoch = data_lib.steps_per_epoch(info.num_train_examples, FLAGS.train_batch_size)
+  total_steps = FLAGS.train_steps or FLAGS.train_epochs * steps_per_epoch
+  warmup_steps = int(round(FLAGS.warmup_epochs * steps_per_epoch))
+  if warmup_steps > total_steps:
+    logging.warning('Warm-up (%d steps) is longer than training (%d steps); shortened.',
+                    warmup_steps, total_steps)
+    warmup_steps = total_steps
+  checkpoint_every = FLAGS.checkpoint_steps or max(1, FLAGS.checkpoint_epochs * steps_per_epoch)
+
+  with strategy.scope():
+    model = build_model(model_config(info.num_classes), FLAGS.image_size)
+    learning_rate = lars_optimizer.WarmUpAndCosineDecay(
+        FLAGS.learning_rate, FLAGS.train_batch_size, FLAGS.learning_rate_scaling,
+        warmup_steps, total_steps)
+    optimizer = lars_optimizer.build_optimizer(
+        FLAGS.optimizer, learning_rate, momentum=FLAGS.momentum, weight_decay=FLAGS.weight_decay)
+    # Built here, not lazily inside the first traced step (Keras 3 cannot under a strategy).
+    optimizer.build(model.trainable_variables)
+    sogclr = None
+    if FLAGS.train_mode == 'pretrain' and loss == 'sogclr':
+      sogclr = obj_lib.SogCLRLoss(info.num_train_examples, FLAGS.temperature, FLAGS.gamma,
+                                  FLAGS.hidden_norm)
+    trackables = {'model': model, 'optimizer': optimizer}
+    if sogclr is not None:
+      trackables['sogclr'] = sogclr
+    checkpoint = tf.train.Checkpoint(**trackables)
+    checkpoint_manager = tf.train.CheckpointManager(
+        checkpoint, FLAGS.model_dir, max_to_keep=FLAGS.keep_checkpoint_max)
+    # Resume from model_dir first (the same run, restarted); only then from --checkpoint.
+    if checkpoint_manager.latest_checkpoint:
+      checkpoint.restore(checkpoint_manager.latest_checkpoint).assert_existing_objects_matched()
+      logging.info('Resumed from %s at step %d', checkpoint_manager.latest_checkpoint,
+                   int(optimizer.iterations.numpy()))
+    elif FLAGS.checkpoint:
+      restore_pretrained(model, FLAGS.checkpoint)
+
+  summary_writer = tf.summary.create_file_writer(
+      FLAGS.model_dir if chief else os.path.join(FLAGS.model_dir, 'worker_tmp'))
+  results = {}
+  if FLAGS.mode in ('train', 'train_then_eval'):
+    initial_step = int(optimizer.iterations.numpy())
+    train_config = data_lib.InputConfig(
+        split=FLAGS.train_split, global_batch_size=FLAGS.train_batch_size,
+        image_size=FLAGS.image_size, is_training=True,
+        num_views=2 if FLAGS.train_mode == 'pretrain' else 1,
+        color_jitter_strength=FLAGS.color_jitter_strength, crop_area_min=FLAGS.crop_area_min,
+        use_blur=FLAGS.use_blur and FLAGS.train_mode == 'pretrain',
+        cache_dataset=FLAGS.cache_dataset, seed=FLAGS.seed, deterministic=FLAGS.deterministic,
+        initial_step=initial_step)
+    dataset = data_lib.build_distributed_dataset(
+        strategy, builder, info, train_config, info.num_classes)
+    trainer = Trainer(strategy, model, optimizer, loss=loss, temperature=FLAGS.temperature,
+                      hidden_norm=FLAGS.hidden_norm, weight_decay=FLAGS.weight_decay,
+                      optimizer_name=FLAGS.optimizer, sogclr=sogclr)
+    logging.info('Training %s from step %d to %d (%d steps/epoch, warm-up %d steps).',
+                 FLAGS.train_mode, initial_step, total_steps, steps_per_epoch, warmup_steps)
+    seconds = train(trainer, iter(dataset), total_steps=total_steps,
+                    checkpoint_every=checkpoint_every, checkpoint_manager=checkpoint_manager,
+                    summary_writer=summary_writer if chief else None,
+                    global_batch_size=FLAGS.train_batch_size,
+                    log_every_seconds=FLAGS.log_every_seconds, learning_rate_fn=learning_rate)
+    results['train_seconds'] = round(seconds, 1)
+  results.update(run_evaluation(strategy, model, builder, info, summary_writer, chief,
+                                int(optimizer.iterations.numpy())))
+  if FLAGS.train_mode == 'pretrain' and FLAGS.mode != 'eval':
+    results.update(run_probe(strategy, model, builder, info))
+  if chief:
+    step = int(optimizer.iterations.numpy())
+    with tf.io.gfile.GFile(os.path.join(FLAGS.model_dir, f'result_{step}.json'), 'w') as f:
+      json.dump(results, f, indent=2, sort_keys=True)
+  return results
+
+
+def _flag_values():
+  """Every flag defined in this file, with its value."""
+  return {f.name: f.value for f in FLAGS.get_flags_for_module(sys.modules[__name__])}
+
+
+def restore_pretrained(model, path):
+  """Initializes `model` from another run's checkpoint (weights only; no optimizer or step)."""
+  if tf.io.gfile.isdir(path):
+    latest = tf.train.latest_checkpoint(path)
+    if latest is None:
+      raise ValueError(f'--checkpoint={path!r} is a directory without checkpoints')
+    path = latest
+  if not tf.io.gfile.exists(path + '.index'):
+    raise ValueError(f'--checkpoint={path!r} does not exist (expected a checkpoint prefix or a '
+                     'directory holding checkpoints)')
+  # The optimizer state, step and SogCLR's u table of the pretraining run are expected to be
+  # left unmatched; the model's own variables must all be found.
+  tf.train.Checkpoint(model=model).restore(path).expect_partial()
+  logging.info('Initialized the model from %s', path)
+
+
+def run_evaluation(strategy, model, builder, info, summary_writer, chief, step):
+  """Evaluates the supervised head on the eval split; returns {'eval/top_1': ...}."""
+  if not model.has_supervised_head:
+    return {}
+  config = data_lib.InputConfig(split=FLAGS.eval_split, global_batch_size=FLAGS.eval_batch_size,
+                                image_size=FLAGS.image_size, is_training=False, num_views=1)
+  dataset = data_lib.build_distributed_dataset(strategy, builder, info, config,
+                                               info.num_classes)
+  metrics = evaluate(strategy, model, dataset, FLAGS.eval_steps)
+  logging.info('Eval at step %d on %s (%d images): top-1 %.4f, top-5 %.4f', step,
+               FLAGS.eval_split, metrics['num_examples'], metrics['top_1'], metrics['top_5'])
+  if chief:
+    with summary_writer.as_default(step=step):
+      tf.summary.scalar('eval/label_top_1_accuracy', metrics['top_1'])
+      tf.summary.scalar('eval/label_top_5_accuracy', metrics['top_5'])
+    summary_writer.flush()
+  return {f'eval/{k}': v for k, v in metrics.items()} | {'global_step': step}
+
+
+def run_probe(strategy, model, builder, info):
+  """A logistic-regression probe on frozen trunk features, beside raw-pixel and random-network
+  baselines, when the train split is small enough."""
+  if not 0 < info.num_train_examples <= FLAGS.probe_max_examples:
+    return {}
+  import probe  # pylint: disable=import-outside-toplevel  (scikit-learn is only needed here)
+
+  def split_data(split):
+    config = data_lib.InputConfig(split=split, global_batch_size=FLAGS.eval_batch_size,
+                                  image_size=FLAGS.image_size, is_training=False, num_views=1)
+    return data_lib.build_distributed_dataset(strategy, builder, info, config, info.num_classes)
+
+  train_x, train_y = extract_features(strategy, model, split_data(FLAGS.train_split))
+  test_x, test_y = extract_features(strategy, model, split_data(FLAGS.eval_split))
+  results = {'probe/top_1': probe.linear_probe_accuracy(train_x, train_y, test_x, test_y)}
+  if FLAGS.probe_baselines:
+    with strategy.scope():
+      random_model = build_model(model.config, FLAGS.image_size)
+    random_train = extract_features(strategy, random_model, split_data(FLAGS.train_split))
+    random_test = extract_features(strategy, random_model, split_data(FLAGS.eval_split))
+    results['probe/random_network_top_1'] = probe.linear_probe_accuracy(
+        *random_train, *random_test)
+    raw_train = probe.pixels(builder, info, FLAGS.train_split)
+    raw_test = probe.pixels(builder, info, FLAGS.eval_split)
+    results['probe/raw_pixels_top_1'] = probe.linear_probe_accuracy(*raw_train, *raw_test)
+  logging.info('Linear probe on %s: top-1 %.4f (raw pixels %.4f, random network %.4f, chance '
+               '%.2f)', FLAGS.eval_split, results['probe/top_1'],
+               results.get('probe/raw_pixels_top_1', float('nan')),
+               results.get('probe/random_network_top_1', float('nan')), 1 / info.num_classes)
+  return results
+
+
+def cli(argv):
+  """main() with one-line errors for bad input (non-zero exit, nothing written is touched)."""
+  try:
+    main(argv)
+  except (ValueError, FloatingPointError, tf.errors.InvalidArgumentError) as e:
+    message = e.message if isinstance(e, tf.errors.OpError) else str(e)
+    logging.error('%s', message.strip().splitlines()[0] if message.strip() else repr(e))
+    print(f'error: {message.strip().splitlines()[0]}', file=sys.stderr)
+    sys.exit(1)
+
+
+if __name__ == '__main__':
+  app.run(cli)

@@ -1,0 +1,234 @@
+"""objective.py against an independent NumPy implementation written from DESIGN.md's formulas."""
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import objective
+
+
+def normalized(rng, n, d):
+  z = rng.normal(size=(n, d))
+  return z / np.linalg.norm(z, axis=1, keepdims=True)
+
+
+def np_nt_xent(za, zb, temperature):
+  """Mean over anchors of -log softmax(positive) over the other 2B-1 vectors, view a + view b."""
+  b = len(za)
+  z = np.concatenate([za, zb])
+  total = 0.0
+  for view in range(2):
+    losses = []
+    for i in range(b):
+      anchor, positive = view * b + i, (1 - view) * b + i
+      others = [k for k in range(2 * b) if k != anchor]
+      logits = z[others] @ z[anchor] / temperature
+      positive_logit = z[positive] @ z[anchor] / temperature
+      losses.append(-positive_logit + np.log(np.sum(np.exp(logits))))
+    total += np.mean(losses)
+  return total
+
+
+def np_sogclr(za, zb, ids, u, temperature, gamma):
+  """SogCLR in the linear domain (u == 0 means never visited), loss, d loss / d z, new u."""
+  b = len(za)
+  z = np.concatenate([za, zb])
+  c = 1.0 / (2 * (b - 1))
+  loss = 0.0
+  grad = np.zeros_like(z)
+  u_views = []
+  for view in range(2):
+    u_view = np.zeros(b)
+    losses = []
+    for i in range(b):
+      anchor, positive = view * b + i, (1 - view) * b + i
+      negatives = [k for k in range(2 * b) if k not in (anchor, positive)]
+      assert len(negatives) == 2 * (b - 1)
+      sims = z[negatives] @ z[anchor]
+      g = np.mean(np.exp(sims / temperature))
+      stored = u[ids[i]]
+      step = 1.0 if stored == 0 else gamma
+      u_view[i] = (1 - step) * stored + step * g
+      weights = np.exp(sims / temperature) / u_view[i]
+      losses.append(-z[anchor] @ z[positive] + c * np.sum(weights * sims))
+      # Gradient of this anchor's term (weights held constant), divided by b for the mean.
+      grad[anchor] += (-z[positive] + c * weights @ z[negatives]) / b
+      grad[positive] += -z[anchor] / b
+      grad[negatives] += c * weights[:, None] * z[anchor][None, :] / b
+    loss += np.mean(losses)
+    u_views.append(u_view)
+  new_u = u.copy()
+  new_u[ids] = (u_views[0] + u_views[1]) / 2
+  return loss, grad[:b], grad[b:], new_u
+
+
+def tf_sogclr_step(sogclr, za, zb, ids):
+  za, zb = tf.constant(za, tf.float32), tf.constant(zb, tf.float32)
+  with tf.GradientTape() as tape:
+    tape.watch([za, zb])
+    result = sogclr(za, zb, tf.constant(ids))
+  grad_a, grad_b = tape.gradient(result['loss'], [za, zb])
+  return result, grad_a.numpy(), grad_b.numpy()
+
+
+def test_nt_xent_matches_numpy_value_and_gradient():
+  rng = np.random.default_rng(0)
+  za, zb = normalized(rng, 6, 5), normalized(rng, 6, 5)
+  a, b = tf.constant(za, tf.float32), tf.constant(zb, tf.float32)
+  with tf.GradientTape() as tape:
+    tape.watch([a, b])
+    loss, logits_a, positive_mask = objective.nt_xent_loss(a, b, 0.2, hidden_norm=False)
+  grad_a = tape.gradient(loss, a).numpy()
+  np.testing.assert_allclose(loss.numpy(), np_nt_xent(za, zb, 0.2), rtol=1e-5)
+  # Central finite differences of the NumPy loss (float64).
+  eps = 1e-6
+  numeric = np.zeros_like(za)
+  for i in range(za.shape[0]):
+    for j in range(za.shape[1]):
+      plus, minus = za.copy(), za.copy()
+      plus[i, j] += eps
+      minus[i, j] -= eps
+      numeric[i, j] = (np_nt_xent(plus, zb, 0.2) - np_nt_xent(minus, zb, 0.2)) / (2 * eps)
+  np.testing.assert_allclose(grad_a, numeric, rtol=1e-3, atol=1e-4)
+  assert logits_a.shape == (6, 12)
+  np.testing.assert_array_equal(np.argmax(positive_mask, 1), np.arange(6))
+
+
+def test_nt_xent_hidden_norm_normalizes_inputs():
+  rng = np.random.default_rng(1)
+  za, zb = normalized(rng, 4, 3), normalized(rng, 4, 3)
+  scaled, _, _ = objective.nt_xent_loss(za * 3.0, zb * 0.5, 0.1, hidden_norm=True)
+  np.testing.assert_allclose(scaled.numpy(), np_nt_xent(za, zb, 0.1), rtol=1e-5)
+
+
+@pytest.mark.parametrize('gamma', [0.9, 0.5, 1.0])
+def test_sogclr_loss_gradients_and_u_over_steps_match_numpy(gamma):
+  rng = np.random.default_rng(2)
+  num_examples, temperature = 10, 0.2
+  sogclr = objective.SogCLRLoss(num_examples, temperature, gamma, hidden_norm=False)
+  u = np.zeros(num_examples)
+  # Overlapping batches: first visits, revisits, and a mix of both in one batch.
+  for ids in ([0, 1, 2, 3], [2, 3, 4, 5], [0, 5, 7, 9], [1, 2, 7, 8]):
+    ids = np.array(ids)
+    za, zb = normalized(rng, 4, 6), normalized(rng, 4, 6)
+    loss, grad_a, grad_b, u = np_sogclr(za, zb, ids, u, temperature, gamma)
+    result, tf_grad_a, tf_grad_b = tf_sogclr_step(sogclr, za, zb, ids.astype(np.int32))
+    np.testing.assert_allclose(result['loss'].numpy(), loss, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(tf_grad_a, grad_a, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(tf_grad_b, grad_b, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(result['nt_xent'].numpy(), np_nt_xent(za, zb, temperature),
+                               rtol=1e-5)
+    np.testing.assert_allclose(np.exp(sogclr.log_u.numpy()), u, rtol=1e-5)
+    visited = np.flatnonzero(u > 0)
+    np.testing.assert_allclose(result['log_u_mean'].numpy(), np.log(np.mean(u[ids])),
+                               rtol=1e-5)
+  assert np.all(np.isneginf(sogclr.log_u.numpy()[np.setdiff1d(np.arange(10), visited)]))
+
+
+def test_sogclr_first_visit_uses_gamma_one_only_for_that_sample():
+  rng = np.random.default_rng(3)
+  sogclr = objective.SogCLRLoss(6, 0.5, 0.3, hidden_norm=False)
+  za, zb = normalized(rng, 3, 4), normalized(rng, 3, 4)
+  tf_sogclr_step(sogclr, za, zb, np.array([0, 1, 2], np.int32))
+  after_first = np.exp(sogclr.log_u.numpy())
+  za2, zb2 = normalized(rng, 3, 4), normalized(rng, 3, 4)
+  _, _, _, expected = np_sogclr(za2, zb2, np.array([2, 3, 4]), after_first, 0.5, 0.3)
+  tf_sogclr_step(sogclr, za2, zb2, np.array([2, 3, 4], np.int32))
+  u = np.exp(sogclr.log_u.numpy())
+  np.testing.assert_allclose(u, expected, rtol=1e-5)
+  # Sample 2 was revisited (gamma = 0.3 mixes in the old value); 3 and 4 took g whole.
+  assert u[2] != pytest.approx(expected[2] / 0.3)
+  assert after_first[3] == 0 and u[3] > 0
+
+
+def test_sogclr_stable_at_temperature_001():
+  # exp(1/0.01) = 2.7e43 overflows float32; the log-domain table must not.
+  rng = np.random.default_rng(4)
+  sogclr = objective.SogCLRLoss(8, 0.01, 0.9, hidden_norm=False)
+  u = np.zeros(8)
+  for ids in ([0, 1, 2, 3], [2, 3, 4, 5]):
+    ids = np.array(ids)
+    za, zb = normalized(rng, 4, 3), normalized(rng, 4, 3)
+    # Views close to each other and to some negatives: large similarities.
+    zb = za + 0.05 * zb
+    zb /= np.linalg.norm(zb, axis=1, keepdims=True)
+    loss, grad_a, grad_b, u = np_sogclr(za, zb, ids, u, 0.01, 0.9)
+    result, tf_grad_a, tf_grad_b = tf_sogclr_step(sogclr, za, zb, ids.astype(np.int32))
+    assert np.isfinite(result['loss'].numpy()) and np.all(np.isfinite(tf_grad_a))
+    np.testing.assert_allclose(result['loss'].numpy(), loss, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(tf_grad_a, grad_a, rtol=1e-3, atol=1e-5)
+    np.testing.assert_allclose(tf_grad_b, grad_b, rtol=1e-3, atol=1e-5)
+  log_u = sogclr.log_u.numpy()
+  visited = u > 0
+  np.testing.assert_allclose(log_u[visited], np.log(u[visited]), rtol=1e-5)
+  assert np.all(np.isneginf(log_u[~visited]))
+
+
+def test_sogclr_rejects_bad_hyperparameters():
+  with pytest.raises(ValueError, match='gamma'):
+    objective.SogCLRLoss(4, 0.1, 0.0)
+  with pytest.raises(ValueError, match='gamma'):
+    objective.SogCLRLoss(4, 0.1, 1.5)
+  with pytest.raises(ValueError, match='temperature'):
+    objective.SogCLRLoss(4, -0.1, 0.9)
+
+
+def test_u_table_survives_checkpoint_save_and_restore(tmp_path):
+  rng = np.random.default_rng(5)
+  sogclr = objective.SogCLRLoss(7, 0.1, 0.9)
+  tf_sogclr_step(sogclr, normalized(rng, 3, 4), normalized(rng, 3, 4),
+                 np.array([4, 0, 6], np.int32))
+  path = tf.train.Checkpoint(sogclr=sogclr).save(str(tmp_path / 'ckpt'))
+  shapes = dict(tf.train.list_variables(path))
+  assert shapes['sogclr/log_u/.ATTRIBUTES/VARIABLE_VALUE'] == [7]
+  restored = objective.SogCLRLoss(7, 0.1, 0.9)
+  tf.train.Checkpoint(sogclr=restored).restore(path).assert_consumed()
+  np.testing.assert_array_equal(restored.log_u.numpy(), sogclr.log_u.numpy())
+
+
+def _run_split(strategy, fn, *global_arrays):
+  """Runs fn on a global batch split evenly over the replicas."""
+  replicas = strategy.num_replicas_in_sync
+
+  def split(array):
+    return strategy.experimental_distribute_values_from_function(
+        lambda ctx: tf.constant(np.split(array, replicas)[ctx.replica_id_in_sync_group]))
+  return strategy.run(fn, args=tuple(split(a) for a in global_arrays))
+
+
+@pytest.mark.parametrize('loss_name', ['simclr', 'sogclr'])
+def test_two_replicas_equal_one_on_the_same_global_batch(loss_name, one_replica, two_replicas):
+  rng = np.random.default_rng(6)
+  za = rng.normal(size=(8, 5)).astype(np.float32)
+  zb = rng.normal(size=(8, 5)).astype(np.float32)
+  ids = rng.permutation(12)[:8].astype(np.int32)
+  strategies = {1: one_replica, 2: two_replicas}
+  results = {}
+  for replicas, strategy in strategies.items():
+    with strategy.scope():
+      sogclr = objective.SogCLRLoss(12, 0.1, 0.9)
+
+    def step(a, b, i):
+      with tf.GradientTape() as tape:
+        tape.watch([a, b])
+        if loss_name == 'sogclr':
+          loss = sogclr(a, b, i)['loss']
+        else:
+          loss = objective.nt_xent_loss(a, b, 0.1)[0]
+        scaled = loss / tf.distribute.get_replica_context().num_replicas_in_sync
+      return (loss, *tape.gradient(scaled, [a, b]))
+
+    losses, grads = [], ([], [])
+    for _ in range(3):  # Several steps on the same batch: the second and third reuse u.
+      out = _run_split(strategy, tf.function(step), za, zb, ids)
+      loss, grad_a, grad_b = (strategy.experimental_local_results(o) for o in out)
+      losses.append(np.mean([x.numpy() for x in loss]))
+      grads[0].append(np.concatenate([x.numpy() for x in grad_a]))
+      grads[1].append(np.concatenate([x.numpy() for x in grad_b]))
+    tables = [v.numpy() for v in strategy.experimental_local_results(sogclr.log_u)]
+    results[replicas] = (losses, grads, tables)
+  np.testing.assert_allclose(results[2][0], results[1][0], rtol=1e-5)
+  for view in range(2):
+    np.testing.assert_allclose(results[2][1][view], results[1][1][view], rtol=1e-4, atol=1e-6)
+  if loss_name == 'sogclr':
+    for table in results[2][2]:  # every replica's copy
+      np.testing.assert_allclose(table, results[1][2][0], rtol=1e-6)
