@@ -89,6 +89,7 @@ class InputConfig:
   image_size: int
   is_training: bool            # shuffle, repeat, augment, drop the remainder
   num_views: int = 2           # 2 when pretraining, 1 otherwise
+  color_distort: bool = True   # color jitter and grayscale (pretraining; SimCLR fine-tunes without)
   color_jitter_strength: float = 1.0
   crop_area_min: float = 0.08
   use_blur: bool = True
@@ -175,6 +176,7 @@ def build_input_fn(builder, info, config, num_classes):
       views = tuple(
           data_util.preprocess_for_train(
               image, seeds[v], config.image_size, config.image_size,
+              color_distort=config.color_distort,
               color_jitter_strength=config.color_jitter_strength,
               crop_area_min=config.crop_area_min, blur=config.use_blur)
           for v in range(config.num_views))

@@ -424,15 +424,16 @@ def main(argv):
   validate_flags()
   loss = resolve_loss(FLAGS.loss, {'DCL_mode': FLAGS.DCL_mode, 'GCL_mode': FLAGS.GCL_mode,
                                     'BI_mode': FLAGS.BI_mode})
-  tf.keras.utils.set_random_seed(FLAGS.seed)
-  # tf.data refuses a tensor shuffle seed (data.py's per-epoch shuffles) under a global seed of
-  # exactly 0, so the global TF seed is shifted by one.
-  tf.random.set_seed(FLAGS.seed + 1)
   if FLAGS.deterministic:
     tf.config.experimental.enable_op_determinism()
 
   builder = data_lib.get_builder(FLAGS.dataset, FLAGS.data_dir)
   info = data_lib.describe(builder, FLAGS.train_split, FLAGS.eval_split, FLAGS.num_classes)
+  # Seeded after the data is prepared: preparing it draws from the global random generators.
+  tf.keras.utils.set_random_seed(FLAGS.seed)
+  # tf.data refuses a tensor shuffle seed (data.py's per-epoch shuffles) under a global seed of
+  # exactly 0, so the global TF seed is shifted by one.
+  tf.random.set_seed(FLAGS.seed + 1)
   strategy = build_strategy()
   chief = is_chief(strategy)
   logging.info('Strategy %s with %d replica(s); loss %s; dataset %s: %d train / %d eval images, '
@@ -495,6 +496,7 @@ def main(argv):
         split=FLAGS.train_split, global_batch_size=FLAGS.train_batch_size,
         image_size=FLAGS.image_size, is_training=True,
         num_views=2 if FLAGS.train_mode == 'pretrain' else 1,
+        color_distort=FLAGS.train_mode == 'pretrain',
         color_jitter_strength=FLAGS.color_jitter_strength, crop_area_min=FLAGS.crop_area_min,
         use_blur=FLAGS.use_blur and FLAGS.train_mode == 'pretrain',
         cache_dataset=FLAGS.cache_dataset, seed=FLAGS.seed, deterministic=FLAGS.deterministic,
@@ -598,12 +600,29 @@ def run_probe(strategy, model, builder, info):
 def cli(argv):
   """main() with one-line errors for bad input (non-zero exit, nothing written is touched)."""
   try:
-    main(argv)
+    results = main(argv)
   except (ValueError, FloatingPointError, tf.errors.InvalidArgumentError) as e:
     message = e.message if isinstance(e, tf.errors.OpError) else str(e)
     logging.error('%s', message.strip().splitlines()[0] if message.strip() else repr(e))
     print(f'error: {message.strip().splitlines()[0]}', file=sys.stderr)
     sys.exit(1)
+  print(summary_line(results))
+
+
+def summary_line(results):
+  """The run's headline numbers, one line."""
+  parts = []
+  if 'train_seconds' in results:
+    parts.append(f"trained in {results['train_seconds']:.0f} s")
+  if 'eval/top_1' in results:
+    parts.append(f"linear head top-1 {results['eval/top_1']:.4f} on {FLAGS.eval_split}")
+  if 'probe/top_1' in results:
+    probe = f"linear probe on frozen features top-1 {results['probe/top_1']:.4f}"
+    if 'probe/raw_pixels_top_1' in results:
+      probe += (f" (baselines: raw pixels {results['probe/raw_pixels_top_1']:.4f}, random "
+                f"network {results['probe/random_network_top_1']:.4f})")
+    parts.append(probe)
+  return 'Result: ' + '; '.join(parts) if parts else 'Result: nothing evaluated'
 
 
 if __name__ == '__main__':

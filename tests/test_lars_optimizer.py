@@ -184,8 +184,8 @@ def test_lars_config_round_trip():
     lars_optimizer.LARS(0.1, weight_decay=1e-4)
 
 
-def test_lars_on_two_replicas_matches_one_device():
-  strategy = tf.distribute.MirroredStrategy(['/cpu:0', '/cpu:1'])
+def test_lars_on_two_replicas_matches_one_device(two_replicas):
+  strategy = two_replicas
   with strategy.scope():
     kernel = tf.keras.Variable(W0, name='kernel')
     bias = tf.keras.Variable(W0[0], name='bias')

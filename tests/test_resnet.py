@@ -174,8 +174,8 @@ def test_mixed_bfloat16_returns_finite_compute_dtype_features(mixed_bfloat16):
     assert all(v.dtype == tf.float32 for v in model.variables)
 
 
-def test_sync_bn_under_mirrored_strategy_matches_plain_bn():
-    strategy = tf.distribute.MirroredStrategy(['/cpu:0', '/cpu:1'])
+def test_sync_bn_under_mirrored_strategy_matches_plain_bn(two_replicas):
+    strategy = two_replicas
     images = _images(4, 32, seed=5)
     with strategy.scope():
         synced = resnet.resnet(18, width_multiplier=0.25, cifar_stem=True, sync_bn=True)
