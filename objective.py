@@ -15,13 +15,20 @@ LARGE_NUM = 1e9
 def cross_replica_concat(tensor):
   """Concatenates `tensor` [b, ...] from all replicas, in replica order, into [R*b, ...].
 
-  The gradient of the gather sums the upstream gradients of every replica, so a loss computed on
-  gathered negatives sends its gradient back to the replica that produced each row.
+  Each replica writes its rows into a zero [R, b, ...] block and the blocks are summed across
+  replicas: the gradient of that sum sends every replica's upstream gradient back to the replica
+  that produced each row. (An all-reduce rather than `all_gather`, which fails under
+  MultiWorkerMirroredStrategy for tensors without a device placement.)
   """
   context = tf.distribute.get_replica_context()
   if context is None or context.num_replicas_in_sync == 1:
     return tensor
-  return context.all_gather(tensor, axis=0)
+  num_replicas = context.num_replicas_in_sync
+  blocks = tf.scatter_nd(
+      indices=[[context.replica_id_in_sync_group]], updates=[tensor],
+      shape=tf.concat([[num_replicas], tf.shape(tensor)], axis=0))
+  blocks = context.all_reduce(tf.distribute.ReduceOp.SUM, blocks)
+  return tf.reshape(blocks, tf.concat([[-1], tf.shape(tensor)[1:]], axis=0))
 
 
 def _replica_offset(local_batch_size):
@@ -179,3 +186,41 @@ class SogCLRLoss(tf.Module):
         'positive_mask': positive_mask,
         'log_u_mean': tf.reduce_logsumexp(all_log_u_new) - tf.math.log(global_batch_size),
     }
+
+
+def global_nt_xent(projection_a, projection_b, temperature, hidden_norm=True, chunk_size=1024):
+  """The global contrastive objective: NT-Xent of every image against the whole dataset.
+
+  Each of the 2N anchors is contrasted with its positive and all 2N-2 other vectors (both views of
+  every other image), as `nt_xent_loss` would with the whole dataset as one batch; this is the
+  objective SogCLR provably optimizes, comparable across the batch sizes runs were trained with.
+
+  Args:
+    projection_a, projection_b: [N, D] projections of two fixed views of all N images (row i of
+      each is image i).
+    temperature: tau > 0.
+    hidden_norm: L2-normalise projections first (cosine similarity).
+    chunk_size: anchors per [chunk_size, 2N] block of logits (memory grows with it, not N^2).
+
+  Returns:
+    Scalar float32: mean over view-a anchors plus mean over view-b anchors, the convention of
+    `nt_xent_loss` (so a per-anchor mean is half of it).
+  """
+  projection_a = tf.cast(projection_a, tf.float32)
+  projection_b = tf.cast(projection_b, tf.float32)
+  if hidden_norm:
+    projection_a = tf.math.l2_normalize(projection_a, axis=-1)
+    projection_b = tf.math.l2_normalize(projection_b, axis=-1)
+  num_examples = int(projection_a.shape[0])
+  everything = tf.concat([projection_a, projection_b], 0)
+  total = tf.constant(0.0, tf.float64)
+  for start in range(0, 2 * num_examples, chunk_size):
+    rows = tf.range(start, min(start + chunk_size, 2 * num_examples))
+    sims = tf.matmul(tf.gather(everything, rows), everything, transpose_b=True)
+    # Row j's positive is the other view of the same image, N rows away (modulo 2N).
+    positive_mask = tf.one_hot((rows + num_examples) % (2 * num_examples), 2 * num_examples)
+    self_mask = tf.one_hot(rows, 2 * num_examples)
+    losses, _ = nt_xent_from_similarities(sims, positive_mask, self_mask, temperature)
+    # Accumulated in float64: 2N float32 losses of similar size lose digits when summed.
+    total += tf.reduce_sum(tf.cast(losses, tf.float64))
+  return tf.cast(total / num_examples, tf.float32)

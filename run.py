@@ -8,7 +8,9 @@ The only module that reads flags. Example (the embedded demo data, a CPU):
 import json
 import math
 import os
+import signal
 import sys
+import threading
 import time
 
 from absl import app
@@ -118,6 +120,13 @@ flags.DEFINE_integer('probe_max_examples', 20_000,
 flags.DEFINE_bool('probe_baselines', True,
                   'With the probe, also report raw-pixel and random-network probes.')
 
+flags.DEFINE_enum('mixed_precision', 'auto', ['auto', 'float32', 'bfloat16', 'float16'],
+                  'Compute dtype of the network (variables, loss, u and softmax stay float32); '
+                  'float16 adds loss scaling. auto: bfloat16 on TPU, float16 on GPU, float32 on '
+                  'CPU.')
+flags.DEFINE_enum('jit_compile', 'auto', ['auto', 'true', 'false'],
+                  'Compile the train step with XLA. auto: on for TPU and GPU, off on CPU.')
+
 # -- Infrastructure --------------------------------------------------------------------------------
 flags.DEFINE_bool('use_tpu', None,
                   'Run on a TPU; unset = a TPU if one is attached, else all local GPUs, else CPU.')
@@ -168,6 +177,15 @@ def validate_flags():
                      f'(at least {min_size} px)')
 
 
+def check_batch_size(global_batch_size, num_replicas, num_examples, split):
+  if global_batch_size % num_replicas:
+    raise ValueError(f'--train_batch_size={global_batch_size} is not divisible by the '
+                     f'{num_replicas} replicas; use a multiple of {num_replicas}')
+  if global_batch_size > num_examples:
+    raise ValueError(f'--train_batch_size={global_batch_size} is larger than split {split!r} '
+                     f'({num_examples} images)')
+
+
 def build_strategy():
   """TPU if asked for or attached, else MultiWorkerMirrored from TF_CONFIG, else all local GPUs
   (or the CPU) with MirroredStrategy."""
@@ -188,6 +206,13 @@ def build_strategy():
   return tf.distribute.MirroredStrategy([d.name for d in gpus] or ['/cpu:0'])
 
 
+def num_workers(strategy):
+  if not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+    return 1
+  cluster = strategy.cluster_resolver.cluster_spec().as_dict()
+  return len(cluster.get('chief', [])) + len(cluster.get('worker', []))
+
+
 def is_chief(strategy):
   resolver = getattr(strategy, 'cluster_resolver', None)
   if not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy) or resolver is None:
@@ -195,6 +220,27 @@ def is_chief(strategy):
   return resolver.task_type in (None, 'chief') or (
       resolver.task_type == 'worker' and resolver.task_id == 0 and
       'chief' not in resolver.cluster_spec().as_dict())
+
+
+def device_kind(strategy):
+  if isinstance(strategy, tf.distribute.TPUStrategy):
+    return 'TPU'
+  return 'GPU' if tf.config.list_logical_devices('GPU') else 'CPU'
+
+
+def resolve_precision_and_jit(strategy):
+  """(Keras dtype policy name, jit_compile) from the flags and the device.
+
+  On this project's reference CPU (2 AVX-512 cores) XLA made the step 2.3x slower and
+  float32 is the default; accelerators get their usual fast settings.
+  """
+  kind = device_kind(strategy)
+  precision = FLAGS.mixed_precision
+  if precision == 'auto':
+    precision = {'TPU': 'bfloat16', 'GPU': 'float16', 'CPU': 'float32'}[kind]
+  policy = 'float32' if precision == 'float32' else f'mixed_{precision}'
+  jit = FLAGS.jit_compile == 'true' or (FLAGS.jit_compile == 'auto' and kind != 'CPU')
+  return policy, jit
 
 
 def model_config(num_classes):
@@ -222,7 +268,7 @@ class Trainer:
   """Owns the train step and the many-steps-per-call loop; `run.py`'s loop does bookkeeping."""
 
   def __init__(self, strategy, model, optimizer, *, loss, temperature, hidden_norm,
-               weight_decay, optimizer_name, sogclr=None):
+               weight_decay, optimizer_name, sogclr=None, jit_compile=False):
     self.strategy = strategy
     self.model = model
     self.optimizer = optimizer
@@ -233,6 +279,10 @@ class Trainer:
     self.decay_in_loss = not lars_optimizer.decays_inside(optimizer_name)
     self.sogclr = sogclr
     self.pretrain = model.config.train_mode == 'pretrain'
+    self.loss_scaling = isinstance(optimizer, tf.keras.optimizers.LossScaleOptimizer)
+    # XLA compiles the per-replica step; the loop around it stays a plain tf.function.
+    self._step = (tf.function(self.train_step, jit_compile=True) if jit_compile
+                  else self.train_step)
     self._loop = tf.function(self._train_loop)
 
   def train_step(self, views, labels, ids):
@@ -275,13 +325,15 @@ class Trainer:
       metrics['total_loss'] = total
       # apply_gradients sums over replicas.
       scaled = total / self.strategy.num_replicas_in_sync
+      if self.loss_scaling:  # float16: apply_gradients unscales.
+        scaled = self.optimizer.scale_loss(scaled)
     variables = self.model.trainable_variables
     gradients = tape.gradient(scaled, variables)
     self.optimizer.apply_gradients(zip(gradients, variables))
     return metrics
 
   def _replicated_step(self, iterator):
-    per_replica = self.strategy.run(self.train_step, args=next(iterator))
+    per_replica = self.strategy.run(self._step, args=next(iterator))
     return {k: self.strategy.reduce(tf.distribute.ReduceOp.MEAN, v, axis=None)
             for k, v in per_replica.items()}
 
@@ -296,6 +348,14 @@ class Trainer:
   def train_loop(self, iterator, num_steps):
     return self._loop(iterator, tf.constant(num_steps, tf.int32))
 
+  @tf.function
+  def _all_finite(self):
+    return tf.reduce_all([tf.reduce_all(tf.math.is_finite(v))
+                          for v in self.model.trainable_variables])
+
+  def weights_are_finite(self):
+    return bool(self._all_finite())
+
 
 def format_duration(seconds):
   seconds = int(max(seconds, 0))
@@ -304,13 +364,19 @@ def format_duration(seconds):
   return f'{seconds // 60}m{seconds % 60:02d}s'
 
 
+class Preempted(Exception):
+  """Training stopped early on request (SIGTERM); a checkpoint of the last step was saved."""
+
+
 def train(trainer, iterator, *, total_steps, checkpoint_every, checkpoint_manager,
-          summary_writer, global_batch_size, log_every_seconds=5.0, learning_rate_fn=None):
+          summary_writer, global_batch_size, log_every_seconds=5.0, learning_rate_fn=None,
+          stop_requested=None):
   """The outer loop: bookkeeping at loop boundaries, the steps inside `trainer.train_loop`.
 
   Never overshoots `total_steps`; checkpoints every `checkpoint_every` steps and at the end;
   raises FloatingPointError naming the step range when a loss is not finite (the last good
-  checkpoint stays).
+  checkpoint stays). When `stop_requested` (a threading.Event) is set, saves a checkpoint at the
+  next loop boundary and raises Preempted.
   """
   optimizer = trainer.optimizer
   step = int(optimizer.iterations.numpy())
@@ -349,8 +415,20 @@ def train(trainer, iterator, *, total_steps, checkpoint_every, checkpoint_manage
       with summary_writer.as_default(step=step):
         for name, value in metrics.items():
           tf.summary.scalar(f'train/{name}', value)
-    if step == next_checkpoint or step == total_steps:
+    preempted = stop_requested is not None and stop_requested.is_set()
+    if step == next_checkpoint or step == total_steps or preempted:
+      # A finite loss was computed before the last update: the weights can still have blown up.
+      if not trainer.weights_are_finite():
+        raise FloatingPointError(
+            f'Non-finite weights between steps {previous + 1} and {step}; the last good '
+            f'checkpoint ({checkpoint_manager.latest_checkpoint}) is kept. Lower '
+            '--learning_rate.')
       checkpoint_manager.save(checkpoint_number=step)
+    if preempted:
+      if summary_writer is not None:
+        summary_writer.flush()
+      raise Preempted(f'Stopped at step {step}/{total_steps} on request; checkpoint saved to '
+                      f'{checkpoint_manager.latest_checkpoint}. Rerun the same command to resume.')
     now = time.time()
     if now - last_log >= log_every_seconds or step == total_steps:
       last_log = now
@@ -427,6 +505,8 @@ def main(argv):
   if FLAGS.deterministic:
     tf.config.experimental.enable_op_determinism()
 
+  # First: multi-worker collectives must be configured before any other TensorFlow work.
+  strategy = build_strategy()
   builder = data_lib.get_builder(FLAGS.dataset, FLAGS.data_dir)
   info = data_lib.describe(builder, FLAGS.train_split, FLAGS.eval_split, FLAGS.num_classes)
   # Seeded after the data is prepared: preparing it draws from the global random generators.
@@ -434,22 +514,13 @@ def main(argv):
   # tf.data refuses a tensor shuffle seed (data.py's per-epoch shuffles) under a global seed of
   # exactly 0, so the global TF seed is shifted by one.
   tf.random.set_seed(FLAGS.seed + 1)
-  strategy = build_strategy()
   chief = is_chief(strategy)
   logging.info('Strategy %s with %d replica(s); loss %s; dataset %s: %d train / %d eval images, '
                '%d classes', type(strategy).__name__, strategy.num_replicas_in_sync, loss,
                info.name, info.num_train_examples, info.num_eval_examples, info.num_classes)
-  if FLAGS.train_batch_size % strategy.num_replicas_in_sync:
-    raise ValueError(f'--train_batch_size={FLAGS.train_batch_size} is not divisible by the '
-                     f'{strategy.num_replicas_in_sync} replicas')
-  if FLAGS.train_batch_size > info.num_train_examples:
-    raise ValueError(f'--train_batch_size={FLAGS.train_batch_size} is larger than split '
-                     f'{FLAGS.train_split!r} ({info.num_train_examples} images)')
-
-  tf.io.gfile.makedirs(FLAGS.model_dir)
-  if chief:
-    with tf.io.gfile.GFile(os.path.join(FLAGS.model_dir, 'flags.json'), 'w') as f:
-      json.dump(_flag_values() | {'resolved_loss': loss}, f, indent=2, sort_keys=True)
+  check_batch_size(FLAGS.train_batch_size, strategy.num_replicas_in_sync,
+                   info.num_train_examples, FLAGS.train_split)
+  write_dir = prepare_write_dir(strategy, chief)
 
   steps_per_epoch = data_lib.steps_per_epoch(info.num_train_examples, FLAGS.train_batch_size)
   total_steps = FLAGS.train_steps or FLAGS.train_epochs * steps_per_epoch
@@ -458,8 +529,9 @@ def main(argv):
     logging.warning('Warm-up (%d steps) is longer than training (%d steps); shortened.',
                     warmup_steps, total_steps)
     warmup_steps = total_steps
-  checkpoint_every = FLAGS.checkpoint_steps or max(1, FLAGS.checkpoint_epochs * steps_per_epoch)
-
+  policy, jit_compile = resolve_precision_and_jit(strategy)
+  tf.keras.mixed_precision.set_global_policy(policy)
+  logging.info('Compute dtype policy %s; XLA %s.', policy, 'on' if jit_compile else 'off')
   with strategy.scope():
     model = build_model(model_config(info.num_classes), FLAGS.image_size)
     learning_rate = lars_optimizer.WarmUpAndCosineDecay(
@@ -467,62 +539,140 @@ def main(argv):
         warmup_steps, total_steps)
     optimizer = lars_optimizer.build_optimizer(
         FLAGS.optimizer, learning_rate, momentum=FLAGS.momentum, weight_decay=FLAGS.weight_decay)
+    if policy == 'mixed_float16':
+      optimizer = tf.keras.optimizers.LossScaleOptimizer(optimizer)
     # Built here, not lazily inside the first traced step (Keras 3 cannot under a strategy).
     optimizer.build(model.trainable_variables)
     sogclr = None
     if FLAGS.train_mode == 'pretrain' and loss == 'sogclr':
       sogclr = obj_lib.SogCLRLoss(info.num_train_examples, FLAGS.temperature, FLAGS.gamma,
                                   FLAGS.hidden_norm)
-    trackables = {'model': model, 'optimizer': optimizer}
-    if sogclr is not None:
-      trackables['sogclr'] = sogclr
-    checkpoint = tf.train.Checkpoint(**trackables)
-    checkpoint_manager = tf.train.CheckpointManager(
-        checkpoint, FLAGS.model_dir, max_to_keep=FLAGS.keep_checkpoint_max)
-    # Resume from model_dir first (the same run, restarted); only then from --checkpoint.
-    if checkpoint_manager.latest_checkpoint:
-      checkpoint.restore(checkpoint_manager.latest_checkpoint).assert_existing_objects_matched()
-      logging.info('Resumed from %s at step %d', checkpoint_manager.latest_checkpoint,
-                   int(optimizer.iterations.numpy()))
-    elif FLAGS.checkpoint:
-      restore_pretrained(model, FLAGS.checkpoint)
+    checkpoint_manager = restore_or_initialize(model, optimizer, sogclr, write_dir)
 
-  summary_writer = tf.summary.create_file_writer(
-      FLAGS.model_dir if chief else os.path.join(FLAGS.model_dir, 'worker_tmp'))
+  if chief:  # After the restore: flags that cannot resume this model_dir never overwrite it.
+    with tf.io.gfile.GFile(os.path.join(FLAGS.model_dir, 'flags.json'), 'w') as f:
+      json.dump(_flag_values() | {'resolved_loss': loss}, f, indent=2, sort_keys=True)
+  summary_writer = (tf.summary.create_file_writer(FLAGS.model_dir) if chief
+                    else tf.summary.create_noop_writer())
   results = {}
   if FLAGS.mode in ('train', 'train_then_eval'):
     initial_step = int(optimizer.iterations.numpy())
-    train_config = data_lib.InputConfig(
-        split=FLAGS.train_split, global_batch_size=FLAGS.train_batch_size,
-        image_size=FLAGS.image_size, is_training=True,
-        num_views=2 if FLAGS.train_mode == 'pretrain' else 1,
-        color_distort=FLAGS.train_mode == 'pretrain',
-        color_jitter_strength=FLAGS.color_jitter_strength, crop_area_min=FLAGS.crop_area_min,
-        use_blur=FLAGS.use_blur and FLAGS.train_mode == 'pretrain',
-        cache_dataset=FLAGS.cache_dataset, seed=FLAGS.seed, deterministic=FLAGS.deterministic,
-        initial_step=initial_step)
     dataset = data_lib.build_distributed_dataset(
-        strategy, builder, info, train_config, info.num_classes)
+        strategy, builder, info, train_input_config(initial_step), info.num_classes)
     trainer = Trainer(strategy, model, optimizer, loss=loss, temperature=FLAGS.temperature,
                       hidden_norm=FLAGS.hidden_norm, weight_decay=FLAGS.weight_decay,
-                      optimizer_name=FLAGS.optimizer, sogclr=sogclr)
+                      optimizer_name=FLAGS.optimizer, sogclr=sogclr, jit_compile=jit_compile)
     logging.info('Training %s from step %d to %d (%d steps/epoch, warm-up %d steps).',
                  FLAGS.train_mode, initial_step, total_steps, steps_per_epoch, warmup_steps)
-    seconds = train(trainer, iter(dataset), total_steps=total_steps,
-                    checkpoint_every=checkpoint_every, checkpoint_manager=checkpoint_manager,
-                    summary_writer=summary_writer if chief else None,
-                    global_batch_size=FLAGS.train_batch_size,
-                    log_every_seconds=FLAGS.log_every_seconds, learning_rate_fn=learning_rate)
+    stop_requested = threading.Event()
+    with _stop_on_sigterm(stop_requested):
+      seconds = train(
+          trainer, iter(dataset), total_steps=total_steps,
+          checkpoint_every=FLAGS.checkpoint_steps or max(
+              1, FLAGS.checkpoint_epochs * steps_per_epoch),
+          checkpoint_manager=checkpoint_manager, summary_writer=summary_writer,
+          global_batch_size=FLAGS.train_batch_size, log_every_seconds=FLAGS.log_every_seconds,
+          learning_rate_fn=learning_rate, stop_requested=stop_requested)
     results['train_seconds'] = round(seconds, 1)
-  results.update(run_evaluation(strategy, model, builder, info, summary_writer, chief,
-                                int(optimizer.iterations.numpy())))
-  if FLAGS.train_mode == 'pretrain' and FLAGS.mode != 'eval':
+    if not chief:
+      tf.io.gfile.rmtree(write_dir)
+  step = int(optimizer.iterations.numpy())
+  results.update(run_evaluation(strategy, model, builder, info, summary_writer, step))
+  logging.info('Final state at step %d: %s', step, state_fingerprint(model, sogclr))
+  # The probe fits on the features one host sees: multi-worker runs skip it.
+  if FLAGS.train_mode == 'pretrain' and FLAGS.mode != 'eval' and num_workers(strategy) == 1:
     results.update(run_probe(strategy, model, builder, info))
   if chief:
-    step = int(optimizer.iterations.numpy())
     with tf.io.gfile.GFile(os.path.join(FLAGS.model_dir, f'result_{step}.json'), 'w') as f:
       json.dump(results, f, indent=2, sort_keys=True)
   return results
+
+
+def prepare_write_dir(strategy, chief):
+  """The directory this worker saves into, checked writable before anything is built.
+
+  Non-chief workers of a multi-worker job save checkpoints (saving is collective) into a
+  temporary directory of their own, deleted at the end, as TensorFlow documents.
+  """
+  write_dir = FLAGS.model_dir if chief else os.path.join(
+      FLAGS.model_dir, f'.worker_{strategy.cluster_resolver.task_id}_tmp')
+  try:
+    tf.io.gfile.makedirs(write_dir)
+    probe_file = os.path.join(write_dir, f'.write_test_{os.getpid()}')
+    with tf.io.gfile.GFile(probe_file, 'w') as f:
+      f.write('')
+    tf.io.gfile.remove(probe_file)
+  except (OSError, tf.errors.OpError) as e:
+    raise ValueError(f'--model_dir={FLAGS.model_dir!r} is not writable: '
+                     f'{getattr(e, "message", e)}') from None
+  return write_dir
+
+
+def restore_or_initialize(model, optimizer, sogclr, write_dir):
+  """Resumes from model_dir first (the same run, restarted); only then from --checkpoint.
+
+  Returns the CheckpointManager that saves model, optimizer (with the step) and SogCLR's u.
+  """
+  trackables = {'model': model, 'optimizer': optimizer}
+  if sogclr is not None:
+    trackables['sogclr'] = sogclr
+  checkpoint = tf.train.Checkpoint(**trackables)
+  manager = tf.train.CheckpointManager(checkpoint, write_dir,
+                                       max_to_keep=FLAGS.keep_checkpoint_max)
+  latest = tf.train.latest_checkpoint(FLAGS.model_dir)
+  if latest:
+    try:
+      checkpoint.restore(latest).assert_existing_objects_matched()
+    except (ValueError, AssertionError) as e:
+      raise ValueError(
+          f'--model_dir={FLAGS.model_dir!r} holds a checkpoint of another configuration '
+          f'({str(e).splitlines()[0][:300]}); resume with the flags in its flags.json or use '
+          'a new --model_dir') from None
+    logging.info('Resumed from %s at step %d', latest, int(optimizer.iterations.numpy()))
+  elif FLAGS.checkpoint:
+    restore_pretrained(model, FLAGS.checkpoint)
+  return manager
+
+
+def train_input_config(initial_step):
+  pretrain = FLAGS.train_mode == 'pretrain'
+  return data_lib.InputConfig(
+      split=FLAGS.train_split, global_batch_size=FLAGS.train_batch_size,
+      image_size=FLAGS.image_size, is_training=True, num_views=2 if pretrain else 1,
+      # SimCLR fine-tunes with crops and flips only.
+      color_distort=pretrain, color_jitter_strength=FLAGS.color_jitter_strength,
+      crop_area_min=FLAGS.crop_area_min, use_blur=FLAGS.use_blur and pretrain,
+      cache_dataset=FLAGS.cache_dataset, seed=FLAGS.seed, deterministic=FLAGS.deterministic,
+      initial_step=initial_step)
+
+
+def state_fingerprint(model, sogclr):
+  """Sums of the weights and of the visited u (float64): equal on every worker of a run."""
+  weights = sum(float(np.sum(v.numpy(), dtype=np.float64)) for v in model.variables)
+  text = f'weights sum {weights:.10e}'
+  if sogclr is not None:
+    log_u = sogclr.log_u.numpy()
+    visited = np.isfinite(log_u)
+    text += (f', u visited {int(visited.sum())}, '
+             f'log u sum {np.sum(log_u[visited], dtype=np.float64):.10e}')
+  return text
+
+
+class _stop_on_sigterm:
+  """Sets `event` on SIGTERM (the preemption notice of cloud VMs) while training runs."""
+
+  def __init__(self, event):
+    self.event = event
+    self.previous = None
+
+  def __enter__(self):
+    if threading.current_thread() is threading.main_thread():
+      self.previous = signal.signal(signal.SIGTERM, lambda signum, frame: self.event.set())
+    return self
+
+  def __exit__(self, *exc):
+    if self.previous is not None:
+      signal.signal(signal.SIGTERM, self.previous)
 
 
 def _flag_values():
@@ -541,12 +691,16 @@ def restore_pretrained(model, path):
     raise ValueError(f'--checkpoint={path!r} does not exist (expected a checkpoint prefix or a '
                      'directory holding checkpoints)')
   # The optimizer state, step and SogCLR's u table of the pretraining run are expected to be
-  # left unmatched; the model's own variables must all be found.
-  tf.train.Checkpoint(model=model).restore(path).expect_partial()
+  # left unmatched.
+  try:
+    tf.train.Checkpoint(model=model).restore(path).expect_partial()
+  except ValueError as e:
+    raise ValueError(f'--checkpoint={path!r} holds another architecture ({e}); repeat the '
+                     "pretraining run's model flags (its flags.json lists them)") from None
   logging.info('Initialized the model from %s', path)
 
 
-def run_evaluation(strategy, model, builder, info, summary_writer, chief, step):
+def run_evaluation(strategy, model, builder, info, summary_writer, step):
   """Evaluates the supervised head on the eval split; returns {'eval/top_1': ...}."""
   if not model.has_supervised_head:
     return {}
@@ -557,11 +711,10 @@ def run_evaluation(strategy, model, builder, info, summary_writer, chief, step):
   metrics = evaluate(strategy, model, dataset, FLAGS.eval_steps)
   logging.info('Eval at step %d on %s (%d images): top-1 %.4f, top-5 %.4f', step,
                FLAGS.eval_split, metrics['num_examples'], metrics['top_1'], metrics['top_5'])
-  if chief:
-    with summary_writer.as_default(step=step):
-      tf.summary.scalar('eval/label_top_1_accuracy', metrics['top_1'])
-      tf.summary.scalar('eval/label_top_5_accuracy', metrics['top_5'])
-    summary_writer.flush()
+  with summary_writer.as_default(step=step):
+    tf.summary.scalar('eval/label_top_1_accuracy', metrics['top_1'])
+    tf.summary.scalar('eval/label_top_5_accuracy', metrics['top_5'])
+  summary_writer.flush()
   return {f'eval/{k}': v for k, v in metrics.items()} | {'global_step': step}
 
 
@@ -597,10 +750,18 @@ def run_probe(strategy, model, builder, info):
   return results
 
 
+# 128 + SIGTERM, as a shell reports a process ended by SIGTERM: schedulers see "interrupted".
+PREEMPTED_EXIT_CODE = 143
+
+
 def cli(argv):
   """main() with one-line errors for bad input (non-zero exit, nothing written is touched)."""
   try:
     results = main(argv)
+  except Preempted as e:
+    logging.warning('%s', e)
+    print(f'preempted: {e}', file=sys.stderr)
+    sys.exit(PREEMPTED_EXIT_CODE)
   except (ValueError, FloatingPointError, tf.errors.InvalidArgumentError) as e:
     message = e.message if isinstance(e, tf.errors.OpError) else str(e)
     logging.error('%s', message.strip().splitlines()[0] if message.strip() else repr(e))

@@ -143,41 +143,42 @@ def _tiny_model_config(**kwargs):
                                num_proj_layers=2, proj_out_dim=16, num_classes=10, **kwargs)
 
 
-@pytest.mark.parametrize('loss', ['simclr', 'sogclr'])
-def test_two_replica_train_steps_equal_one_replica(loss, one_replica, two_replicas):
+@pytest.mark.parametrize('mode', ['simclr', 'sogclr', 'finetune'])
+def test_two_replica_train_steps_equal_one_replica(mode, one_replica, two_replicas):
   rng = np.random.default_rng(0)
   global_batch = 8
-  batches = [((rng.uniform(size=(global_batch, 16, 16, 3)).astype(np.float32),
-               rng.uniform(size=(global_batch, 16, 16, 3)).astype(np.float32)),
-              np.eye(10, dtype=np.float32)[rng.integers(0, 10, global_batch)],
-              rng.permutation(20)[:global_batch].astype(np.int32)) for _ in range(3)]
+  num_views = 1 if mode == 'finetune' else 2
+  views = tuple(rng.uniform(size=(3 * global_batch, 16, 16, 3)).astype(np.float32)
+                for _ in range(num_views))
+  labels = np.eye(10, dtype=np.float32)[rng.integers(0, 10, 3 * global_batch)]
+  ids = np.concatenate([rng.permutation(20)[:global_batch] for _ in range(3)]).astype(np.int32)
+  config = _tiny_model_config(global_bn=True,
+                              train_mode='finetune' if mode == 'finetune' else 'pretrain')
   initial_weights = None
   final = {}
   for replicas, strategy in ((1, one_replica), (2, two_replicas)):
     with strategy.scope():
-      model = run.build_model(_tiny_model_config(global_bn=True), 16)
+      model = run.build_model(config, 16)
       if initial_weights is None:
         initial_weights = model.get_weights()
       model.set_weights(initial_weights)
-      optimizer = lars_optimizer.build_optimizer('lars', 0.05, weight_decay=1e-4)
+      optimizer = lars_optimizer.build_optimizer('lars', 0.01, weight_decay=1e-4)
       optimizer.build(model.trainable_variables)
-      sogclr = objective.SogCLRLoss(20, 0.1, 0.9) if loss == 'sogclr' else None
-    trainer = run.Trainer(strategy, model, optimizer, loss=loss, temperature=0.1,
+      sogclr = objective.SogCLRLoss(20, 0.1, 0.9) if mode == 'sogclr' else None
+    trainer = run.Trainer(strategy, model, optimizer, loss=mode, temperature=0.1,
                           hidden_norm=True, weight_decay=1e-4, optimizer_name='lars',
                           sogclr=sogclr)
-    dataset = tf.data.Dataset.from_tensor_slices(tuple(
-        tf.stack([b[k] for b in batches]) if k else
-        tuple(tf.stack([b[0][v] for b in batches]) for v in range(2)) for k in range(3)))
-    dataset = strategy.experimental_distribute_dataset(dataset.unbatch().batch(global_batch))
-    iterator = iter(dataset)
+    dataset = tf.data.Dataset.from_tensor_slices((views, labels, ids)).batch(global_batch)
+    iterator = iter(strategy.experimental_distribute_dataset(dataset))
     first = trainer.train_loop(iterator, 1)
     after_first = [v.numpy() for v in model.variables]
     rest = trainer.train_loop(iterator, 2)
-    u = (strategy.experimental_local_results(sogclr.log_u) if sogclr else [])
     names = [v.path for v in model.variables]
+    u = strategy.experimental_local_results(sogclr.log_u) if sogclr else []
     final[replicas] = (first, rest, [v.numpy() for v in model.variables],
                        [x.numpy() for x in u], after_first)
   one, two = final[1], final[2]
+  assert ('contrast_loss' in one[0]) == (mode != 'finetune')
   for key in one[0]:
     np.testing.assert_allclose(two[0][key], one[0][key], rtol=1e-4, atol=1e-5, err_msg=key)
     np.testing.assert_allclose(two[1][key], one[1][key], rtol=1e-3, atol=1e-4, err_msg=key)
@@ -196,6 +197,7 @@ def test_every_flag_named_in_the_readme_exists():
   readme = open(os.path.join(REPO, 'README.md')).read()
   named = set(re.findall(r'--([A-Za-z_][A-Za-z0-9_]*)', readme))
   defined = set(run.FLAGS)
-  missing = sorted(n for n in named - defined if n not in {'help', 'helpfull'})
+  others = {'help', 'helpfull', 'logdir'}  # absl's help flags; tensorboard's --logdir
+  missing = sorted(named - defined - others)
   assert not missing, f'README names flags run.py does not define: {missing}'
   assert len(named) > 20
