@@ -4,21 +4,34 @@ Contract: every element is `(views, labels, ids)` per replica. `views` is a tupl
 float32 images in [0, 1]: two augmented views of the same images when pretraining, one view
 otherwise; the train step concatenates views on the batch axis. `labels` is [b, num_classes]
 one-hot, `ids` [b] int32 dense dataset ids in [0, N) (the index into SogCLR's `u` table).
+
+Ids come from the records' `image/ID`, from a numeric `id` proved dense, or else from TFDS's record
+ids (shard offset + index in the shard). Ids, labels and image decoding are checked on the host:
+a bad record stops the run with an error naming the dataset, split and record.
 """
 import dataclasses
 import os
+import re
 
+from absl import logging
 import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
 import data_util
+import imagenet  # noqa: F401  (registers the imagenet1k_ids and imagenet_s builders)
 
 DEMO_DATASET = 'digits'
 # Feature keys tried in order: the official SogCLR ImageNet layout first, then TFDS conventions.
 IMAGE_KEYS = ('image/encoded', 'image')
 LABEL_KEYS = ('image/class/label', 'label')
-ID_KEYS = ('image/ID', 'id')
+# Ids trusted as they are (the official SogCLR layout and imagenet.py's builders).
+TRUSTED_ID_KEY = 'image/ID'
+# A numeric id used only when a scan proves it dense; larger splits derive ids from tfds_id.
+NUMERIC_ID_KEY = 'id'
+MAX_ID_SCAN = 200_000
+# Records decoded per nested dataset: the price of naming an undecodable record, amortized.
+DECODE_CHUNK = 32
 # Images at most this size use the CIFAR stem and no centre crop at evaluation.
 SMALL_IMAGE_SIZE = 32
 
@@ -69,6 +82,7 @@ class Digits(tfds.core.GeneratorBasedBuilder):
       }
 
 
+
 @dataclasses.dataclass(frozen=True)
 class DatasetInfo:
   """What the training loop needs to know about a dataset."""
@@ -77,8 +91,8 @@ class DatasetInfo:
   num_eval_examples: int
   num_classes: int
   image_key: str
-  label_key: str
-  id_key: str    # '' when the records carry no id
+  label_key: str  # '' when the records carry no label
+  id_key: str     # '' when ids are derived from TFDS's record ids (tfds_id)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,78 +111,285 @@ class InputConfig:
   seed: int = 0
   deterministic: bool = False
   initial_step: int = 0        # resume: the global step the pipeline starts at
+  labels_required: bool = True  # False: a dataset without labels yields all-zero labels
+  shuffle_buffer: int = 50_000  # encoded records held by the per-epoch shuffle
+
+
+def _parse_name(name):
+  """'name[/config][:version]' -> (name, config or None, version or None)."""
+  match = re.fullmatch(r'([\w-]+)(?:/([\w.-]+))?(?::([\d.*]+))?', name)
+  if not match:
+    raise ValueError(f"--dataset={name!r} is not a dataset name (expected 'name', "
+                     "'name/config' or 'name:version')")
+  return match.groups()
+
+
+def _version_key(version):
+  return tuple(int(p) for p in version.split('.'))
+
+
+def _prepared_dirs(root):
+  """{version: directory} of the prepared versions directly under `root`."""
+  found = {}
+  if not tf.io.gfile.isdir(root):
+    return found
+  for child in tf.io.gfile.listdir(root):
+    child = child.rstrip('/')
+    if re.fullmatch(r'\d+\.\d+\.\d+', child) and tf.io.gfile.exists(
+        os.path.join(root, child, 'dataset_info.json')):
+      found[child] = os.path.join(root, child)
+  return found
+
+
+def find_prepared_dir(name, data_dir):
+  """The directory of the prepared dataset `name` ('name[/config][:version]') under `data_dir`,
+  or None. Without a version, the highest prepared one; without a config, the only one or the
+  registered builder's default."""
+  base, config, version = _parse_name(name)
+  root = os.path.join(data_dir, base)
+  if config is None:
+    versions = _prepared_dirs(root)
+    if not versions and tf.io.gfile.isdir(root):
+      configs = sorted(c.rstrip('/') for c in tf.io.gfile.listdir(root)
+                       if _prepared_dirs(os.path.join(root, c.rstrip('/'))))
+      default = None
+      try:
+        builder_configs = tfds.builder_cls(base).BUILDER_CONFIGS
+        default = builder_configs[0].name if builder_configs else None
+      except tfds.core.registered.DatasetNotFoundError:
+        pass
+      if default in configs:
+        config = default
+      elif len(configs) == 1:
+        config = configs[0]
+      elif configs:
+        raise ValueError(f'--dataset={name!r} has several prepared configs under '
+                         f'--data_dir={data_dir!r}: {configs}; name one as {base}/<config>')
+  if config is not None:
+    versions = _prepared_dirs(os.path.join(root, config))
+  if not versions:
+    return None
+  if version is not None:
+    if version not in versions:
+      raise ValueError(f'--dataset={name!r}: version {version} is not prepared under '
+                       f'--data_dir={data_dir!r}; prepared versions: {sorted(versions)}')
+    return versions[version]
+  return versions[max(versions, key=_version_key)]
 
 
 def get_builder(name, data_dir):
-  """The TFDS builder of `name`; the demo dataset is prepared on first use."""
-  try:
-    builder = tfds.builder(name, data_dir=data_dir)
-  except tfds.core.registered.DatasetNotFoundError as e:
-    raise ValueError(f'--dataset={name!r} is not a TFDS dataset name ({e.__class__.__name__}); '
-                     f"use '{DEMO_DATASET}' for the embedded demo data") from None
+  """The builder of dataset `name` ('name[/config][:version]') prepared under `data_dir`.
+
+  A prepared directory is read from its own metadata, without the code that wrote it (so the
+  official SogCLR `imagenet2012` with `image/ID`, imagenet.py's builders and image folders all
+  read the same way). The demo dataset is prepared on first use.
+  """
+  data_dir = data_dir or tfds.core.constants.DATA_DIR
   if name == DEMO_DATASET:
+    builder = tfds.builder(name, data_dir=data_dir)
     builder.download_and_prepare()
-  elif not tf.io.gfile.exists(os.path.join(builder.data_dir, 'dataset_info.json')):
-    raise ValueError(f'--dataset={name!r} is not prepared under --data_dir={data_dir!r} '
-                     f'(looked in {builder.data_dir}); prepare it with TFDS first')
-  return builder
+    return builder
+  prepared = find_prepared_dir(name, data_dir)
+  if prepared is not None:
+    logging.info('Reading dataset %r from %s', name, prepared)
+    return tfds.builder_from_directory(prepared)
+  base = _parse_name(name)[0]
+  try:
+    tfds.builder_cls(base)
+  except tfds.core.registered.DatasetNotFoundError:
+    raise ValueError(
+        f'--dataset={name!r} is neither a TFDS dataset name nor prepared under '
+        f'--data_dir={data_dir!r}; use {DEMO_DATASET!r} for the embedded demo data, or '
+        'prepare one with `python imagenet.py ...` (README, "Datasets")') from None
+  raise ValueError(f'--dataset={name!r} is not prepared under --data_dir={data_dir!r} (looked in '
+                   f'{os.path.join(data_dir, base)}); prepare it with `tfds build {base} '
+                   f'--data_dir={data_dir}` (or `python imagenet.py` for ImageNet from local '
+                   'files) first')
 
 
-def _first_key(features, candidates, what, name):
-  for key in candidates:
-    if key in features:
-      return key
-  if what == 'id':
-    return ''
-  raise ValueError(f'Dataset {name!r} has no {what} feature; expected one of {candidates}, '
-                   f'found {sorted(features)}')
+def _first_key(features, candidates):
+  return next((key for key in candidates if key in features), '')
+
+
+def _is_integer_scalar(feature):
+  return (isinstance(feature, (tfds.features.Scalar, tfds.features.Tensor)) and
+          not feature.shape and np.dtype(feature.np_dtype).kind in 'iu')
+
+
+def _numeric_ids_are_dense(builder, split, image_key):
+  """True when the split's `id` feature holds each of 0..N-1 exactly once (a full scan)."""
+  num_examples = builder.info.splits[split].num_examples
+  if num_examples > MAX_ID_SCAN:
+    return False
+  dataset = builder.as_dataset(split=split, shuffle_files=False,
+                               decoders={image_key: tfds.decode.SkipDecoding()},
+                               read_config=tfds.ReadConfig(try_autocache=False))
+  ids = np.concatenate([batch for batch in tfds.as_numpy(
+      dataset.map(lambda ex: ex[NUMERIC_ID_KEY]).batch(8192))] or [np.zeros([0], np.int64)])
+  return np.array_equal(np.sort(ids), np.arange(num_examples))
 
 
 def describe(builder, train_split, eval_split, num_classes=0):
   """DatasetInfo of `builder`; num_classes > 0 overrides the dataset's own count."""
   name = builder.info.name
+  if builder.builder_config is not None:
+    name = f'{name}/{builder.builder_config.name}'
   splits = builder.info.splits
   for flag, split in (('train_split', train_split), ('eval_split', eval_split)):
-    if split not in splits:
+    try:
+      splits[split]
+    except (KeyError, ValueError):
       raise ValueError(f'--{flag}={split!r} is not a split of dataset {name!r}; '
-                       f'it has {sorted(splits)}')
+                       f'it has {sorted(splits)}') from None
   features = builder.info.features
-  label_key = _first_key(features, LABEL_KEYS, 'label', name)
+  image_key = _first_key(features, IMAGE_KEYS)
+  if not image_key:
+    raise ValueError(f'Dataset {name!r} has no image feature; expected one of {IMAGE_KEYS}, '
+                     f'found {sorted(features)}')
+  label_key = _first_key(features, LABEL_KEYS)
   if num_classes <= 0:
+    if not label_key or not hasattr(features[label_key], 'num_classes'):
+      raise ValueError(f'Dataset {name!r} has no class-label feature (one of {LABEL_KEYS}) to '
+                       'count classes from; set --num_classes')
     num_classes = features[label_key].num_classes
+  id_key = ''
+  if TRUSTED_ID_KEY in features:
+    id_key = TRUSTED_ID_KEY
+  elif NUMERIC_ID_KEY in features and _is_integer_scalar(features[NUMERIC_ID_KEY]):
+    if _numeric_ids_are_dense(builder, train_split, image_key):
+      id_key = NUMERIC_ID_KEY
+    else:
+      logging.info('Dataset %r: its %r feature is not provably dense on %r; ids are derived '
+                   "from TFDS's record ids.", name, NUMERIC_ID_KEY, train_split)
   return DatasetInfo(
       name=name,
       num_train_examples=splits[train_split].num_examples,
       num_eval_examples=splits[eval_split].num_examples,
       num_classes=num_classes,
-      image_key=_first_key(features, IMAGE_KEYS, 'image', name),
+      image_key=image_key,
       label_key=label_key,
-      id_key=_first_key(features, ID_KEYS, 'id', name))
+      id_key=id_key)
 
 
-def _checked_ids(ids, num_examples, dataset_name, split):
-  """Stops the input pipeline, on the host, on an id outside [0, num_examples)."""
-  ids = tf.cast(ids, tf.int32)
-  in_range = tf.logical_and(ids >= 0, ids < num_examples)
-  check = tf.debugging.Assert(
-      in_range,
-      [f'Dataset {dataset_name!r} split {split!r}: id outside [0, {num_examples}):', ids],
-      name='check_ids')
-  with tf.control_dependencies([check]):
-    return tf.identity(ids)
+def _record_offsets(builder, split, name):
+  """(tfds_id prefixes, offsets): a record's dense id is offset[prefix] + its index in the shard.
+
+  Offsets come from the shard lengths of `split` as a whole, so every sub-split of it (the
+  per-pipeline `even_splits`) derives the ids of the full split.
+  """
+  instructions = builder.info.splits[split].file_instructions
+  dirnames = {os.path.dirname(os.fspath(i.filename)) for i in instructions}
+  if len(dirnames) != 1:
+    raise ValueError(f'Dataset {name!r} split {split!r} spans several directories {dirnames}; '
+                     "ids cannot be derived from TFDS's record ids: add an 'image/ID' feature")
+  prefixes, offsets, start = [], [], 0
+  for instruction in instructions:
+    # A record's tfds_id index counts from the start of its shard file, not of the slice.
+    prefixes.append(os.path.basename(os.fspath(instruction.filename)))
+    offsets.append(start - instruction.skip)
+    start += instruction.take
+  assert start == builder.info.splits[split].num_examples, (split, start)
+  return prefixes, offsets
+
+
+def _decode_image(encoded):
+  """Encoded JPEG/PNG/GIF/BMP bytes -> [H, W, 3] uint8 (grayscale and RGBA made RGB)."""
+  return tf.io.decode_image(encoded, channels=3, expand_animations=False)
+
+
+def _decode_naming_failures(dataset, dataset_name, split, deterministic):
+  """Decodes `image` of each record dict; an undecodable image stops the pipeline with an
+  error naming the record (its tfds_id) and its id.
+
+  A failed decode cannot be caught inside a map function, so records are decoded in small
+  nested datasets whose `ignore_errors` drops the failure; the gap in positions names it.
+  """
+
+  def decode_chunk(chunk):
+    size = tf.shape(chunk['record'])[0]
+    decoded = tf.data.Dataset.from_tensor_slices((tf.range(size), chunk)).map(
+        lambda i, ex: (i, {**ex, 'image': _decode_image(ex['image'])})).ignore_errors()
+    end = {k: tf.zeros_like(v[0]) for k, v in chunk.items()}
+    end['image'] = tf.zeros([1, 1, 3], tf.uint8)
+    decoded = decoded.concatenate(tf.data.Dataset.from_tensors((size, end)))
+
+    def check(expected, element):
+      position, example = element
+      missing = tf.minimum(expected, size - 1)
+      check_op = tf.debugging.Assert(
+          tf.equal(position, expected),
+          [f'Dataset {dataset_name} split {split}: undecodable image in record',
+           chunk['record'][missing], 'id', chunk['id'][missing]])
+      with tf.control_dependencies([check_op]):
+        return expected + 1, (tf.identity(position), example)
+
+    return decoded.scan(tf.constant(0), check).filter(
+        lambda position, _: position < size).map(lambda _, example: example)
+
+  # Whole chunks in turn (block_length): deterministic, the records keep their input order.
+  return dataset.batch(DECODE_CHUNK).interleave(
+      decode_chunk, cycle_length=tf.data.AUTOTUNE, block_length=DECODE_CHUNK,
+      num_parallel_calls=tf.data.AUTOTUNE, deterministic=deterministic)
 
 
 def build_input_fn(builder, info, config, num_classes):
   """Returns `input_fn(input_context) -> tf.data.Dataset` of per-replica batches."""
   split_size = builder.info.splits[config.split].num_examples
   image_feature = builder.info.features[info.image_key]
-  if config.is_training and config.num_views == 2 and not info.id_key:
-    raise ValueError(f'Dataset {info.name!r} split {config.split!r} has no id feature '
-                     f'(one of {ID_KEYS}); SogCLR needs a dense id per training image')
+  encoded = isinstance(image_feature, tfds.features.Image)
+  if not info.label_key and config.labels_required:
+    raise ValueError(f'Dataset {info.name!r} split {config.split!r} has no labels (one of '
+                     f'{LABEL_KEYS}) and this run needs them (the supervised head)')
+  # No quotes: TF escapes them in assertion messages.
+  where = f'Dataset {info.name} split {config.split}:'
+  if not info.id_key:
+    prefixes, offsets = _record_offsets(builder, config.split, info.name)
+    offset_table = tf.lookup.StaticHashTable(
+        tf.lookup.KeyValueTensorInitializer(tf.constant(prefixes), tf.constant(offsets, tf.int64)),
+        default_value=-2**62)
 
-  def preprocess(example, seed):
-    image = image_feature.decode_example(example[info.image_key])
-    image = tf.image.convert_image_dtype(image, tf.float32)
+  def select(example):
+    """The fields the pipeline needs, ids and labels checked; the image still encoded."""
+    record = example['tfds_id']
+    if info.id_key:
+      ids = tf.cast(example[info.id_key], tf.int64)
+    else:
+      prefix = tf.strings.regex_replace(record, r'__[0-9]+$', '')
+      index = tf.strings.to_number(tf.strings.regex_replace(record, r'^.*__', ''), tf.int64)
+      ids = offset_table.lookup(prefix) + index
+    checks = [tf.debugging.Assert(
+        tf.logical_and(ids >= 0, ids < split_size),
+        [f'{where} id outside [0, {split_size}) in record', record, 'id', ids])]
+    if info.label_key:
+      labels = tf.cast(example[info.label_key], tf.int64)
+      checks.append(tf.debugging.Assert(
+          tf.logical_and(labels >= 0, labels < num_classes),
+          [f'{where} label outside [0, {num_classes}) (set --num_classes) in record', record,
+           'label', labels]))
+    else:
+      labels = tf.constant(-1, tf.int64)
+    with tf.control_dependencies(checks):
+      return {'image': example[info.image_key], 'label': tf.identity(labels),
+              'id': tf.cast(ids, tf.int32), 'record': record}
+
+  def read(split, deterministic):
+    # Images are decoded after the cache, so a cached dataset holds the compact encoded bytes.
+    dataset = builder.as_dataset(
+        split=split, shuffle_files=False,
+        decoders={info.image_key: tfds.decode.SkipDecoding()} if encoded else None,
+        read_config=tfds.ReadConfig(try_autocache=False, add_tfds_id=True,
+                                    num_parallel_calls_for_decode=tf.data.AUTOTUNE))
+    dataset = dataset.map(select, num_parallel_calls=tf.data.AUTOTUNE,
+                          deterministic=deterministic)
+    return dataset.cache() if config.cache_dataset else dataset
+
+  def decode(dataset, deterministic):
+    if encoded:
+      return _decode_naming_failures(dataset, info.name, config.split, deterministic)
+    return dataset
+
+  def to_views(example, seed):
+    image = tf.image.convert_image_dtype(example['image'], tf.float32)
     if image.shape[-1] == 1:
       image = tf.image.grayscale_to_rgb(image)
     if config.is_training:
@@ -184,12 +405,8 @@ def build_input_fn(builder, info, config, num_classes):
       views = (data_util.preprocess_for_eval(
           image, config.image_size, config.image_size,
           crop=config.image_size > SMALL_IMAGE_SIZE),)
-    if info.id_key:
-      ids = _checked_ids(example[info.id_key], split_size, info.name, config.split)
-    else:
-      ids = tf.constant(-1, tf.int32)
-    labels = tf.one_hot(example[info.label_key], num_classes)
-    return views, labels, ids
+    # A missing label (-1) one-hots to zeros.
+    return views, tf.one_hot(example['label'], num_classes), example['id']
 
   def input_fn(input_context):
     per_replica_batch_size = input_context.get_per_replica_batch_size(config.global_batch_size)
@@ -199,22 +416,17 @@ def build_input_fn(builder, info, config, num_classes):
     if input_context.num_input_pipelines > 1:
       split = tfds.even_splits(split, n=input_context.num_input_pipelines)[
           input_context.input_pipeline_id]
-    # Images are decoded in `preprocess`, after the cache, so a cached dataset holds the
-    # compact encoded bytes.
-    dataset = builder.as_dataset(
-        split=split, shuffle_files=False,
-        decoders={info.image_key: tfds.decode.SkipDecoding()},
-        read_config=tfds.ReadConfig(try_autocache=False))
-    if config.cache_dataset:
-      dataset = dataset.cache()
     options = tf.data.Options()
     options.deterministic = config.deterministic or not config.is_training
     if not config.is_training:
-      dataset = dataset.map(lambda ex: preprocess(ex, None), tf.data.AUTOTUNE)
+      dataset = decode(read(split, True), True)
+      dataset = dataset.map(lambda ex: to_views(ex, None), tf.data.AUTOTUNE)
       dataset = dataset.batch(per_replica_batch_size)
       return dataset.prefetch(tf.data.AUTOTUNE).with_options(options)
 
-    pipeline_size = int(dataset.cardinality())
+    # Reading is deterministic: the per-epoch shuffle must see the same order every time.
+    dataset = read(split, True)
+    pipeline_size = int(builder.info.splits[split].num_examples)
     # Whole steps of distinct images per epoch: a step never mixes two epochs, so an id never
     # appears twice in one global batch.
     batches_per_epoch = (pipeline_size // per_replica_batch_size //
@@ -235,11 +447,14 @@ def build_input_fn(builder, info, config, num_classes):
       epoch_seed = tf.random.experimental.stateless_fold_in(base_seed, epoch)
       shuffle_seed = tf.random.stateless_uniform([], epoch_seed, maxval=2**62, dtype=tf.int64)
       skip = tf.where(epoch == start_epoch, tf.constant(skipped_batches, tf.int64), 0)
-      d = dataset.shuffle(min(pipeline_size, 50_000), seed=shuffle_seed,
+      d = dataset.shuffle(min(pipeline_size, config.shuffle_buffer), seed=shuffle_seed,
                           reshuffle_each_iteration=False)
       d = d.enumerate().skip(skip * per_replica_batch_size).map(
-          lambda index, ex: preprocess(
-              ex, tf.random.experimental.stateless_fold_in(epoch_seed, index)),
+          lambda position, ex: {**ex, 'position': position})
+      d = decode(d, config.deterministic)
+      d = d.map(
+          lambda ex: to_views(
+              ex, tf.random.experimental.stateless_fold_in(epoch_seed, ex['position'])),
           num_parallel_calls=tf.data.AUTOTUNE, deterministic=config.deterministic)
       d = d.batch(per_replica_batch_size, drop_remainder=True)
       return d.take(batches_per_epoch - skip)

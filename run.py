@@ -8,6 +8,7 @@ The only module that reads flags. Example (the embedded demo data, a CPU):
 import json
 import math
 import os
+import re
 import signal
 import sys
 import threading
@@ -28,7 +29,9 @@ FLAGS = flags.FLAGS
 
 # -- Data ------------------------------------------------------------------------------------------
 flags.DEFINE_string('dataset', 'imagenet2012',
-                    "TFDS dataset name; 'digits' is the embedded demo data (no download).")
+                    "TFDS dataset name, 'name/config' or 'name:version', prepared under "
+                    "--data_dir (read without its builder code); 'digits' is the embedded demo "
+                    "data; see README 'Datasets'.")
 flags.DEFINE_string('data_dir', None,
                     'TFDS data directory (local or gs://); default: TFDS\'s own (~/tensorflow_datasets).')
 flags.DEFINE_string('train_split', 'train', 'Split to train on.')
@@ -36,6 +39,9 @@ flags.DEFINE_string('eval_split', 'validation', 'Split to evaluate on.')
 flags.DEFINE_integer('num_classes', 0,
                      'Number of classes of the supervised head; 0 = read from the dataset.')
 flags.DEFINE_integer('image_size', 224, 'Side of the square input images, in pixels.')
+flags.DEFINE_integer('shuffle_buffer', 50_000,
+                     'Encoded training images held by the per-epoch shuffle; lower it for large '
+                     'images (ImageNet JPEGs are about 110 KB each).')
 flags.DEFINE_bool('cache_dataset', False,
                   'Cache the encoded split in memory (good for small datasets, not ImageNet).')
 flags.DEFINE_float('color_jitter_strength', 1.0,
@@ -102,6 +108,8 @@ flags.DEFINE_integer('train_epochs', 100, 'Training length, in epochs.')
 flags.DEFINE_integer('train_steps', 0, 'Training length, in steps; > 0 overrides train_epochs.')
 flags.DEFINE_integer('eval_batch_size', 256, 'Global evaluation batch size, in images.')
 flags.DEFINE_integer('eval_steps', 0, 'Evaluation steps; 0 = the whole eval split.')
+flags.DEFINE_integer('eval_timeout_seconds', 3600,
+                     '--mode=eval: seconds to wait for a new checkpoint before exiting.')
 flags.DEFINE_integer('checkpoint_epochs', 1, 'Epochs between checkpoints.')
 flags.DEFINE_integer('checkpoint_steps', 0,
                      'Steps between checkpoints; > 0 overrides checkpoint_epochs.')
@@ -497,8 +505,32 @@ def extract_features(strategy, model, dataset):
   return np.concatenate(features), np.concatenate(labels)
 
 
+# Flags that define the network (and so the checkpoint's variables).
+ARCHITECTURE_FLAGS = ('resnet_depth', 'width_multiplier', 'sk_ratio', 'se_ratio', 'image_size',
+                      'proj_head_mode', 'num_proj_layers', 'proj_out_dim')
+
+
+def inherit_architecture(checkpoint):
+  """Takes architecture flags not given on the command line from the pretraining run's
+  flags.json (next to --checkpoint), so fine-tuning needs only --checkpoint."""
+  directory = checkpoint if tf.io.gfile.isdir(checkpoint) else os.path.dirname(checkpoint)
+  path = os.path.join(directory, 'flags.json')
+  if not tf.io.gfile.exists(path):
+    return
+  with tf.io.gfile.GFile(path) as f:
+    pretrained = json.load(f)
+  for name in ARCHITECTURE_FLAGS:
+    if not FLAGS[name].present and name in pretrained and FLAGS[name].value != pretrained[name]:
+      logging.info('--%s=%s from %s', name, pretrained[name], path)
+      FLAGS[name].value = pretrained[name]
+
+
 def main(argv):
   del argv
+  if FLAGS.mode == 'eval' and FLAGS.model_dir:
+    inherit_architecture(FLAGS.model_dir)
+  elif FLAGS.checkpoint and FLAGS.train_mode == 'finetune':
+    inherit_architecture(FLAGS.checkpoint)
   validate_flags()
   loss = resolve_loss(FLAGS.loss, {'DCL_mode': FLAGS.DCL_mode, 'GCL_mode': FLAGS.GCL_mode,
                                     'BI_mode': FLAGS.BI_mode})
@@ -549,7 +581,9 @@ def main(argv):
                                   FLAGS.hidden_norm)
     checkpoint_manager = restore_or_initialize(model, optimizer, sogclr, write_dir)
 
-  if chief:  # After the restore: flags that cannot resume this model_dir never overwrite it.
+  # After the restore: flags that cannot resume this model_dir never overwrite it; an
+  # evaluation job leaves the training run's flags alone.
+  if chief and FLAGS.mode != 'eval':
     with tf.io.gfile.GFile(os.path.join(FLAGS.model_dir, 'flags.json'), 'w') as f:
       json.dump(_flag_values() | {'resolved_loss': loss}, f, indent=2, sort_keys=True)
   summary_writer = (tf.summary.create_file_writer(FLAGS.model_dir) if chief
@@ -576,6 +610,9 @@ def main(argv):
     results['train_seconds'] = round(seconds, 1)
     if not chief:
       tf.io.gfile.rmtree(write_dir)
+  if FLAGS.mode == 'eval':
+    return evaluate_checkpoints(strategy, model, builder, info, summary_writer, optimizer,
+                                sogclr, total_steps)
   step = int(optimizer.iterations.numpy())
   results.update(run_evaluation(strategy, model, builder, info, summary_writer, step))
   logging.info('Final state at step %d: %s', step, state_fingerprint(model, sogclr))
@@ -631,6 +668,10 @@ def restore_or_initialize(model, optimizer, sogclr, write_dir):
     logging.info('Resumed from %s at step %d', latest, int(optimizer.iterations.numpy()))
   elif FLAGS.checkpoint:
     restore_pretrained(model, FLAGS.checkpoint)
+    if FLAGS.zero_init_logits_layer and model.has_supervised_head:
+      # After the restore, or the pretraining run's head would overwrite the zeros.
+      for variable in model.supervised_head.weights:
+        variable.assign(tf.zeros_like(variable))
   return manager
 
 
@@ -643,7 +684,8 @@ def train_input_config(initial_step):
       color_distort=pretrain, color_jitter_strength=FLAGS.color_jitter_strength,
       crop_area_min=FLAGS.crop_area_min, use_blur=FLAGS.use_blur and pretrain,
       cache_dataset=FLAGS.cache_dataset, seed=FLAGS.seed, deterministic=FLAGS.deterministic,
-      initial_step=initial_step)
+      initial_step=initial_step, shuffle_buffer=FLAGS.shuffle_buffer,
+      labels_required=not pretrain or FLAGS.lineareval_while_pretraining)
 
 
 def state_fingerprint(model, sogclr):
@@ -698,6 +740,27 @@ def restore_pretrained(model, path):
     raise ValueError(f'--checkpoint={path!r} holds another architecture ({e}); repeat the '
                      "pretraining run's model flags (its flags.json lists them)") from None
   logging.info('Initialized the model from %s', path)
+
+
+def evaluate_checkpoints(strategy, model, builder, info, summary_writer, optimizer, sogclr,
+                         total_steps):
+  """--mode=eval: evaluates every new checkpoint in model_dir as it appears (the latest first);
+  returns after the one of the final step (or after --eval_timeout_seconds without a new one)."""
+  trackables = {'model': model, 'optimizer': optimizer}
+  if sogclr is not None:
+    trackables['sogclr'] = sogclr
+  checkpoint = tf.train.Checkpoint(**trackables)
+  results = {}
+  for path in tf.train.checkpoints_iterator(FLAGS.model_dir, min_interval_secs=1,
+                                            timeout=FLAGS.eval_timeout_seconds):
+    checkpoint.restore(path).assert_existing_objects_matched()
+    step = int(optimizer.iterations.numpy())
+    results = run_evaluation(strategy, model, builder, info, summary_writer, step)
+    with tf.io.gfile.GFile(os.path.join(FLAGS.model_dir, f'result_{step}.json'), 'w') as f:
+      json.dump(results, f, indent=2, sort_keys=True)
+    if step >= total_steps:
+      break
+  return results
 
 
 def run_evaluation(strategy, model, builder, info, summary_writer, step):
@@ -764,8 +827,11 @@ def cli(argv):
     sys.exit(PREEMPTED_EXIT_CODE)
   except (ValueError, FloatingPointError, tf.errors.InvalidArgumentError) as e:
     message = e.message if isinstance(e, tf.errors.OpError) else str(e)
-    logging.error('%s', message.strip().splitlines()[0] if message.strip() else repr(e))
-    print(f'error: {message.strip().splitlines()[0]}', file=sys.stderr)
+    # TF prefixes errors raised inside functions with the function's name.
+    line = re.sub(r'^\{\{function_node [^}]*\}\}\s*', '',
+                  message.strip().splitlines()[0] if message.strip() else repr(e))
+    logging.error('%s', line)
+    print(f'error: {line}', file=sys.stderr)
     sys.exit(1)
   print(summary_line(results))
 

@@ -1,0 +1,173 @@
+"""data.py on small TFDS datasets the tests write: id derivation, host-side checks, pipelines."""
+import numpy as np
+import pytest
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+import data
+import imagenet
+
+NUM_TRAIN = 37  # not a multiple of the shard count or the batch size
+
+
+def _png(value):
+  """A 4x4 PNG whose pixels all hold `value`: the image names its record."""
+  return tf.io.encode_png(np.full([4, 4, 3], value, np.uint8)).numpy()
+
+
+def write_dataset(data_dir, name, features, train, test=None, num_shards=4):
+  """Writes `{split: [example dict]}` with TFDS's own writer into `data_dir`; returns a builder."""
+  splits = {'train': train, 'test': test if test is not None else train[:5]}
+  imagenet.write_dataset(name, tfds.features.FeaturesDict(features), splits, data_dir,
+                         num_shards=num_shards)
+  return data.get_builder(name, data_dir)
+
+
+def plain_features(**extra):
+  return {'image': tfds.features.Image(shape=(4, 4, 3), encoding_format='png'),
+          'label': tfds.features.ClassLabel(num_classes=3), **extra}
+
+
+def plain_examples(n, **extra):
+  return [{'image': _png(i), 'label': i % 3, **{k: f(i) for k, f in extra.items()}}
+          for i in range(n)]
+
+
+def read_eval(builder, info, split='train', pipelines=1):
+  """{id: pixel value} over every record of `split`, read by `pipelines` input pipelines."""
+  seen = []
+  for pipeline in range(pipelines):
+    config = data.InputConfig(split=split, global_batch_size=5 * pipelines, image_size=4,
+                              is_training=False, num_views=1)
+    context = tf.distribute.InputContext(num_input_pipelines=pipelines,
+                                         input_pipeline_id=pipeline,
+                                         num_replicas_in_sync=pipelines)
+    for views, labels, ids in data.build_input_fn(builder, info, config, 3)(context):
+      pixels = np.round(views[0].numpy()[:, 0, 0, 0] * 255).astype(int)
+      seen += list(zip(ids.numpy().tolist(), pixels.tolist(), np.argmax(labels, 1).tolist()))
+  return seen
+
+
+@pytest.fixture(scope='module')
+def plain(tmp_path_factory):
+  data_dir = str(tmp_path_factory.mktemp('tfds'))
+  return write_dataset(data_dir, 'plain_images', plain_features(), plain_examples(NUM_TRAIN))
+
+
+def test_ids_derived_from_tfds_ids_cover_a_multi_shard_split_exactly_once(plain):
+  assert len(plain.info.splits['train'].shard_lengths) == 4
+  info = data.describe(plain, 'train', 'test')
+  assert info.id_key == '' and info.num_train_examples == NUM_TRAIN
+  whole = read_eval(plain, info)
+  assert sorted(i for i, _, _ in whole) == list(range(NUM_TRAIN))
+  # Every record once (its pixel value is its original index), with its own label.
+  assert sorted(p for _, p, _ in whole) == list(range(NUM_TRAIN))
+  assert all(label == p % 3 for _, p, label in whole)
+  # Two input pipelines read halves of the split, yet derive the ids of the full split.
+  halves = read_eval(plain, info, pipelines=2)
+  assert sorted(halves) == sorted(whole)
+
+
+def test_training_epoch_yields_each_id_once_with_two_distinct_views(plain):
+  info = data.describe(plain, 'train', 'test')
+  config = data.InputConfig(split='train', global_batch_size=6, image_size=4, is_training=True,
+                            use_blur=False, deterministic=True)
+  dataset = data.build_input_fn(plain, info, config, 3)(tf.distribute.InputContext())
+  ids = []
+  for views, labels, batch_ids in dataset.take(NUM_TRAIN // 6):
+    assert len(views) == 2 and views[0].shape == (6, 4, 4, 3) and labels.shape == (6, 3)
+    assert 0.0 <= float(tf.reduce_min(views[0])) and float(tf.reduce_max(views[1])) <= 1.0
+    ids += batch_ids.numpy().tolist()
+  assert len(ids) == len(set(ids)) == 36 and set(ids) <= set(range(NUM_TRAIN))
+  # A pipeline resumed at step 2 yields exactly what the first pipeline yielded from step 2.
+  resumed = data.build_input_fn(plain, info, data.InputConfig(
+      split='train', global_batch_size=6, image_size=4, is_training=True, use_blur=False,
+      deterministic=True, initial_step=2), 3)(tf.distribute.InputContext())
+  for a, b in zip(dataset.skip(2).take(5), resumed.take(5)):
+    np.testing.assert_array_equal(a[2], b[2])
+    np.testing.assert_allclose(a[0][0], b[0][0])
+
+
+def test_numeric_id_is_used_only_when_provably_dense(tmp_path):
+  permutation = np.random.RandomState(0).permutation(NUM_TRAIN)
+  dense = write_dataset(str(tmp_path), 'dense_ids', plain_features(id=np.int64),
+                        plain_examples(NUM_TRAIN, id=lambda i: int(permutation[i])))
+  info = data.describe(dense, 'train', 'test')
+  assert info.id_key == 'id'
+  assert sorted((i, p) for i, p, _ in read_eval(dense, info)) == sorted(
+      (int(permutation[p]), p) for p in range(NUM_TRAIN))
+  sparse = write_dataset(str(tmp_path), 'sparse_ids', plain_features(id=np.int64),
+                         plain_examples(NUM_TRAIN, id=lambda i: 1000 + 2 * i))
+  info = data.describe(sparse, 'train', 'test')
+  assert info.id_key == ''
+  assert sorted(i for i, _, _ in read_eval(sparse, info)) == list(range(NUM_TRAIN))
+
+
+def first_error_line(builder, info, split='train', **config):
+  config = data.InputConfig(split=split, global_batch_size=8, image_size=4, **config)
+  with pytest.raises(tf.errors.InvalidArgumentError) as error:
+    for _ in data.build_input_fn(builder, info, config, info.num_classes)(
+        tf.distribute.InputContext()):
+      pass
+  return error.value.message.strip().splitlines()[0]
+
+
+@pytest.mark.parametrize('bad_id', [NUM_TRAIN, -1])
+def test_image_id_outside_the_split_stops_the_pipeline_naming_it(tmp_path, bad_id):
+  ids = list(range(NUM_TRAIN))
+  ids[5] = bad_id
+  builder = write_dataset(str(tmp_path), 'bad_image_ids', plain_features(**{'image/ID': np.int64}),
+                          plain_examples(NUM_TRAIN, **{'image/ID': lambda i: ids[i]}))
+  info = data.describe(builder, 'train', 'test')
+  assert info.id_key == 'image/ID'
+  for mode in ({'is_training': False, 'num_views': 1}, {'is_training': True, 'use_blur': False}):
+    line = first_error_line(builder, info, **mode)
+    assert 'Dataset bad_image_ids split train: id outside [0, 37) in record' in line
+    assert f'[id] [{bad_id}]' in line and 'bad_image_ids-train.tfrecord-' in line
+
+
+def test_label_outside_num_classes_stops_the_pipeline_naming_it(plain):
+  info = data.describe(plain, 'train', 'test', num_classes=2)
+  line = first_error_line(plain, info, is_training=False, num_views=1)
+  assert 'Dataset plain_images split train: label outside [0, 2) (set --num_classes)' in line
+  assert '[label] [2]' in line
+
+
+def test_dataset_without_labels_is_an_error_only_when_labels_are_needed(tmp_path):
+  builder = write_dataset(str(tmp_path), 'unlabelled',
+                          {'image': tfds.features.Image(shape=(4, 4, 3), encoding_format='png')},
+                          [{'image': _png(i)} for i in range(12)])
+  with pytest.raises(ValueError, match="Dataset 'unlabelled' has no class-label feature"):
+    data.describe(builder, 'train', 'test')
+  info = data.describe(builder, 'train', 'test', num_classes=3)
+  config = data.InputConfig(split='train', global_batch_size=4, image_size=4, is_training=True,
+                            use_blur=False)
+  with pytest.raises(ValueError, match="Dataset 'unlabelled' split 'train' has no labels"):
+    data.build_input_fn(builder, info, config, 3)
+  config = data.InputConfig(split='train', global_batch_size=4, image_size=4, is_training=True,
+                            use_blur=False, labels_required=False)
+  views, labels, ids = next(iter(data.build_input_fn(builder, info, config, 3)(
+      tf.distribute.InputContext())))
+  assert not labels.numpy().any() and len(set(ids.numpy())) == 4
+
+
+def test_undecodable_image_stops_the_run_naming_the_record(tmp_path):
+  examples = plain_examples(NUM_TRAIN)
+  examples[11]['image'] = b'\xff\xd8 not really a JPEG'
+  builder = write_dataset(str(tmp_path), 'broken_image', plain_features(), examples,
+                          test=examples[:20])
+  info = data.describe(builder, 'train', 'test')
+  for split, mode in (('test', {'is_training': False, 'num_views': 1}),
+                      ('train', {'is_training': True, 'use_blur': False})):
+    line = first_error_line(builder, info, split, **mode)
+    assert f'Dataset broken_image split {split}: undecodable image in record' in line
+    assert f'broken_image-{split}.tfrecord-' in line and '[id]' in line
+
+
+def test_unknown_or_unprepared_dataset_is_an_error(tmp_path, plain):
+  with pytest.raises(ValueError, match="'no_such_dataset' is neither a TFDS dataset name"):
+    data.get_builder('no_such_dataset', str(tmp_path))
+  with pytest.raises(ValueError, match=r"'mnist' is not prepared under --data_dir=.*tfds build"):
+    data.get_builder('mnist', str(tmp_path))
+  with pytest.raises(ValueError, match="'eval' is not a split of dataset 'plain_images'"):
+    data.describe(plain, 'train', 'eval')
