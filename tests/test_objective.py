@@ -232,3 +232,52 @@ def test_two_replicas_equal_one_on_the_same_global_batch(loss_name, one_replica,
   if loss_name == 'sogclr':
     for table in results[2][2]:  # every replica's copy
       np.testing.assert_allclose(table, results[1][2][0], rtol=1e-6)
+
+
+def np_global_nt_xent(za, zb, temperature):
+  """Per anchor of all 2N vectors: -log softmax of its positive over the other 2N-1, vectorized;
+  the mean over view-a anchors plus the mean over view-b anchors."""
+  n = len(za)
+  z = np.concatenate([za, zb]).astype(np.float64)
+  logits = z @ z.T / temperature
+  np.fill_diagonal(logits, -np.inf)
+  positives = logits[np.arange(2 * n), (np.arange(2 * n) + n) % (2 * n)]
+  largest = logits.max(axis=1)
+  log_denominators = largest + np.log(np.exp(logits - largest[:, None]).sum(axis=1))
+  return np.sum(log_denominators - positives) / n
+
+
+@pytest.mark.parametrize('chunk_size', [7, 20, 1024])
+def test_global_nt_xent_matches_numpy_for_any_chunking(chunk_size):
+  rng = np.random.default_rng(7)
+  za, zb = normalized(rng, 10, 4), normalized(rng, 10, 4)
+  value = objective.global_nt_xent(za, zb, 0.1, hidden_norm=False, chunk_size=chunk_size)
+  np.testing.assert_allclose(value.numpy(), np_global_nt_xent(za, zb, 0.1), rtol=1e-5)
+  # The loop implementation of the batch NT-Xent, with the whole dataset as the batch.
+  np.testing.assert_allclose(value.numpy(), np_nt_xent(za, zb, 0.1), rtol=1e-5)
+
+
+def test_global_nt_xent_equals_nt_xent_of_the_whole_dataset_as_one_batch():
+  rng = np.random.default_rng(8)
+  za, zb = rng.normal(size=(9, 5)), rng.normal(size=(9, 5))
+  expected, _, _ = objective.nt_xent_loss(za, zb, 0.2, hidden_norm=True)
+  value = objective.global_nt_xent(za * 4.0, zb * 0.3, 0.2, hidden_norm=True, chunk_size=5)
+  np.testing.assert_allclose(value.numpy(), expected.numpy(), rtol=1e-5)
+  np.testing.assert_allclose(value.numpy(), np_global_nt_xent(
+      za / np.linalg.norm(za, axis=1, keepdims=True),
+      zb / np.linalg.norm(zb, axis=1, keepdims=True), 0.2), rtol=1e-5)
+
+
+def test_global_nt_xent_extremes_and_low_temperature():
+  # Identical vectors everywhere: every logit equal, each anchor's loss is log(2N - 1).
+  same = np.ones((6, 3)) / np.sqrt(3)
+  np.testing.assert_allclose(objective.global_nt_xent(same, same, 0.1).numpy(),
+                             2 * np.log(11), rtol=1e-5)
+  # tau = 0.01 puts logits at +-100: float32 exp overflows, the log-sum-exp must not.
+  rng = np.random.default_rng(9)
+  za = normalized(rng, 12, 3)
+  zb = za + 0.05 * normalized(rng, 12, 3)
+  zb /= np.linalg.norm(zb, axis=1, keepdims=True)
+  value = objective.global_nt_xent(za, zb, 0.01, chunk_size=5).numpy()
+  assert np.isfinite(value)
+  np.testing.assert_allclose(value, np_global_nt_xent(za, zb, 0.01), rtol=1e-4, atol=1e-5)

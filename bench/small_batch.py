@@ -1,0 +1,374 @@
+r"""Small-batch SogCLR against SimCLR on the demo digits: the global contrastive objective, linear
+and kNN top-1 against batch size (the paper's batch-size figure, on a CPU). Writes bench/results/.
+
+  python bench/small_batch.py            # the full grid: 24 runs, about 1 h on 2 shared cores
+  python bench/small_batch.py --quick    # a smoke test of this script (about 2 min)
+
+The full grid can be split over processes sharing --work_dir (--batch_sizes=16,256 and
+--batch_sizes=32,128); a last run without --batch_sizes collects the cached runs into the table.
+"""
+import argparse
+import dataclasses
+import json
+import math
+import os
+import platform
+import sys
+import tempfile
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+
+from absl import logging  # noqa: E402  (after the path and environment set-up above)
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+import data as data_lib  # noqa: E402
+import objective  # noqa: E402
+import probe  # noqa: E402
+import run  # noqa: E402
+
+METHODS = ('simclr', 'sogclr')
+# The fixed views of the global objective: one seed for every run, so a pair of runs (and every
+# batch size) is scored on exactly the same 2N images; distinct from the training seeds.
+VIEW_SEED = 2022
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+  """One benchmark: the grid and everything held fixed across it."""
+  batch_sizes: tuple
+  seeds: tuple
+  train_epochs: int
+  width_multiplier: float
+  image_size: int = 16
+  temperature: float = 0.1
+  gamma: float = 0.9
+  # Adam with the square-root scaling rule (Malladi et al. 2022): peak lr = base * sqrt(B),
+  # base chosen so batch 32 gets the demo's 1e-3.
+  base_learning_rate: float = 1e-3 / math.sqrt(32)
+  warmup_epochs: float = 2
+  crop_area_min: float = 0.5
+  color_jitter_strength: float = 0.5
+  # InstDisc's k = 200 is for ImageNet's 1,300 images per class; the digits have ~144, so the
+  # same share of a class is k = 20 (k = 200 reaches past the class and loses ~10 points).
+  knn_k: int = 20
+  knn_temperature: float = 0.1
+
+  def peak_learning_rate(self, batch_size):
+    return self.base_learning_rate * math.sqrt(batch_size)
+
+
+# 30 epochs, not the demo's 50: 24 runs of 50 would take ~1.7 h on 2 shared cores. ResNet-18 at
+# width 0.25 on 16x16 views is the demo's model (98% linear top-1 at 50 epochs).
+FULL = Settings(batch_sizes=(16, 32, 128, 256), seeds=(0, 1, 2), train_epochs=30,
+                width_multiplier=0.25)
+QUICK = Settings(batch_sizes=(16, 128), seeds=(0,), train_epochs=1, width_multiplier=0.125,
+                 warmup_epochs=0)
+# Fields that choose which runs make up a benchmark, not how each run trains.
+GRID_FIELDS = ('batch_sizes', 'seeds')
+
+
+def run_settings(settings):
+  """What one run depends on: a cached run is reused only when all of it matches."""
+  return {k: v for k, v in dataclasses.asdict(settings).items() if k not in GRID_FIELDS}
+
+
+def run_flags(settings, method, batch_size, seed, model_dir, data_dir):
+  """run.py's command line for one pretraining run (no end-of-run probe: measured here)."""
+  flags = [
+      '--train_mode=pretrain', f'--loss={method}', '--dataset=digits', '--eval_split=test',
+      f'--image_size={settings.image_size}', '--resnet_depth=18',
+      f'--width_multiplier={settings.width_multiplier}', f'--train_batch_size={batch_size}',
+      f'--train_epochs={settings.train_epochs}', '--optimizer=adam',
+      f'--learning_rate={settings.base_learning_rate!r}', '--learning_rate_scaling=sqrt',
+      f'--warmup_epochs={settings.warmup_epochs}', f'--temperature={settings.temperature}',
+      f'--gamma={settings.gamma}', f'--crop_area_min={settings.crop_area_min}',
+      f'--color_jitter_strength={settings.color_jitter_strength}', '--use_blur=False',
+      f'--seed={seed}', f'--model_dir={model_dir}', '--eval_batch_size=360',
+      '--probe_max_examples=0', '--log_every_seconds=60',
+      # One checkpoint, at the end: only the final weights are measured.
+      f'--checkpoint_epochs={settings.train_epochs}', '--keep_checkpoint_max=1',
+      # Same data order and augmentations for both methods of a pair (parallel map in order).
+      '--deterministic']
+  if data_dir:
+    flags.append(f'--data_dir={data_dir}')
+  return flags
+
+
+def fixed_views(builder, info, settings):
+  """Two seeded augmented views [N, H, W, 3] of every training image, rows in id order."""
+  config = data_lib.InputConfig(
+      split='train', global_batch_size=info.num_train_examples,
+      image_size=settings.image_size, is_training=True, num_views=2,
+      color_jitter_strength=settings.color_jitter_strength,
+      crop_area_min=settings.crop_area_min, use_blur=False, seed=VIEW_SEED, deterministic=True)
+  input_fn = data_lib.build_input_fn(builder, info, config, info.num_classes)
+  (view_a, view_b), _, ids = next(iter(input_fn(tf.distribute.InputContext())))
+  order = np.argsort(ids.numpy())
+  assert np.array_equal(ids.numpy()[order], np.arange(info.num_train_examples)), ids
+  return view_a.numpy()[order], view_b.numpy()[order]
+
+
+def projections(model, images, batch_size=512):
+  return np.concatenate([model(images[i:i + batch_size], training=False)['projection'].numpy()
+                         for i in range(0, len(images), batch_size)])
+
+
+def measure(model, builder, info, views, settings):
+  """The trained model's global objective on the fixed views, linear-probe and kNN top-1."""
+  strategy = tf.distribute.get_strategy()
+
+  def split_data(split):
+    config = data_lib.InputConfig(split=split, global_batch_size=512,
+                                  image_size=settings.image_size, is_training=False, num_views=1)
+    return data_lib.build_distributed_dataset(strategy, builder, info, config, info.num_classes)
+
+  global_objective = objective.global_nt_xent(
+      projections(model, views[0]), projections(model, views[1]), settings.temperature)
+  train = run.extract_features(strategy, model, split_data('train'))
+  test = run.extract_features(strategy, model, split_data('test'))
+  return {
+      'global_objective': float(global_objective),
+      'linear_top_1': probe.linear_probe_accuracy(*train, *test),
+      'knn_top_1': probe.knn_accuracy(*train, *test, k=settings.knn_k,
+                                      temperature=settings.knn_temperature),
+  }
+
+
+def pretrain_and_measure(settings, method, batch_size, seed, work_dir, data_dir, builder, info,
+                         views):
+  """One run of run.py in-process, then its measurements; cached in work_dir (resumable)."""
+  name = f'{method}_b{batch_size}_s{seed}'
+  record_path = os.path.join(work_dir, f'{name}.json')
+  if os.path.exists(record_path):
+    record = json.load(open(record_path))
+    if record['settings'] != run_settings(settings):
+      raise ValueError(f'{record_path} was measured with other settings ({record["settings"]}); '
+                       'pass another --work_dir, or delete it to measure again')
+    return record
+  model_dir = os.path.join(work_dir, name)
+  # A run without a record was interrupted: start it afresh rather than resume mid-way.
+  if tf.io.gfile.exists(model_dir):
+    tf.io.gfile.rmtree(model_dir)
+  started = time.time()
+  run.FLAGS.unparse_flags()
+  # --verbosity=0: absl raises logging to INFO only under app.run; run.py's progress lines.
+  run.FLAGS(['run.py', *run_flags(settings, method, batch_size, seed, model_dir, data_dir),
+             '--verbosity=0'])
+  results = run.main([])
+  # run.main's model lives in its own scope; the final checkpoint holds the same weights.
+  model = run.build_model(run.model_config(info.num_classes), settings.image_size)
+  run.restore_pretrained(model, model_dir)
+  record = {
+      'method': method, 'batch_size': batch_size, 'seed': seed,
+      'steps': results['global_step'], 'train_seconds': results['train_seconds'],
+      'linear_head_top_1': results['eval/top_1'],
+      **measure(model, builder, info, views, settings),
+      'seconds': round(time.time() - started, 1),
+      'settings': run_settings(settings),
+  }
+  with open(record_path, 'w') as f:
+    json.dump(record, f, indent=2)
+  return record
+
+
+def mean_and_spread(values):
+  """(mean, sample standard deviation; nan for a single value)."""
+  values = np.asarray(values, np.float64)
+  spread = float(np.std(values, ddof=1)) if len(values) > 1 else float('nan')
+  return float(np.mean(values)), spread
+
+
+METRICS = ('global_objective', 'linear_top_1', 'knn_top_1', 'linear_head_top_1')
+
+
+def summarize(records, settings):
+  """Per batch size: each method's mean and spread, and the paired SogCLR - SimCLR difference."""
+  by_key = {(r['method'], r['batch_size'], r['seed']): r for r in records}
+  summary = []
+  for batch_size in settings.batch_sizes:
+    seeds = [s for s in settings.seeds
+             if all((m, batch_size, s) in by_key for m in METHODS)]
+    row = {'batch_size': batch_size, 'seeds': seeds,
+           'steps': by_key[(METHODS[0], batch_size, seeds[0])]['steps'] if seeds else 0,
+           'peak_learning_rate': settings.peak_learning_rate(batch_size)}
+    for metric in METRICS:
+      values = {m: [by_key[(m, batch_size, s)][metric] for s in seeds] for m in METHODS}
+      differences = np.subtract(values['sogclr'], values['simclr'])
+      row[metric] = {m: dict(zip(('mean', 'sd'), mean_and_spread(v))) for m, v in values.items()}
+      row[metric]['difference'] = dict(zip(('mean', 'sd'), mean_and_spread(differences)))
+      row[metric]['difference']['per_seed'] = differences.tolist()
+      # Lower is better for the objective, higher for accuracies.
+      better = differences < 0 if metric == 'global_objective' else differences > 0
+      row[metric]['sogclr_better'] = int(better.sum())
+    summary.append(row)
+  return summary
+
+
+def _cell(stats, scale, digits):
+  mean, sd = stats['mean'] * scale, stats['sd'] * scale
+  return f'{mean:.{digits}f}' if math.isnan(sd) else f'{mean:.{digits}f} ± {sd:.{digits}f}'
+
+
+def _signed_cell(stats, scale, digits):
+  mean, sd = stats['mean'] * scale, stats['sd'] * scale
+  text = f'{mean:+.{digits}f}'
+  return text if math.isnan(sd) else f'{text} ± {sd:.{digits}f}'
+
+
+def markdown_table(summary):
+  """Mean ± sample sd over seeds; Δ = SogCLR - SimCLR of the same seed; 'better' counts seeds."""
+  lines = [
+      '| batch | steps | global objective SimCLR | SogCLR | Δ (SogCLR lower in) '
+      '| linear top-1 % SimCLR | SogCLR | Δ | kNN top-1 % SimCLR | SogCLR | Δ |',
+      '| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |']
+  for row in summary:
+    n = len(row['seeds'])
+    cells = [str(row['batch_size']), str(row['steps'])]
+    objective_stats = row['global_objective']
+    cells += [_cell(objective_stats['simclr'], 1, 3), _cell(objective_stats['sogclr'], 1, 3),
+              f"{_signed_cell(objective_stats['difference'], 1, 3)} "
+              f"({objective_stats['sogclr_better']}/{n})"]
+    for metric in ('linear_top_1', 'knn_top_1'):
+      stats = row[metric]
+      cells += [_cell(stats['simclr'], 100, 1), _cell(stats['sogclr'], 100, 1),
+                _signed_cell(stats['difference'], 100, 1)]
+    lines.append('| ' + ' | '.join(cells) + ' |')
+  return '\n'.join(lines) + '\n'
+
+
+def plot(summary, records, settings, path):
+  """Global objective, its paired difference, linear and kNN top-1 against batch size."""
+  import matplotlib  # pylint: disable=import-outside-toplevel  (only the plot needs it)
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+
+  batch_sizes = [row['batch_size'] for row in summary]
+  colors = {'simclr': 'tab:blue', 'sogclr': 'tab:red'}
+  labels = {'simclr': 'SimCLR', 'sogclr': 'SogCLR'}
+  figure, axes = plt.subplots(2, 2, figsize=(10, 7.5))
+  panels = (('global_objective', 1,
+             f'global contrastive objective, tau={settings.temperature} (lower is better)'),
+            ('linear_top_1', 100, 'linear-probe top-1 % (held-out)'),
+            ('knn_top_1', 100, f'kNN top-1 % (held-out, k={settings.knn_k})'))
+  for axis, (metric, scale, title) in zip((axes[0, 0], axes[1, 0], axes[1, 1]), panels):
+    for method in METHODS:
+      means = [row[metric][method]['mean'] * scale for row in summary]
+      sds = [np.nan_to_num(row[metric][method]['sd']) * scale for row in summary]
+      axis.errorbar(batch_sizes, means, yerr=sds, color=colors[method], marker='o', capsize=3,
+                    label=labels[method])
+    axis.set_title(title)
+  # Same-seed differences cancel seed-to-seed noise, which may exceed the gap; a dot per seed.
+  axis = axes[0, 1]
+  axis.axhline(0, color='gray', linewidth=0.8)
+  for record_seed in sorted({r['seed'] for r in records}):
+    points = [(row['batch_size'], row['global_objective']['difference']['per_seed'][i])
+              for row in summary for i, s in enumerate(row['seeds']) if s == record_seed]
+    if points:
+      axis.plot(*zip(*points), linestyle='none', marker='.', color='gray', alpha=0.7)
+  means = [row['global_objective']['difference']['mean'] for row in summary]
+  sds = [np.nan_to_num(row['global_objective']['difference']['sd']) for row in summary]
+  axis.errorbar(batch_sizes, means, yerr=sds, color='black', marker='o', capsize=3,
+                label='mean ± sd over seeds (dots: seeds)')
+  axis.set_title('global objective: SogCLR − SimCLR, same seed')
+  for axis in axes.flat:
+    axis.set_xscale('log', base=2)
+    axis.set_xticks(batch_sizes, [str(b) for b in batch_sizes])
+    axis.set_xlabel('batch size')
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=8)
+  figure.tight_layout()
+  figure.savefig(path, dpi=110)
+  plt.close(figure)
+
+
+def parse_args(argv):
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument('--quick', action='store_true',
+                      help='Smoke test: 2 batch sizes, 1 seed, 1 epoch, width 0.125.')
+  parser.add_argument('--batch_sizes', default=None,
+                      help='Comma-separated subset of the batch sizes (e.g. to split the grid '
+                      'over two processes sharing --work_dir; a last run without it collects).')
+  parser.add_argument('--seeds', default=None, help='Comma-separated subset of the seeds.')
+  parser.add_argument('--train_epochs', type=int, default=None,
+                      help='Override the epochs (ablations; use another --work_dir).')
+  parser.add_argument('--gamma', type=float, default=None,
+                      help="Override SogCLR's gamma (ablations; use another --work_dir).")
+  parser.add_argument('--out_dir', default=None,
+                      help='Where results.json, results.md and small_batch.png go (default: '
+                      'bench/results; with --quick a new temporary directory).')
+  parser.add_argument('--work_dir', default=None,
+                      help='Checkpoints and per-run records; a rerun skips finished runs '
+                      '(default: runs/small_batch; with --quick a new temporary directory).')
+  parser.add_argument('--data_dir', default=None, help='TFDS data directory for the digits.')
+  return parser.parse_args(argv)
+
+
+def main(argv):
+  args = parse_args(argv)
+  settings = QUICK if args.quick else FULL
+  if args.batch_sizes:
+    settings = dataclasses.replace(
+        settings, batch_sizes=tuple(int(b) for b in args.batch_sizes.split(',')))
+  if args.seeds:
+    settings = dataclasses.replace(settings, seeds=tuple(int(s) for s in args.seeds.split(',')))
+  if args.train_epochs:
+    settings = dataclasses.replace(settings, train_epochs=args.train_epochs)
+  if args.gamma:
+    settings = dataclasses.replace(settings, gamma=args.gamma)
+  # run.py's progress lines (every minute) in absl's format, without app.run's set-up.
+  logging.use_absl_handler()
+  # extract_features builds a tf.function per call: expected retracing, not worth a warning.
+  tf.get_logger().setLevel('ERROR')
+  out_dir = args.out_dir or (tempfile.mkdtemp(prefix='small_batch_quick_') if args.quick else
+                             os.path.join(REPO, 'bench', 'results'))
+  work_dir = args.work_dir or (tempfile.mkdtemp(prefix='small_batch_runs_') if args.quick else
+                               os.path.join(REPO, 'runs', 'small_batch'))
+  os.makedirs(out_dir, exist_ok=True)
+  os.makedirs(work_dir, exist_ok=True)
+  started = time.time()
+  load_before = os.getloadavg()
+  builder = data_lib.get_builder('digits', args.data_dir)
+  info = data_lib.describe(builder, 'train', 'test')
+  views = fixed_views(builder, info, settings)
+  records = []
+  # Seed-major: an interrupted run has whole seeds; the two methods of a pair run back to back.
+  for seed in settings.seeds:
+    for batch_size in settings.batch_sizes:
+      for method in METHODS:
+        record = pretrain_and_measure(settings, method, batch_size, seed, work_dir,
+                                      args.data_dir, builder, info, views)
+        records.append(record)
+        print(f"[{time.time() - started:6.0f} s] {method} batch {batch_size} seed {seed}: "
+              f"global objective {record['global_objective']:.4f}, linear top-1 "
+              f"{record['linear_top_1']:.4f}, kNN top-1 {record['knn_top_1']:.4f} "
+              f"({record['train_seconds']:.0f} s training, {record['seconds']:.0f} s in all)",
+              flush=True)
+  summary = summarize(records, settings)
+  table = markdown_table(summary)
+  results = {
+      'settings': dataclasses.asdict(settings) | {'view_seed': VIEW_SEED, 'quick': args.quick},
+      'summary': summary,
+      'runs': records,
+      'seconds': round(time.time() - started, 1),
+      # Training and measuring, summed over runs (several processes may have shared the grid).
+      'run_seconds_total': round(sum(r['seconds'] for r in records), 1),
+      'machine': {'cpus': os.cpu_count(), 'load_average_before': load_before,
+                  'load_average_after': os.getloadavg(), 'tensorflow': tf.__version__,
+                  'python': platform.python_version()},
+  }
+  with open(os.path.join(out_dir, 'results.json'), 'w') as f:
+    json.dump(results, f, indent=2)
+  with open(os.path.join(out_dir, 'results.md'), 'w') as f:
+    f.write(table)
+  plot(summary, records, settings, os.path.join(out_dir, 'small_batch.png'))
+  print(table)
+  print(f'Wrote {out_dir}/results.json, results.md, small_batch.png in {results["seconds"]:.0f} s')
+  return results
+
+
+if __name__ == '__main__':
+  main(sys.argv[1:])

@@ -1,0 +1,79 @@
+"""bench/small_batch.py: its summary arithmetic on made-up runs, and `--quick` end to end (CI)."""
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(REPO, 'bench', 'small_batch.py')
+
+
+@pytest.fixture(scope='module')
+def small_batch():
+  spec = importlib.util.spec_from_file_location('small_batch', SCRIPT)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def test_summary_pairs_methods_by_seed(small_batch):
+  settings = small_batch.Settings(batch_sizes=(16, 64), seeds=(0, 1, 2), train_epochs=1,
+                                  width_multiplier=0.125)
+  objectives = {('simclr', 16): [5.0, 5.4, 4.9], ('sogclr', 16): [4.9, 5.2, 4.9],
+                ('simclr', 64): [5.1, 5.0, 5.3], ('sogclr', 64): [5.2, 4.9, 5.3]}
+  records = [{'method': method, 'batch_size': batch, 'seed': seed, 'steps': 89,
+              'global_objective': value, 'linear_top_1': 0.9 + 0.01 * seed,
+              'knn_top_1': 0.8, 'linear_head_top_1': 0.7}
+             for (method, batch), values in objectives.items()
+             for seed, value in enumerate(values)]
+  summary = small_batch.summarize(records, settings)
+  row = summary[0]['global_objective']
+  assert row['simclr']['mean'] == pytest.approx(np.mean([5.0, 5.4, 4.9]))
+  assert row['simclr']['sd'] == pytest.approx(np.std([5.0, 5.4, 4.9], ddof=1))
+  # Paired: differences per seed, not the difference of the means with pooled noise.
+  assert row['difference']['per_seed'] == pytest.approx([-0.1, -0.2, 0.0], abs=1e-12)
+  assert row['difference']['sd'] == pytest.approx(np.std([-0.1, -0.2, 0.0], ddof=1))
+  assert row['sogclr_better'] == 1 + 1  # lower objective in seeds 0 and 1; a tie is not better
+  assert summary[1]['global_objective']['sogclr_better'] == 1
+  assert summary[0]['linear_top_1']['difference']['mean'] == pytest.approx(0.0)
+  table = small_batch.markdown_table(summary)
+  lines = table.strip().splitlines()
+  assert len(lines) == 2 + 2
+  assert lines[2].startswith(
+      '| 16 | 89 | 5.100 ± 0.265 | 5.000 ± 0.173 | -0.100 ± 0.100 (2/3) |')
+
+
+def test_quick_run_writes_table_plot_and_json(tmp_path):
+  out_dir, work_dir, data_dir = (str(tmp_path / name) for name in ('out', 'work', 'tfds'))
+  command = [sys.executable, SCRIPT, '--quick', f'--out_dir={out_dir}', f'--work_dir={work_dir}',
+             f'--data_dir={data_dir}']
+  subprocess.run(command, check=True, timeout=600, cwd=REPO)
+  results = json.load(open(os.path.join(out_dir, 'results.json')))
+  assert results['settings']['quick'] is True
+  assert len(results['runs']) == 2 * 2  # two methods at two batch sizes, one seed
+  assert [row['batch_size'] for row in results['summary']] == [16, 128]
+  # 1,437 training digits: 89 steps of 16, 11 steps of 128 in one epoch.
+  assert [row['steps'] for row in results['summary']] == [89, 11]
+  for run in results['runs']:
+    # Each anchor's NT-Xent is positive; 2 * log(2N - 1) = 15.9 is chance.
+    assert 0 < run['global_objective'] < 40
+    assert 0 <= run['linear_top_1'] <= 1 and 0 <= run['knn_top_1'] <= 1
+    # Features of even one epoch beat chance (10%) on the held-out digits.
+    assert run['linear_top_1'] > 0.3
+  difference = results['summary'][0]['global_objective']['difference']
+  assert math.isfinite(difference['mean']) and math.isnan(difference['sd'])  # one seed
+  table = open(os.path.join(out_dir, 'results.md')).read()
+  assert table.startswith('| batch | steps | global objective SimCLR |')
+  assert '\n| 16 | 89 |' in table and '\n| 128 | 11 |' in table
+  with open(os.path.join(out_dir, 'small_batch.png'), 'rb') as f:
+    assert f.read(8) == b'\x89PNG\r\n\x1a\n'
+  # A second invocation reuses the finished runs (resuming an interrupted benchmark).
+  os.remove(os.path.join(out_dir, 'results.json'))
+  subprocess.run(command, check=True, timeout=600, cwd=REPO)
+  again = json.load(open(os.path.join(out_dir, 'results.json')))
+  assert again['runs'] == results['runs']
