@@ -415,7 +415,9 @@ def train(trainer, iterator, *, total_steps, checkpoint_every, checkpoint_manage
       steps_per_call = int(np.clip(1.0 / seconds_per_step, 1, 1000))
     else:
       steps_per_call = 2
-    if 'log_u_mean' in metrics:
+    # Summaries are float32: u itself is logged while it fits (u ~ exp(1/temperature)); its
+    # log always.
+    if metrics.get('log_u_mean', math.inf) < math.log(np.finfo(np.float32).max):
       metrics['u_mean'] = math.exp(metrics['log_u_mean'])
     if learning_rate_fn is not None:
       metrics['learning_rate'] = float(learning_rate_fn(step))
@@ -444,7 +446,7 @@ def train(trainer, iterator, *, total_steps, checkpoint_every, checkpoint_manage
       eta = (total_steps - step) * seconds_per_step if seconds_per_step else 0
       parts = [f'step {step}/{total_steps}', f"loss {metrics['total_loss']:.4f}"]
       for key, label in (('contrast_loss', 'nt_xent'), ('contrast_acc', 'contrast_acc'),
-                         ('supervised_acc', 'sup_acc'), ('u_mean', 'u_mean')):
+                         ('supervised_acc', 'sup_acc'), ('log_u_mean', 'log_u_mean')):
         if key in metrics:
           parts.append(f'{label} {metrics[key]:.4g}')
       if seconds_per_step:

@@ -26,27 +26,32 @@ def free_ports(count):
   return ports
 
 
-def start_workers(model_dir, data_dir, *extra):
+def start_workers(model_dir, data_dir, log_dir, *extra):
+  """Starts two workers; each writes its log to a file (a pipe read only after the other
+  worker ends would fill up and block the collectives of both)."""
   ports = free_ports(2)
   cluster = {'worker': [f'localhost:{p}' for p in ports]}
   processes = []
   for index in range(2):
     env = dict(os.environ, TF_CONFIG=json.dumps({'cluster': cluster,
                                                  'task': {'type': 'worker', 'index': index}}))
-    processes.append(subprocess.Popen(
+    log = open(os.path.join(log_dir, f'worker_{index}.log'), 'w')
+    processes.append((subprocess.Popen(
         [sys.executable, os.path.join(REPO, 'run.py'), *TINY, f'--data_dir={data_dir}',
          f'--model_dir={model_dir}', '--DCL_mode=True', *extra],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+        env=env, stdout=log, stderr=subprocess.STDOUT), log))
   return processes
 
 
 def finish(processes, timeout=900):
   outputs = []
   try:
-    for process in processes:
-      outputs.append(process.communicate(timeout=timeout)[0])
+    for process, log in processes:
+      process.wait(timeout=timeout)
+      log.close()
+      outputs.append(open(log.name).read())
   finally:
-    for process in processes:
+    for process, _ in processes:
       process.kill()
   return outputs
 
@@ -57,7 +62,8 @@ def test_two_workers_train_in_lockstep_and_only_the_chief_writes(tmp_path):
   subprocess.run([sys.executable, '-c', f'import data; data.get_builder("digits", {data_dir!r})'],
                  cwd=REPO, check=True, capture_output=True, timeout=300)
   model_dir = str(tmp_path / 'run')
-  outputs = finish(start_workers(model_dir, data_dir, '--train_steps=4', '--checkpoint_steps=2'))
+  outputs = finish(start_workers(model_dir, data_dir, str(tmp_path), '--train_steps=4',
+                                 '--checkpoint_steps=2'))
   for index, output in enumerate(outputs):
     assert 'Strategy CollectiveAllReduceStrategy with 2 replica(s)' in output, output[-3000:]
     assert 'Result:' in output, f'worker {index} failed:\n{output[-3000:]}'

@@ -48,7 +48,7 @@ def run_cli(capsys, *args):
 
 
 @pytest.mark.parametrize('args, message', [
-    (['--dataset=no_such_dataset'], "--dataset='no_such_dataset' is not a TFDS dataset"),
+    (['--dataset=no_such_dataset'], "--dataset='no_such_dataset' is neither a TFDS dataset"),
     (['--dataset=mnist', '--data_dir=/nonexistent/tfds'], 'is not prepared under'),
     (['--eval_split=validation'], "--eval_split='validation' is not a split"),
     (['--train_split=unlabeled'], "--train_split='unlabeled' is not a split"),
@@ -192,3 +192,21 @@ def test_sigkilled_deterministic_run_ends_equal_to_an_uninterrupted_one(tmp_path
     np.testing.assert_allclose(tf.train.load_variable(final, name),
                                tf.train.load_variable(expected, name), rtol=1e-5, atol=1e-6,
                                err_msg=name)
+
+
+@pytest.mark.parametrize('precision', ['float32', 'bfloat16'])
+def test_sogclr_trains_finite_at_temperature_001(tmp_path, data_dir, precision):
+  # exp(1/0.01) overflows float32: the log-domain u table and float32 loss math must not.
+  model_dir = str(tmp_path / precision)
+  results = run_main(*TINY, f'--data_dir={data_dir}', f'--model_dir={model_dir}',
+                     '--probe_max_examples=0', '--DCL_mode=True', '--temperature=0.01',
+                     f'--mixed_precision={precision}', '--train_steps=4')
+  assert np.isfinite(results['eval/top_1'])
+  latest = tf.train.latest_checkpoint(model_dir)
+  log_u = tf.train.load_variable(latest, U_KEY)
+  visited = np.isfinite(log_u)
+  assert visited.sum() == 4 * 16  # every visited image has a real u, never -inf or NaN
+  assert not np.any(np.isnan(log_u)) and np.all(log_u[visited] > 20)
+  # Some u exceed what float32 holds: a linear-domain table would have overflowed.
+  assert np.max(log_u[visited]) > np.log(np.finfo(np.float32).max)
+  tf.keras.mixed_precision.set_global_policy('float32')
