@@ -239,8 +239,9 @@ def device_kind(strategy):
 def resolve_precision_and_jit(strategy):
   """(Keras dtype policy name, jit_compile) from the flags and the device.
 
-  On this project's reference CPU (2 AVX-512 cores) XLA made the step 2.3x slower and
-  float32 is the default; accelerators get their usual fast settings.
+  On this project's reference CPU (2 AVX-512 cores) XLA made the step 1.4-4x slower
+  (bench/train_step.py); bfloat16 was 1.2-1.4x faster, but float32 stays the CPU default until
+  the demo's accuracy in bfloat16 is measured. Accelerators get their usual fast settings.
   """
   kind = device_kind(strategy)
   precision = FLAGS.mixed_precision
