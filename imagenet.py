@@ -5,6 +5,7 @@ and `image/filename`. Importing this module registers `imagenet1k_ids` and `imag
 """
 import io
 import os
+import re
 import tarfile
 
 from absl import logging
@@ -270,15 +271,26 @@ def imagenet_s_config(class_list):
                          description=f'Classes listed in {os.path.basename(class_list)}.')
 
 
-def build_imagenet(subset, manual_dir, data_dir, class_list=None):
-  """Writes ImageNet-1K (subset '1k') or ImageNet-S ('s') into `data_dir`; returns the builder."""
+def build_imagenet(subset, manual_dir, data_dir, class_list=None, name=None):
+  """Writes ImageNet-1K (subset '1k') or ImageNet-S ('s') into `data_dir`; returns the builder.
+
+  `name` writes the same records under another dataset name, e.g. 'imagenet2012' so that the
+  official SogCLR command lines (`--dataset=imagenet2012`) run unchanged on them; the name need
+  not be registered (prepared directories are read from their own metadata).
+  """
   if subset == '1k':
-    builder = Imagenet1kIds(data_dir=data_dir)
+    builder_cls, config = Imagenet1kIds, None
   elif subset == 's':
+    builder_cls = ImagenetS
     config = imagenet_s_config(class_list) if class_list else None
-    builder = ImagenetS(data_dir=data_dir, config=config)
   else:
     raise ValueError(f"--subset={subset!r}: expected '1k' (ImageNet-1K) or 's' (ImageNet-S)")
+  if name and name != builder_cls.name:
+    if not re.fullmatch(r'[a-z][a-z0-9_]*', name):
+      raise ValueError(f'--name={name!r}: a dataset name is lower case letters, digits and _')
+    builder_cls = type(builder_cls.__name__, (builder_cls,), {'name': name},
+                       skip_registration=True)
+  builder = builder_cls(data_dir=data_dir, config=config)
   builder.download_and_prepare(
       download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
   return builder
@@ -367,14 +379,17 @@ def main(argv=None):
                       help='ImageNet-S class list (WordNet ids, one a line); default: '
                            'imagenet100_classes.txt (dataset imagenet_s/<file stem> otherwise).')
   parser.add_argument('--folder', help='Image folder root/<class>/<image> to convert instead.')
-  parser.add_argument('--name', help='Dataset name of the converted --folder.')
+  parser.add_argument('--name', help='Dataset name of the converted --folder (required), or '
+                                     'of ImageNet (default imagenet1k_ids / imagenet_s; '
+                                     'imagenet2012 suits the official SogCLR command lines).')
   args = parser.parse_args(argv)
   if args.folder:
     if not args.name:
       raise ValueError('--folder needs --name, the dataset name to train on (--dataset=<name>)')
     builder = build_image_folder(args.folder, args.name, args.data_dir)
   elif args.manual_dir:
-    builder = build_imagenet(args.subset, args.manual_dir, args.data_dir, args.class_list)
+    builder = build_imagenet(args.subset, args.manual_dir, args.data_dir, args.class_list,
+                             args.name)
   else:
     raise ValueError('Give --manual_dir (ImageNet from ILSVRC2012 files) or --folder and --name')
   splits = ', '.join(f'{k}: {v.num_examples}' for k, v in sorted(builder.info.splits.items()))

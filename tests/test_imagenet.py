@@ -188,13 +188,29 @@ def test_seed_command_trains_on_the_official_sogclr_layout(tmp_path):
   assert log_u.shape == (24,) and np.isfinite(log_u).sum() == 16  # two steps of 8 images
 
 
-def test_seed_command_trains_on_imagenet_s_built_here(tmp_path, ilsvrc_tars):
+def test_seed_command_trains_unchanged_on_imagenet_s_built_here(tmp_path, ilsvrc_tars):
   data_dir = str(tmp_path / 'tfds')
-  imagenet.build_imagenet('s', ilsvrc_tars, data_dir)
-  command = [a for a in SEED_COMMAND if not a.startswith('--dataset=')]
-  results = run_main(*command, *TINY_RUN, '--dataset=imagenet_s', f'--data_dir={data_dir}',
-                     f'--model_dir={tmp_path / "run"}')
+  # Our layout under the official name: the seed's command line runs as written.
+  imagenet.main(['--manual_dir', ilsvrc_tars, '--data_dir', data_dir, '--subset', 's',
+                 '--name', 'imagenet2012'])
+  assert tf.io.gfile.exists(os.path.join(data_dir, 'imagenet2012', 'imagenet100', '1.0.0',
+                                         'dataset_info.json'))
+  builder = data.get_builder('imagenet2012', data_dir)
+  info = data.describe(builder, 'train', 'validation', 100)
+  assert info.id_key == 'image/ID' and info.num_train_examples == 2 * TRAIN_PER_CLASS
+  model_dir = str(tmp_path / 'run')
+  results = run_main(*SEED_COMMAND, *TINY_RUN, f'--data_dir={data_dir}',
+                     f'--model_dir={model_dir}')
   assert results['global_step'] == 2 and results['eval/num_examples'] == 4
+  log_u = tf.train.load_variable(tf.train.latest_checkpoint(model_dir),
+                                 'sogclr/log_u/.ATTRIBUTES/VARIABLE_VALUE')
+  # Two steps of 8 images: every one of the 8 training images visited twice.
+  assert log_u.shape == (8,) and np.isfinite(log_u).all()
+
+
+def test_imagenet_name_is_checked(tmp_path, ilsvrc_tars):
+  with pytest.raises(ValueError, match='--name=.Image Net.'):
+    imagenet.build_imagenet('1k', ilsvrc_tars, str(tmp_path), name='Image Net')
 
 
 def test_tfds_own_imagenet2012_layout_gets_ids_derived_from_record_ids(tmp_path):
