@@ -202,3 +202,58 @@ def test_sync_bn_under_mirrored_strategy_matches_plain_bn(two_replicas):
     # One replica in inference mode: sync and plain BN are the same function of the same weights.
     np.testing.assert_allclose(synced(images, training=False), plain(images, training=False),
                                rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize('policy', ['float32', 'mixed_bfloat16'])
+def test_fused_batch_norm_matches_keras_batch_norm(policy):
+    # Same outputs, gradients, moving statistics (biased variance) and inference as Keras' layer.
+    x = tf.constant(np.random.RandomState(0).normal(2, 3, (8, 5, 5, 4)).astype(np.float32))
+    weights = tf.constant(np.random.RandomState(1).normal(size=x.shape).astype(np.float32))
+    tf.keras.mixed_precision.set_global_policy(policy)
+    try:
+        results = []
+        for layer in (tf.keras.layers.BatchNormalization(momentum=0.9, epsilon=1e-5),
+                      resnet.BatchNormalization(momentum=0.9, epsilon=1e-5)):
+            layer.build(x.shape)
+            layer.gamma.assign(np.linspace(0.5, 2, 4))
+            layer.beta.assign(np.linspace(-1, 1, 4))
+            with tf.GradientTape() as tape:
+                tape.watch(x)
+                y = layer(x, training=True)
+                loss = tf.reduce_sum(tf.cast(y, tf.float32) * weights)
+            gradients = tape.gradient(loss, [x, layer.gamma, layer.beta])
+            results.append([y, *gradients, layer.moving_mean, layer.moving_variance,
+                            layer(x, training=False)])
+    finally:
+        tf.keras.mixed_precision.set_global_policy('float32')
+    keras_bn, fused_bn = results
+    assert fused_bn[0].dtype == keras_bn[0].dtype
+    tolerance = 1e-5 if policy == 'float32' else 2e-2  # bfloat16 rounds x itself
+    # Moving variance: the biased batch variance (x has std 3, so 0.1 * ~9 after one update).
+    np.testing.assert_allclose(fused_bn[5], 0.9 + 0.1 * np.var(x.numpy(), axis=(0, 1, 2)),
+                               rtol=tolerance)
+    for keras_value, fused_value in zip(keras_bn, fused_bn):
+        np.testing.assert_allclose(np.asarray(tf.cast(fused_value, tf.float32)),
+                                   np.asarray(tf.cast(keras_value, tf.float32)),
+                                   rtol=tolerance, atol=tolerance * 10)
+
+
+def test_resnet_uses_the_fused_batch_norm_on_images():
+    model = resnet.resnet(18, width_multiplier=0.125, cifar_stem=True)
+    model.build((None, 16, 16, 3))
+    norms = [l for l in _all_layers(model) if isinstance(l, tf.keras.layers.BatchNormalization)]
+    assert norms and all(isinstance(l, resnet.BatchNormalization) for l in norms)
+
+
+@pytest.mark.parametrize('kernel_size, strides', [(1, 1), (3, 1), (3, 2), (7, 2), (1, 2)])
+@pytest.mark.parametrize('size', [8, 9])
+def test_fixed_padding_conv_pads_k_minus_1_over_2_first(kernel_size, strides, size):
+    conv = resnet.Conv2DFixedPadding(4, kernel_size, strides, name='conv')
+    x = _images(2, size)
+    y = conv(x)
+    total = kernel_size - 1
+    sides = [total // 2, total - total // 2]
+    padded = tf.pad(x, [[0, 0], sides, sides, [0, 0]])
+    expected = tf.nn.conv2d(padded, conv.kernel, strides, 'VALID')
+    assert y.shape == expected.shape == conv.compute_output_shape(x.shape)
+    np.testing.assert_allclose(y, expected, rtol=1e-5, atol=1e-5)
