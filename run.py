@@ -24,6 +24,7 @@ import data as data_lib
 import lars_optimizer
 import model as model_lib
 import objective as obj_lib
+import probe
 
 FLAGS = flags.FLAGS
 
@@ -127,6 +128,13 @@ flags.DEFINE_integer('probe_max_examples', 20_000,
                      'the train split has at most this many images (0 = never).')
 flags.DEFINE_bool('probe_baselines', True,
                   'With the probe, also report raw-pixel and random-network probes.')
+flags.DEFINE_bool('knn_monitor', False,
+                  'Every evaluation also reports the top-1 of a weighted kNN classifier on '
+                  'trunk features, eval split against train split (holds the train split\'s '
+                  'features in host memory: images x feature size floats).')
+flags.DEFINE_integer('knn_k', 200, 'Neighbours voting in the kNN monitor.')
+flags.DEFINE_float('knn_temperature', 0.1,
+                   'Temperature T of the kNN monitor: votes weigh exp(cosine similarity / T).')
 
 flags.DEFINE_enum('mixed_precision', 'auto', ['auto', 'float32', 'bfloat16', 'float16'],
                   'Compute dtype of the network (variables, loss, u and softmax stay float32); '
@@ -173,9 +181,12 @@ def validate_flags():
     raise ValueError(f'--crop_area_min must be in (0, 1], got {FLAGS.crop_area_min}')
   if FLAGS.width_multiplier <= 0:
     raise ValueError(f'--width_multiplier must be positive, got {FLAGS.width_multiplier}')
-  for name in ('train_batch_size', 'eval_batch_size', 'image_size', 'keep_checkpoint_max'):
+  for name in ('train_batch_size', 'eval_batch_size', 'image_size', 'keep_checkpoint_max',
+               'knn_k'):
     if FLAGS[name].value <= 0:
       raise ValueError(f'--{name} must be positive, got {FLAGS[name].value}')
+  if FLAGS.knn_temperature <= 0:
+    raise ValueError(f'--knn_temperature must be positive, got {FLAGS.knn_temperature}')
   if FLAGS.train_mode == 'finetune' and FLAGS.mode != 'eval' and not FLAGS.checkpoint:
     logging.warning('--train_mode=finetune without --checkpoint trains from scratch.')
   # The standard stem divides the image by 32, the CIFAR stem by 8.
@@ -555,6 +566,8 @@ def main(argv):
                info.name, info.num_train_examples, info.num_eval_examples, info.num_classes)
   check_batch_size(FLAGS.train_batch_size, strategy.num_replicas_in_sync,
                    info.num_train_examples, FLAGS.train_split)
+  if FLAGS.knn_monitor and not info.label_key:
+    raise ValueError(f'--knn_monitor needs labels; dataset {info.name!r} has none')
   write_dir = prepare_write_dir(strategy, chief)
 
   steps_per_epoch = data_lib.steps_per_epoch(info.num_train_examples, FLAGS.train_batch_size)
@@ -766,22 +779,58 @@ def evaluate_checkpoints(strategy, model, builder, info, summary_writer, optimiz
   return results
 
 
-def run_evaluation(strategy, model, builder, info, summary_writer, step):
-  """Evaluates the supervised head on the eval split; returns {'eval/top_1': ...}."""
-  if not model.has_supervised_head:
-    return {}
-  config = data_lib.InputConfig(split=FLAGS.eval_split, global_batch_size=FLAGS.eval_batch_size,
+def eval_dataset(strategy, builder, info, split):
+  """A non-repeating pipeline of `split` with the eval preprocessing (no augmentation)."""
+  config = data_lib.InputConfig(split=split, global_batch_size=FLAGS.eval_batch_size,
                                 image_size=FLAGS.image_size, is_training=False, num_views=1)
-  dataset = data_lib.build_distributed_dataset(strategy, builder, info, config,
-                                               info.num_classes)
-  metrics = evaluate(strategy, model, dataset, FLAGS.eval_steps)
-  logging.info('Eval at step %d on %s (%d images): top-1 %.4f, top-5 %.4f', step,
-               FLAGS.eval_split, metrics['num_examples'], metrics['top_1'], metrics['top_5'])
+  return data_lib.build_distributed_dataset(strategy, builder, info, config, info.num_classes)
+
+
+def run_evaluation(strategy, model, builder, info, summary_writer, step):
+  """Evaluates the model at `step`: its weight-decay loss, the supervised head's top-1/top-5 on
+  the eval split (when it has one) and, with --knn_monitor, a kNN classifier on trunk features.
+
+  Returns {'global_step', 'eval/regularization_loss', 'eval/top_1', ..., 'eval/knn_top_1'}.
+  """
+  # The quantity the train step logs as train/weight_decay.
+  results = {'global_step': step, 'eval/regularization_loss': float(
+      lars_optimizer.weight_decay_loss(model.trainable_variables, FLAGS.weight_decay))}
+  parts = [f"regularization loss {results['eval/regularization_loss']:.6g}"]
+  if model.has_supervised_head:
+    metrics = evaluate(strategy, model, eval_dataset(strategy, builder, info, FLAGS.eval_split),
+                       FLAGS.eval_steps)
+    results.update({f'eval/{k}': v for k, v in metrics.items()})
+    parts.append(f"{metrics['num_examples']} images: top-1 {metrics['top_1']:.4f}, "
+                 f"top-5 {metrics['top_5']:.4f}")
+  if FLAGS.knn_monitor:
+    results.update(run_knn_monitor(strategy, model, builder, info))
+    if 'eval/knn_top_1' in results:
+      parts.append(f"kNN top-1 {results['eval/knn_top_1']:.4f} (k={FLAGS.knn_k})")
+  logging.info('Eval at step %d on %s: %s', step, FLAGS.eval_split, '; '.join(parts))
   with summary_writer.as_default(step=step):
-    tf.summary.scalar('eval/label_top_1_accuracy', metrics['top_1'])
-    tf.summary.scalar('eval/label_top_5_accuracy', metrics['top_5'])
+    tf.summary.scalar('eval/regularization_loss', results['eval/regularization_loss'])
+    if 'eval/top_1' in results:
+      tf.summary.scalar('eval/label_top_1_accuracy', results['eval/top_1'])
+      tf.summary.scalar('eval/label_top_5_accuracy', results['eval/top_5'])
+    if 'eval/knn_top_1' in results:
+      tf.summary.scalar('eval/knn_top_1', results['eval/knn_top_1'])
   summary_writer.flush()
-  return {f'eval/{k}': v for k, v in metrics.items()} | {'global_step': step}
+  return results
+
+
+def run_knn_monitor(strategy, model, builder, info):
+  """{'eval/knn_top_1': ...}: a weighted kNN (probe.knn_accuracy) of the eval split's trunk
+  features against the train split's, both without augmentation."""
+  if num_workers(strategy) > 1:
+    logging.warning('--knn_monitor skipped: in a multi-worker run each host extracts only its '
+                    'shard of the features.')
+    return {}
+  train_x, train_y = extract_features(strategy, model,
+                                      eval_dataset(strategy, builder, info, FLAGS.train_split))
+  test_x, test_y = extract_features(strategy, model,
+                                    eval_dataset(strategy, builder, info, FLAGS.eval_split))
+  return {'eval/knn_top_1': probe.knn_accuracy(train_x, train_y, test_x, test_y, k=FLAGS.knn_k,
+                                               temperature=FLAGS.knn_temperature)}
 
 
 def run_probe(strategy, model, builder, info):
@@ -789,12 +838,9 @@ def run_probe(strategy, model, builder, info):
   baselines, when the train split is small enough."""
   if not 0 < info.num_train_examples <= FLAGS.probe_max_examples:
     return {}
-  import probe  # pylint: disable=import-outside-toplevel  (scikit-learn is only needed here)
 
   def split_data(split):
-    config = data_lib.InputConfig(split=split, global_batch_size=FLAGS.eval_batch_size,
-                                  image_size=FLAGS.image_size, is_training=False, num_views=1)
-    return data_lib.build_distributed_dataset(strategy, builder, info, config, info.num_classes)
+    return eval_dataset(strategy, builder, info, split)
 
   train_x, train_y = extract_features(strategy, model, split_data(FLAGS.train_split))
   test_x, test_y = extract_features(strategy, model, split_data(FLAGS.eval_split))
@@ -846,12 +892,14 @@ def summary_line(results):
     parts.append(f"trained in {results['train_seconds']:.0f} s")
   if 'eval/top_1' in results:
     parts.append(f"linear head top-1 {results['eval/top_1']:.4f} on {FLAGS.eval_split}")
+  if 'eval/knn_top_1' in results:
+    parts.append(f"kNN top-1 {results['eval/knn_top_1']:.4f}")
   if 'probe/top_1' in results:
-    probe = f"linear probe on frozen features top-1 {results['probe/top_1']:.4f}"
+    text = f"linear probe on frozen features top-1 {results['probe/top_1']:.4f}"
     if 'probe/raw_pixels_top_1' in results:
-      probe += (f" (baselines: raw pixels {results['probe/raw_pixels_top_1']:.4f}, random "
-                f"network {results['probe/random_network_top_1']:.4f})")
-    parts.append(probe)
+      text += (f" (baselines: raw pixels {results['probe/raw_pixels_top_1']:.4f}, random "
+               f"network {results['probe/random_network_top_1']:.4f})")
+    parts.append(text)
   return 'Result: ' + '; '.join(parts) if parts else 'Result: nothing evaluated'
 
 

@@ -1,12 +1,16 @@
 """Fine-tuning and evaluation from a pretraining checkpoint (tiny models, the demo data)."""
+import glob
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
 import tensorflow as tf
 
+import data as data_lib
 import model as model_lib
+import probe
 import run
 from test_run import TINY, run_main
 
@@ -19,12 +23,52 @@ def data_dir(tmp_path_factory):
   return str(tmp_path_factory.mktemp('tfds'))
 
 
+# Monitors of the pretraining run; a real weight decay makes the regularization loss visible.
+MONITORS = ['--knn_monitor', '--knn_k=20', '--weight_decay=1e-3']
+
+
 @pytest.fixture(scope='module')
-def pretrained(tmp_path_factory, data_dir):
+def pretrained_run(tmp_path_factory, data_dir):
+  """(model_dir, results) of 3 SogCLR steps, evaluated with the monitors."""
   model_dir = str(tmp_path_factory.mktemp('pretrained'))
-  run_main(*TINY, f'--data_dir={data_dir}', f'--model_dir={model_dir}', '--train_steps=3',
-           '--probe_max_examples=0', '--DCL_mode=True')
+  results = run_main(*TINY, *MONITORS, f'--data_dir={data_dir}', f'--model_dir={model_dir}',
+                     '--train_steps=3', '--probe_max_examples=0', '--DCL_mode=True')
+  return model_dir, results
+
+
+@pytest.fixture(scope='module')
+def pretrained(pretrained_run):
+  return pretrained_run[0]
+
+
+def copied_model_dir(pretrained, tmp_path):
+  """A copy of the pretraining run, for jobs that write into their model_dir."""
+  model_dir = str(tmp_path / 'copy')
+  shutil.copytree(pretrained, model_dir)
   return model_dir
+
+
+def summary_tags(model_dir):
+  tags = set()
+  for event_file in glob.glob(os.path.join(model_dir, 'events.out.tfevents.*')):
+    for event in tf.compat.v1.train.summary_iterator(event_file):
+      tags.update(v.tag for v in event.summary.value)
+  return tags
+
+
+def split_features(model, data_dir, split):
+  """(trunk features, labels) of a digits split, computed here without run.py's loops."""
+  builder = data_lib.get_builder('digits', data_dir)
+  info = data_lib.describe(builder, 'train', 'test')
+  config = data_lib.InputConfig(split=split, global_batch_size=100, image_size=16,
+                                is_training=False, num_views=1)
+  dataset = data_lib.build_input_fn(builder, info, config, info.num_classes)(
+      tf.distribute.InputContext())
+  features, labels = [], []
+  for views, one_hot, _ in dataset:
+    features.append(model(views[0], training=False)['features'].numpy())
+    labels.append(np.argmax(one_hot.numpy(), 1))
+  return np.concatenate(features), np.concatenate(labels)
 
 
 def restored_model(path, **overrides):
@@ -72,10 +116,56 @@ def test_zero_init_logits_layer_zeroes_the_restored_head(tmp_path, data_dir, pre
   assert np.all(head.supervised_head.bias.numpy() == 0)
 
 
-def test_eval_mode_evaluates_the_final_checkpoint_and_exits(data_dir, pretrained):
-  results = run_main(*TINY, f'--data_dir={data_dir}', f'--model_dir={pretrained}',
+def test_eval_mode_evaluates_the_final_checkpoint_and_exits(tmp_path, data_dir, pretrained_run):
+  pretrained, pretrained_results = pretrained_run
+  model_dir = copied_model_dir(pretrained, tmp_path)
+  results = run_main(*TINY, *MONITORS, f'--data_dir={data_dir}', f'--model_dir={model_dir}',
                      '--mode=eval', '--train_steps=3', '--eval_timeout_seconds=60')
   assert results['global_step'] == 3 and results['eval/num_examples'] == 360
-  saved = json.load(open(os.path.join(pretrained, 'result_3.json')))
+  saved = json.load(open(os.path.join(model_dir, 'result_3.json')))
   assert saved['eval/top_1'] == pytest.approx(results['eval/top_1'])
-  assert json.load(open(os.path.join(pretrained, 'flags.json')))['mode'] == 'train'
+  assert json.load(open(os.path.join(model_dir, 'flags.json')))['mode'] == 'train'
+  # The same checkpoint as the pretraining run's own evaluation, so the same monitors.
+  for key in ('eval/knn_top_1', 'eval/regularization_loss', 'eval/top_1'):
+    assert saved[key] == results[key] == pretrained_results[key], key
+
+
+def test_eval_mode_without_a_supervised_head_still_runs_the_knn_monitor(
+    tmp_path, data_dir, pretrained_run):
+  pretrained, pretrained_results = pretrained_run
+  model_dir = copied_model_dir(pretrained, tmp_path)
+  results = run_main(*TINY, *MONITORS, f'--data_dir={data_dir}', f'--model_dir={model_dir}',
+                     '--mode=eval', '--train_steps=3', '--eval_timeout_seconds=60',
+                     '--lineareval_while_pretraining=False')
+  assert 'eval/top_1' not in results
+  assert results['eval/knn_top_1'] == pretrained_results['eval/knn_top_1']
+  assert 0 < results['eval/regularization_loss'] < pretrained_results['eval/regularization_loss']
+  assert json.load(open(os.path.join(model_dir, 'result_3.json'))) == results
+
+
+def test_regularization_loss_is_the_weight_decay_of_the_kernels(pretrained_run):
+  pretrained, results = pretrained_run
+  model = restored_model(tf.train.latest_checkpoint(pretrained))
+  # 1e-3 * sum(w^2) / 2 over trainable variables except BN scales/offsets and biases.
+  kernels = [v.numpy().astype(np.float64) for v in model.trainable_variables
+             if v.name not in ('gamma', 'beta', 'bias')]
+  assert len(kernels) > 20 and len(kernels) < len(model.trainable_variables)
+  expected = 1e-3 * sum(np.sum(k ** 2) for k in kernels) / 2
+  assert results['eval/regularization_loss'] == pytest.approx(expected, rel=1e-5)
+  saved = json.load(open(os.path.join(pretrained, 'result_3.json')))
+  assert saved['eval/regularization_loss'] == results['eval/regularization_loss']
+  assert 'eval/regularization_loss' in summary_tags(pretrained)
+
+
+def test_knn_monitor_equals_knn_on_the_checkpoint_features(data_dir, pretrained_run):
+  pretrained, results = pretrained_run
+  model = restored_model(tf.train.latest_checkpoint(pretrained))
+  train_x, train_y = split_features(model, data_dir, 'train')
+  test_x, test_y = split_features(model, data_dir, 'test')
+  assert train_x.shape == (1437, 64) and test_x.shape == (360, 64)
+  expected = probe.knn_accuracy(train_x, train_y, test_x, test_y, k=20, temperature=0.1)
+  assert results['eval/knn_top_1'] == expected
+  assert 0.1 < expected <= 1.0
+  saved = json.load(open(os.path.join(pretrained, 'result_3.json')))
+  assert saved['eval/knn_top_1'] == expected
+  assert 'eval/knn_top_1' in summary_tags(pretrained)
