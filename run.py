@@ -115,9 +115,14 @@ flags.DEFINE_integer('checkpoint_epochs', 1, 'Epochs between checkpoints.')
 flags.DEFINE_integer('checkpoint_steps', 0,
                      'Steps between checkpoints; > 0 overrides checkpoint_epochs.')
 flags.DEFINE_integer('keep_checkpoint_max', 5, 'Checkpoints kept in model_dir.')
+flags.DEFINE_integer('keep_hub_module_max', 1,
+                     'SavedModel exports kept in model_dir/saved_model/<step>, written at the '
+                     'end of training and after each checkpoint --mode=eval evaluates '
+                     '(0 = no export).')
 flags.DEFINE_string('model_dir', None, 'Directory for checkpoints, summaries and flags.json.')
 flags.DEFINE_string('checkpoint', None,
-                    'Checkpoint (prefix or directory) to initialize from when model_dir has none.')
+                    'Checkpoint (prefix or directory) or SavedModel export '
+                    '(model_dir/saved_model/<step>) to initialize from when model_dir has none.')
 flags.DEFINE_integer('seed', 0, 'Seed of initialization, data order and augmentations.')
 flags.DEFINE_bool('deterministic', False,
                   'Deterministic ops and input order (slower): the same run twice gives the '
@@ -187,6 +192,9 @@ def validate_flags():
       raise ValueError(f'--{name} must be positive, got {FLAGS[name].value}')
   if FLAGS.knn_temperature <= 0:
     raise ValueError(f'--knn_temperature must be positive, got {FLAGS.knn_temperature}')
+  if FLAGS.keep_hub_module_max < 0:
+    raise ValueError(f'--keep_hub_module_max must be >= 0 (0 = no export), got '
+                     f'{FLAGS.keep_hub_module_max}')
   if FLAGS.train_mode == 'finetune' and FLAGS.mode != 'eval' and not FLAGS.checkpoint:
     logging.warning('--train_mode=finetune without --checkpoint trains from scratch.')
   # The standard stem divides the image by 32, the CIFAR stem by 8.
@@ -526,7 +534,8 @@ ARCHITECTURE_FLAGS = ('resnet_depth', 'width_multiplier', 'sk_ratio', 'se_ratio'
 
 def inherit_architecture(checkpoint):
   """Takes architecture flags not given on the command line from the pretraining run's
-  flags.json (next to --checkpoint), so fine-tuning needs only --checkpoint."""
+  flags.json (next to --checkpoint, or inside an export), so fine-tuning needs only
+  --checkpoint."""
   directory = checkpoint if tf.io.gfile.isdir(checkpoint) else os.path.dirname(checkpoint)
   path = os.path.join(directory, 'flags.json')
   if not tf.io.gfile.exists(path):
@@ -624,11 +633,12 @@ def main(argv):
           global_batch_size=FLAGS.train_batch_size, log_every_seconds=FLAGS.log_every_seconds,
           learning_rate_fn=learning_rate, stop_requested=stop_requested)
     results['train_seconds'] = round(seconds, 1)
+    export(model, int(optimizer.iterations.numpy()), write_dir, chief)
     if not chief:
       tf.io.gfile.rmtree(write_dir)
   if FLAGS.mode == 'eval':
     return evaluate_checkpoints(strategy, model, builder, info, summary_writer, optimizer,
-                                sogclr, total_steps)
+                                sogclr, total_steps, write_dir=write_dir, chief=chief)
   step = int(optimizer.iterations.numpy())
   results.update(run_evaluation(strategy, model, builder, info, summary_writer, step))
   logging.info('Final state at step %d: %s', step, state_fingerprint(model, sogclr))
@@ -738,18 +748,72 @@ def _flag_values():
   return {f.name: f.value for f in FLAGS.get_flags_for_module(sys.modules[__name__])}
 
 
+def export(model, step, write_dir, chief):
+  """Exports the model to write_dir/saved_model/<step> unless --keep_hub_module_max=0."""
+  if FLAGS.keep_hub_module_max:
+    path = export_saved_model(
+        model, os.path.join(write_dir, 'saved_model'), step, image_size=FLAGS.image_size,
+        keep=FLAGS.keep_hub_module_max,
+        flags_file=os.path.join(FLAGS.model_dir, 'flags.json'), chief=chief)
+    if path:
+      logging.info('Exported the model at step %d to %s', step, path)
+
+
+def export_saved_model(model, export_dir, step, *, image_size, keep, flags_file=None,
+                       chief=True):
+  """Writes `model` as a SavedModel to export_dir/<step>; keeps the newest `keep` exports.
+
+  The export holds the model as attribute `model` (tf.train.Checkpoint(model=...) restores
+  <export>/variables/variables) and a `serving_default` signature: float32 `images`
+  [N, image_size, image_size, 3] in [0, 1], preprocessed as for evaluation -> float32
+  'features', 'projection' (pretraining models) and 'supervised_logits' (with a linear head),
+  in inference mode. `flags_file` is copied in as flags.json. Returns the path, or None on a
+  non-chief worker: saving is collective, so those save into export_dir and delete it.
+  """
+  assert keep >= 1, keep
+  module = tf.Module()
+  module.model = model
+
+  @tf.function(input_signature=[
+      tf.TensorSpec([None, image_size, image_size, 3], tf.float32, name='images')])
+  def serve(images):
+    return {k: tf.cast(v, tf.float32) for k, v in model(images, training=False).items()}
+
+  # Written under another name, then renamed: export_dir/<step> is never a partial export.
+  temporary = os.path.join(export_dir, f'.tmp_{step}_{os.getpid()}')
+  tf.saved_model.save(module, temporary, signatures={'serving_default': serve})
+  if not chief:
+    tf.io.gfile.rmtree(temporary)
+    return None
+  if flags_file and tf.io.gfile.exists(flags_file):
+    tf.io.gfile.copy(flags_file, os.path.join(temporary, 'flags.json'), overwrite=True)
+  final = os.path.join(export_dir, str(step))
+  if tf.io.gfile.exists(final):  # The same step again: a rerun, or training and an eval job.
+    tf.io.gfile.rmtree(final)
+  tf.io.gfile.rename(temporary, final)
+  steps = sorted(int(name.rstrip('/')) for name in tf.io.gfile.listdir(export_dir)
+                 if name.rstrip('/').isdigit())
+  for old in steps[:-keep]:
+    tf.io.gfile.rmtree(os.path.join(export_dir, str(old)))
+  return final
+
+
 def restore_pretrained(model, path):
-  """Initializes `model` from another run's checkpoint (weights only; no optimizer or step)."""
-  if tf.io.gfile.isdir(path):
+  """Initializes `model` from another run's checkpoint or SavedModel export (weights only; no
+  optimizer or step)."""
+  if tf.io.gfile.exists(os.path.join(path, 'saved_model.pb')):
+    # An export_saved_model directory: its variables are a checkpoint of {'model': model}.
+    path = os.path.join(path, 'variables', 'variables')
+  elif tf.io.gfile.isdir(path):
     latest = tf.train.latest_checkpoint(path)
     if latest is None:
       raise ValueError(f'--checkpoint={path!r} is a directory without checkpoints')
     path = latest
   if not tf.io.gfile.exists(path + '.index'):
-    raise ValueError(f'--checkpoint={path!r} does not exist (expected a checkpoint prefix or a '
-                     'directory holding checkpoints)')
-  # The optimizer state, step and SogCLR's u table of the pretraining run are expected to be
-  # left unmatched.
+    raise ValueError(f'--checkpoint={path!r} does not exist (expected a checkpoint prefix, a '
+                     'directory holding checkpoints or a SavedModel export)')
+  # The optimizer state, step and SogCLR's u table of the pretraining run (or an export's
+  # signatures) are expected to be left unmatched.
   try:
     tf.train.Checkpoint(model=model).restore(path).expect_partial()
   except ValueError as e:
@@ -759,9 +823,10 @@ def restore_pretrained(model, path):
 
 
 def evaluate_checkpoints(strategy, model, builder, info, summary_writer, optimizer, sogclr,
-                         total_steps):
-  """--mode=eval: evaluates every new checkpoint in model_dir as it appears (the latest first);
-  returns after the one of the final step (or after --eval_timeout_seconds without a new one)."""
+                         total_steps, *, write_dir, chief):
+  """--mode=eval: evaluates (and exports) every new checkpoint in model_dir as it appears (the
+  latest first); returns after the one of the final step (or after --eval_timeout_seconds
+  without a new one)."""
   trackables = {'model': model, 'optimizer': optimizer}
   if sogclr is not None:
     trackables['sogclr'] = sogclr
@@ -774,6 +839,7 @@ def evaluate_checkpoints(strategy, model, builder, info, summary_writer, optimiz
     results = run_evaluation(strategy, model, builder, info, summary_writer, step)
     with tf.io.gfile.GFile(os.path.join(FLAGS.model_dir, f'result_{step}.json'), 'w') as f:
       json.dump(results, f, indent=2, sort_keys=True)
+    export(model, step, write_dir, chief)
     if step >= total_steps:
       break
   return results

@@ -1,4 +1,4 @@
-"""Fine-tuning and evaluation from a pretraining checkpoint (tiny models, the demo data)."""
+"""Fine-tuning, evaluation and export of a pretraining checkpoint (tiny models, the demo data)."""
 import glob
 import json
 import os
@@ -29,7 +29,7 @@ MONITORS = ['--knn_monitor', '--knn_k=20', '--weight_decay=1e-3']
 
 @pytest.fixture(scope='module')
 def pretrained_run(tmp_path_factory, data_dir):
-  """(model_dir, results) of 3 SogCLR steps, evaluated with the monitors."""
+  """(model_dir, results) of 3 SogCLR steps, evaluated with the monitors and exported."""
   model_dir = str(tmp_path_factory.mktemp('pretrained'))
   results = run_main(*TINY, *MONITORS, f'--data_dir={data_dir}', f'--model_dir={model_dir}',
                      '--train_steps=3', '--probe_max_examples=0', '--DCL_mode=True')
@@ -119,6 +119,7 @@ def test_zero_init_logits_layer_zeroes_the_restored_head(tmp_path, data_dir, pre
 def test_eval_mode_evaluates_the_final_checkpoint_and_exits(tmp_path, data_dir, pretrained_run):
   pretrained, pretrained_results = pretrained_run
   model_dir = copied_model_dir(pretrained, tmp_path)
+  shutil.rmtree(os.path.join(model_dir, 'saved_model'))
   results = run_main(*TINY, *MONITORS, f'--data_dir={data_dir}', f'--model_dir={model_dir}',
                      '--mode=eval', '--train_steps=3', '--eval_timeout_seconds=60')
   assert results['global_step'] == 3 and results['eval/num_examples'] == 360
@@ -128,6 +129,7 @@ def test_eval_mode_evaluates_the_final_checkpoint_and_exits(tmp_path, data_dir, 
   # The same checkpoint as the pretraining run's own evaluation, so the same monitors.
   for key in ('eval/knn_top_1', 'eval/regularization_loss', 'eval/top_1'):
     assert saved[key] == results[key] == pretrained_results[key], key
+  assert os.listdir(os.path.join(model_dir, 'saved_model')) == ['3']
 
 
 def test_eval_mode_without_a_supervised_head_still_runs_the_knn_monitor(
@@ -136,7 +138,7 @@ def test_eval_mode_without_a_supervised_head_still_runs_the_knn_monitor(
   model_dir = copied_model_dir(pretrained, tmp_path)
   results = run_main(*TINY, *MONITORS, f'--data_dir={data_dir}', f'--model_dir={model_dir}',
                      '--mode=eval', '--train_steps=3', '--eval_timeout_seconds=60',
-                     '--lineareval_while_pretraining=False')
+                     '--lineareval_while_pretraining=False', '--keep_hub_module_max=0')
   assert 'eval/top_1' not in results
   assert results['eval/knn_top_1'] == pretrained_results['eval/knn_top_1']
   assert 0 < results['eval/regularization_loss'] < pretrained_results['eval/regularization_loss']
@@ -169,3 +171,58 @@ def test_knn_monitor_equals_knn_on_the_checkpoint_features(data_dir, pretrained_
   saved = json.load(open(os.path.join(pretrained, 'result_3.json')))
   assert saved['eval/knn_top_1'] == expected
   assert 'eval/knn_top_1' in summary_tags(pretrained)
+
+
+def test_export_signature_matches_the_keras_model(pretrained):
+  export = os.path.join(pretrained, 'saved_model', '3')
+  assert os.listdir(os.path.join(pretrained, 'saved_model')) == ['3']
+  assert json.load(open(os.path.join(export, 'flags.json')))['resnet_depth'] == 18
+  serving = tf.saved_model.load(export).signatures['serving_default']
+  model = restored_model(tf.train.latest_checkpoint(pretrained))
+  images = np.random.default_rng(0).uniform(size=(5, 16, 16, 3)).astype(np.float32)
+  outputs = serving(images=tf.constant(images))
+  expected = model(images, training=False)
+  assert sorted(outputs) == ['features', 'projection', 'supervised_logits']
+  for key, value in outputs.items():
+    assert value.dtype == tf.float32, key
+    np.testing.assert_allclose(value.numpy(), expected[key].numpy(), rtol=1e-5, atol=1e-5,
+                               err_msg=key)
+
+
+def test_export_keeps_the_newest_and_outputs_float32_under_mixed_precision(tmp_path):
+  tf.keras.mixed_precision.set_global_policy('mixed_bfloat16')
+  try:
+    model = run.build_model(model_lib.ModelConfig(
+        resnet_depth=18, width_multiplier=0.125, cifar_stem=True, num_proj_layers=2,
+        proj_out_dim=16, num_classes=10), 16)
+  finally:
+    tf.keras.mixed_precision.set_global_policy('float32')
+  export_dir = str(tmp_path / 'saved_model')
+  for step in (1, 2, 3):
+    path = run.export_saved_model(model, export_dir, step, image_size=16, keep=2)
+  assert path == os.path.join(export_dir, '3')
+  assert sorted(os.listdir(export_dir)) == ['2', '3']  # no temporary directory left either
+  outputs = tf.saved_model.load(path).signatures['serving_default'](
+      images=tf.random.uniform([2, 16, 16, 3]))
+  assert {k: v.dtype for k, v in outputs.items()} == {
+      'features': tf.float32, 'projection': tf.float32, 'supervised_logits': tf.float32}
+
+
+def test_finetune_from_an_export_starts_from_the_exported_weights(tmp_path, data_dir,
+                                                                  pretrained):
+  export = os.path.join(pretrained, 'saved_model', '3')
+  model_dir = str(tmp_path / 'from_export')
+  # Only non-architecture flags: the architecture comes from the export's flags.json.
+  results = run_main(*NOT_ARCHITECTURE, f'--data_dir={data_dir}', f'--model_dir={model_dir}',
+                     '--train_mode=finetune', f'--checkpoint={export}',
+                     '--fine_tune_after_block=4', '--train_steps=2')
+  assert results['global_step'] == 2 and 0 <= results['eval/top_1'] <= 1
+  exported = restored_model(os.path.join(export, 'variables', 'variables'))
+  pretrained_model = restored_model(tf.train.latest_checkpoint(pretrained))
+  after = restored_model(tf.train.latest_checkpoint(model_dir), train_mode='finetune')
+  trunks = [{v.path.split('/', 1)[1]: v.numpy() for v in m.trunk.variables}
+            for m in (exported, pretrained_model, after)]
+  assert trunks[0].keys() == trunks[2].keys() and len(trunks[0]) > 50
+  for name, value in trunks[0].items():
+    np.testing.assert_array_equal(value, trunks[1][name], err_msg=name)
+    np.testing.assert_array_equal(trunks[2][name], value, err_msg=name)
