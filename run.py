@@ -24,6 +24,7 @@ import data as data_lib
 import lars_optimizer
 import model as model_lib
 import objective as obj_lib
+import probe
 
 FLAGS = flags.FLAGS
 
@@ -114,9 +115,14 @@ flags.DEFINE_integer('checkpoint_epochs', 1, 'Epochs between checkpoints.')
 flags.DEFINE_integer('checkpoint_steps', 0,
                      'Steps between checkpoints; > 0 overrides checkpoint_epochs.')
 flags.DEFINE_integer('keep_checkpoint_max', 5, 'Checkpoints kept in model_dir.')
+flags.DEFINE_integer('keep_hub_module_max', 1,
+                     'SavedModel exports kept in model_dir/saved_model/<step>, written at the '
+                     'end of training and after each checkpoint --mode=eval evaluates '
+                     '(0 = no export).')
 flags.DEFINE_string('model_dir', None, 'Directory for checkpoints, summaries and flags.json.')
 flags.DEFINE_string('checkpoint', None,
-                    'Checkpoint (prefix or directory) to initialize from when model_dir has none.')
+                    'Checkpoint (prefix or directory) or SavedModel export '
+                    '(model_dir/saved_model/<step>) to initialize from when model_dir has none.')
 flags.DEFINE_integer('seed', 0, 'Seed of initialization, data order and augmentations.')
 flags.DEFINE_bool('deterministic', False,
                   'Deterministic ops and input order (slower): the same run twice gives the '
@@ -127,6 +133,13 @@ flags.DEFINE_integer('probe_max_examples', 20_000,
                      'the train split has at most this many images (0 = never).')
 flags.DEFINE_bool('probe_baselines', True,
                   'With the probe, also report raw-pixel and random-network probes.')
+flags.DEFINE_bool('knn_monitor', False,
+                  'Every evaluation also reports the top-1 of a weighted kNN classifier on '
+                  'trunk features, eval split against train split (holds the train split\'s '
+                  'features in host memory: images x feature size floats).')
+flags.DEFINE_integer('knn_k', 200, 'Neighbours voting in the kNN monitor.')
+flags.DEFINE_float('knn_temperature', 0.1,
+                   'Temperature T of the kNN monitor: votes weigh exp(cosine similarity / T).')
 
 flags.DEFINE_enum('mixed_precision', 'auto', ['auto', 'float32', 'bfloat16', 'float16'],
                   'Compute dtype of the network (variables, loss, u and softmax stay float32); '
@@ -173,9 +186,15 @@ def validate_flags():
     raise ValueError(f'--crop_area_min must be in (0, 1], got {FLAGS.crop_area_min}')
   if FLAGS.width_multiplier <= 0:
     raise ValueError(f'--width_multiplier must be positive, got {FLAGS.width_multiplier}')
-  for name in ('train_batch_size', 'eval_batch_size', 'image_size', 'keep_checkpoint_max'):
+  for name in ('train_batch_size', 'eval_batch_size', 'image_size', 'keep_checkpoint_max',
+               'knn_k'):
     if FLAGS[name].value <= 0:
       raise ValueError(f'--{name} must be positive, got {FLAGS[name].value}')
+  if FLAGS.knn_temperature <= 0:
+    raise ValueError(f'--knn_temperature must be positive, got {FLAGS.knn_temperature}')
+  if FLAGS.keep_hub_module_max < 0:
+    raise ValueError(f'--keep_hub_module_max must be >= 0 (0 = no export), got '
+                     f'{FLAGS.keep_hub_module_max}')
   if FLAGS.train_mode == 'finetune' and FLAGS.mode != 'eval' and not FLAGS.checkpoint:
     logging.warning('--train_mode=finetune without --checkpoint trains from scratch.')
   # The standard stem divides the image by 32, the CIFAR stem by 8.
@@ -515,7 +534,8 @@ ARCHITECTURE_FLAGS = ('resnet_depth', 'width_multiplier', 'sk_ratio', 'se_ratio'
 
 def inherit_architecture(checkpoint):
   """Takes architecture flags not given on the command line from the pretraining run's
-  flags.json (next to --checkpoint), so fine-tuning needs only --checkpoint."""
+  flags.json (next to --checkpoint, or inside an export), so fine-tuning needs only
+  --checkpoint."""
   directory = checkpoint if tf.io.gfile.isdir(checkpoint) else os.path.dirname(checkpoint)
   path = os.path.join(directory, 'flags.json')
   if not tf.io.gfile.exists(path):
@@ -555,6 +575,8 @@ def main(argv):
                info.name, info.num_train_examples, info.num_eval_examples, info.num_classes)
   check_batch_size(FLAGS.train_batch_size, strategy.num_replicas_in_sync,
                    info.num_train_examples, FLAGS.train_split)
+  if FLAGS.knn_monitor and not info.label_key:
+    raise ValueError(f'--knn_monitor needs labels; dataset {info.name!r} has none')
   write_dir = prepare_write_dir(strategy, chief)
 
   steps_per_epoch = data_lib.steps_per_epoch(info.num_train_examples, FLAGS.train_batch_size)
@@ -611,11 +633,12 @@ def main(argv):
           global_batch_size=FLAGS.train_batch_size, log_every_seconds=FLAGS.log_every_seconds,
           learning_rate_fn=learning_rate, stop_requested=stop_requested)
     results['train_seconds'] = round(seconds, 1)
+    export(model, int(optimizer.iterations.numpy()), write_dir, chief)
     if not chief:
       tf.io.gfile.rmtree(write_dir)
   if FLAGS.mode == 'eval':
     return evaluate_checkpoints(strategy, model, builder, info, summary_writer, optimizer,
-                                sogclr, total_steps)
+                                sogclr, total_steps, write_dir=write_dir, chief=chief)
   step = int(optimizer.iterations.numpy())
   results.update(run_evaluation(strategy, model, builder, info, summary_writer, step))
   logging.info('Final state at step %d: %s', step, state_fingerprint(model, sogclr))
@@ -725,18 +748,72 @@ def _flag_values():
   return {f.name: f.value for f in FLAGS.get_flags_for_module(sys.modules[__name__])}
 
 
+def export(model, step, write_dir, chief):
+  """Exports the model to write_dir/saved_model/<step> unless --keep_hub_module_max=0."""
+  if FLAGS.keep_hub_module_max:
+    path = export_saved_model(
+        model, os.path.join(write_dir, 'saved_model'), step, image_size=FLAGS.image_size,
+        keep=FLAGS.keep_hub_module_max,
+        flags_file=os.path.join(FLAGS.model_dir, 'flags.json'), chief=chief)
+    if path:
+      logging.info('Exported the model at step %d to %s', step, path)
+
+
+def export_saved_model(model, export_dir, step, *, image_size, keep, flags_file=None,
+                       chief=True):
+  """Writes `model` as a SavedModel to export_dir/<step>; keeps the newest `keep` exports.
+
+  The export holds the model as attribute `model` (tf.train.Checkpoint(model=...) restores
+  <export>/variables/variables) and a `serving_default` signature: float32 `images`
+  [N, image_size, image_size, 3] in [0, 1], preprocessed as for evaluation -> float32
+  'features', 'projection' (pretraining models) and 'supervised_logits' (with a linear head),
+  in inference mode. `flags_file` is copied in as flags.json. Returns the path, or None on a
+  non-chief worker: saving is collective, so those save into export_dir and delete it.
+  """
+  assert keep >= 1, keep
+  module = tf.Module()
+  module.model = model
+
+  @tf.function(input_signature=[
+      tf.TensorSpec([None, image_size, image_size, 3], tf.float32, name='images')])
+  def serve(images):
+    return {k: tf.cast(v, tf.float32) for k, v in model(images, training=False).items()}
+
+  # Written under another name, then renamed: export_dir/<step> is never a partial export.
+  temporary = os.path.join(export_dir, f'.tmp_{step}_{os.getpid()}')
+  tf.saved_model.save(module, temporary, signatures={'serving_default': serve})
+  if not chief:
+    tf.io.gfile.rmtree(temporary)
+    return None
+  if flags_file and tf.io.gfile.exists(flags_file):
+    tf.io.gfile.copy(flags_file, os.path.join(temporary, 'flags.json'), overwrite=True)
+  final = os.path.join(export_dir, str(step))
+  if tf.io.gfile.exists(final):  # The same step again: a rerun, or training and an eval job.
+    tf.io.gfile.rmtree(final)
+  tf.io.gfile.rename(temporary, final)
+  steps = sorted(int(name.rstrip('/')) for name in tf.io.gfile.listdir(export_dir)
+                 if name.rstrip('/').isdigit())
+  for old in steps[:-keep]:
+    tf.io.gfile.rmtree(os.path.join(export_dir, str(old)))
+  return final
+
+
 def restore_pretrained(model, path):
-  """Initializes `model` from another run's checkpoint (weights only; no optimizer or step)."""
-  if tf.io.gfile.isdir(path):
+  """Initializes `model` from another run's checkpoint or SavedModel export (weights only; no
+  optimizer or step)."""
+  if tf.io.gfile.exists(os.path.join(path, 'saved_model.pb')):
+    # An export_saved_model directory: its variables are a checkpoint of {'model': model}.
+    path = os.path.join(path, 'variables', 'variables')
+  elif tf.io.gfile.isdir(path):
     latest = tf.train.latest_checkpoint(path)
     if latest is None:
       raise ValueError(f'--checkpoint={path!r} is a directory without checkpoints')
     path = latest
   if not tf.io.gfile.exists(path + '.index'):
-    raise ValueError(f'--checkpoint={path!r} does not exist (expected a checkpoint prefix or a '
-                     'directory holding checkpoints)')
-  # The optimizer state, step and SogCLR's u table of the pretraining run are expected to be
-  # left unmatched.
+    raise ValueError(f'--checkpoint={path!r} does not exist (expected a checkpoint prefix, a '
+                     'directory holding checkpoints or a SavedModel export)')
+  # The optimizer state, step and SogCLR's u table of the pretraining run (or an export's
+  # signatures) are expected to be left unmatched.
   try:
     tf.train.Checkpoint(model=model).restore(path).expect_partial()
   except ValueError as e:
@@ -746,9 +823,10 @@ def restore_pretrained(model, path):
 
 
 def evaluate_checkpoints(strategy, model, builder, info, summary_writer, optimizer, sogclr,
-                         total_steps):
-  """--mode=eval: evaluates every new checkpoint in model_dir as it appears (the latest first);
-  returns after the one of the final step (or after --eval_timeout_seconds without a new one)."""
+                         total_steps, *, write_dir, chief):
+  """--mode=eval: evaluates (and exports) every new checkpoint in model_dir as it appears (the
+  latest first); returns after the one of the final step (or after --eval_timeout_seconds
+  without a new one)."""
   trackables = {'model': model, 'optimizer': optimizer}
   if sogclr is not None:
     trackables['sogclr'] = sogclr
@@ -761,27 +839,64 @@ def evaluate_checkpoints(strategy, model, builder, info, summary_writer, optimiz
     results = run_evaluation(strategy, model, builder, info, summary_writer, step)
     with tf.io.gfile.GFile(os.path.join(FLAGS.model_dir, f'result_{step}.json'), 'w') as f:
       json.dump(results, f, indent=2, sort_keys=True)
+    export(model, step, write_dir, chief)
     if step >= total_steps:
       break
   return results
 
 
-def run_evaluation(strategy, model, builder, info, summary_writer, step):
-  """Evaluates the supervised head on the eval split; returns {'eval/top_1': ...}."""
-  if not model.has_supervised_head:
-    return {}
-  config = data_lib.InputConfig(split=FLAGS.eval_split, global_batch_size=FLAGS.eval_batch_size,
+def eval_dataset(strategy, builder, info, split):
+  """A non-repeating pipeline of `split` with the eval preprocessing (no augmentation)."""
+  config = data_lib.InputConfig(split=split, global_batch_size=FLAGS.eval_batch_size,
                                 image_size=FLAGS.image_size, is_training=False, num_views=1)
-  dataset = data_lib.build_distributed_dataset(strategy, builder, info, config,
-                                               info.num_classes)
-  metrics = evaluate(strategy, model, dataset, FLAGS.eval_steps)
-  logging.info('Eval at step %d on %s (%d images): top-1 %.4f, top-5 %.4f', step,
-               FLAGS.eval_split, metrics['num_examples'], metrics['top_1'], metrics['top_5'])
+  return data_lib.build_distributed_dataset(strategy, builder, info, config, info.num_classes)
+
+
+def run_evaluation(strategy, model, builder, info, summary_writer, step):
+  """Evaluates the model at `step`: its weight-decay loss, the supervised head's top-1/top-5 on
+  the eval split (when it has one) and, with --knn_monitor, a kNN classifier on trunk features.
+
+  Returns {'global_step', 'eval/regularization_loss', 'eval/top_1', ..., 'eval/knn_top_1'}.
+  """
+  # The quantity the train step logs as train/weight_decay.
+  results = {'global_step': step, 'eval/regularization_loss': float(
+      lars_optimizer.weight_decay_loss(model.trainable_variables, FLAGS.weight_decay))}
+  parts = [f"regularization loss {results['eval/regularization_loss']:.6g}"]
+  if model.has_supervised_head:
+    metrics = evaluate(strategy, model, eval_dataset(strategy, builder, info, FLAGS.eval_split),
+                       FLAGS.eval_steps)
+    results.update({f'eval/{k}': v for k, v in metrics.items()})
+    parts.append(f"{metrics['num_examples']} images: top-1 {metrics['top_1']:.4f}, "
+                 f"top-5 {metrics['top_5']:.4f}")
+  if FLAGS.knn_monitor:
+    results.update(run_knn_monitor(strategy, model, builder, info))
+    if 'eval/knn_top_1' in results:
+      parts.append(f"kNN top-1 {results['eval/knn_top_1']:.4f} (k={FLAGS.knn_k})")
+  logging.info('Eval at step %d on %s: %s', step, FLAGS.eval_split, '; '.join(parts))
   with summary_writer.as_default(step=step):
-    tf.summary.scalar('eval/label_top_1_accuracy', metrics['top_1'])
-    tf.summary.scalar('eval/label_top_5_accuracy', metrics['top_5'])
+    tf.summary.scalar('eval/regularization_loss', results['eval/regularization_loss'])
+    if 'eval/top_1' in results:
+      tf.summary.scalar('eval/label_top_1_accuracy', results['eval/top_1'])
+      tf.summary.scalar('eval/label_top_5_accuracy', results['eval/top_5'])
+    if 'eval/knn_top_1' in results:
+      tf.summary.scalar('eval/knn_top_1', results['eval/knn_top_1'])
   summary_writer.flush()
-  return {f'eval/{k}': v for k, v in metrics.items()} | {'global_step': step}
+  return results
+
+
+def run_knn_monitor(strategy, model, builder, info):
+  """{'eval/knn_top_1': ...}: a weighted kNN (probe.knn_accuracy) of the eval split's trunk
+  features against the train split's, both without augmentation."""
+  if num_workers(strategy) > 1:
+    logging.warning('--knn_monitor skipped: in a multi-worker run each host extracts only its '
+                    'shard of the features.')
+    return {}
+  train_x, train_y = extract_features(strategy, model,
+                                      eval_dataset(strategy, builder, info, FLAGS.train_split))
+  test_x, test_y = extract_features(strategy, model,
+                                    eval_dataset(strategy, builder, info, FLAGS.eval_split))
+  return {'eval/knn_top_1': probe.knn_accuracy(train_x, train_y, test_x, test_y, k=FLAGS.knn_k,
+                                               temperature=FLAGS.knn_temperature)}
 
 
 def run_probe(strategy, model, builder, info):
@@ -789,12 +904,9 @@ def run_probe(strategy, model, builder, info):
   baselines, when the train split is small enough."""
   if not 0 < info.num_train_examples <= FLAGS.probe_max_examples:
     return {}
-  import probe  # pylint: disable=import-outside-toplevel  (scikit-learn is only needed here)
 
   def split_data(split):
-    config = data_lib.InputConfig(split=split, global_batch_size=FLAGS.eval_batch_size,
-                                  image_size=FLAGS.image_size, is_training=False, num_views=1)
-    return data_lib.build_distributed_dataset(strategy, builder, info, config, info.num_classes)
+    return eval_dataset(strategy, builder, info, split)
 
   train_x, train_y = extract_features(strategy, model, split_data(FLAGS.train_split))
   test_x, test_y = extract_features(strategy, model, split_data(FLAGS.eval_split))
@@ -846,12 +958,14 @@ def summary_line(results):
     parts.append(f"trained in {results['train_seconds']:.0f} s")
   if 'eval/top_1' in results:
     parts.append(f"linear head top-1 {results['eval/top_1']:.4f} on {FLAGS.eval_split}")
+  if 'eval/knn_top_1' in results:
+    parts.append(f"kNN top-1 {results['eval/knn_top_1']:.4f}")
   if 'probe/top_1' in results:
-    probe = f"linear probe on frozen features top-1 {results['probe/top_1']:.4f}"
+    text = f"linear probe on frozen features top-1 {results['probe/top_1']:.4f}"
     if 'probe/raw_pixels_top_1' in results:
-      probe += (f" (baselines: raw pixels {results['probe/raw_pixels_top_1']:.4f}, random "
-                f"network {results['probe/random_network_top_1']:.4f})")
-    parts.append(probe)
+      text += (f" (baselines: raw pixels {results['probe/raw_pixels_top_1']:.4f}, random "
+               f"network {results['probe/random_network_top_1']:.4f})")
+    parts.append(text)
   return 'Result: ' + '; '.join(parts) if parts else 'Result: nothing evaluated'
 
 

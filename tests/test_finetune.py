@@ -1,12 +1,16 @@
-"""Fine-tuning and evaluation from a pretraining checkpoint (tiny models, the demo data)."""
+"""Fine-tuning, evaluation and export of a pretraining checkpoint (tiny models, the demo data)."""
+import glob
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
 import tensorflow as tf
 
+import data as data_lib
 import model as model_lib
+import probe
 import run
 from test_run import TINY, run_main
 
@@ -19,12 +23,52 @@ def data_dir(tmp_path_factory):
   return str(tmp_path_factory.mktemp('tfds'))
 
 
+# Monitors of the pretraining run; a real weight decay makes the regularization loss visible.
+MONITORS = ['--knn_monitor', '--knn_k=20', '--weight_decay=1e-3']
+
+
 @pytest.fixture(scope='module')
-def pretrained(tmp_path_factory, data_dir):
+def pretrained_run(tmp_path_factory, data_dir):
+  """(model_dir, results) of 3 SogCLR steps, evaluated with the monitors and exported."""
   model_dir = str(tmp_path_factory.mktemp('pretrained'))
-  run_main(*TINY, f'--data_dir={data_dir}', f'--model_dir={model_dir}', '--train_steps=3',
-           '--probe_max_examples=0', '--DCL_mode=True')
+  results = run_main(*TINY, *MONITORS, f'--data_dir={data_dir}', f'--model_dir={model_dir}',
+                     '--train_steps=3', '--probe_max_examples=0', '--DCL_mode=True')
+  return model_dir, results
+
+
+@pytest.fixture(scope='module')
+def pretrained(pretrained_run):
+  return pretrained_run[0]
+
+
+def copied_model_dir(pretrained, tmp_path):
+  """A copy of the pretraining run, for jobs that write into their model_dir."""
+  model_dir = str(tmp_path / 'copy')
+  shutil.copytree(pretrained, model_dir)
   return model_dir
+
+
+def summary_tags(model_dir):
+  tags = set()
+  for event_file in glob.glob(os.path.join(model_dir, 'events.out.tfevents.*')):
+    for event in tf.compat.v1.train.summary_iterator(event_file):
+      tags.update(v.tag for v in event.summary.value)
+  return tags
+
+
+def split_features(model, data_dir, split):
+  """(trunk features, labels) of a digits split, computed here without run.py's loops."""
+  builder = data_lib.get_builder('digits', data_dir)
+  info = data_lib.describe(builder, 'train', 'test')
+  config = data_lib.InputConfig(split=split, global_batch_size=100, image_size=16,
+                                is_training=False, num_views=1)
+  dataset = data_lib.build_input_fn(builder, info, config, info.num_classes)(
+      tf.distribute.InputContext())
+  features, labels = [], []
+  for views, one_hot, _ in dataset:
+    features.append(model(views[0], training=False)['features'].numpy())
+    labels.append(np.argmax(one_hot.numpy(), 1))
+  return np.concatenate(features), np.concatenate(labels)
 
 
 def restored_model(path, **overrides):
@@ -72,10 +116,113 @@ def test_zero_init_logits_layer_zeroes_the_restored_head(tmp_path, data_dir, pre
   assert np.all(head.supervised_head.bias.numpy() == 0)
 
 
-def test_eval_mode_evaluates_the_final_checkpoint_and_exits(data_dir, pretrained):
-  results = run_main(*TINY, f'--data_dir={data_dir}', f'--model_dir={pretrained}',
+def test_eval_mode_evaluates_the_final_checkpoint_and_exits(tmp_path, data_dir, pretrained_run):
+  pretrained, pretrained_results = pretrained_run
+  model_dir = copied_model_dir(pretrained, tmp_path)
+  shutil.rmtree(os.path.join(model_dir, 'saved_model'))
+  results = run_main(*TINY, *MONITORS, f'--data_dir={data_dir}', f'--model_dir={model_dir}',
                      '--mode=eval', '--train_steps=3', '--eval_timeout_seconds=60')
   assert results['global_step'] == 3 and results['eval/num_examples'] == 360
-  saved = json.load(open(os.path.join(pretrained, 'result_3.json')))
+  saved = json.load(open(os.path.join(model_dir, 'result_3.json')))
   assert saved['eval/top_1'] == pytest.approx(results['eval/top_1'])
-  assert json.load(open(os.path.join(pretrained, 'flags.json')))['mode'] == 'train'
+  assert json.load(open(os.path.join(model_dir, 'flags.json')))['mode'] == 'train'
+  # The same checkpoint as the pretraining run's own evaluation, so the same monitors.
+  for key in ('eval/knn_top_1', 'eval/regularization_loss', 'eval/top_1'):
+    assert saved[key] == results[key] == pretrained_results[key], key
+  assert os.listdir(os.path.join(model_dir, 'saved_model')) == ['3']
+
+
+def test_eval_mode_without_a_supervised_head_still_runs_the_knn_monitor(
+    tmp_path, data_dir, pretrained_run):
+  pretrained, pretrained_results = pretrained_run
+  model_dir = copied_model_dir(pretrained, tmp_path)
+  results = run_main(*TINY, *MONITORS, f'--data_dir={data_dir}', f'--model_dir={model_dir}',
+                     '--mode=eval', '--train_steps=3', '--eval_timeout_seconds=60',
+                     '--lineareval_while_pretraining=False', '--keep_hub_module_max=0')
+  assert 'eval/top_1' not in results
+  assert results['eval/knn_top_1'] == pretrained_results['eval/knn_top_1']
+  assert 0 < results['eval/regularization_loss'] < pretrained_results['eval/regularization_loss']
+  assert json.load(open(os.path.join(model_dir, 'result_3.json'))) == results
+
+
+def test_regularization_loss_is_the_weight_decay_of_the_kernels(pretrained_run):
+  pretrained, results = pretrained_run
+  model = restored_model(tf.train.latest_checkpoint(pretrained))
+  # 1e-3 * sum(w^2) / 2 over trainable variables except BN scales/offsets and biases.
+  kernels = [v.numpy().astype(np.float64) for v in model.trainable_variables
+             if v.name not in ('gamma', 'beta', 'bias')]
+  assert len(kernels) > 20 and len(kernels) < len(model.trainable_variables)
+  expected = 1e-3 * sum(np.sum(k ** 2) for k in kernels) / 2
+  assert results['eval/regularization_loss'] == pytest.approx(expected, rel=1e-5)
+  saved = json.load(open(os.path.join(pretrained, 'result_3.json')))
+  assert saved['eval/regularization_loss'] == results['eval/regularization_loss']
+  assert 'eval/regularization_loss' in summary_tags(pretrained)
+
+
+def test_knn_monitor_equals_knn_on_the_checkpoint_features(data_dir, pretrained_run):
+  pretrained, results = pretrained_run
+  model = restored_model(tf.train.latest_checkpoint(pretrained))
+  train_x, train_y = split_features(model, data_dir, 'train')
+  test_x, test_y = split_features(model, data_dir, 'test')
+  assert train_x.shape == (1437, 64) and test_x.shape == (360, 64)
+  expected = probe.knn_accuracy(train_x, train_y, test_x, test_y, k=20, temperature=0.1)
+  assert results['eval/knn_top_1'] == expected
+  assert 0.1 < expected <= 1.0
+  saved = json.load(open(os.path.join(pretrained, 'result_3.json')))
+  assert saved['eval/knn_top_1'] == expected
+  assert 'eval/knn_top_1' in summary_tags(pretrained)
+
+
+def test_export_signature_matches_the_keras_model(pretrained):
+  export = os.path.join(pretrained, 'saved_model', '3')
+  assert os.listdir(os.path.join(pretrained, 'saved_model')) == ['3']
+  assert json.load(open(os.path.join(export, 'flags.json')))['resnet_depth'] == 18
+  serving = tf.saved_model.load(export).signatures['serving_default']
+  model = restored_model(tf.train.latest_checkpoint(pretrained))
+  images = np.random.default_rng(0).uniform(size=(5, 16, 16, 3)).astype(np.float32)
+  outputs = serving(images=tf.constant(images))
+  expected = model(images, training=False)
+  assert sorted(outputs) == ['features', 'projection', 'supervised_logits']
+  for key, value in outputs.items():
+    assert value.dtype == tf.float32, key
+    np.testing.assert_allclose(value.numpy(), expected[key].numpy(), rtol=1e-5, atol=1e-5,
+                               err_msg=key)
+
+
+def test_export_keeps_the_newest_and_outputs_float32_under_mixed_precision(tmp_path):
+  tf.keras.mixed_precision.set_global_policy('mixed_bfloat16')
+  try:
+    model = run.build_model(model_lib.ModelConfig(
+        resnet_depth=18, width_multiplier=0.125, cifar_stem=True, num_proj_layers=2,
+        proj_out_dim=16, num_classes=10), 16)
+  finally:
+    tf.keras.mixed_precision.set_global_policy('float32')
+  export_dir = str(tmp_path / 'saved_model')
+  for step in (1, 2, 3):
+    path = run.export_saved_model(model, export_dir, step, image_size=16, keep=2)
+  assert path == os.path.join(export_dir, '3')
+  assert sorted(os.listdir(export_dir)) == ['2', '3']  # no temporary directory left either
+  outputs = tf.saved_model.load(path).signatures['serving_default'](
+      images=tf.random.uniform([2, 16, 16, 3]))
+  assert {k: v.dtype for k, v in outputs.items()} == {
+      'features': tf.float32, 'projection': tf.float32, 'supervised_logits': tf.float32}
+
+
+def test_finetune_from_an_export_starts_from_the_exported_weights(tmp_path, data_dir,
+                                                                  pretrained):
+  export = os.path.join(pretrained, 'saved_model', '3')
+  model_dir = str(tmp_path / 'from_export')
+  # Only non-architecture flags: the architecture comes from the export's flags.json.
+  results = run_main(*NOT_ARCHITECTURE, f'--data_dir={data_dir}', f'--model_dir={model_dir}',
+                     '--train_mode=finetune', f'--checkpoint={export}',
+                     '--fine_tune_after_block=4', '--train_steps=2')
+  assert results['global_step'] == 2 and 0 <= results['eval/top_1'] <= 1
+  exported = restored_model(os.path.join(export, 'variables', 'variables'))
+  pretrained_model = restored_model(tf.train.latest_checkpoint(pretrained))
+  after = restored_model(tf.train.latest_checkpoint(model_dir), train_mode='finetune')
+  trunks = [{v.path.split('/', 1)[1]: v.numpy() for v in m.trunk.variables}
+            for m in (exported, pretrained_model, after)]
+  assert trunks[0].keys() == trunks[2].keys() and len(trunks[0]) > 50
+  for name, value in trunks[0].items():
+    np.testing.assert_array_equal(value, trunks[1][name], err_msg=name)
+    np.testing.assert_array_equal(trunks[2][name], value, err_msg=name)

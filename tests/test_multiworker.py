@@ -74,6 +74,8 @@ def test_two_workers_train_in_lockstep_and_only_the_chief_writes(tmp_path):
   # The chief (worker 0) wrote the real checkpoints and summaries; worker 1 cleaned up.
   assert tf.train.latest_checkpoint(model_dir).endswith('ckpt-4')
   assert not glob.glob(os.path.join(model_dir, '.worker_*'))
+  # Both workers saved the export (saving is collective); only the chief's is kept.
+  assert os.listdir(os.path.join(model_dir, 'saved_model')) == ['4']
   assert len(glob.glob(os.path.join(model_dir, 'events.out.tfevents.*'))) == 1
   assert os.path.exists(os.path.join(model_dir, 'flags.json'))
 
