@@ -106,6 +106,7 @@ class InputConfig:
   color_distort: bool = True   # color jitter and grayscale (pretraining; SimCLR fine-tunes without)
   color_jitter_strength: float = 1.0
   crop_area_min: float = 0.08
+  random_flip: bool = True       # horizontal flips in training
   use_blur: bool = True
   cache_dataset: bool = False
   seed: int = 0
@@ -399,7 +400,8 @@ def build_input_fn(builder, info, config, num_classes):
               image, seeds[v], config.image_size, config.image_size,
               color_distort=config.color_distort,
               color_jitter_strength=config.color_jitter_strength,
-              crop_area_min=config.crop_area_min, blur=config.use_blur)
+              crop_area_min=config.crop_area_min, flip=config.random_flip,
+              blur=config.use_blur)
           for v in range(config.num_views))
     else:
       views = (data_util.preprocess_for_eval(

@@ -25,6 +25,7 @@ class ModelConfig:
   ft_proj_selector: int = 0
   fine_tune_after_block: int = -1
   zero_init_logits_layer: bool = False
+  supervised_head_bn: bool = True
 
   def __post_init__(self):
     if self.proj_head_mode not in ('none', 'linear', 'nonlinear'):
@@ -91,6 +92,12 @@ class ContrastiveModel(tf.keras.Model):
                      else tf.keras.initializers.RandomNormal(stddev=0.01))
       self.supervised_head = tf.keras.layers.Dense(
           config.num_classes, kernel_initializer=initializer, name='supervised_head')
+      if config.supervised_head_bn:
+        # Standardizes the features the linear head sees (a fixed affine map at inference, so
+        # the head stays a linear classifier), as MAE and MoCo v3 do for linear probing.
+        self.supervised_head_bn = tf.keras.layers.BatchNormalization(
+            momentum=config.batch_norm_decay, epsilon=1e-5, center=False, scale=False,
+            synchronized=config.global_bn, name='supervised_head_bn')
 
   def call(self, images, training=False):
     """images: [N, H, W, 3] in [0, 1] -> dict of float32 tensors.
@@ -111,5 +118,7 @@ class ContrastiveModel(tf.keras.Model):
       _, hiddens = self.projection_head(features, training=training, num_layers=num_layers)
       head_inputs = hiddens[selector]
     if self.has_supervised_head:
+      if self.config.supervised_head_bn:
+        head_inputs = self.supervised_head_bn(head_inputs, training=training)
       outputs['supervised_logits'] = tf.cast(self.supervised_head(head_inputs), tf.float32)
     return outputs

@@ -49,6 +49,9 @@ flags.DEFINE_float('color_jitter_strength', 1.0,
                    'Strength s of color jitter (brightness/contrast/saturation 0.8s, hue 0.2s).')
 flags.DEFINE_float('crop_area_min', 0.08,
                    'Smallest random crop, as a fraction of the image area (0, 1].')
+flags.DEFINE_bool('random_flip', True,
+                  'Random horizontal flips in training (pretraining and fine-tuning); turn off '
+                  'where a mirror image is another class or none (digits, text).')
 flags.DEFINE_bool('use_blur', True,
                   'Gaussian blur of views when pretraining (skipped for images under 32 px).')
 
@@ -73,6 +76,9 @@ flags.DEFINE_integer('fine_tune_after_block', -1,
                      'Fine-tune only after this trunk block: -1 everything, 0 after the stem, '
                      '1-3 after that block group, 4 only the linear head.')
 flags.DEFINE_bool('zero_init_logits_layer', False, 'Initialize the linear head to zeros.')
+flags.DEFINE_bool('supervised_head_bn', True,
+                  'Batch-normalize (no scale or offset) the features of the linear head, as MAE '
+                  'and MoCo v3 do for linear probing; still a linear classifier at inference.')
 
 # -- Objective -------------------------------------------------------------------------------------
 flags.DEFINE_enum('loss', None, ['simclr', 'sogclr'],
@@ -255,17 +261,31 @@ def device_kind(strategy):
   return 'GPU' if tf.config.list_logical_devices('GPU') else 'CPU'
 
 
+def cpu_supports_bfloat16(cpuinfo_path='/proc/cpuinfo'):
+  """True when the CPU computes bfloat16 dot products natively (AVX512_BF16 or AMX); without
+  them TensorFlow emulates bfloat16 and it is slower than float32."""
+  try:
+    with open(cpuinfo_path) as f:
+      flags = set(next((line.split(':', 1)[1].split() for line in f
+                        if line.startswith('flags')), []))
+  except OSError:
+    return False
+  return bool(flags & {'avx512_bf16', 'amx_bf16'})
+
+
 def resolve_precision_and_jit(strategy):
   """(Keras dtype policy name, jit_compile) from the flags and the device.
 
-  On this project's reference CPU (2 AVX-512 cores) XLA made the step 1.4-4x slower
-  (bench/train_step.py); bfloat16 was 1.2-1.4x faster, but float32 stays the CPU default until
-  the demo's accuracy in bfloat16 is measured. Accelerators get their usual fast settings.
+  On this project's reference CPU (2 AVX-512 cores with bfloat16 dot products) XLA made the
+  step 1.4-4x slower and bfloat16 1.2-1.4x faster (bench/train_step.py), so a CPU with native
+  bfloat16 defaults to it (the loss, u and the softmax math stay float32); other CPUs run
+  float32. Accelerators get their usual fast settings.
   """
   kind = device_kind(strategy)
   precision = FLAGS.mixed_precision
   if precision == 'auto':
-    precision = {'TPU': 'bfloat16', 'GPU': 'float16', 'CPU': 'float32'}[kind]
+    precision = {'TPU': 'bfloat16', 'GPU': 'float16',
+                 'CPU': 'float32'}[kind]
   policy = 'float32' if precision == 'float32' else f'mixed_{precision}'
   jit = FLAGS.jit_compile == 'true' or (FLAGS.jit_compile == 'auto' and kind != 'CPU')
   return policy, jit
@@ -282,7 +302,8 @@ def model_config(num_classes):
       lineareval_while_pretraining=FLAGS.lineareval_while_pretraining,
       ft_proj_selector=FLAGS.ft_proj_selector,
       fine_tune_after_block=FLAGS.fine_tune_after_block,
-      zero_init_logits_layer=FLAGS.zero_init_logits_layer)
+      zero_init_logits_layer=FLAGS.zero_init_logits_layer,
+      supervised_head_bn=FLAGS.supervised_head_bn)
 
 
 def build_model(config, image_size):
@@ -708,7 +729,8 @@ def train_input_config(initial_step):
       image_size=FLAGS.image_size, is_training=True, num_views=2 if pretrain else 1,
       # SimCLR fine-tunes with crops and flips only.
       color_distort=pretrain, color_jitter_strength=FLAGS.color_jitter_strength,
-      crop_area_min=FLAGS.crop_area_min, use_blur=FLAGS.use_blur and pretrain,
+      crop_area_min=FLAGS.crop_area_min, random_flip=FLAGS.random_flip,
+      use_blur=FLAGS.use_blur and pretrain,
       cache_dataset=FLAGS.cache_dataset, seed=FLAGS.seed, deterministic=FLAGS.deterministic,
       initial_step=initial_step, shuffle_buffer=FLAGS.shuffle_buffer,
       labels_required=not pretrain or FLAGS.lineareval_while_pretraining)

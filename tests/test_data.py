@@ -88,6 +88,27 @@ def test_training_epoch_yields_each_id_once_with_two_distinct_views(plain):
     np.testing.assert_allclose(a[0][0], b[0][0])
 
 
+@pytest.mark.parametrize('random_flip', [True, False])
+def test_random_flip_flag_mirrors_about_half_the_views_or_none(tmp_path, random_flip):
+  # Images bright on the left half only: a mirrored view is bright on the right.
+  left = np.zeros([4, 4, 3], np.uint8)
+  left[:, :2] = 200
+  examples = [{'image': tf.io.encode_png(left).numpy(), 'label': i % 3} for i in range(32)]
+  builder = write_dataset(str(tmp_path), 'left_bright', plain_features(), examples)
+  info = data.describe(builder, 'train', 'test')
+  config = data.InputConfig(split='train', global_batch_size=32, image_size=4, is_training=True,
+                            color_distort=False, crop_area_min=1.0, random_flip=random_flip,
+                            use_blur=False)
+  views, _, _ = next(iter(data.build_input_fn(builder, info, config, 3)(
+      tf.distribute.InputContext())))
+  columns = np.concatenate([v.numpy() for v in views]).mean(axis=(1, 3))  # [64, 4]
+  mirrored = columns[:, 3] > columns[:, 0]
+  if random_flip:
+    assert 16 <= mirrored.sum() <= 48
+  else:
+    assert not mirrored.any()
+
+
 def test_numeric_id_is_used_only_when_provably_dense(tmp_path):
   permutation = np.random.RandomState(0).permutation(NUM_TRAIN)
   dense = write_dataset(str(tmp_path), 'dense_ids', plain_features(id=np.int64),
