@@ -1,0 +1,128 @@
+"""Scale-out paths testable on a CPU: the strategy plan (TPU flags, TF_CONFIG, GPUs) and the TPU
+resolver for an address."""
+import socket
+
+import pytest
+import tensorflow as tf
+
+import run
+from test_reliability import run_cli
+
+TPU_NAME = 'my-tpu'
+TPU_ADDRESS = 'grpc://10.0.0.2:8470'
+ONE_TASK = {'cluster': {'worker': ['host0:2222']}, 'task': {'type': 'worker', 'index': 0}}
+TWO_TASKS = {'cluster': {'worker': ['host0:2222', 'host1:2222']},
+             'task': {'type': 'worker', 'index': 1}}
+# How the machine offers a TPU: flags naming one, a TPU VM's attached TPU, or nothing.
+TPU_SOURCES = {
+    'tpu_name': dict(tpu_name=TPU_NAME, master=None, tpu_zone='us-central2-b',
+                     gcp_project='my-project', tpu_attached=False),
+    'master': dict(tpu_name=None, master=TPU_ADDRESS, tpu_zone=None, gcp_project=None,
+                   tpu_attached=False),
+    'tpu_vm': dict(tpu_name=None, master=None, tpu_zone=None, gcp_project=None,
+                   tpu_attached=True),
+    'none': dict(tpu_name=None, master=None, tpu_zone=None, gcp_project=None,
+                 tpu_attached=False),
+}
+# The TPUClusterResolver arguments each source leads to, and whether the address is remote.
+EXPECTED_TPU = {
+    'tpu_name': ({'tpu': TPU_NAME, 'zone': 'us-central2-b', 'project': 'my-project'}, True),
+    'master': ({'tpu': TPU_ADDRESS, 'zone': None, 'project': None}, True),
+    'tpu_vm': ({'tpu': 'local', 'zone': None, 'project': None}, False),
+}
+
+
+def plan(use_tpu=None, tpu_name=None, master=None, tpu_zone=None, gcp_project=None,
+         tpu_attached=False, tf_config=None, num_gpus=0):
+  return run.strategy_plan(use_tpu, tpu_name, master, tpu_zone, gcp_project,
+                           tpu_attached=tpu_attached, tf_config=tf_config or {},
+                           num_gpus=num_gpus)
+
+
+@pytest.mark.parametrize('num_gpus', [0, 2])
+@pytest.mark.parametrize('tf_config', [{}, ONE_TASK, TWO_TASKS], ids=['none', '1task', '2tasks'])
+@pytest.mark.parametrize('source', list(TPU_SOURCES))
+@pytest.mark.parametrize('use_tpu', [None, True, False])
+def test_strategy_plan_for_every_combination(use_tpu, source, tf_config, num_gpus):
+  kwargs = TPU_SOURCES[source]
+  if use_tpu and source == 'none':
+    with pytest.raises(ValueError, match=r'^--use_tpu=True but no TPU is attached'):
+      plan(use_tpu, **kwargs, tf_config=tf_config, num_gpus=num_gpus)
+    return
+  result = plan(use_tpu, **kwargs, tf_config=tf_config, num_gpus=num_gpus)
+  if use_tpu is not False and source != 'none':
+    # A TPU wins over TF_CONFIG and GPUs.
+    resolver_kwargs, remote = EXPECTED_TPU[source]
+    assert result.kind == 'tpu'
+    assert result.tpu_resolver_kwargs == resolver_kwargs
+    assert result.connect_to_cluster == remote
+    assert result.devices is None
+    assert any('TF_CONFIG ignored' in w for w in result.warnings) == (tf_config is TWO_TASKS)
+    return
+  assert result.tpu_resolver_kwargs is None and not result.connect_to_cluster
+  if tf_config is TWO_TASKS:
+    assert result.kind == 'multi_worker' and result.devices is None
+  else:  # No TF_CONFIG, or one of a single task: this host alone.
+    assert result.kind == 'mirrored'
+    assert result.devices == (None if num_gpus else ('/cpu:0',))
+  # --use_tpu=False with TPU flags runs without a TPU and says which flags it ignored.
+  ignored = [w for w in result.warnings if w.startswith('--use_tpu=False: ignoring')]
+  assert bool(ignored) == (use_tpu is False and source in ('tpu_name', 'master'))
+  if source == 'tpu_name' and ignored:
+    assert ignored[0].endswith('--tpu_name, --tpu_zone, --gcp_project')
+
+
+def test_tpu_name_wins_over_master_with_a_warning():
+  result = plan(tpu_name=TPU_NAME, master=TPU_ADDRESS)
+  assert result.tpu_resolver_kwargs['tpu'] == TPU_NAME
+  assert result.warnings == (f"--master='{TPU_ADDRESS}' ignored: --tpu_name='{TPU_NAME}' names "
+                             'the TPU',)
+  # A grpc:// address given as --tpu_name is remote too; an attached TPU does not override it.
+  result = plan(tpu_name=TPU_ADDRESS, tpu_attached=True)
+  assert result.tpu_resolver_kwargs['tpu'] == TPU_ADDRESS and result.connect_to_cluster
+
+
+@pytest.mark.parametrize('use_tpu', [None, True])
+@pytest.mark.parametrize('flag, kwargs', [
+    ('tpu_zone', dict(tpu_zone='us-central2-b')),
+    ('gcp_project', dict(gcp_project='my-project')),
+    ('tpu_zone', dict(tpu_zone='us-central2-b', master=TPU_ADDRESS)),
+    ('gcp_project', dict(gcp_project='my-project', tpu_attached=True)),
+])
+def test_zone_or_project_without_tpu_name_is_an_error(use_tpu, flag, kwargs):
+  # They only locate a TPU by name: given alone they are a mistake, not a hint to ignore.
+  with pytest.raises(ValueError, match=rf'^--{flag}=.* locates a Cloud TPU by --tpu_name'):
+    plan(use_tpu, **kwargs)
+
+
+def test_use_tpu_without_a_tpu_is_a_one_line_error_from_the_command_line(capsys, tmp_path):
+  code, err = run_cli(capsys, '--use_tpu=True', '--dataset=digits', f'--model_dir={tmp_path}')
+  assert code == 1
+  lines = [l for l in err.splitlines() if l.startswith('error:')]
+  assert len(lines) == 1 and lines[0].startswith('error: --use_tpu=True but no TPU'), err[-2000:]
+  run.FLAGS.unparse_flags()
+
+
+@pytest.fixture
+def no_network(monkeypatch):
+  """Any attempt to resolve a host name or open a connection fails the test."""
+
+  def refuse(*args, **kwargs):
+    raise AssertionError(f'network access: {args}')
+
+  for name in ('create_connection', 'getaddrinfo', 'gethostbyname'):
+    monkeypatch.setattr(socket, name, refuse)
+  monkeypatch.setattr(socket.socket, 'connect', refuse)
+
+
+@pytest.mark.parametrize('source', ['master', 'tpu_vm'])
+def test_tpu_resolver_for_an_address_or_a_tpu_vm_is_built_offline(source, no_network):
+  # A Cloud TPU *name* is looked up through the Cloud TPU API (network, cloud-tpu-client): not
+  # constructed here. connect_to_cluster and initialize_tpu_system need the TPU itself.
+  planned = plan(**TPU_SOURCES[source])
+  resolver = tf.distribute.cluster_resolver.TPUClusterResolver(**planned.tpu_resolver_kwargs)
+  if source == 'master':
+    assert resolver.master() == TPU_ADDRESS
+    assert resolver.cluster_spec().as_dict() == {'worker': ['10.0.0.2:8470']}
+  else:
+    assert resolver.master() == '' and resolver.cluster_spec().as_dict() == {}
