@@ -529,9 +529,8 @@ def train(trainer, iterator, *, total_steps, checkpoint_every, checkpoint_manage
 def evaluate(strategy, model, dataset, num_steps=0):
   """Top-1/top-5 of the supervised head over the whole dataset (or `num_steps` batches)."""
 
-  def eval_step(views, labels, ids):
-    del ids
-    logits = model(views[0], training=False)['supervised_logits']
+  def batch_sums(images, labels):
+    logits = model(images, training=False)['supervised_logits']
     targets = tf.argmax(labels, 1)
     return {
         'top_1': tf.reduce_sum(tf.cast(tf.math.in_top_k(targets, logits, 1), tf.float32)),
@@ -539,6 +538,11 @@ def evaluate(strategy, model, dataset, num_steps=0):
             targets, logits, min(5, logits.shape[-1])), tf.float32)),
         'count': tf.cast(tf.shape(logits)[0], tf.float32),
     }
+
+  def eval_step(views, labels, ids):
+    del ids
+    zeros = {k: tf.constant(0.0) for k in ('top_1', 'top_5', 'count')}
+    return _unless_empty(views[0], lambda: batch_sums(views[0], labels), lambda: zeros)
 
   @tf.function(reduce_retracing=True)
   def run(inputs):
@@ -557,16 +561,30 @@ def evaluate(strategy, model, dataset, num_steps=0):
           'num_examples': int(sums['count'])}
 
 
+def _unless_empty(images, compute, empty):
+  """compute() on a replica's batch, or empty() when it has no images.
+
+  The last step of a split that does not fill every replica gives some replicas an empty batch;
+  oneDNN's CPU convolution returns a wrongly shaped output for it (TF 2.21), which the next
+  BatchNormalization rejects.
+  """
+  return tf.cond(tf.shape(images)[0] > 0, compute, empty)
+
+
 def extract_features(strategy, model, dataset):
   """(features [N, C], labels [N]) of the trunk over a non-repeating dataset."""
+
+  def replica_features(views, labels):
+    empty = (tf.zeros([0, model.trunk.output_dim]), tf.zeros([0], tf.int64))
+    return _unless_empty(
+        views[0], lambda: (model(views[0], training=False)['features'], tf.argmax(labels, 1)),
+        lambda: empty)
 
   # The last batch is smaller: one more trace, not one per call.
   @tf.function(reduce_retracing=True)
   def run(inputs):
     views, labels, _ = inputs
-    return strategy.run(
-        lambda v, l: (model(v[0], training=False)['features'], tf.argmax(l, 1)),
-        args=(views, labels))
+    return strategy.run(replica_features, args=(views, labels))
 
   features, labels = [], []
   for inputs in dataset:
