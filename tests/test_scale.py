@@ -1,5 +1,5 @@
 """Scale-out paths testable on a CPU: the strategy plan (TPU flags, TF_CONFIG, GPUs), the TPU
-resolver for an address and eval coverage across replicas."""
+resolver for an address, static per-replica shapes, eval coverage and no host calls in the step."""
 import socket
 
 import numpy as np
@@ -7,7 +7,9 @@ import pytest
 import tensorflow as tf
 
 import data
+import lars_optimizer
 import model as model_lib
+import objective
 import run
 from test_reliability import run_cli
 
@@ -137,6 +139,25 @@ def digits(tmp_path_factory):
   return builder, data.describe(builder, 'train', 'test')
 
 
+def test_training_batches_are_static_per_replica_halves_of_the_global_batch(two_replicas,
+                                                                            digits):
+  builder, info = digits
+  config = data.InputConfig(split='train', global_batch_size=32, image_size=16,
+                            is_training=True, use_blur=False)
+  dataset = data.build_distributed_dataset(two_replicas, builder, info, config, 10)
+  # Fully defined shapes (TPUs compile the step for them): the remainder of an epoch is dropped.
+  per_replica = tf.nest.flatten(dataset.element_spec, expand_composites=True)
+  assert len(per_replica) == 2 * 4  # (view 1, view 2, labels, ids) on each replica
+  for spec in per_replica:
+    assert spec.shape.is_fully_defined() and spec.shape[0] == 16, spec
+  views, labels, ids = next(iter(dataset))
+  for tensors in (views[0], views[1], labels, ids):
+    assert [t.shape[0] for t in two_replicas.experimental_local_results(tensors)] == [16, 16]
+  # The two replicas hold different images: one global batch of 32 distinct ids.
+  assert len(set(np.concatenate(
+      [t.numpy() for t in two_replicas.experimental_local_results(ids)]))) == 32
+
+
 def test_eval_covers_the_whole_split_including_the_partial_last_batch(two_replicas, digits):
   builder, info = digits
   assert info.num_eval_examples == 360
@@ -169,3 +190,54 @@ def tiny_config(train_mode):
   return model_lib.ModelConfig(resnet_depth=18, width_multiplier=0.125, cifar_stem=True,
                                num_proj_layers=2, proj_out_dim=16, num_classes=10,
                                train_mode=train_mode)
+
+
+HOST_CALL_OPS = {'PyFunc', 'PyFuncStateless', 'EagerPyFunc'}
+
+
+def host_call_ops(concrete_function):
+  """Ops of the function graph and of every function it calls that run Python on the host."""
+  graph = concrete_function.graph
+  ops = [op.type for op in graph.get_operations()]
+  library = graph.as_graph_def().library.function
+  ops += [node.op for function in library for node in function.node_def]
+  return sorted({op for op in ops if op in HOST_CALL_OPS}), len(library)
+
+
+def test_host_call_detector_finds_a_py_function_inside_the_replicated_loop(two_replicas):
+  # The check below must be able to fail: the same structure with one tf.py_function.
+  with two_replicas.scope():
+    variable = tf.Variable(0.0)
+
+  def step():
+    variable.assign_add(tf.py_function(lambda: np.float32(1.0), [], tf.float32))
+
+  @tf.function
+  def loop(num_steps):
+    for _ in tf.range(num_steps):
+      two_replicas.run(step)
+
+  found, _ = host_call_ops(loop.get_concrete_function(tf.constant(2)))
+  assert found == ['EagerPyFunc']
+
+
+def test_traced_train_loop_has_no_host_calls(two_replicas):
+  # SogCLR's step computes SimCLR's similarities and logits plus the u table, and pretraining
+  # traces the supervised head too: one trace covers the ops of every mode.
+  with two_replicas.scope():
+    model = run.build_model(tiny_config('pretrain'), 16)
+    optimizer = lars_optimizer.build_optimizer('lars', 0.01, weight_decay=1e-4)
+    optimizer.build(model.trainable_variables)
+    sogclr = objective.SogCLRLoss(64, 0.1, 0.9)
+  trainer = run.Trainer(two_replicas, model, optimizer, loss='sogclr', temperature=0.1,
+                        hidden_norm=True, weight_decay=1e-4, optimizer_name='lars', sogclr=sogclr)
+  views = (np.zeros([64, 16, 16, 3], np.float32),) * 2
+  dataset = tf.data.Dataset.from_tensor_slices(
+      (views, np.zeros([64, 10], np.float32), np.arange(64, dtype=np.int32))).batch(
+          8, drop_remainder=True)
+  iterator = iter(two_replicas.experimental_distribute_dataset(dataset))
+  concrete = trainer._loop.get_concrete_function(  # pylint: disable=protected-access
+      iterator, tf.constant(2, tf.int32))
+  found, num_functions = host_call_ops(concrete)
+  assert num_functions > 0  # the tf.range loop body is a nested function: it was searched
+  assert not found, f'the train loop calls the host: {found}'
