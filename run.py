@@ -754,7 +754,9 @@ def restore_or_initialize(model, optimizer, sogclr, write_dir):
           f'--model_dir={FLAGS.model_dir!r} holds a checkpoint of another configuration '
           f'({str(e).splitlines()[0][:300]}); resume with the flags in its flags.json or use '
           'a new --model_dir') from None
-    logging.info('Resumed from %s at step %d', latest, int(optimizer.iterations.numpy()))
+    # The state restored (u included), comparable with the 'Final state' line of any run.
+    logging.info('Resumed from %s at step %d: %s', latest, int(optimizer.iterations.numpy()),
+                 state_fingerprint(model, sogclr))
   elif FLAGS.checkpoint:
     restore_pretrained(model, FLAGS.checkpoint)
     if FLAGS.zero_init_logits_layer and model.has_supervised_head:
