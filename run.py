@@ -5,6 +5,7 @@ The only module that reads flags. Example (the embedded demo data, a CPU):
   python run.py --train_mode=pretrain --DCL_mode=True --gamma=0.9 --model_dir=runs/sogclr \
       --dataset=digits --image_size=16 --resnet_depth=18 --width_multiplier=0.25 ...
 """
+import dataclasses
 import json
 import math
 import os
@@ -156,11 +157,15 @@ flags.DEFINE_enum('jit_compile', 'auto', ['auto', 'true', 'false'],
 
 # -- Infrastructure --------------------------------------------------------------------------------
 flags.DEFINE_bool('use_tpu', None,
-                  'Run on a TPU; unset = a TPU if one is attached, else all local GPUs, else CPU.')
+                  'Run on a TPU; unset = a TPU if one is named (--tpu_name, --master) or attached, '
+                  'else all local GPUs, else CPU.')
 flags.DEFINE_string('tpu_name', None, 'Cloud TPU name or grpc:// address.')
-flags.DEFINE_string('tpu_zone', None, 'GCE zone of the Cloud TPU (default: detected).')
-flags.DEFINE_string('gcp_project', None, 'GCP project of the Cloud TPU (default: detected).')
-flags.DEFINE_string('master', None, 'TensorFlow master address (a TPU grpc:// address).')
+flags.DEFINE_string('tpu_zone', None,
+                    'GCE zone of the Cloud TPU named by --tpu_name (default: detected).')
+flags.DEFINE_string('gcp_project', None,
+                    'GCP project of the Cloud TPU named by --tpu_name (default: detected).')
+flags.DEFINE_string('master', None,
+                    'TensorFlow master address (a TPU grpc:// address), when --tpu_name is unset.')
 
 
 def resolve_loss(loss, aliases):
@@ -219,24 +224,87 @@ def check_batch_size(global_batch_size, num_replicas, num_examples, split):
                      f'({num_examples} images)')
 
 
+@dataclasses.dataclass(frozen=True)
+class StrategyPlan:
+  """Which tf.distribute strategy `build_strategy` builds (decided by `strategy_plan`)."""
+  kind: str  # 'tpu', 'multi_worker' or 'mirrored'
+  # TPUClusterResolver keyword arguments ('tpu', 'zone', 'project') when kind is 'tpu'.
+  tpu_resolver_kwargs: dict | None = None
+  # A TPU reached over the network (by name or grpc:// address) is connected to first.
+  connect_to_cluster: bool = False
+  # MirroredStrategy devices; None = every local GPU.
+  devices: tuple | None = None
+  warnings: tuple = ()
+
+
+def strategy_plan(use_tpu, tpu_name, master, tpu_zone, gcp_project, *, tpu_attached, tf_config,
+                  num_gpus):
+  """The strategy for the infrastructure flags and the machine, without touching a device.
+
+  A TPU when --use_tpu=True, or when it is unset and a TPU is named or attached; its address is
+  --tpu_name, else --master, else 'local' (a TPU VM's own TPU). Otherwise
+  MultiWorkerMirroredStrategy when `tf_config` (TF_CONFIG, parsed) lists several chief/worker
+  tasks, else MirroredStrategy over the local GPUs or the CPU.
+  """
+  warnings = []
+  named = {'tpu_name': tpu_name, 'master': master, 'tpu_zone': tpu_zone,
+           'gcp_project': gcp_project}
+  if use_tpu is False:
+    given = [f'--{k}' for k, v in named.items() if v]
+    if given:
+      warnings.append(f'--use_tpu=False: ignoring {", ".join(given)}')
+  else:
+    # The Cloud TPU API looks a TPU name up in a zone and project; an address needs neither.
+    for flag in ('tpu_zone', 'gcp_project'):
+      if named[flag] and not tpu_name:
+        raise ValueError(f'--{flag}={named[flag]!r} locates a Cloud TPU by --tpu_name, which is '
+                         'not set; set --tpu_name or drop the flag')
+    address = tpu_name or master or ('local' if tpu_attached else None)
+    if use_tpu and address is None:
+      raise ValueError('--use_tpu=True but no TPU is attached to this machine; set --tpu_name '
+                       '(a Cloud TPU name or grpc:// address) or --master, or unset --use_tpu')
+    if address is not None:
+      if tpu_name and master and master != tpu_name:
+        warnings.append(f'--master={master!r} ignored: --tpu_name={tpu_name!r} names the TPU')
+      if _num_tasks(tf_config) > 1:
+        warnings.append('TF_CONFIG ignored: a TPU (or pod slice) runs as one TPUStrategy job')
+      return StrategyPlan(
+          kind='tpu', tpu_resolver_kwargs={'tpu': address, 'zone': tpu_zone,
+                                           'project': gcp_project},
+          connect_to_cluster=address != 'local', warnings=tuple(warnings))
+  if _num_tasks(tf_config) > 1:
+    return StrategyPlan(kind='multi_worker', warnings=tuple(warnings))
+  return StrategyPlan(kind='mirrored', devices=None if num_gpus else ('/cpu:0',),
+                      warnings=tuple(warnings))
+
+
+def _num_tasks(tf_config):
+  cluster = tf_config.get('cluster', {})
+  return len(cluster.get('chief', [])) + len(cluster.get('worker', []))
+
+
 def build_strategy():
-  """TPU if asked for or attached, else MultiWorkerMirrored from TF_CONFIG, else all local GPUs
-  (or the CPU) with MirroredStrategy."""
-  tpu_requested = FLAGS.use_tpu or (FLAGS.use_tpu is None and (
-      FLAGS.tpu_name or FLAGS.master or tf.config.list_physical_devices('TPU')))
-  if tpu_requested:
-    resolver = tf.distribute.cluster_resolver.TPUClusterResolver(
-        tpu=FLAGS.tpu_name or FLAGS.master or 'local', zone=FLAGS.tpu_zone,
-        project=FLAGS.gcp_project)
-    if FLAGS.tpu_name or FLAGS.master:
+  """The strategy of `strategy_plan` for the flags, TF_CONFIG and the local devices."""
+  try:
+    tf_config = json.loads(os.environ.get('TF_CONFIG') or '{}')
+  except json.JSONDecodeError as e:
+    raise ValueError(f'TF_CONFIG is not valid JSON ({e})') from None
+  # Physical devices only: the runtime must not start before MultiWorkerMirroredStrategy.
+  plan = strategy_plan(FLAGS.use_tpu, FLAGS.tpu_name, FLAGS.master, FLAGS.tpu_zone,
+                       FLAGS.gcp_project,
+                       tpu_attached=bool(tf.config.list_physical_devices('TPU')),
+                       tf_config=tf_config, num_gpus=len(tf.config.list_physical_devices('GPU')))
+  for warning in plan.warnings:
+    logging.warning('%s', warning)
+  if plan.kind == 'tpu':
+    resolver = tf.distribute.cluster_resolver.TPUClusterResolver(**plan.tpu_resolver_kwargs)
+    if plan.connect_to_cluster:
       tf.config.experimental_connect_to_cluster(resolver)
     tf.tpu.experimental.initialize_tpu_system(resolver)
     return tf.distribute.TPUStrategy(resolver)
-  tf_config = json.loads(os.environ.get('TF_CONFIG', '{}'))
-  if sum(len(tasks) for tasks in tf_config.get('cluster', {}).values()) > 1:
+  if plan.kind == 'multi_worker':
     return tf.distribute.MultiWorkerMirroredStrategy()
-  gpus = tf.config.list_logical_devices('GPU')
-  return tf.distribute.MirroredStrategy([d.name for d in gpus] or ['/cpu:0'])
+  return tf.distribute.MirroredStrategy(plan.devices)
 
 
 def num_workers(strategy):
@@ -501,9 +569,8 @@ def train(trainer, iterator, *, total_steps, checkpoint_every, checkpoint_manage
 def evaluate(strategy, model, dataset, num_steps=0):
   """Top-1/top-5 of the supervised head over the whole dataset (or `num_steps` batches)."""
 
-  def eval_step(views, labels, ids):
-    del ids
-    logits = model(views[0], training=False)['supervised_logits']
+  def batch_sums(images, labels):
+    logits = model(images, training=False)['supervised_logits']
     targets = tf.argmax(labels, 1)
     return {
         'top_1': tf.reduce_sum(tf.cast(tf.math.in_top_k(targets, logits, 1), tf.float32)),
@@ -511,6 +578,11 @@ def evaluate(strategy, model, dataset, num_steps=0):
             targets, logits, min(5, logits.shape[-1])), tf.float32)),
         'count': tf.cast(tf.shape(logits)[0], tf.float32),
     }
+
+  def eval_step(views, labels, ids):
+    del ids
+    zeros = {k: tf.constant(0.0) for k in ('top_1', 'top_5', 'count')}
+    return _unless_empty(views[0], lambda: batch_sums(views[0], labels), lambda: zeros)
 
   @tf.function(reduce_retracing=True)
   def run(inputs):
@@ -529,16 +601,30 @@ def evaluate(strategy, model, dataset, num_steps=0):
           'num_examples': int(sums['count'])}
 
 
+def _unless_empty(images, compute, empty):
+  """compute() on a replica's batch, or empty() when it has no images.
+
+  The last step of a split that does not fill every replica gives some replicas an empty batch;
+  oneDNN's CPU convolution returns a wrongly shaped output for it (TF 2.21), which the next
+  BatchNormalization rejects.
+  """
+  return tf.cond(tf.shape(images)[0] > 0, compute, empty)
+
+
 def extract_features(strategy, model, dataset):
   """(features [N, C], labels [N]) of the trunk over a non-repeating dataset."""
+
+  def replica_features(views, labels):
+    empty = (tf.zeros([0, model.trunk.output_dim]), tf.zeros([0], tf.int64))
+    return _unless_empty(
+        views[0], lambda: (model(views[0], training=False)['features'], tf.argmax(labels, 1)),
+        lambda: empty)
 
   # The last batch is smaller: one more trace, not one per call.
   @tf.function(reduce_retracing=True)
   def run(inputs):
     views, labels, _ = inputs
-    return strategy.run(
-        lambda v, l: (model(v[0], training=False)['features'], tf.argmax(l, 1)),
-        args=(views, labels))
+    return strategy.run(replica_features, args=(views, labels))
 
   features, labels = [], []
   for inputs in dataset:
@@ -712,7 +798,9 @@ def restore_or_initialize(model, optimizer, sogclr, write_dir):
           f'--model_dir={FLAGS.model_dir!r} holds a checkpoint of another configuration '
           f'({str(e).splitlines()[0][:300]}); resume with the flags in its flags.json or use '
           'a new --model_dir') from None
-    logging.info('Resumed from %s at step %d', latest, int(optimizer.iterations.numpy()))
+    # The state restored (u included), comparable with the 'Final state' line of any run.
+    logging.info('Resumed from %s at step %d: %s', latest, int(optimizer.iterations.numpy()),
+                 state_fingerprint(model, sogclr))
   elif FLAGS.checkpoint:
     restore_pretrained(model, FLAGS.checkpoint)
     if FLAGS.zero_init_logits_layer and model.has_supervised_head:
