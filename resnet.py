@@ -28,46 +28,64 @@ def _channels(filters, width_multiplier):
 
 
 class BatchNormalization(tf.keras.layers.BatchNormalization):
-    """Keras BatchNormalization computed by TensorFlow's fused kernel on NHWC images.
+    """Keras BatchNormalization on NHWC images, computed by TensorFlow's fused kernel.
 
     Keras 3 normalizes with separate moments and elementwise ops (several passes over the
-    activations); the fused kernel takes one pass forward and one backward, and made the
-    ResNet-18 train step markedly faster on CPU (bench/train_step.py). Same math and variables as
-    Keras' layer: batch statistics with the biased variance in training, moving averages updated
-    with `momentum`, the moving statistics at inference. Synchronized BN across several replicas
-    and non-image inputs use Keras' own implementation.
+    activations); the fused kernel takes one pass forward and one backward, and made the train
+    step markedly faster on CPU (bench/train_step.py). Same math and variables as Keras' layer:
+    batch statistics with the biased variance in training, moving averages updated with
+    `momentum`, the moving statistics at inference.
+
+    Synchronized over several replicas, the statistics take two all-reduces: the mean, then the
+    centered sum of squares. Keras' one-pass E[x^2] - E[x]^2 loses float32 digits on post-ReLU
+    activations, which made 2 replicas drift from 1 replica on the same global batch.
     """
 
     def call(self, inputs, training=None, mask=None):
-        replica_context = tf.distribute.get_replica_context()
-        synced = (self.synchronized and replica_context is not None and
-                  replica_context.num_replicas_in_sync > 1)
-        if synced or inputs.shape.rank != 4 or self.axis not in (-1, 3) or mask is not None:
+        if inputs.shape.rank != 4 or self.axis not in (-1, 3) or mask is not None:
             return super().call(inputs, training=training, mask=mask)
         x = inputs
         if x.dtype not in (tf.float32, tf.bfloat16, tf.float16):
             x = tf.cast(x, tf.float32)
         channels = x.shape[-1]
-        gamma = self.gamma if self.scale else tf.ones([channels], tf.float32)
-        beta = self.beta if self.center else tf.zeros([channels], tf.float32)
-        gamma, beta = tf.cast(gamma, tf.float32), tf.cast(beta, tf.float32)
-        if training and self.trainable:
+        gamma = tf.cast(self.gamma, tf.float32) if self.scale else tf.ones([channels])
+        beta = tf.cast(self.beta, tf.float32) if self.center else tf.zeros([channels])
+        if not (training and self.trainable):
+            y = tf.raw_ops.FusedBatchNormV3(
+                x=x, scale=gamma, offset=beta, mean=tf.cast(self.moving_mean, tf.float32),
+                variance=tf.cast(self.moving_variance, tf.float32), epsilon=self.epsilon,
+                is_training=False)[0]
+            return tf.cast(y, self.compute_dtype)
+        replica_context = tf.distribute.get_replica_context()
+        if (self.synchronized and replica_context is not None and
+                replica_context.num_replicas_in_sync > 1):
+            mean, variance = self._synchronized_moments(tf.cast(x, tf.float32), replica_context)
+            y = tf.nn.batch_normalization(tf.cast(x, tf.float32), mean, variance, beta, gamma,
+                                          self.epsilon)
+        else:
             y, mean, variance = tf.raw_ops.FusedBatchNormV3(
                 x=x, scale=gamma, offset=beta, mean=tf.zeros([0]), variance=tf.zeros([0]),
                 epsilon=self.epsilon, is_training=True)[:3]
             # The kernel returns the unbiased variance; Keras tracks the biased one.
             count = tf.cast(tf.size(x, tf.int64) // channels, tf.float32)
             variance *= (count - 1.0) / tf.maximum(count, 1.0)
-            decay = tf.cast(self.momentum, tf.float32)
-            self.moving_mean.assign(self.moving_mean * decay + mean * (1.0 - decay))
-            self.moving_variance.assign(
-                self.moving_variance * decay + variance * (1.0 - decay))
-        else:
-            y = tf.raw_ops.FusedBatchNormV3(
-                x=x, scale=gamma, offset=beta, mean=tf.cast(self.moving_mean, tf.float32),
-                variance=tf.cast(self.moving_variance, tf.float32), epsilon=self.epsilon,
-                is_training=False)[0]
+        decay = tf.cast(self.momentum, tf.float32)
+        self.moving_mean.assign(self.moving_mean * decay + mean * (1.0 - decay))
+        self.moving_variance.assign(self.moving_variance * decay + variance * (1.0 - decay))
         return tf.cast(y, self.compute_dtype)
+
+    @staticmethod
+    def _synchronized_moments(x, replica_context):
+        """Mean and biased variance over every replica's batch (float32 x [B, H, W, C])."""
+        sum_ = tf.distribute.ReduceOp.SUM
+        count = tf.cast(tf.reduce_prod(tf.shape(x)[:3]), tf.float32)
+        totals = replica_context.all_reduce(
+            sum_, tf.concat([tf.reduce_sum(x, [0, 1, 2]), count[None]], 0))
+        total_count = totals[-1]
+        mean = totals[:-1] / total_count
+        squares = replica_context.all_reduce(
+            sum_, tf.reduce_sum(tf.square(x - mean), [0, 1, 2]))
+        return mean, squares / total_count
 
 
 class Conv2DFixedPadding(tf.keras.layers.Conv2D):
