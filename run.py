@@ -150,8 +150,8 @@ flags.DEFINE_float('knn_temperature', 0.1,
 
 flags.DEFINE_enum('mixed_precision', 'auto', ['auto', 'float32', 'bfloat16', 'float16'],
                   'Compute dtype of the network (variables, loss, u and softmax stay float32); '
-                  'float16 adds loss scaling. auto: bfloat16 on TPU, float16 on GPU, float32 on '
-                  'CPU.')
+                  'float16 adds loss scaling. auto: bfloat16 on TPU and on CPUs with native '
+                  'bfloat16 (AVX512_BF16/AMX), float16 on GPU, float32 on other CPUs.')
 flags.DEFINE_enum('jit_compile', 'auto', ['auto', 'true', 'false'],
                   'Compile the train step with XLA. auto: on for TPU and GPU, off on CPU.')
 
@@ -353,7 +353,7 @@ def resolve_precision_and_jit(strategy):
   precision = FLAGS.mixed_precision
   if precision == 'auto':
     precision = {'TPU': 'bfloat16', 'GPU': 'float16',
-                 'CPU': 'float32'}[kind]
+                 'CPU': 'bfloat16' if cpu_supports_bfloat16() else 'float32'}[kind]
   policy = 'float32' if precision == 'float32' else f'mixed_{precision}'
   jit = FLAGS.jit_compile == 'true' or (FLAGS.jit_compile == 'auto' and kind != 'CPU')
   return policy, jit
@@ -656,6 +656,15 @@ def inherit_architecture(checkpoint):
 
 
 def main(argv):
+  """Runs the job the flags describe; returns its results dict."""
+  try:
+    return _main(argv)
+  finally:
+    # The compute policy is process-global: a caller (a notebook, the tests) gets float32 back.
+    tf.keras.mixed_precision.set_global_policy('float32')
+
+
+def _main(argv):
   del argv
   if FLAGS.mode == 'eval' and FLAGS.model_dir:
     inherit_architecture(FLAGS.model_dir)

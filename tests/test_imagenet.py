@@ -23,7 +23,7 @@ TRAIN_PER_CLASS = 4
 TINY_RUN = ['--image_size=16', '--resnet_depth=18', '--width_multiplier=0.125',
             '--num_proj_layers=2', '--proj_out_dim=16', '--train_steps=2', '--eval_batch_size=8',
             '--optimizer=adam', '--learning_rate=0.01', '--warmup_epochs=0', '--use_blur=False',
-            '--probe_max_examples=0', '--log_every_seconds=0']
+            '--probe_max_examples=0', '--log_every_seconds=0', '--mixed_precision=float32']
 SEED_COMMAND = ['--train_mode=pretrain', '--train_batch_size=8', '--dataset=imagenet2012',
                 '--eval_split=validation', '--num_classes=100', '--DCL_mode=True', '--gamma=0.9']
 

@@ -17,7 +17,9 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ['--dataset=digits', '--image_size=16', '--resnet_depth=18', '--width_multiplier=0.125',
         '--train_batch_size=16', '--eval_batch_size=100', '--eval_split=test',
         '--optimizer=adam', '--learning_rate=0.01', '--warmup_epochs=0', '--num_proj_layers=2',
-        '--proj_out_dim=16', '--use_blur=False', '--log_every_seconds=0']
+        '--proj_out_dim=16', '--use_blur=False', '--log_every_seconds=0',
+        # Exact comparisons: the CPU default is bfloat16 where the CPU has it natively.
+        '--mixed_precision=float32']
 
 
 @pytest.fixture(scope='module')
@@ -204,3 +206,24 @@ def test_every_flag_named_in_the_readme_exists():
   missing = sorted(named - defined - {'help', 'helpfull'})
   assert not missing, f'README names flags run.py does not define: {missing}'
   assert len(named) > 20
+
+
+def test_cpu_bfloat16_detection_reads_the_cpu_flags(tmp_path):
+  with_bf16 = tmp_path / 'with'
+  with_bf16.write_text('processor\t: 0\nflags\t\t: fpu sse2 avx512f avx512_bf16 avx512_vnni\n')
+  without = tmp_path / 'without'
+  without.write_text('processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f\n')
+  assert run.cpu_supports_bfloat16(str(with_bf16))
+  assert not run.cpu_supports_bfloat16(str(without))
+  assert not run.cpu_supports_bfloat16(str(tmp_path / 'missing'))
+
+
+@pytest.mark.parametrize('native, flag, expected', [
+    (True, 'auto', 'mixed_bfloat16'), (False, 'auto', 'float32'),
+    (True, 'float32', 'float32'), (False, 'bfloat16', 'mixed_bfloat16')])
+def test_cpu_precision_default_follows_native_bfloat16(monkeypatch, one_replica, native, flag,
+                                                       expected):
+  monkeypatch.setattr(run, 'cpu_supports_bfloat16', lambda: native)
+  run.FLAGS.unparse_flags()
+  run.FLAGS(['run.py', f'--mixed_precision={flag}'])
+  assert run.resolve_precision_and_jit(one_replica) == (expected, False)
