@@ -5,6 +5,7 @@ The only module that reads flags. Example (the embedded demo data, a CPU):
   python run.py --train_mode=pretrain --DCL_mode=True --gamma=0.9 --model_dir=runs/sogclr \
       --dataset=digits --image_size=16 --resnet_depth=18 --width_multiplier=0.25 ...
 """
+import collections
 import json
 import math
 import os
@@ -96,14 +97,19 @@ flags.DEFINE_enum('learning_rate_scaling', 'linear', ['linear', 'sqrt'],
                   'Peak lr = learning_rate * batch/256 (linear) or * sqrt(batch) (sqrt).')
 flags.DEFINE_float('warmup_epochs', 10, 'Linear warm-up, in epochs; then cosine decay to 0.')
 flags.DEFINE_float('weight_decay', 1e-6,
-                   'L2 weight decay (per unit of 0.5*||w||^2); BN and biases excluded.')
+                   'L2 weight decay (per unit of 0.5*||w||^2); BN and biases excluded. Also '
+                   "the factor of eval/regularization_loss: --mode=eval takes the training "
+                   "run's from model_dir/flags.json unless given.")
 flags.DEFINE_float('momentum', 0.9, 'Momentum of LARS and SGD.')
 
 # -- Loop ------------------------------------------------------------------------------------------
 flags.DEFINE_enum('train_mode', 'pretrain', ['pretrain', 'finetune'],
                   'pretrain: contrastive learning; finetune: supervised, from --checkpoint.')
 flags.DEFINE_enum('mode', 'train', ['train', 'eval', 'train_then_eval'],
-                  'Train (evaluating at the end), evaluate, or both.')
+                  'Train (evaluating at the end), evaluate, or both. eval restores only the '
+                  'model of each checkpoint in --model_dir and takes the model, data, '
+                  "--weight_decay and training-length flags not given from the training run's "
+                  'flags.json (README "Evaluate and fine-tune").')
 flags.DEFINE_integer('train_batch_size', 512, 'Global training batch size, in images.')
 flags.DEFINE_integer('train_epochs', 100, 'Training length, in epochs.')
 flags.DEFINE_integer('train_steps', 0, 'Training length, in steps; > 0 overrides train_epochs.')
@@ -532,28 +538,36 @@ ARCHITECTURE_FLAGS = ('resnet_depth', 'width_multiplier', 'sk_ratio', 'se_ratio'
                       'proj_head_mode', 'num_proj_layers', 'proj_out_dim')
 
 
-def inherit_architecture(checkpoint):
-  """Takes architecture flags not given on the command line from the pretraining run's
-  flags.json (next to --checkpoint, or inside an export), so fine-tuning needs only
-  --checkpoint."""
-  directory = checkpoint if tf.io.gfile.isdir(checkpoint) else os.path.dirname(checkpoint)
-  path = os.path.join(directory, 'flags.json')
-  if not tf.io.gfile.exists(path):
+# Further flags an evaluation depends on: which heads the model has and which variables train
+# (so eval/regularization_loss), the data, the weight decay and the training length (the final
+# step, after which --mode=eval exits).
+EVAL_FLAGS = ('train_mode', 'lineareval_while_pretraining', 'ft_proj_selector',
+              'fine_tune_after_block', 'num_classes', 'dataset', 'data_dir', 'train_split',
+              'eval_split', 'weight_decay', 'train_batch_size', 'train_epochs', 'train_steps')
+
+
+def inherit_flags(path, names=ARCHITECTURE_FLAGS):
+  """Takes the flags `names` not given on the command line from the training run's flags.json
+  in directory `path` (or next to checkpoint prefix `path`; an export holds one), so
+  fine-tuning needs only --checkpoint and --mode=eval only --model_dir."""
+  directory = path if tf.io.gfile.isdir(path) else os.path.dirname(path)
+  flags_file = os.path.join(directory, 'flags.json')
+  if not tf.io.gfile.exists(flags_file):
     return
-  with tf.io.gfile.GFile(path) as f:
-    pretrained = json.load(f)
-  for name in ARCHITECTURE_FLAGS:
-    if not FLAGS[name].present and name in pretrained and FLAGS[name].value != pretrained[name]:
-      logging.info('--%s=%s from %s', name, pretrained[name], path)
-      FLAGS[name].value = pretrained[name]
+  with tf.io.gfile.GFile(flags_file) as f:
+    trained = json.load(f)
+  for name in names:
+    if not FLAGS[name].present and name in trained and FLAGS[name].value != trained[name]:
+      logging.info('--%s=%s from %s', name, trained[name], flags_file)
+      FLAGS[name].value = trained[name]
 
 
 def main(argv):
   del argv
   if FLAGS.mode == 'eval' and FLAGS.model_dir:
-    inherit_architecture(FLAGS.model_dir)
+    inherit_flags(FLAGS.model_dir, ARCHITECTURE_FLAGS + EVAL_FLAGS)
   elif FLAGS.checkpoint and FLAGS.train_mode == 'finetune':
-    inherit_architecture(FLAGS.checkpoint)
+    inherit_flags(FLAGS.checkpoint)
   validate_flags()
   loss = resolve_loss(FLAGS.loss, {'DCL_mode': FLAGS.DCL_mode, 'GCL_mode': FLAGS.GCL_mode,
                                     'BI_mode': FLAGS.BI_mode})
@@ -591,6 +605,13 @@ def main(argv):
   logging.info('Compute dtype policy %s; XLA %s.', policy, 'on' if jit_compile else 'off')
   with strategy.scope():
     model = build_model(model_config(info.num_classes), FLAGS.image_size)
+  if FLAGS.mode == 'eval':
+    # Restores only the model, checkpoint by checkpoint; leaves the training run's flags alone.
+    summary_writer = (tf.summary.create_file_writer(FLAGS.model_dir) if chief
+                      else tf.summary.create_noop_writer())
+    return evaluate_checkpoints(strategy, model, builder, info, summary_writer, total_steps,
+                                write_dir=write_dir, chief=chief)
+  with strategy.scope():
     learning_rate = lars_optimizer.WarmUpAndCosineDecay(
         FLAGS.learning_rate, FLAGS.train_batch_size, FLAGS.learning_rate_scaling,
         warmup_steps, total_steps)
@@ -606,44 +627,38 @@ def main(argv):
                                   FLAGS.hidden_norm)
     checkpoint_manager = restore_or_initialize(model, optimizer, sogclr, write_dir)
 
-  # After the restore: flags that cannot resume this model_dir never overwrite it; an
-  # evaluation job leaves the training run's flags alone.
-  if chief and FLAGS.mode != 'eval':
+  # After the restore: flags that cannot resume this model_dir never overwrite it.
+  if chief:
     with tf.io.gfile.GFile(os.path.join(FLAGS.model_dir, 'flags.json'), 'w') as f:
       json.dump(_flag_values() | {'resolved_loss': loss}, f, indent=2, sort_keys=True)
   summary_writer = (tf.summary.create_file_writer(FLAGS.model_dir) if chief
                     else tf.summary.create_noop_writer())
-  results = {}
-  if FLAGS.mode in ('train', 'train_then_eval'):
-    initial_step = int(optimizer.iterations.numpy())
-    dataset = data_lib.build_distributed_dataset(
-        strategy, builder, info, train_input_config(initial_step), info.num_classes)
-    trainer = Trainer(strategy, model, optimizer, loss=loss, temperature=FLAGS.temperature,
-                      hidden_norm=FLAGS.hidden_norm, weight_decay=FLAGS.weight_decay,
-                      optimizer_name=FLAGS.optimizer, sogclr=sogclr, jit_compile=jit_compile)
-    logging.info('Training %s from step %d to %d (%d steps/epoch, warm-up %d steps).',
-                 FLAGS.train_mode, initial_step, total_steps, steps_per_epoch, warmup_steps)
-    stop_requested = threading.Event()
-    with _stop_on_sigterm(stop_requested):
-      seconds = train(
-          trainer, iter(dataset), total_steps=total_steps,
-          checkpoint_every=FLAGS.checkpoint_steps or max(
-              1, FLAGS.checkpoint_epochs * steps_per_epoch),
-          checkpoint_manager=checkpoint_manager, summary_writer=summary_writer,
-          global_batch_size=FLAGS.train_batch_size, log_every_seconds=FLAGS.log_every_seconds,
-          learning_rate_fn=learning_rate, stop_requested=stop_requested)
-    results['train_seconds'] = round(seconds, 1)
-    export(model, int(optimizer.iterations.numpy()), write_dir, chief)
-    if not chief:
-      tf.io.gfile.rmtree(write_dir)
-  if FLAGS.mode == 'eval':
-    return evaluate_checkpoints(strategy, model, builder, info, summary_writer, optimizer,
-                                sogclr, total_steps, write_dir=write_dir, chief=chief)
+  initial_step = int(optimizer.iterations.numpy())
+  dataset = data_lib.build_distributed_dataset(
+      strategy, builder, info, train_input_config(initial_step), info.num_classes)
+  trainer = Trainer(strategy, model, optimizer, loss=loss, temperature=FLAGS.temperature,
+                    hidden_norm=FLAGS.hidden_norm, weight_decay=FLAGS.weight_decay,
+                    optimizer_name=FLAGS.optimizer, sogclr=sogclr, jit_compile=jit_compile)
+  logging.info('Training %s from step %d to %d (%d steps/epoch, warm-up %d steps).',
+               FLAGS.train_mode, initial_step, total_steps, steps_per_epoch, warmup_steps)
+  stop_requested = threading.Event()
+  with _stop_on_sigterm(stop_requested):
+    seconds = train(
+        trainer, iter(dataset), total_steps=total_steps,
+        checkpoint_every=FLAGS.checkpoint_steps or max(
+            1, FLAGS.checkpoint_epochs * steps_per_epoch),
+        checkpoint_manager=checkpoint_manager, summary_writer=summary_writer,
+        global_batch_size=FLAGS.train_batch_size, log_every_seconds=FLAGS.log_every_seconds,
+        learning_rate_fn=learning_rate, stop_requested=stop_requested)
+  results = {'train_seconds': round(seconds, 1)}
   step = int(optimizer.iterations.numpy())
+  export(model, step, write_dir, chief)
+  if not chief:
+    tf.io.gfile.rmtree(write_dir)
   results.update(run_evaluation(strategy, model, builder, info, summary_writer, step))
   logging.info('Final state at step %d: %s', step, state_fingerprint(model, sogclr))
   # The probe fits on the features one host sees: multi-worker runs skip it.
-  if FLAGS.train_mode == 'pretrain' and FLAGS.mode != 'eval' and num_workers(strategy) == 1:
+  if FLAGS.train_mode == 'pretrain' and num_workers(strategy) == 1:
     results.update(run_probe(strategy, model, builder, info))
   if chief:
     with tf.io.gfile.GFile(os.path.join(FLAGS.model_dir, f'result_{step}.json'), 'w') as f:
@@ -822,20 +837,24 @@ def restore_pretrained(model, path):
   logging.info('Initialized the model from %s', path)
 
 
-def evaluate_checkpoints(strategy, model, builder, info, summary_writer, optimizer, sogclr,
-                         total_steps, *, write_dir, chief):
+def evaluate_checkpoints(strategy, model, builder, info, summary_writer, total_steps, *,
+                         write_dir, chief):
   """--mode=eval: evaluates (and exports) every new checkpoint in model_dir as it appears (the
   latest first); returns after the one of the final step (or after --eval_timeout_seconds
-  without a new one)."""
-  trackables = {'model': model, 'optimizer': optimizer}
-  if sogclr is not None:
-    trackables['sogclr'] = sogclr
-  checkpoint = tf.train.Checkpoint(**trackables)
+  without a new one).
+
+  Only the model is restored (restore_model) and the step is read from the checkpoint
+  (checkpoint_step), so the training run's optimizer and loss flags are not needed.
+  """
   results = {}
   for path in tf.train.checkpoints_iterator(FLAGS.model_dir, min_interval_secs=1,
                                             timeout=FLAGS.eval_timeout_seconds):
-    checkpoint.restore(path).assert_existing_objects_matched()
-    step = int(optimizer.iterations.numpy())
+    try:
+      restore_model(model, path)
+    except ValueError as e:
+      raise ValueError(f"--model_dir={FLAGS.model_dir!r}: {e}; give the training run's model "
+                       'flags (its flags.json lists them) or leave them out') from None
+    step = checkpoint_step(path)
     results = run_evaluation(strategy, model, builder, info, summary_writer, step)
     with tf.io.gfile.GFile(os.path.join(FLAGS.model_dir, f'result_{step}.json'), 'w') as f:
       json.dump(results, f, indent=2, sort_keys=True)
@@ -843,6 +862,63 @@ def evaluate_checkpoints(strategy, model, builder, info, summary_writer, optimiz
     if step >= total_steps:
       break
   return results
+
+
+# Where a checkpoint of run.py keeps the step: the optimizer's iteration count (a
+# LossScaleOptimizer's own counter stays 0; its inner optimizer's counts).
+STEP_KEYS = ('optimizer/inner_optimizer/_iterations/.ATTRIBUTES/VARIABLE_VALUE',
+             'optimizer/_iterations/.ATTRIBUTES/VARIABLE_VALUE')
+
+
+def checkpoint_step(path):
+  """The training step of checkpoint `path`, read without restoring the optimizer.
+
+  Falls back to the number of the file name, ckpt-<n>, for a checkpoint without an optimizer:
+  run.py's CheckpointManager numbers checkpoints by their step.
+  """
+  names = dict(tf.train.list_variables(path))
+  for key in STEP_KEYS:
+    if key in names:
+      return int(tf.train.load_variable(path, key))
+  match = re.search(r'ckpt-(\d+)$', path)
+  if match:
+    return int(match.group(1))
+  raise ValueError(f'checkpoint {path!r} holds no step (no optimizer, no ckpt-<step> name)')
+
+
+def restore_model(model, path):
+  """Restores every variable of `model` from checkpoint `path`, ignoring the rest (optimizer,
+  step, SogCLR's u table).
+
+  Raises ValueError naming the model variables the checkpoint lacks or holds with another
+  shape, before anything is assigned.
+  """
+  root = tf.train.Checkpoint(model=model)
+  view = tf.train.CheckpointView(path)
+  # A variable's key is its object path from the root, each name escaped as TensorFlow does.
+  paths = {0: ()}
+  queue = collections.deque([0])
+  while queue:
+    node = queue.popleft()
+    for name, child in view.children(node).items():
+      if child not in paths:
+        paths[child] = paths[node] + (name.replace('.', '..').replace('/', '.S'),)
+        queue.append(child)
+  keys = {id(obj): '/'.join(paths[node]) + '/.ATTRIBUTES/VARIABLE_VALUE'
+          for node, obj in view.match(root).items() if node in paths}
+  shapes = dict(tf.train.list_variables(path))
+  problems = []
+  for variable in model.variables:
+    key = keys.get(id(variable))
+    if key is None:
+      problems.append(f'{variable.path} {tuple(variable.shape)} missing')
+    elif key in shapes and list(variable.shape) != list(shapes[key]):
+      problems.append(f'{variable.path} {tuple(variable.shape)} is {tuple(shapes[key])} there')
+  if problems:
+    more = f' and {len(problems) - 5} more' if len(problems) > 5 else ''
+    raise ValueError(f'checkpoint {path} holds another architecture: '
+                     f'{", ".join(problems[:5])}{more}')
+  root.restore(path).expect_partial()
 
 
 def eval_dataset(strategy, builder, info, split):

@@ -29,10 +29,13 @@ MONITORS = ['--knn_monitor', '--knn_k=20', '--weight_decay=1e-3']
 
 @pytest.fixture(scope='module')
 def pretrained_run(tmp_path_factory, data_dir):
-  """(model_dir, results) of 3 SogCLR steps, evaluated with the monitors and exported."""
+  """(model_dir, results) of 3 SogCLR steps with LARS, evaluated with the monitors and
+  exported."""
   model_dir = str(tmp_path_factory.mktemp('pretrained'))
+  # The default --optimizer (LARS) and --loss (SogCLR), which --mode=eval is not told.
   results = run_main(*TINY, *MONITORS, f'--data_dir={data_dir}', f'--model_dir={model_dir}',
-                     '--train_steps=3', '--probe_max_examples=0', '--DCL_mode=True')
+                     '--train_steps=3', '--probe_max_examples=0', '--DCL_mode=True',
+                     '--optimizer=lars', '--learning_rate=1.0')
   return model_dir, results
 
 
@@ -71,12 +74,16 @@ def split_features(model, data_dir, split):
   return np.concatenate(features), np.concatenate(labels)
 
 
+def tiny_model(**overrides):
+  """The tiny architecture, freshly initialized."""
+  config = dict(resnet_depth=18, width_multiplier=0.125, cifar_stem=True, num_proj_layers=2,
+                proj_out_dim=16, num_classes=10)
+  return run.build_model(model_lib.ModelConfig(**(config | overrides)), 16)
+
+
 def restored_model(path, **overrides):
   """The tiny architecture with the model variables of checkpoint `path`."""
-  config = model_lib.ModelConfig(resnet_depth=18, width_multiplier=0.125, cifar_stem=True,
-                                 num_proj_layers=2, proj_out_dim=16, num_classes=10,
-                                 **overrides)
-  model = run.build_model(config, 16)
+  model = tiny_model(**overrides)
   tf.train.Checkpoint(model=model).restore(path).expect_partial()
   return model
 
@@ -120,6 +127,7 @@ def test_eval_mode_evaluates_the_final_checkpoint_and_exits(tmp_path, data_dir, 
   pretrained, pretrained_results = pretrained_run
   model_dir = copied_model_dir(pretrained, tmp_path)
   shutil.rmtree(os.path.join(model_dir, 'saved_model'))
+  # TINY's --optimizer=adam is not the run's (LARS): harmless, only the model is restored.
   results = run_main(*TINY, *MONITORS, f'--data_dir={data_dir}', f'--model_dir={model_dir}',
                      '--mode=eval', '--train_steps=3', '--eval_timeout_seconds=60')
   assert results['global_step'] == 3 and results['eval/num_examples'] == 360
@@ -171,6 +179,60 @@ def test_knn_monitor_equals_knn_on_the_checkpoint_features(data_dir, pretrained_
   saved = json.load(open(os.path.join(pretrained, 'result_3.json')))
   assert saved['eval/knn_top_1'] == expected
   assert 'eval/knn_top_1' in summary_tags(pretrained)
+
+
+@pytest.fixture(scope='module')
+def evaluated_copy(tmp_path_factory, pretrained):
+  """(model_dir, results) of --mode=eval on a copy of the pretraining run, given only the
+  model_dir: no model, data, optimizer, loss, weight-decay or training-length flag."""
+  model_dir = str(tmp_path_factory.mktemp('evaluated') / 'copy')
+  shutil.copytree(pretrained, model_dir)
+  results = run_main(f'--model_dir={model_dir}', '--mode=eval', '--eval_timeout_seconds=60',
+                     '--keep_hub_module_max=0')
+  return model_dir, results
+
+
+def test_eval_mode_needs_only_the_model_dir(pretrained_run, evaluated_copy):
+  # The run's LARS and SogCLR state is not restored (the step is read from the checkpoint);
+  # its --weight_decay=1e-3, data and length come from its flags.json.
+  _, pretrained_results = pretrained_run
+  _, results = evaluated_copy
+  assert results['global_step'] == 3
+  for key in ('eval/num_examples', 'eval/top_1', 'eval/top_5', 'eval/regularization_loss'):
+    assert results[key] == pretrained_results[key], key
+
+
+def test_restore_model_names_missing_and_mismatched_variables(tmp_path, data_dir, pretrained):
+  path = tf.train.latest_checkpoint(pretrained)
+  with pytest.raises(ValueError, match=r'supervised_head/kernel \(64, 5\) is \(64, 10\) there'):
+    run.restore_model(tiny_model(num_classes=5), path)
+  with pytest.raises(ValueError, match=r'another architecture: \S+ \([\d, ]*\) missing'):
+    run.restore_model(tiny_model(se_ratio=0.25), path)
+  model = tiny_model()
+  run.restore_model(model, path)
+  expected = restored_model(path)
+  for a, b in zip(model.variables, expected.variables):
+    np.testing.assert_array_equal(a.numpy(), b.numpy(), err_msg=a.path)
+  # Through --mode=eval: one line naming --model_dir and the variable.
+  model_dir = copied_model_dir(pretrained, tmp_path)
+  with pytest.raises(ValueError, match=r'--model_dir=.*another architecture: .*projection_head/'
+                                       r'\S+ \(.*32,?\) is \(.*16,?\) there'):
+    run_main(f'--model_dir={model_dir}', f'--data_dir={data_dir}', '--mode=eval',
+             '--proj_out_dim=32', '--eval_timeout_seconds=60')
+
+
+def test_checkpoint_step_reads_the_optimizer_step_or_the_file_name(tmp_path, pretrained):
+  assert run.checkpoint_step(tf.train.latest_checkpoint(pretrained)) == 3
+  variable = tf.Variable(tf.ones([3]))
+  optimizer = tf.keras.optimizers.LossScaleOptimizer(tf.keras.optimizers.SGD(0.1))
+  optimizer.build([variable])
+  for _ in range(2):
+    optimizer.apply_gradients([(tf.ones([3]), variable)])
+  # float16 training: the wrapper's own counter stays 0, the inner optimizer's counts.
+  path = tf.train.Checkpoint(optimizer=optimizer).write(str(tmp_path / 'mixed' / 'ckpt-9'))
+  assert run.checkpoint_step(path) == 2
+  path = tf.train.Checkpoint(variable=variable).write(str(tmp_path / 'plain' / 'ckpt-7'))
+  assert run.checkpoint_step(path) == 7
 
 
 def test_export_signature_matches_the_keras_model(pretrained):
