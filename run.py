@@ -661,8 +661,7 @@ def main(argv):
   if FLAGS.train_mode == 'pretrain' and num_workers(strategy) == 1:
     results.update(run_probe(strategy, model, builder, info))
   if chief:
-    with tf.io.gfile.GFile(os.path.join(FLAGS.model_dir, f'result_{step}.json'), 'w') as f:
-      json.dump(results, f, indent=2, sort_keys=True)
+    write_results(FLAGS.model_dir, step, results)
   return results
 
 
@@ -856,8 +855,7 @@ def evaluate_checkpoints(strategy, model, builder, info, summary_writer, total_s
                        'flags (its flags.json lists them) or leave them out') from None
     step = checkpoint_step(path)
     results = run_evaluation(strategy, model, builder, info, summary_writer, step)
-    with tf.io.gfile.GFile(os.path.join(FLAGS.model_dir, f'result_{step}.json'), 'w') as f:
-      json.dump(results, f, indent=2, sort_keys=True)
+    write_results(FLAGS.model_dir, step, results)
     export(model, step, write_dir, chief)
     if step >= total_steps:
       break
@@ -919,6 +917,31 @@ def restore_model(model, path):
     raise ValueError(f'checkpoint {path} holds another architecture: '
                      f'{", ".join(problems[:5])}{more}')
   root.restore(path).expect_partial()
+
+
+def write_results(model_dir, step, results):
+  """Merges `results` into model_dir/result_<step>.json and returns the merged dict.
+
+  Keys already there and not recomputed (the probe's, after a --mode=eval run) are kept. The
+  file is written under another name, then renamed: a crash never leaves a truncated json.
+  """
+  path = os.path.join(model_dir, f'result_{step}.json')
+  merged = {}
+  if tf.io.gfile.exists(path):
+    with tf.io.gfile.GFile(path) as f:
+      text = f.read()
+    try:
+      merged = json.loads(text)
+    except json.JSONDecodeError:
+      aside = f'{path}.unreadable'
+      logging.warning('%s is not valid json; moved to %s', path, aside)
+      tf.io.gfile.rename(path, aside, overwrite=True)
+  merged.update(results)
+  temporary = os.path.join(model_dir, f'.result_{step}.json.tmp_{os.getpid()}')
+  with tf.io.gfile.GFile(temporary, 'w') as f:
+    f.write(json.dumps(merged, indent=2, sort_keys=True))
+  tf.io.gfile.rename(temporary, path, overwrite=True)
+  return merged
 
 
 def eval_dataset(strategy, builder, info, split):

@@ -29,12 +29,12 @@ MONITORS = ['--knn_monitor', '--knn_k=20', '--weight_decay=1e-3']
 
 @pytest.fixture(scope='module')
 def pretrained_run(tmp_path_factory, data_dir):
-  """(model_dir, results) of 3 SogCLR steps with LARS, evaluated with the monitors and
-  exported."""
+  """(model_dir, results) of 3 SogCLR steps with LARS, evaluated with the monitors and the
+  probe, and exported."""
   model_dir = str(tmp_path_factory.mktemp('pretrained'))
   # The default --optimizer (LARS) and --loss (SogCLR), which --mode=eval is not told.
   results = run_main(*TINY, *MONITORS, f'--data_dir={data_dir}', f'--model_dir={model_dir}',
-                     '--train_steps=3', '--probe_max_examples=0', '--DCL_mode=True',
+                     '--train_steps=3', '--probe_baselines=False', '--DCL_mode=True',
                      '--optimizer=lars', '--learning_rate=1.0')
   return model_dir, results
 
@@ -150,7 +150,10 @@ def test_eval_mode_without_a_supervised_head_still_runs_the_knn_monitor(
   assert 'eval/top_1' not in results
   assert results['eval/knn_top_1'] == pretrained_results['eval/knn_top_1']
   assert 0 < results['eval/regularization_loss'] < pretrained_results['eval/regularization_loss']
-  assert json.load(open(os.path.join(model_dir, 'result_3.json'))) == results
+  saved = json.load(open(os.path.join(model_dir, 'result_3.json')))
+  assert {key: saved[key] for key in results} == results
+  # The training run's linear-head numbers, not recomputed here, stay.
+  assert saved['eval/top_1'] == pretrained_results['eval/top_1']
 
 
 def test_regularization_loss_is_the_weight_decay_of_the_kernels(pretrained_run):
@@ -200,6 +203,42 @@ def test_eval_mode_needs_only_the_model_dir(pretrained_run, evaluated_copy):
   assert results['global_step'] == 3
   for key in ('eval/num_examples', 'eval/top_1', 'eval/top_5', 'eval/regularization_loss'):
     assert results[key] == pretrained_results[key], key
+
+
+def test_eval_mode_keeps_the_results_already_written_for_the_step(pretrained_run,
+                                                                  evaluated_copy):
+  _, pretrained_results = pretrained_run
+  model_dir, results = evaluated_copy
+  saved = json.load(open(os.path.join(model_dir, 'result_3.json')))
+  # The probe's, the kNN monitor's and the training time, not recomputed by this job ...
+  for key in ('probe/top_1', 'eval/knn_top_1', 'train_seconds'):
+    assert saved[key] == pretrained_results[key], key
+  # ... beside its own evaluation.
+  assert {key: saved[key] for key in results} == results
+  assert not [name for name in os.listdir(model_dir) if name.startswith('.result')]
+
+
+def test_write_results_merges_and_never_leaves_a_truncated_file(tmp_path, monkeypatch):
+  path = tmp_path / 'result_7.json'
+  path.write_text(json.dumps({'probe/top_1': 0.9, 'eval/top_1': 0.1}))
+  merged = run.write_results(str(tmp_path), 7, {'eval/top_1': 0.2, 'global_step': 7})
+  assert merged == {'probe/top_1': 0.9, 'eval/top_1': 0.2, 'global_step': 7}
+  assert json.loads(path.read_text()) == merged
+
+  def crash(*args, **kwargs):
+    raise OSError('simulated crash')
+
+  # A crash before the rename leaves the previous file whole.
+  monkeypatch.setattr(tf.io.gfile, 'rename', crash)
+  with pytest.raises(OSError, match='simulated'):
+    run.write_results(str(tmp_path), 7, {'eval/top_1': 0.3})
+  assert json.loads(path.read_text()) == merged
+  monkeypatch.undo()
+  # A file that is not json (cut short by an older version) is kept aside, not overwritten.
+  path.write_text('{"probe/top_1": 0.')
+  assert run.write_results(str(tmp_path), 7, {'global_step': 7}) == {'global_step': 7}
+  assert (tmp_path / 'result_7.json.unreadable').read_text() == '{"probe/top_1": 0.'
+  assert sorted(os.listdir(tmp_path)) == ['result_7.json', 'result_7.json.unreadable']
 
 
 def test_restore_model_names_missing_and_mismatched_variables(tmp_path, data_dir, pretrained):
