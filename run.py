@@ -843,7 +843,8 @@ def evaluate_checkpoints(strategy, model, builder, info, summary_writer, total_s
   without a new one).
 
   Only the model is restored (restore_model) and the step is read from the checkpoint
-  (checkpoint_step), so the training run's optimizer and loss flags are not needed.
+  (checkpoint_step), so the training run's optimizer and loss flags are not needed. Only the
+  chief writes result_<step>.json; another worker's export directory is removed at the end.
   """
   results = {}
   for path in tf.train.checkpoints_iterator(FLAGS.model_dir, min_interval_secs=1,
@@ -855,10 +856,13 @@ def evaluate_checkpoints(strategy, model, builder, info, summary_writer, total_s
                        'flags (its flags.json lists them) or leave them out') from None
     step = checkpoint_step(path)
     results = run_evaluation(strategy, model, builder, info, summary_writer, step)
-    write_results(FLAGS.model_dir, step, results)
+    if chief:
+      write_results(FLAGS.model_dir, step, results)
     export(model, step, write_dir, chief)
     if step >= total_steps:
       break
+  if not chief:
+    tf.io.gfile.rmtree(write_dir)
   return results
 
 

@@ -241,6 +241,29 @@ def test_write_results_merges_and_never_leaves_a_truncated_file(tmp_path, monkey
   assert sorted(os.listdir(tmp_path)) == ['result_7.json', 'result_7.json.unreadable']
 
 
+def test_non_chief_evaluation_writes_no_results_and_removes_its_directory(
+    tmp_path, data_dir, pretrained, one_replica):
+  model_dir = copied_model_dir(pretrained, tmp_path)
+  os.remove(os.path.join(model_dir, 'result_3.json'))
+  shutil.rmtree(os.path.join(model_dir, 'saved_model'))
+  run.FLAGS.unparse_flags()
+  run.FLAGS(['run.py', *TINY, f'--data_dir={data_dir}', f'--model_dir={model_dir}',
+             '--train_steps=3', '--eval_timeout_seconds=60'])
+  builder = data_lib.get_builder('digits', data_dir)
+  info = data_lib.describe(builder, 'train', 'test')
+  with one_replica.scope():
+    model = run.build_model(run.model_config(info.num_classes), 16)
+  before = sorted(os.listdir(model_dir))
+  write_dir = os.path.join(model_dir, '.worker_1_tmp')  # as prepare_write_dir names it
+  os.makedirs(write_dir)
+  results = run.evaluate_checkpoints(one_replica, model, builder, info,
+                                     tf.summary.create_noop_writer(), 3, write_dir=write_dir,
+                                     chief=False)
+  assert results['global_step'] == 3 and results['eval/num_examples'] == 360
+  # It evaluated (and exported: saving is collective), but left model_dir as it was.
+  assert sorted(os.listdir(model_dir)) == before
+
+
 def test_restore_model_names_missing_and_mismatched_variables(tmp_path, data_dir, pretrained):
   path = tf.train.latest_checkpoint(pretrained)
   with pytest.raises(ValueError, match=r'supervised_head/kernel \(64, 5\) is \(64, 10\) there'):
