@@ -584,8 +584,13 @@ def main(argv):
   # exactly 0, so the global TF seed is shifted by one.
   tf.random.set_seed(FLAGS.seed + 1)
   chief = is_chief(strategy)
+  # Only pretraining uses a contrastive loss (an evaluation job does not even know the run's).
+  if FLAGS.mode == 'eval':
+    loss_text = 'n/a (eval)'
+  else:
+    loss_text = loss if FLAGS.train_mode == 'pretrain' else 'n/a (finetune)'
   logging.info('Strategy %s with %d replica(s); loss %s; dataset %s: %d train / %d eval images, '
-               '%d classes', type(strategy).__name__, strategy.num_replicas_in_sync, loss,
+               '%d classes', type(strategy).__name__, strategy.num_replicas_in_sync, loss_text,
                info.name, info.num_train_examples, info.num_eval_examples, info.num_classes)
   check_batch_size(FLAGS.train_batch_size, strategy.num_replicas_in_sync,
                    info.num_train_examples, FLAGS.train_split)

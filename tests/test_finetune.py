@@ -112,7 +112,12 @@ def test_linear_eval_freezes_the_trunk_and_zeroes_the_head_and_reads_the_archite
                          before.supervised_head.kernel.numpy())
 
 
-def test_zero_init_logits_layer_zeroes_the_restored_head(tmp_path, data_dir, pretrained):
+def test_zero_init_logits_layer_zeroes_the_restored_head(tmp_path, data_dir, pretrained,
+                                                         monkeypatch):
+  logged = []
+  info = run.logging.info
+  monkeypatch.setattr(run.logging, 'info',
+                      lambda msg, *args: logged.append(msg % args) or info(msg, *args))
   model_dir = str(tmp_path / 'zero')
   run_main(*TINY, f'--data_dir={data_dir}', f'--model_dir={model_dir}', '--train_mode=finetune',
            f'--checkpoint={pretrained}', '--fine_tune_after_block=4',
@@ -121,6 +126,9 @@ def test_zero_init_logits_layer_zeroes_the_restored_head(tmp_path, data_dir, pre
   head = restored_model(tf.train.latest_checkpoint(model_dir), train_mode='finetune')
   assert np.all(head.supervised_head.kernel.numpy() == 0)
   assert np.all(head.supervised_head.bias.numpy() == 0)
+  # Fine-tuning uses no contrastive loss, so the log names none (it said "loss sogclr").
+  strategy_line = [line for line in logged if 'replica(s)' in line]
+  assert len(strategy_line) == 1 and 'loss n/a (finetune);' in strategy_line[0], strategy_line
 
 
 def test_eval_mode_evaluates_the_final_checkpoint_and_exits(tmp_path, data_dir, pretrained_run):
