@@ -660,11 +660,13 @@ def main(argv):
   export(model, step, write_dir, chief)
   if not chief:
     tf.io.gfile.rmtree(write_dir)
-  results.update(run_evaluation(strategy, model, builder, info, summary_writer, step))
+  # Features of the final model, extracted once for the kNN monitor and the probe.
+  features = {}
+  results.update(run_evaluation(strategy, model, builder, info, summary_writer, step, features))
   logging.info('Final state at step %d: %s', step, state_fingerprint(model, sogclr))
   # The probe fits on the features one host sees: multi-worker runs skip it.
   if FLAGS.train_mode == 'pretrain' and num_workers(strategy) == 1:
-    results.update(run_probe(strategy, model, builder, info))
+    results.update(run_probe(strategy, model, builder, info, features))
   if chief:
     write_results(FLAGS.model_dir, step, results)
   return results
@@ -960,10 +962,22 @@ def eval_dataset(strategy, builder, info, split):
   return data_lib.build_distributed_dataset(strategy, builder, info, config, info.num_classes)
 
 
-def run_evaluation(strategy, model, builder, info, summary_writer, step):
+def split_features(strategy, model, builder, info, split, cache=None):
+  """extract_features of `split` without augmentation; kept in `cache` ({split: (features,
+  labels)}, a dict the caller holds while the model does not change) when given."""
+  if cache is not None and split in cache:
+    return cache[split]
+  value = extract_features(strategy, model, eval_dataset(strategy, builder, info, split))
+  if cache is not None:
+    cache[split] = value
+  return value
+
+
+def run_evaluation(strategy, model, builder, info, summary_writer, step, features=None):
   """Evaluates the model at `step`: its weight-decay loss, the supervised head's top-1/top-5 on
   the eval split (when it has one) and, with --knn_monitor, a kNN classifier on trunk features.
 
+  features: a split_features cache shared with run_probe at the same step, or None.
   Returns {'global_step', 'eval/regularization_loss', 'eval/top_1', ..., 'eval/knn_top_1'}.
   """
   # The quantity the train step logs as train/weight_decay.
@@ -977,7 +991,7 @@ def run_evaluation(strategy, model, builder, info, summary_writer, step):
     parts.append(f"{metrics['num_examples']} images: top-1 {metrics['top_1']:.4f}, "
                  f"top-5 {metrics['top_5']:.4f}")
   if FLAGS.knn_monitor:
-    results.update(run_knn_monitor(strategy, model, builder, info))
+    results.update(run_knn_monitor(strategy, model, builder, info, features))
     if 'eval/knn_top_1' in results:
       parts.append(f"kNN top-1 {results['eval/knn_top_1']:.4f} (k={FLAGS.knn_k})")
   logging.info('Eval at step %d on %s: %s', step, FLAGS.eval_split, '; '.join(parts))
@@ -992,32 +1006,32 @@ def run_evaluation(strategy, model, builder, info, summary_writer, step):
   return results
 
 
-def run_knn_monitor(strategy, model, builder, info):
+def run_knn_monitor(strategy, model, builder, info, features=None):
   """{'eval/knn_top_1': ...}: a weighted kNN (probe.knn_accuracy) of the eval split's trunk
-  features against the train split's, both without augmentation."""
+  features against the train split's, both without augmentation (features: a split_features
+  cache)."""
   if num_workers(strategy) > 1:
     logging.warning('--knn_monitor skipped: in a multi-worker run each host extracts only its '
                     'shard of the features.')
     return {}
-  train_x, train_y = extract_features(strategy, model,
-                                      eval_dataset(strategy, builder, info, FLAGS.train_split))
-  test_x, test_y = extract_features(strategy, model,
-                                    eval_dataset(strategy, builder, info, FLAGS.eval_split))
+  train_x, train_y = split_features(strategy, model, builder, info, FLAGS.train_split, features)
+  test_x, test_y = split_features(strategy, model, builder, info, FLAGS.eval_split, features)
   return {'eval/knn_top_1': probe.knn_accuracy(train_x, train_y, test_x, test_y, k=FLAGS.knn_k,
                                                temperature=FLAGS.knn_temperature)}
 
 
-def run_probe(strategy, model, builder, info):
+def run_probe(strategy, model, builder, info, features=None):
   """A logistic-regression probe on frozen trunk features, beside raw-pixel and random-network
-  baselines, when the train split is small enough."""
+  baselines, when the train split is small enough (features: a split_features cache, shared
+  with the kNN monitor)."""
   if not 0 < info.num_train_examples <= FLAGS.probe_max_examples:
     return {}
 
   def split_data(split):
     return eval_dataset(strategy, builder, info, split)
 
-  train_x, train_y = extract_features(strategy, model, split_data(FLAGS.train_split))
-  test_x, test_y = extract_features(strategy, model, split_data(FLAGS.eval_split))
+  train_x, train_y = split_features(strategy, model, builder, info, FLAGS.train_split, features)
+  test_x, test_y = split_features(strategy, model, builder, info, FLAGS.eval_split, features)
   results = {'probe/top_1': probe.linear_probe_accuracy(train_x, train_y, test_x, test_y)}
   if FLAGS.probe_baselines:
     with strategy.scope():

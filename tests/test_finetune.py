@@ -3,6 +3,7 @@ import glob
 import json
 import os
 import shutil
+import types
 
 import numpy as np
 import pytest
@@ -28,15 +29,33 @@ MONITORS = ['--knn_monitor', '--knn_k=20', '--weight_decay=1e-3']
 
 
 @pytest.fixture(scope='module')
-def pretrained_run(tmp_path_factory, data_dir):
-  """(model_dir, results) of 3 SogCLR steps with LARS, evaluated with the monitors and the
-  probe, and exported."""
+def pretraining(tmp_path_factory, data_dir):
+  """3 SogCLR steps with LARS, evaluated with the monitors and the probe, and exported.
+
+  model_dir, results, and extracted: the (features, labels) of each feature extraction.
+  """
   model_dir = str(tmp_path_factory.mktemp('pretrained'))
-  # The default --optimizer (LARS) and --loss (SogCLR), which --mode=eval is not told.
-  results = run_main(*TINY, *MONITORS, f'--data_dir={data_dir}', f'--model_dir={model_dir}',
-                     '--train_steps=3', '--probe_baselines=False', '--DCL_mode=True',
-                     '--optimizer=lars', '--learning_rate=1.0')
-  return model_dir, results
+  extracted = []
+  extract_features = run.extract_features
+
+  def counted(*args, **kwargs):
+    value = extract_features(*args, **kwargs)
+    extracted.append(value)
+    return value
+
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setattr(run, 'extract_features', counted)
+    # The default --optimizer (LARS) and --loss (SogCLR), which --mode=eval is not told.
+    results = run_main(*TINY, *MONITORS, f'--data_dir={data_dir}', f'--model_dir={model_dir}',
+                       '--train_steps=3', '--probe_baselines=False', '--DCL_mode=True',
+                       '--optimizer=lars', '--learning_rate=1.0')
+  return types.SimpleNamespace(model_dir=model_dir, results=results, extracted=extracted)
+
+
+@pytest.fixture(scope='module')
+def pretrained_run(pretraining):
+  """(model_dir, results) of the pretraining run."""
+  return pretraining.model_dir, pretraining.results
 
 
 @pytest.fixture(scope='module')
@@ -86,6 +105,13 @@ def restored_model(path, **overrides):
   model = tiny_model(**overrides)
   tf.train.Checkpoint(model=model).restore(path).expect_partial()
   return model
+
+
+@pytest.fixture(scope='module')
+def final_features(data_dir, pretrained):
+  """(train features, labels, test features, labels) of the pretraining run's final model."""
+  model = restored_model(tf.train.latest_checkpoint(pretrained))
+  return (*split_features(model, data_dir, 'train'), *split_features(model, data_dir, 'test'))
 
 
 def test_linear_eval_freezes_the_trunk_and_zeroes_the_head_and_reads_the_architecture(
@@ -178,11 +204,9 @@ def test_regularization_loss_is_the_weight_decay_of_the_kernels(pretrained_run):
   assert 'eval/regularization_loss' in summary_tags(pretrained)
 
 
-def test_knn_monitor_equals_knn_on_the_checkpoint_features(data_dir, pretrained_run):
+def test_knn_monitor_equals_knn_on_the_checkpoint_features(pretrained_run, final_features):
   pretrained, results = pretrained_run
-  model = restored_model(tf.train.latest_checkpoint(pretrained))
-  train_x, train_y = split_features(model, data_dir, 'train')
-  test_x, test_y = split_features(model, data_dir, 'test')
+  train_x, train_y, test_x, test_y = final_features
   assert train_x.shape == (1437, 64) and test_x.shape == (360, 64)
   expected = probe.knn_accuracy(train_x, train_y, test_x, test_y, k=20, temperature=0.1)
   assert results['eval/knn_top_1'] == expected
@@ -190,6 +214,19 @@ def test_knn_monitor_equals_knn_on_the_checkpoint_features(data_dir, pretrained_
   saved = json.load(open(os.path.join(pretrained, 'result_3.json')))
   assert saved['eval/knn_top_1'] == expected
   assert 'eval/knn_top_1' in summary_tags(pretrained)
+
+
+def test_knn_monitor_and_probe_extract_each_split_once(pretraining, final_features):
+  # One extraction of the train split and one of the eval split serve both ...
+  assert [len(x) for x, _ in pretraining.extracted] == [1437, 360]
+  (train_x, train_y), (test_x, test_y) = pretraining.extracted
+  # ... and are the final model's features (to float32 round-off).
+  for extracted, expected in zip((train_x, train_y, test_x, test_y), final_features):
+    np.testing.assert_allclose(extracted, expected, rtol=1e-4, atol=1e-5)
+  assert pretraining.results['eval/knn_top_1'] == probe.knn_accuracy(
+      train_x, train_y, test_x, test_y, k=20, temperature=0.1)
+  assert pretraining.results['probe/top_1'] == probe.linear_probe_accuracy(
+      train_x, train_y, test_x, test_y)
 
 
 @pytest.fixture(scope='module')
