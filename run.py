@@ -5,6 +5,7 @@ The only module that reads flags. Example (the embedded demo data, a CPU):
   python run.py --train_mode=pretrain --DCL_mode=True --gamma=0.9 --model_dir=runs/sogclr \
       --dataset=digits --image_size=16 --resnet_depth=18 --width_multiplier=0.25 ...
 """
+import collections
 import dataclasses
 import json
 import math
@@ -103,14 +104,19 @@ flags.DEFINE_enum('learning_rate_scaling', 'linear', ['linear', 'sqrt'],
                   'Peak lr = learning_rate * batch/256 (linear) or * sqrt(batch) (sqrt).')
 flags.DEFINE_float('warmup_epochs', 10, 'Linear warm-up, in epochs; then cosine decay to 0.')
 flags.DEFINE_float('weight_decay', 1e-6,
-                   'L2 weight decay (per unit of 0.5*||w||^2); BN and biases excluded.')
+                   'L2 weight decay (per unit of 0.5*||w||^2); BN and biases excluded. Also '
+                   "the factor of eval/regularization_loss: --mode=eval takes the training "
+                   "run's from model_dir/flags.json unless given.")
 flags.DEFINE_float('momentum', 0.9, 'Momentum of LARS and SGD.')
 
 # -- Loop ------------------------------------------------------------------------------------------
 flags.DEFINE_enum('train_mode', 'pretrain', ['pretrain', 'finetune'],
                   'pretrain: contrastive learning; finetune: supervised, from --checkpoint.')
 flags.DEFINE_enum('mode', 'train', ['train', 'eval', 'train_then_eval'],
-                  'Train (evaluating at the end), evaluate, or both.')
+                  'Train (evaluating at the end), evaluate, or both. eval restores only the '
+                  'model of each checkpoint in --model_dir and takes the model, data, '
+                  "--weight_decay and training-length flags not given from the training run's "
+                  'flags.json (README "Evaluate and fine-tune").')
 flags.DEFINE_integer('train_batch_size', 512, 'Global training batch size, in images.')
 flags.DEFINE_integer('train_epochs', 100, 'Training length, in epochs.')
 flags.DEFINE_integer('train_steps', 0, 'Training length, in steps; > 0 overrides train_epochs.')
@@ -639,20 +645,28 @@ ARCHITECTURE_FLAGS = ('resnet_depth', 'width_multiplier', 'sk_ratio', 'se_ratio'
                       'proj_head_mode', 'num_proj_layers', 'proj_out_dim')
 
 
-def inherit_architecture(checkpoint):
-  """Takes architecture flags not given on the command line from the pretraining run's
-  flags.json (next to --checkpoint, or inside an export), so fine-tuning needs only
-  --checkpoint."""
-  directory = checkpoint if tf.io.gfile.isdir(checkpoint) else os.path.dirname(checkpoint)
-  path = os.path.join(directory, 'flags.json')
-  if not tf.io.gfile.exists(path):
+# Further flags an evaluation depends on: which heads the model has and which variables train
+# (so eval/regularization_loss), the data, the weight decay and the training length (the final
+# step, after which --mode=eval exits).
+EVAL_FLAGS = ('train_mode', 'lineareval_while_pretraining', 'ft_proj_selector',
+              'fine_tune_after_block', 'num_classes', 'dataset', 'data_dir', 'train_split',
+              'eval_split', 'weight_decay', 'train_batch_size', 'train_epochs', 'train_steps')
+
+
+def inherit_flags(path, names=ARCHITECTURE_FLAGS):
+  """Takes the flags `names` not given on the command line from the training run's flags.json
+  in directory `path` (or next to checkpoint prefix `path`; an export holds one), so
+  fine-tuning needs only --checkpoint and --mode=eval only --model_dir."""
+  directory = path if tf.io.gfile.isdir(path) else os.path.dirname(path)
+  flags_file = os.path.join(directory, 'flags.json')
+  if not tf.io.gfile.exists(flags_file):
     return
-  with tf.io.gfile.GFile(path) as f:
-    pretrained = json.load(f)
-  for name in ARCHITECTURE_FLAGS:
-    if not FLAGS[name].present and name in pretrained and FLAGS[name].value != pretrained[name]:
-      logging.info('--%s=%s from %s', name, pretrained[name], path)
-      FLAGS[name].value = pretrained[name]
+  with tf.io.gfile.GFile(flags_file) as f:
+    trained = json.load(f)
+  for name in names:
+    if not FLAGS[name].present and name in trained and FLAGS[name].value != trained[name]:
+      logging.info('--%s=%s from %s', name, trained[name], flags_file)
+      FLAGS[name].value = trained[name]
 
 
 def main(argv):
@@ -667,9 +681,9 @@ def main(argv):
 def _main(argv):
   del argv
   if FLAGS.mode == 'eval' and FLAGS.model_dir:
-    inherit_architecture(FLAGS.model_dir)
+    inherit_flags(FLAGS.model_dir, ARCHITECTURE_FLAGS + EVAL_FLAGS)
   elif FLAGS.checkpoint and FLAGS.train_mode == 'finetune':
-    inherit_architecture(FLAGS.checkpoint)
+    inherit_flags(FLAGS.checkpoint)
   validate_flags()
   loss = resolve_loss(FLAGS.loss, {'DCL_mode': FLAGS.DCL_mode, 'GCL_mode': FLAGS.GCL_mode,
                                     'BI_mode': FLAGS.BI_mode})
@@ -686,8 +700,13 @@ def _main(argv):
   # exactly 0, so the global TF seed is shifted by one.
   tf.random.set_seed(FLAGS.seed + 1)
   chief = is_chief(strategy)
+  # Only pretraining uses a contrastive loss (an evaluation job does not even know the run's).
+  if FLAGS.mode == 'eval':
+    loss_text = 'n/a (eval)'
+  else:
+    loss_text = loss if FLAGS.train_mode == 'pretrain' else 'n/a (finetune)'
   logging.info('Strategy %s with %d replica(s); loss %s; dataset %s: %d train / %d eval images, '
-               '%d classes', type(strategy).__name__, strategy.num_replicas_in_sync, loss,
+               '%d classes', type(strategy).__name__, strategy.num_replicas_in_sync, loss_text,
                info.name, info.num_train_examples, info.num_eval_examples, info.num_classes)
   check_batch_size(FLAGS.train_batch_size, strategy.num_replicas_in_sync,
                    info.num_train_examples, FLAGS.train_split)
@@ -707,6 +726,13 @@ def _main(argv):
   logging.info('Compute dtype policy %s; XLA %s.', policy, 'on' if jit_compile else 'off')
   with strategy.scope():
     model = build_model(model_config(info.num_classes), FLAGS.image_size)
+  if FLAGS.mode == 'eval':
+    # Restores only the model, checkpoint by checkpoint; leaves the training run's flags alone.
+    summary_writer = (tf.summary.create_file_writer(FLAGS.model_dir) if chief
+                      else tf.summary.create_noop_writer())
+    return evaluate_checkpoints(strategy, model, builder, info, summary_writer, total_steps,
+                                write_dir=write_dir, chief=chief)
+  with strategy.scope():
     learning_rate = lars_optimizer.WarmUpAndCosineDecay(
         FLAGS.learning_rate, FLAGS.train_batch_size, FLAGS.learning_rate_scaling,
         warmup_steps, total_steps)
@@ -722,48 +748,43 @@ def _main(argv):
                                   FLAGS.hidden_norm)
     checkpoint_manager = restore_or_initialize(model, optimizer, sogclr, write_dir)
 
-  # After the restore: flags that cannot resume this model_dir never overwrite it; an
-  # evaluation job leaves the training run's flags alone.
-  if chief and FLAGS.mode != 'eval':
+  # After the restore: flags that cannot resume this model_dir never overwrite it.
+  if chief:
     with tf.io.gfile.GFile(os.path.join(FLAGS.model_dir, 'flags.json'), 'w') as f:
       json.dump(_flag_values() | {'resolved_loss': loss}, f, indent=2, sort_keys=True)
   summary_writer = (tf.summary.create_file_writer(FLAGS.model_dir) if chief
                     else tf.summary.create_noop_writer())
-  results = {}
-  if FLAGS.mode in ('train', 'train_then_eval'):
-    initial_step = int(optimizer.iterations.numpy())
-    dataset = data_lib.build_distributed_dataset(
-        strategy, builder, info, train_input_config(initial_step), info.num_classes)
-    trainer = Trainer(strategy, model, optimizer, loss=loss, temperature=FLAGS.temperature,
-                      hidden_norm=FLAGS.hidden_norm, weight_decay=FLAGS.weight_decay,
-                      optimizer_name=FLAGS.optimizer, sogclr=sogclr, jit_compile=jit_compile)
-    logging.info('Training %s from step %d to %d (%d steps/epoch, warm-up %d steps).',
-                 FLAGS.train_mode, initial_step, total_steps, steps_per_epoch, warmup_steps)
-    stop_requested = threading.Event()
-    with _stop_on_sigterm(stop_requested):
-      seconds = train(
-          trainer, iter(dataset), total_steps=total_steps,
-          checkpoint_every=FLAGS.checkpoint_steps or max(
-              1, FLAGS.checkpoint_epochs * steps_per_epoch),
-          checkpoint_manager=checkpoint_manager, summary_writer=summary_writer,
-          global_batch_size=FLAGS.train_batch_size, log_every_seconds=FLAGS.log_every_seconds,
-          learning_rate_fn=learning_rate, stop_requested=stop_requested)
-    results['train_seconds'] = round(seconds, 1)
-    export(model, int(optimizer.iterations.numpy()), write_dir, chief)
-    if not chief:
-      tf.io.gfile.rmtree(write_dir)
-  if FLAGS.mode == 'eval':
-    return evaluate_checkpoints(strategy, model, builder, info, summary_writer, optimizer,
-                                sogclr, total_steps, write_dir=write_dir, chief=chief)
+  initial_step = int(optimizer.iterations.numpy())
+  dataset = data_lib.build_distributed_dataset(
+      strategy, builder, info, train_input_config(initial_step), info.num_classes)
+  trainer = Trainer(strategy, model, optimizer, loss=loss, temperature=FLAGS.temperature,
+                    hidden_norm=FLAGS.hidden_norm, weight_decay=FLAGS.weight_decay,
+                    optimizer_name=FLAGS.optimizer, sogclr=sogclr, jit_compile=jit_compile)
+  logging.info('Training %s from step %d to %d (%d steps/epoch, warm-up %d steps).',
+               FLAGS.train_mode, initial_step, total_steps, steps_per_epoch, warmup_steps)
+  stop_requested = threading.Event()
+  with _stop_on_sigterm(stop_requested):
+    seconds = train(
+        trainer, iter(dataset), total_steps=total_steps,
+        checkpoint_every=FLAGS.checkpoint_steps or max(
+            1, FLAGS.checkpoint_epochs * steps_per_epoch),
+        checkpoint_manager=checkpoint_manager, summary_writer=summary_writer,
+        global_batch_size=FLAGS.train_batch_size, log_every_seconds=FLAGS.log_every_seconds,
+        learning_rate_fn=learning_rate, stop_requested=stop_requested)
+  results = {'train_seconds': round(seconds, 1)}
   step = int(optimizer.iterations.numpy())
-  results.update(run_evaluation(strategy, model, builder, info, summary_writer, step))
+  export(model, step, write_dir, chief)
+  if not chief:
+    tf.io.gfile.rmtree(write_dir)
+  # Features of the final model, extracted once for the kNN monitor and the probe.
+  features = {}
+  results.update(run_evaluation(strategy, model, builder, info, summary_writer, step, features))
   logging.info('Final state at step %d: %s', step, state_fingerprint(model, sogclr))
   # The probe fits on the features one host sees: multi-worker runs skip it.
-  if FLAGS.train_mode == 'pretrain' and FLAGS.mode != 'eval' and num_workers(strategy) == 1:
-    results.update(run_probe(strategy, model, builder, info))
+  if FLAGS.train_mode == 'pretrain' and num_workers(strategy) == 1:
+    results.update(run_probe(strategy, model, builder, info, features))
   if chief:
-    with tf.io.gfile.GFile(os.path.join(FLAGS.model_dir, f'result_{step}.json'), 'w') as f:
-      json.dump(results, f, indent=2, sort_keys=True)
+    write_results(FLAGS.model_dir, step, results)
   return results
 
 
@@ -941,27 +962,116 @@ def restore_pretrained(model, path):
   logging.info('Initialized the model from %s', path)
 
 
-def evaluate_checkpoints(strategy, model, builder, info, summary_writer, optimizer, sogclr,
-                         total_steps, *, write_dir, chief):
+def evaluate_checkpoints(strategy, model, builder, info, summary_writer, total_steps, *,
+                         write_dir, chief):
   """--mode=eval: evaluates (and exports) every new checkpoint in model_dir as it appears (the
   latest first); returns after the one of the final step (or after --eval_timeout_seconds
-  without a new one)."""
-  trackables = {'model': model, 'optimizer': optimizer}
-  if sogclr is not None:
-    trackables['sogclr'] = sogclr
-  checkpoint = tf.train.Checkpoint(**trackables)
+  without a new one).
+
+  Only the model is restored (restore_model) and the step is read from the checkpoint
+  (checkpoint_step), so the training run's optimizer and loss flags are not needed. Only the
+  chief writes result_<step>.json; another worker's export directory is removed at the end.
+  """
   results = {}
   for path in tf.train.checkpoints_iterator(FLAGS.model_dir, min_interval_secs=1,
                                             timeout=FLAGS.eval_timeout_seconds):
-    checkpoint.restore(path).assert_existing_objects_matched()
-    step = int(optimizer.iterations.numpy())
+    try:
+      restore_model(model, path)
+    except ValueError as e:
+      raise ValueError(f"--model_dir={FLAGS.model_dir!r}: {e}; give the training run's model "
+                       'flags (its flags.json lists them) or leave them out') from None
+    step = checkpoint_step(path)
     results = run_evaluation(strategy, model, builder, info, summary_writer, step)
-    with tf.io.gfile.GFile(os.path.join(FLAGS.model_dir, f'result_{step}.json'), 'w') as f:
-      json.dump(results, f, indent=2, sort_keys=True)
+    if chief:
+      write_results(FLAGS.model_dir, step, results)
     export(model, step, write_dir, chief)
     if step >= total_steps:
       break
+  if not chief:
+    tf.io.gfile.rmtree(write_dir)
   return results
+
+
+# Where a checkpoint of run.py keeps the step: the optimizer's iteration count (a
+# LossScaleOptimizer's own counter stays 0; its inner optimizer's counts).
+STEP_KEYS = ('optimizer/inner_optimizer/_iterations/.ATTRIBUTES/VARIABLE_VALUE',
+             'optimizer/_iterations/.ATTRIBUTES/VARIABLE_VALUE')
+
+
+def checkpoint_step(path):
+  """The training step of checkpoint `path`, read without restoring the optimizer.
+
+  Falls back to the number of the file name, ckpt-<n>, for a checkpoint without an optimizer:
+  run.py's CheckpointManager numbers checkpoints by their step.
+  """
+  names = dict(tf.train.list_variables(path))
+  for key in STEP_KEYS:
+    if key in names:
+      return int(tf.train.load_variable(path, key))
+  match = re.search(r'ckpt-(\d+)$', path)
+  if match:
+    return int(match.group(1))
+  raise ValueError(f'checkpoint {path!r} holds no step (no optimizer, no ckpt-<step> name)')
+
+
+def restore_model(model, path):
+  """Restores every variable of `model` from checkpoint `path`, ignoring the rest (optimizer,
+  step, SogCLR's u table).
+
+  Raises ValueError naming the model variables the checkpoint lacks or holds with another
+  shape, before anything is assigned.
+  """
+  root = tf.train.Checkpoint(model=model)
+  view = tf.train.CheckpointView(path)
+  # A variable's key is its object path from the root, each name escaped as TensorFlow does.
+  paths = {0: ()}
+  queue = collections.deque([0])
+  while queue:
+    node = queue.popleft()
+    for name, child in view.children(node).items():
+      if child not in paths:
+        paths[child] = paths[node] + (name.replace('.', '..').replace('/', '.S'),)
+        queue.append(child)
+  keys = {id(obj): '/'.join(paths[node]) + '/.ATTRIBUTES/VARIABLE_VALUE'
+          for node, obj in view.match(root).items() if node in paths}
+  shapes = dict(tf.train.list_variables(path))
+  problems = []
+  for variable in model.variables:
+    key = keys.get(id(variable))
+    if key is None:
+      problems.append(f'{variable.path} {tuple(variable.shape)} missing')
+    elif key in shapes and list(variable.shape) != list(shapes[key]):
+      problems.append(f'{variable.path} {tuple(variable.shape)} is {tuple(shapes[key])} there')
+  if problems:
+    more = f' and {len(problems) - 5} more' if len(problems) > 5 else ''
+    raise ValueError(f'checkpoint {path} holds another architecture: '
+                     f'{", ".join(problems[:5])}{more}')
+  root.restore(path).expect_partial()
+
+
+def write_results(model_dir, step, results):
+  """Merges `results` into model_dir/result_<step>.json and returns the merged dict.
+
+  Keys already there and not recomputed (the probe's, after a --mode=eval run) are kept. The
+  file is written under another name, then renamed: a crash never leaves a truncated json.
+  """
+  path = os.path.join(model_dir, f'result_{step}.json')
+  merged = {}
+  if tf.io.gfile.exists(path):
+    with tf.io.gfile.GFile(path) as f:
+      text = f.read()
+    try:
+      merged = json.loads(text)
+    except json.JSONDecodeError:
+      aside = f'{path}.unreadable'
+      logging.warning('%s is not valid json; moved to %s', path, aside)
+      tf.io.gfile.rename(path, aside, overwrite=True)
+  merged.update(results)
+  temporary = os.path.join(model_dir, f'.result_{step}.json.tmp_{os.getpid()}')
+  with tf.io.gfile.GFile(temporary, 'w') as f:
+    f.write(json.dumps(merged, indent=2, sort_keys=True))
+  tf.io.gfile.rename(temporary, path, overwrite=True)
+  return merged
 
 
 def eval_dataset(strategy, builder, info, split):
@@ -971,10 +1081,22 @@ def eval_dataset(strategy, builder, info, split):
   return data_lib.build_distributed_dataset(strategy, builder, info, config, info.num_classes)
 
 
-def run_evaluation(strategy, model, builder, info, summary_writer, step):
+def split_features(strategy, model, builder, info, split, cache=None):
+  """extract_features of `split` without augmentation; kept in `cache` ({split: (features,
+  labels)}, a dict the caller holds while the model does not change) when given."""
+  if cache is not None and split in cache:
+    return cache[split]
+  value = extract_features(strategy, model, eval_dataset(strategy, builder, info, split))
+  if cache is not None:
+    cache[split] = value
+  return value
+
+
+def run_evaluation(strategy, model, builder, info, summary_writer, step, features=None):
   """Evaluates the model at `step`: its weight-decay loss, the supervised head's top-1/top-5 on
   the eval split (when it has one) and, with --knn_monitor, a kNN classifier on trunk features.
 
+  features: a split_features cache shared with run_probe at the same step, or None.
   Returns {'global_step', 'eval/regularization_loss', 'eval/top_1', ..., 'eval/knn_top_1'}.
   """
   # The quantity the train step logs as train/weight_decay.
@@ -988,7 +1110,7 @@ def run_evaluation(strategy, model, builder, info, summary_writer, step):
     parts.append(f"{metrics['num_examples']} images: top-1 {metrics['top_1']:.4f}, "
                  f"top-5 {metrics['top_5']:.4f}")
   if FLAGS.knn_monitor:
-    results.update(run_knn_monitor(strategy, model, builder, info))
+    results.update(run_knn_monitor(strategy, model, builder, info, features))
     if 'eval/knn_top_1' in results:
       parts.append(f"kNN top-1 {results['eval/knn_top_1']:.4f} (k={FLAGS.knn_k})")
   logging.info('Eval at step %d on %s: %s', step, FLAGS.eval_split, '; '.join(parts))
@@ -1003,32 +1125,32 @@ def run_evaluation(strategy, model, builder, info, summary_writer, step):
   return results
 
 
-def run_knn_monitor(strategy, model, builder, info):
+def run_knn_monitor(strategy, model, builder, info, features=None):
   """{'eval/knn_top_1': ...}: a weighted kNN (probe.knn_accuracy) of the eval split's trunk
-  features against the train split's, both without augmentation."""
+  features against the train split's, both without augmentation (features: a split_features
+  cache)."""
   if num_workers(strategy) > 1:
     logging.warning('--knn_monitor skipped: in a multi-worker run each host extracts only its '
                     'shard of the features.')
     return {}
-  train_x, train_y = extract_features(strategy, model,
-                                      eval_dataset(strategy, builder, info, FLAGS.train_split))
-  test_x, test_y = extract_features(strategy, model,
-                                    eval_dataset(strategy, builder, info, FLAGS.eval_split))
+  train_x, train_y = split_features(strategy, model, builder, info, FLAGS.train_split, features)
+  test_x, test_y = split_features(strategy, model, builder, info, FLAGS.eval_split, features)
   return {'eval/knn_top_1': probe.knn_accuracy(train_x, train_y, test_x, test_y, k=FLAGS.knn_k,
                                                temperature=FLAGS.knn_temperature)}
 
 
-def run_probe(strategy, model, builder, info):
+def run_probe(strategy, model, builder, info, features=None):
   """A logistic-regression probe on frozen trunk features, beside raw-pixel and random-network
-  baselines, when the train split is small enough."""
+  baselines, when the train split is small enough (features: a split_features cache, shared
+  with the kNN monitor)."""
   if not 0 < info.num_train_examples <= FLAGS.probe_max_examples:
     return {}
 
   def split_data(split):
     return eval_dataset(strategy, builder, info, split)
 
-  train_x, train_y = extract_features(strategy, model, split_data(FLAGS.train_split))
-  test_x, test_y = extract_features(strategy, model, split_data(FLAGS.eval_split))
+  train_x, train_y = split_features(strategy, model, builder, info, FLAGS.train_split, features)
+  test_x, test_y = split_features(strategy, model, builder, info, FLAGS.eval_split, features)
   results = {'probe/top_1': probe.linear_probe_accuracy(train_x, train_y, test_x, test_y)}
   if FLAGS.probe_baselines:
     with strategy.scope():

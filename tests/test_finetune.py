@@ -3,6 +3,7 @@ import glob
 import json
 import os
 import shutil
+import types
 
 import numpy as np
 import pytest
@@ -28,12 +29,33 @@ MONITORS = ['--knn_monitor', '--knn_k=20', '--weight_decay=1e-3']
 
 
 @pytest.fixture(scope='module')
-def pretrained_run(tmp_path_factory, data_dir):
-  """(model_dir, results) of 3 SogCLR steps, evaluated with the monitors and exported."""
+def pretraining(tmp_path_factory, data_dir):
+  """3 SogCLR steps with LARS, evaluated with the monitors and the probe, and exported.
+
+  model_dir, results, and extracted: the (features, labels) of each feature extraction.
+  """
   model_dir = str(tmp_path_factory.mktemp('pretrained'))
-  results = run_main(*TINY, *MONITORS, f'--data_dir={data_dir}', f'--model_dir={model_dir}',
-                     '--train_steps=3', '--probe_max_examples=0', '--DCL_mode=True')
-  return model_dir, results
+  extracted = []
+  extract_features = run.extract_features
+
+  def counted(*args, **kwargs):
+    value = extract_features(*args, **kwargs)
+    extracted.append(value)
+    return value
+
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setattr(run, 'extract_features', counted)
+    # The default --optimizer (LARS) and --loss (SogCLR), which --mode=eval is not told.
+    results = run_main(*TINY, *MONITORS, f'--data_dir={data_dir}', f'--model_dir={model_dir}',
+                       '--train_steps=3', '--probe_baselines=False', '--DCL_mode=True',
+                       '--optimizer=lars', '--learning_rate=1.0')
+  return types.SimpleNamespace(model_dir=model_dir, results=results, extracted=extracted)
+
+
+@pytest.fixture(scope='module')
+def pretrained_run(pretraining):
+  """(model_dir, results) of the pretraining run."""
+  return pretraining.model_dir, pretraining.results
 
 
 @pytest.fixture(scope='module')
@@ -71,14 +93,25 @@ def split_features(model, data_dir, split):
   return np.concatenate(features), np.concatenate(labels)
 
 
+def tiny_model(**overrides):
+  """The tiny architecture, freshly initialized."""
+  config = dict(resnet_depth=18, width_multiplier=0.125, cifar_stem=True, num_proj_layers=2,
+                proj_out_dim=16, num_classes=10)
+  return run.build_model(model_lib.ModelConfig(**(config | overrides)), 16)
+
+
 def restored_model(path, **overrides):
   """The tiny architecture with the model variables of checkpoint `path`."""
-  config = model_lib.ModelConfig(resnet_depth=18, width_multiplier=0.125, cifar_stem=True,
-                                 num_proj_layers=2, proj_out_dim=16, num_classes=10,
-                                 **overrides)
-  model = run.build_model(config, 16)
+  model = tiny_model(**overrides)
   tf.train.Checkpoint(model=model).restore(path).expect_partial()
   return model
+
+
+@pytest.fixture(scope='module')
+def final_features(data_dir, pretrained):
+  """(train features, labels, test features, labels) of the pretraining run's final model."""
+  model = restored_model(tf.train.latest_checkpoint(pretrained))
+  return (*split_features(model, data_dir, 'train'), *split_features(model, data_dir, 'test'))
 
 
 def test_linear_eval_freezes_the_trunk_and_zeroes_the_head_and_reads_the_architecture(
@@ -105,7 +138,12 @@ def test_linear_eval_freezes_the_trunk_and_zeroes_the_head_and_reads_the_archite
                          before.supervised_head.kernel.numpy())
 
 
-def test_zero_init_logits_layer_zeroes_the_restored_head(tmp_path, data_dir, pretrained):
+def test_zero_init_logits_layer_zeroes_the_restored_head(tmp_path, data_dir, pretrained,
+                                                         monkeypatch):
+  logged = []
+  info = run.logging.info
+  monkeypatch.setattr(run.logging, 'info',
+                      lambda msg, *args: logged.append(msg % args) or info(msg, *args))
   model_dir = str(tmp_path / 'zero')
   run_main(*TINY, f'--data_dir={data_dir}', f'--model_dir={model_dir}', '--train_mode=finetune',
            f'--checkpoint={pretrained}', '--fine_tune_after_block=4',
@@ -114,12 +152,16 @@ def test_zero_init_logits_layer_zeroes_the_restored_head(tmp_path, data_dir, pre
   head = restored_model(tf.train.latest_checkpoint(model_dir), train_mode='finetune')
   assert np.all(head.supervised_head.kernel.numpy() == 0)
   assert np.all(head.supervised_head.bias.numpy() == 0)
+  # Fine-tuning uses no contrastive loss, so the log names none (it said "loss sogclr").
+  strategy_line = [line for line in logged if 'replica(s)' in line]
+  assert len(strategy_line) == 1 and 'loss n/a (finetune);' in strategy_line[0], strategy_line
 
 
 def test_eval_mode_evaluates_the_final_checkpoint_and_exits(tmp_path, data_dir, pretrained_run):
   pretrained, pretrained_results = pretrained_run
   model_dir = copied_model_dir(pretrained, tmp_path)
   shutil.rmtree(os.path.join(model_dir, 'saved_model'))
+  # TINY's --optimizer=adam is not the run's (LARS): harmless, only the model is restored.
   results = run_main(*TINY, *MONITORS, f'--data_dir={data_dir}', f'--model_dir={model_dir}',
                      '--mode=eval', '--train_steps=3', '--eval_timeout_seconds=60')
   assert results['global_step'] == 3 and results['eval/num_examples'] == 360
@@ -142,7 +184,10 @@ def test_eval_mode_without_a_supervised_head_still_runs_the_knn_monitor(
   assert 'eval/top_1' not in results
   assert results['eval/knn_top_1'] == pretrained_results['eval/knn_top_1']
   assert 0 < results['eval/regularization_loss'] < pretrained_results['eval/regularization_loss']
-  assert json.load(open(os.path.join(model_dir, 'result_3.json'))) == results
+  saved = json.load(open(os.path.join(model_dir, 'result_3.json')))
+  assert {key: saved[key] for key in results} == results
+  # The training run's linear-head numbers, not recomputed here, stay.
+  assert saved['eval/top_1'] == pretrained_results['eval/top_1']
 
 
 def test_regularization_loss_is_the_weight_decay_of_the_kernels(pretrained_run):
@@ -159,11 +204,9 @@ def test_regularization_loss_is_the_weight_decay_of_the_kernels(pretrained_run):
   assert 'eval/regularization_loss' in summary_tags(pretrained)
 
 
-def test_knn_monitor_equals_knn_on_the_checkpoint_features(data_dir, pretrained_run):
+def test_knn_monitor_equals_knn_on_the_checkpoint_features(pretrained_run, final_features):
   pretrained, results = pretrained_run
-  model = restored_model(tf.train.latest_checkpoint(pretrained))
-  train_x, train_y = split_features(model, data_dir, 'train')
-  test_x, test_y = split_features(model, data_dir, 'test')
+  train_x, train_y, test_x, test_y = final_features
   assert train_x.shape == (1437, 64) and test_x.shape == (360, 64)
   expected = probe.knn_accuracy(train_x, train_y, test_x, test_y, k=20, temperature=0.1)
   assert results['eval/knn_top_1'] == expected
@@ -171,6 +214,132 @@ def test_knn_monitor_equals_knn_on_the_checkpoint_features(data_dir, pretrained_
   saved = json.load(open(os.path.join(pretrained, 'result_3.json')))
   assert saved['eval/knn_top_1'] == expected
   assert 'eval/knn_top_1' in summary_tags(pretrained)
+
+
+def test_knn_monitor_and_probe_extract_each_split_once(pretraining, final_features):
+  # One extraction of the train split and one of the eval split serve both ...
+  assert [len(x) for x, _ in pretraining.extracted] == [1437, 360]
+  (train_x, train_y), (test_x, test_y) = pretraining.extracted
+  # ... and are the final model's features (to float32 round-off).
+  for extracted, expected in zip((train_x, train_y, test_x, test_y), final_features):
+    np.testing.assert_allclose(extracted, expected, rtol=1e-4, atol=1e-5)
+  assert pretraining.results['eval/knn_top_1'] == probe.knn_accuracy(
+      train_x, train_y, test_x, test_y, k=20, temperature=0.1)
+  assert pretraining.results['probe/top_1'] == probe.linear_probe_accuracy(
+      train_x, train_y, test_x, test_y)
+
+
+@pytest.fixture(scope='module')
+def evaluated_copy(tmp_path_factory, pretrained):
+  """(model_dir, results) of --mode=eval on a copy of the pretraining run, given only the
+  model_dir: no model, data, optimizer, loss, weight-decay or training-length flag."""
+  model_dir = str(tmp_path_factory.mktemp('evaluated') / 'copy')
+  shutil.copytree(pretrained, model_dir)
+  results = run_main(f'--model_dir={model_dir}', '--mode=eval', '--eval_timeout_seconds=60',
+                     '--keep_hub_module_max=0')
+  return model_dir, results
+
+
+def test_eval_mode_needs_only_the_model_dir(pretrained_run, evaluated_copy):
+  # The run's LARS and SogCLR state is not restored (the step is read from the checkpoint);
+  # its --weight_decay=1e-3, data and length come from its flags.json.
+  _, pretrained_results = pretrained_run
+  _, results = evaluated_copy
+  assert results['global_step'] == 3
+  for key in ('eval/num_examples', 'eval/top_1', 'eval/top_5', 'eval/regularization_loss'):
+    assert results[key] == pretrained_results[key], key
+
+
+def test_eval_mode_keeps_the_results_already_written_for_the_step(pretrained_run,
+                                                                  evaluated_copy):
+  _, pretrained_results = pretrained_run
+  model_dir, results = evaluated_copy
+  saved = json.load(open(os.path.join(model_dir, 'result_3.json')))
+  # The probe's, the kNN monitor's and the training time, not recomputed by this job ...
+  for key in ('probe/top_1', 'eval/knn_top_1', 'train_seconds'):
+    assert saved[key] == pretrained_results[key], key
+  # ... beside its own evaluation.
+  assert {key: saved[key] for key in results} == results
+  assert not [name for name in os.listdir(model_dir) if name.startswith('.result')]
+
+
+def test_write_results_merges_and_never_leaves_a_truncated_file(tmp_path, monkeypatch):
+  path = tmp_path / 'result_7.json'
+  path.write_text(json.dumps({'probe/top_1': 0.9, 'eval/top_1': 0.1}))
+  merged = run.write_results(str(tmp_path), 7, {'eval/top_1': 0.2, 'global_step': 7})
+  assert merged == {'probe/top_1': 0.9, 'eval/top_1': 0.2, 'global_step': 7}
+  assert json.loads(path.read_text()) == merged
+
+  def crash(*args, **kwargs):
+    raise OSError('simulated crash')
+
+  # A crash before the rename leaves the previous file whole.
+  monkeypatch.setattr(tf.io.gfile, 'rename', crash)
+  with pytest.raises(OSError, match='simulated'):
+    run.write_results(str(tmp_path), 7, {'eval/top_1': 0.3})
+  assert json.loads(path.read_text()) == merged
+  monkeypatch.undo()
+  # A file that is not json (cut short by an older version) is kept aside, not overwritten.
+  path.write_text('{"probe/top_1": 0.')
+  assert run.write_results(str(tmp_path), 7, {'global_step': 7}) == {'global_step': 7}
+  assert (tmp_path / 'result_7.json.unreadable').read_text() == '{"probe/top_1": 0.'
+  assert sorted(os.listdir(tmp_path)) == ['result_7.json', 'result_7.json.unreadable']
+
+
+def test_non_chief_evaluation_writes_no_results_and_removes_its_directory(
+    tmp_path, data_dir, pretrained, one_replica):
+  model_dir = copied_model_dir(pretrained, tmp_path)
+  os.remove(os.path.join(model_dir, 'result_3.json'))
+  shutil.rmtree(os.path.join(model_dir, 'saved_model'))
+  run.FLAGS.unparse_flags()
+  run.FLAGS(['run.py', *TINY, f'--data_dir={data_dir}', f'--model_dir={model_dir}',
+             '--train_steps=3', '--eval_timeout_seconds=60'])
+  builder = data_lib.get_builder('digits', data_dir)
+  info = data_lib.describe(builder, 'train', 'test')
+  with one_replica.scope():
+    model = run.build_model(run.model_config(info.num_classes), 16)
+  before = sorted(os.listdir(model_dir))
+  write_dir = os.path.join(model_dir, '.worker_1_tmp')  # as prepare_write_dir names it
+  os.makedirs(write_dir)
+  results = run.evaluate_checkpoints(one_replica, model, builder, info,
+                                     tf.summary.create_noop_writer(), 3, write_dir=write_dir,
+                                     chief=False)
+  assert results['global_step'] == 3 and results['eval/num_examples'] == 360
+  # It evaluated (and exported: saving is collective), but left model_dir as it was.
+  assert sorted(os.listdir(model_dir)) == before
+
+
+def test_restore_model_names_missing_and_mismatched_variables(tmp_path, data_dir, pretrained):
+  path = tf.train.latest_checkpoint(pretrained)
+  with pytest.raises(ValueError, match=r'supervised_head/kernel \(64, 5\) is \(64, 10\) there'):
+    run.restore_model(tiny_model(num_classes=5), path)
+  with pytest.raises(ValueError, match=r'another architecture: \S+ \([\d, ]*\) missing'):
+    run.restore_model(tiny_model(se_ratio=0.25), path)
+  model = tiny_model()
+  run.restore_model(model, path)
+  expected = restored_model(path)
+  for a, b in zip(model.variables, expected.variables):
+    np.testing.assert_array_equal(a.numpy(), b.numpy(), err_msg=a.path)
+  # Through --mode=eval: one line naming --model_dir and the variable.
+  model_dir = copied_model_dir(pretrained, tmp_path)
+  with pytest.raises(ValueError, match=r'--model_dir=.*another architecture: .*projection_head/'
+                                       r'\S+ \(.*32,?\) is \(.*16,?\) there'):
+    run_main(f'--model_dir={model_dir}', f'--data_dir={data_dir}', '--mode=eval',
+             '--proj_out_dim=32', '--eval_timeout_seconds=60')
+
+
+def test_checkpoint_step_reads_the_optimizer_step_or_the_file_name(tmp_path, pretrained):
+  assert run.checkpoint_step(tf.train.latest_checkpoint(pretrained)) == 3
+  variable = tf.Variable(tf.ones([3]))
+  optimizer = tf.keras.optimizers.LossScaleOptimizer(tf.keras.optimizers.SGD(0.1))
+  optimizer.build([variable])
+  for _ in range(2):
+    optimizer.apply_gradients([(tf.ones([3]), variable)])
+  # float16 training: the wrapper's own counter stays 0, the inner optimizer's counts.
+  path = tf.train.Checkpoint(optimizer=optimizer).write(str(tmp_path / 'mixed' / 'ckpt-9'))
+  assert run.checkpoint_step(path) == 2
+  path = tf.train.Checkpoint(variable=variable).write(str(tmp_path / 'plain' / 'ckpt-7'))
+  assert run.checkpoint_step(path) == 7
 
 
 def test_export_signature_matches_the_keras_model(pretrained):
