@@ -650,7 +650,8 @@ ARCHITECTURE_FLAGS = ('resnet_depth', 'width_multiplier', 'sk_ratio', 'se_ratio'
 # step, after which --mode=eval exits).
 EVAL_FLAGS = ('train_mode', 'lineareval_while_pretraining', 'ft_proj_selector',
               'fine_tune_after_block', 'num_classes', 'dataset', 'data_dir', 'train_split',
-              'eval_split', 'weight_decay', 'train_batch_size', 'train_epochs', 'train_steps')
+              'eval_split', 'weight_decay', 'train_batch_size', 'train_epochs', 'train_steps',
+              'mixed_precision', 'supervised_head_bn')
 
 
 def inherit_flags(path, names=ARCHITECTURE_FLAGS):

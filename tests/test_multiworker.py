@@ -100,7 +100,7 @@ def test_two_workers_train_in_lockstep_and_only_the_chief_writes(uninterrupted):
   assert tf.train.latest_checkpoint(model_dir).endswith('ckpt-6')
   assert not glob.glob(os.path.join(model_dir, '.worker_*'))
   # Both workers saved the export (saving is collective); only the chief's is kept.
-  assert os.listdir(os.path.join(model_dir, 'saved_model')) == ['4']
+  assert os.listdir(os.path.join(model_dir, 'saved_model')) == ['6']
   assert len(glob.glob(os.path.join(model_dir, 'events.out.tfevents.*'))) == 1
   assert os.path.exists(os.path.join(model_dir, 'flags.json'))
 
