@@ -448,6 +448,10 @@ def build_input_fn(builder, info, config, num_classes):
       # repeated exactly, and resumed mid-epoch by skipping records before any decoding.
       epoch_seed = tf.random.experimental.stateless_fold_in(base_seed, epoch)
       shuffle_seed = tf.random.stateless_uniform([], epoch_seed, maxval=2**62, dtype=tf.int64)
+      # A shuffle's seed pair is (graph seed, op seed). Fixing this traced function's graph seed
+      # makes the order a function of config.seed alone, whatever global seed the caller set
+      # (and a global seed of 0 would make tf.data reject a tensor op seed).
+      tf.random.set_seed(config.seed + 1)
       skip = tf.where(epoch == start_epoch, tf.constant(skipped_batches, tf.int64), 0)
       d = dataset.shuffle(min(pipeline_size, config.shuffle_buffer), seed=shuffle_seed,
                           reshuffle_each_iteration=False)

@@ -697,8 +697,8 @@ def _main(argv):
   info = data_lib.describe(builder, FLAGS.train_split, FLAGS.eval_split, FLAGS.num_classes)
   # Seeded after the data is prepared: preparing it draws from the global random generators.
   tf.keras.utils.set_random_seed(FLAGS.seed)
-  # tf.data refuses a tensor shuffle seed (data.py's per-epoch shuffles) under a global seed of
-  # exactly 0, so the global TF seed is shifted by one.
+  # The global TF seed stays seed + 1, as in the runs the README reports (an older workaround;
+  # data.py's shuffles now seed themselves from --seed alone).
   tf.random.set_seed(FLAGS.seed + 1)
   chief = is_chief(strategy)
   # Only pretraining uses a contrastive loss (an evaluation job does not even know the run's).

@@ -379,8 +379,6 @@ def loss_curves(strategy, args):
   curves, weights = {}, None
   for precision in ('float32', 'bfloat16'):
     tf.keras.utils.set_random_seed(0)
-    # As run.main: tf.data refuses data.py's tensor shuffle seeds under a global seed of 0.
-    tf.random.set_seed(1)
     tracking = argparse.Namespace(**{**vars(args), 'num_classes': info.num_classes,
                                      'num_examples': info.num_train_examples})
     model, optimizer, sogclr = build_for_precision(strategy, spec, precision, tracking, weights)

@@ -149,8 +149,7 @@ def _tiny_model_config(**kwargs):
 def test_two_replica_train_steps_equal_one_replica(mode, one_replica, two_replicas):
   # Seeded initial weights: three LARS steps amplify float32 round-off (the two replicas sum
   # in another order) more for some initializations than others; the test must not depend on
-  # the random state earlier tests leave behind. (Not 0: a global seed of 0 makes tf.data reject
-  # the tensor shuffle seeds of data.py's pipelines in later tests.)
+  # the random state earlier tests leave behind.
   tf.keras.utils.set_random_seed(1)
   rng = np.random.default_rng(0)
   global_batch = 8
