@@ -20,7 +20,12 @@ from absl import app
 from absl import flags
 from absl import logging
 import numpy as np
-import tensorflow as tf
+
+import host_memory
+
+host_memory.tune()  # before TensorFlow allocates anything
+
+import tensorflow as tf  # noqa: E402  (after the malloc tuning above)
 
 import data as data_lib
 import lars_optimizer

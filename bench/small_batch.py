@@ -20,6 +20,9 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+import host_memory  # noqa: E402
+
+host_memory.tune()  # before TensorFlow allocates, as run.py does
 
 from absl import logging  # noqa: E402  (after the path and environment set-up above)
 import numpy as np  # noqa: E402
