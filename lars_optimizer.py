@@ -56,8 +56,9 @@ class LARS(tf.keras.optimizers.Optimizer):
     self._excluded = [is_excluded(v) for v in variables]
 
   def _trust_ratio(self, w, direction):
-    w_norm = tf.norm(w, ord=2)
-    d_norm = tf.norm(direction, ord=2)
+    # sqrt(2 * l2_loss): one pass over each tensor (tf.norm writes the squares out first).
+    w_norm = tf.sqrt(2.0 * tf.nn.l2_loss(w))
+    d_norm = tf.sqrt(2.0 * tf.nn.l2_loss(direction))
     return tf.where(tf.logical_and(w_norm > 0, d_norm > 0),
                     self.eeta * tf.math.divide_no_nan(w_norm, d_norm), tf.ones_like(w_norm))
 
@@ -76,10 +77,12 @@ class LARS(tf.keras.optimizers.Optimizer):
     if self.classic_momentum:
       trust = 1.0 if excluded else self._trust_ratio(w, g)
       scaled_lr = learning_rate * trust
-      next_v = momentum * v + scaled_lr * g
-      update = momentum * next_v + scaled_lr * g if self.nesterov else next_v
-      self.assign(v, next_v)
-      self.assign_sub(variable, update)
+      # One fused kernel updates v and the variable in place (inside a distributed update the
+      # handles are this device's copies): v = momentum * v + scaled_lr * g, then
+      # variable -= v (Nesterov: momentum * v + scaled_lr * g).
+      tf.raw_ops.ResourceApplyMomentum(
+          var=variable.handle, accum=v.handle, lr=tf.ones([], dtype), grad=scaled_lr * g,
+          momentum=momentum, use_locking=False, use_nesterov=self.nesterov)
     else:
       next_v = momentum * v + g
       update = momentum * next_v + g if self.nesterov else next_v

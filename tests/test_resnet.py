@@ -248,12 +248,19 @@ def test_resnet_uses_the_fused_batch_norm_on_images():
 @pytest.mark.parametrize('kernel_size, strides', [(1, 1), (3, 1), (3, 2), (7, 2), (1, 2)])
 @pytest.mark.parametrize('size', [8, 9])
 def test_fixed_padding_conv_pads_k_minus_1_over_2_first(kernel_size, strides, size):
+    """Outputs and both gradients equal a plain conv on the explicitly padded input."""
     conv = resnet.Conv2DFixedPadding(4, kernel_size, strides, name='conv')
     x = _images(2, size)
-    y = conv(x)
-    total = kernel_size - 1
-    sides = [total // 2, total - total // 2]
-    padded = tf.pad(x, [[0, 0], sides, sides, [0, 0]])
-    expected = tf.nn.conv2d(padded, conv.kernel, strides, 'VALID')
+    upstream = tf.random.stateless_normal(conv.compute_output_shape(x.shape), [1, 2])
+    with tf.GradientTape(persistent=True) as tape:
+        tape.watch(x)
+        y = conv(x)
+        total = kernel_size - 1
+        sides = [total // 2, total - total // 2]
+        padded = tf.pad(x, [[0, 0], sides, sides, [0, 0]])
+        expected = tf.nn.conv2d(padded, conv.kernel, strides, 'VALID')
     assert y.shape == expected.shape == conv.compute_output_shape(x.shape)
     np.testing.assert_allclose(y, expected, rtol=1e-5, atol=1e-5)
+    for got, want in zip(tape.gradient(y, [x, conv.kernel], upstream),
+                         tape.gradient(expected, [x, conv.kernel], upstream)):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
