@@ -74,6 +74,7 @@ class Variant:
   trace_seconds: float = 0.0
   first_call_rss_rise_bytes: int = 0
   seconds_per_step: list = dataclasses.field(default_factory=list)
+  kernel_seconds_per_step: list = dataclasses.field(default_factory=list)  # process's system time
   peak_rss_bytes: list = dataclasses.field(default_factory=list)
 
   @property
@@ -307,11 +308,13 @@ def run_rounds(variants, micros, rounds):
     started = time.perf_counter()
     for variant in variants:
       with PeakRss() as memory:
-        t = time.perf_counter()
+        t, kernel = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF).ru_stime
         metrics = variant.trainer.train_loop(variant.iterator, variant.steps_per_call)
         float(metrics['total_loss'])
         elapsed = time.perf_counter() - t
+        kernel = resource.getrusage(resource.RUSAGE_SELF).ru_stime - kernel
       variant.seconds_per_step.append(elapsed / variant.steps_per_call)
+      variant.kernel_seconds_per_step.append(kernel / variant.steps_per_call)
       variant.peak_rss_bytes.append(memory.peak)
     for micro in micros:
       micro.time_once()
@@ -332,9 +335,9 @@ def paired_ratio(a, b):
 def markdown_tables(variants, micros):
   peak = {m.dtype: statistics.median(m.gflops) for m in micros if m.kind == 'matmul'}
   lines = ['| model | loss | precision | XLA | images/s median [min-max] | ms/step | '
-           'model GFLOP/s | % of matmul | first call: RSS added MB | peak RSS MB | '
-           'first call s |',
-           '| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |']
+           'model GFLOP/s | % of matmul | kernel ms/step | first call: RSS added MB | '
+           'peak RSS MB | first call s |',
+           '| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |']
   for v in variants:
     rate = statistics.median(v.images_per_second())
     gflops = rate * 2 * TRAIN_FLOPS_PER_FORWARD * v.forward_flops / 1e9
@@ -344,6 +347,7 @@ def markdown_tables(variants, micros):
         f'| {v.spec.label} | {v.loss} | {v.precision} | {"on" if v.xla else "off"} | '
         f'{median_range(v.images_per_second())} | '
         f'{1000 * statistics.median(v.seconds_per_step):.0f} | {gflops:.0f} | {share} | '
+        f'{1000 * statistics.median(v.kernel_seconds_per_step):.0f} | '
         f'{v.first_call_rss_rise_bytes / 2**20:.0f} | {max(v.peak_rss_bytes) / 2**20:.0f} | '
         f'{v.trace_seconds:.0f} |')
   lines += ['', '| reference op | dtype | GFLOP/s median [min-max] |', '| --- | --- | --- |']
@@ -431,7 +435,8 @@ def main(argv=None):
         'First call: RSS added = peak resident memory during the tracing call above the level '
         'before it (what this variant adds to the process); peak RSS = the whole process '
         '(every variant alive), during its timed calls. For one configuration alone, run it '
-        'alone (e.g. --models=50:64:32 --losses=sogclr --precisions=float32).')
+        'alone (e.g. --models=50:64:32 --losses=sogclr --precisions=float32). Kernel ms/step: '
+        "the process's system CPU time per step (page faults, mostly; see host_memory.py).")
   if args.track_steps:
     curves = loss_curves(strategy, args)
     print()
