@@ -3,6 +3,7 @@ model FLOP rate beside a matmul and a 3x3 conv, peak memory, and bfloat16-vs-flo
 Usage: python bench/train_step.py [--quick] (one image = its two views; see --help)."""
 import argparse
 import dataclasses
+import gc
 import os
 import platform
 import resource
@@ -96,7 +97,8 @@ def parse_args(argv):
                            "per model), 'simclr' (both precisions) or 'all'. XLA on this CPU is "
                            "slow to compile and to run, bfloat16 most of all.")
   parser.add_argument('--rounds', type=int, default=4,
-                      help='Timed rounds; each times every variant once, in turn.')
+                      help='Timed rounds per model; each times every variant of the model '
+                           'once, in turn.')
   parser.add_argument('--steps', type=int, default=2, help='Steps per timed call (no XLA).')
   parser.add_argument('--xla_steps', type=int, default=1,
                       help='Steps per timed call with XLA (slow on CPU).')
@@ -227,33 +229,33 @@ class PeakRss:
     self.peak = max(self.peak, rss_bytes())
 
 
-def build_variants(strategy, args):
+def build_variants(strategy, args, spec, first_seed):
+  """Every timed configuration of one model spec (seeds of their batches from first_seed)."""
   variants = []
-  for spec in args.models:
-    flops = None
-    for precision in args.precisions:
-      model, optimizer, sogclr = build_for_precision(strategy, spec, precision, args)
-      if flops is None:
-        flops = forward_flops(model, spec.image_size)
-      for loss in args.losses:
-        for xla in (False, True):
-          if xla and not with_xla(args.xla, loss, precision):
-            continue
-          trainer = make_trainer(strategy, model, optimizer, sogclr, loss, xla)
-          iterator = synthetic_iterator(strategy, spec, args.num_classes, args.num_examples,
-                                        seed=len(variants))
-          variant = Variant(spec, loss, precision, xla, trainer, iterator,
-                            args.xla_steps if xla else args.steps, flops)
-          started = time.perf_counter()
-          with PeakRss() as memory:
-            metrics = trainer.train_loop(iterator, 1)  # traces (and compiles, with XLA)
-            loss_value = float(metrics['total_loss'])
-          variant.trace_seconds = time.perf_counter() - started
-          # Freed memory stays mapped, so only the first call shows what this variant adds.
-          variant.first_call_rss_rise_bytes = memory.peak - memory.before
-          print(f'  built {describe(variant)}: first call (tracing) {variant.trace_seconds:.1f} s, '
-                f'loss {loss_value:.3f}', flush=True)
-          variants.append(variant)
+  flops = None
+  for precision in args.precisions:
+    model, optimizer, sogclr = build_for_precision(strategy, spec, precision, args)
+    if flops is None:
+      flops = forward_flops(model, spec.image_size)
+    for loss in args.losses:
+      for xla in (False, True):
+        if xla and not with_xla(args.xla, loss, precision):
+          continue
+        trainer = make_trainer(strategy, model, optimizer, sogclr, loss, xla)
+        iterator = synthetic_iterator(strategy, spec, args.num_classes, args.num_examples,
+                                      seed=first_seed + len(variants))
+        variant = Variant(spec, loss, precision, xla, trainer, iterator,
+                          args.xla_steps if xla else args.steps, flops)
+        started = time.perf_counter()
+        with PeakRss() as memory:
+          metrics = trainer.train_loop(iterator, 1)  # traces (and compiles, with XLA)
+          loss_value = float(metrics['total_loss'])
+        variant.trace_seconds = time.perf_counter() - started
+        # Freed memory stays mapped, so only the first call shows what this variant adds.
+        variant.first_call_rss_rise_bytes = memory.peak - memory.before
+        print(f'  built {describe(variant)}: first call (tracing) {variant.trace_seconds:.1f} s, '
+              f'loss {loss_value:.3f}', flush=True)
+        variants.append(variant)
   return variants
 
 
@@ -423,8 +425,16 @@ def main(argv=None):
         f'{os.cpu_count()} CPUs; load average {os.getloadavg()[0]:.1f} at start', flush=True)
   micros = [Micro(kind, dtype, args.micro_seconds)
             for kind in ('matmul', 'conv3x3') for dtype in (tf.float32, tf.bfloat16)]
-  variants = build_variants(strategy, args)
-  run_rounds(variants, micros, args.rounds)
+  variants = []
+  for spec in args.models:
+    # One model's variants at a time: the others' memory would sit in the process for nothing
+    # (ten models alive made every step slower).
+    built = build_variants(strategy, args, spec, first_seed=len(variants))
+    run_rounds(built, micros, args.rounds)
+    for variant in built:
+      variant.trainer = variant.iterator = None
+    gc.collect()
+    variants += built
   tables = markdown_tables(variants, micros)
   print()
   print(tables)
@@ -434,8 +444,8 @@ def main(argv=None):
         f'({per_view_flops}). '
         'First call: RSS added = peak resident memory during the tracing call above the level '
         'before it (what this variant adds to the process); peak RSS = the whole process '
-        '(every variant alive), during its timed calls. For one configuration alone, run it '
-        'alone (e.g. --models=50:64:32 --losses=sogclr --precisions=float32). Kernel ms/step: '
+        '(every variant of this model alive), during its timed calls. For one configuration '
+        'alone, run it alone (e.g. --models=50:64:32 --losses=sogclr --precisions=float32). Kernel ms/step: '
         "the process's system CPU time per step (page faults, mostly; see host_memory.py).")
   if args.track_steps:
     curves = loss_curves(strategy, args)

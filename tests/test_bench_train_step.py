@@ -33,10 +33,11 @@ def test_quick_run_prints_rates_ratios_and_loss_curves(train_step, tmp_path):
   tables = train_step.main(['--quick', '--rounds=1', '--precisions=float32',
                             f'--data_dir={tmp_path}'])
   rows = [line for line in tables.splitlines() if line.startswith('| R18 w0.125 16px b8 |')]
-  timed = [row for row in rows if row.count('|') == 12]
+  timed = [row for row in rows if row.count('|') == 13]
   assert [row.split('|')[2].strip() for row in timed] == ['simclr', 'sogclr']
   for row in timed:
     assert float(row.split('|')[5].split()[0]) > 0  # images/s
+    assert float(row.split('|')[9]) >= 0  # kernel ms/step
   assert sum('SogCLR / SimCLR (float32, XLA off)' in row for row in rows) == 1
   assert tables.count('| matmul 2048x2048x2048 |') == 2  # float32 and bfloat16
   curve = [line for line in tables.splitlines() if line.startswith('| 1-2 |')]
