@@ -308,7 +308,8 @@ class Micro:
 def run_rounds(variants, micros, rounds):
   for r in range(rounds):
     started = time.perf_counter()
-    for variant in variants:
+    # Every other round in reverse, so that no variant always follows the same one.
+    for variant in (variants if r % 2 == 0 else variants[::-1]):
       with PeakRss() as memory:
         t, kernel = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF).ru_stime
         metrics = variant.trainer.train_loop(variant.iterator, variant.steps_per_call)
