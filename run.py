@@ -958,13 +958,18 @@ def restore_pretrained(model, path):
   if not tf.io.gfile.exists(path + '.index'):
     raise ValueError(f'--checkpoint={path!r} does not exist (expected a checkpoint prefix, a '
                      'directory holding checkpoints or a SavedModel export)')
-  # The optimizer state, step and SogCLR's u table of the pretraining run (or an export's
-  # signatures) are expected to be left unmatched.
+  # Every trunk and projection-head variable must come from the checkpoint (restore_model
+  # names the missing and mismatched ones); the linear head may be new (a first fine-tuning
+  # starts it from scratch). The pretraining run's optimizer state, step and SogCLR's u table
+  # (or an export's signatures) are left unmatched.
+  head = {id(v) for name in ('supervised_head', 'supervised_head_bn')
+          for v in getattr(getattr(model, name, None), 'variables', [])}
   try:
-    tf.train.Checkpoint(model=model).restore(path).expect_partial()
+    restore_model(model, path, [v for v in model.variables if id(v) not in head])
   except ValueError as e:
-    raise ValueError(f'--checkpoint={path!r} holds another architecture ({e}); repeat the '
-                     "pretraining run's model flags (its flags.json lists them)") from None
+    message = str(e).replace(f'checkpoint {path} ', '')
+    raise ValueError(f'--checkpoint={path!r} {message}; repeat the pretraining run\'s model '
+                     'flags (its flags.json lists them)') from None
   logging.info('Initialized the model from %s', path)
 
 
@@ -1020,12 +1025,12 @@ def checkpoint_step(path):
   raise ValueError(f'checkpoint {path!r} holds no step (no optimizer, no ckpt-<step> name)')
 
 
-def restore_model(model, path):
-  """Restores every variable of `model` from checkpoint `path`, ignoring the rest (optimizer,
+def restore_model(model, path, required=None):
+  """Restores the variables of `model` from checkpoint `path`, ignoring the rest (optimizer,
   step, SogCLR's u table).
 
-  Raises ValueError naming the model variables the checkpoint lacks or holds with another
-  shape, before anything is assigned.
+  Raises ValueError, before anything is assigned, naming the `required` variables (default: all
+  of the model's) that the checkpoint lacks and any variable it holds with another shape.
   """
   root = tf.train.Checkpoint(model=model)
   view = tf.train.CheckpointView(path)
@@ -1042,10 +1047,12 @@ def restore_model(model, path):
           for node, obj in view.match(root).items() if node in paths}
   shapes = dict(tf.train.list_variables(path))
   problems = []
+  required = {id(v) for v in (model.variables if required is None else required)}
   for variable in model.variables:
     key = keys.get(id(variable))
     if key is None:
-      problems.append(f'{variable.path} {tuple(variable.shape)} missing')
+      if id(variable) in required:
+        problems.append(f'{variable.path} {tuple(variable.shape)} missing')
     elif key in shapes and list(variable.shape) != list(shapes[key]):
       problems.append(f'{variable.path} {tuple(variable.shape)} is {tuple(shapes[key])} there')
   if problems:

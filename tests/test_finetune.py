@@ -328,6 +328,29 @@ def test_restore_model_names_missing_and_mismatched_variables(tmp_path, data_dir
              '--proj_out_dim=32', '--eval_timeout_seconds=60')
 
 
+def test_restore_pretrained_checks_every_trunk_and_projection_variable(tmp_path, pretrained):
+  """--checkpoint: trunk and projection head must all be there; a fresh linear head may be new."""
+  with pytest.raises(ValueError, match=r"--checkpoint='[^']*' holds another architecture: "
+                                       r'\S+/se/\S+ \([\d, ]*\) missing'):
+    run.restore_pretrained(tiny_model(se_ratio=0.25, train_mode='finetune'), pretrained)
+  with pytest.raises(ValueError, match=r'--checkpoint=.*holds another architecture: .*'
+                                       r'supervised_head/kernel \(64, 5\) is \(64, 10\) there'):
+    run.restore_pretrained(tiny_model(num_classes=5, train_mode='finetune'), pretrained)
+  # A linear head the checkpoint does not have (none during pretraining) stays as initialized.
+  model = tiny_model(train_mode='finetune', supervised_head_bn=False)
+  head_before = [v.numpy() for v in model.supervised_head.variables]
+  checkpoint = tf.train.latest_checkpoint(pretrained)
+  trunk_only = str(tmp_path / 'trunk_only' / 'ckpt')
+  source = restored_model(checkpoint)
+  tf.train.Checkpoint(model=tf.train.Checkpoint(
+      trunk=source.trunk, projection_head=source.projection_head)).write(trunk_only)
+  run.restore_pretrained(model, trunk_only)
+  for a, b in zip(model.trunk.variables, source.trunk.variables):
+    np.testing.assert_array_equal(a.numpy(), b.numpy(), err_msg=a.path)
+  for a, b in zip(model.supervised_head.variables, head_before):
+    np.testing.assert_array_equal(a.numpy(), b)
+
+
 def test_checkpoint_step_reads_the_optimizer_step_or_the_file_name(tmp_path, pretrained):
   assert run.checkpoint_step(tf.train.latest_checkpoint(pretrained)) == 3
   variable = tf.Variable(tf.ones([3]))
