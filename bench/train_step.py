@@ -35,6 +35,12 @@ POLICIES = {'float32': 'float32', 'bfloat16': 'mixed_bfloat16'}
 TRAIN_FLOPS_PER_FORWARD = 3
 PAGE_BYTES = os.sysconf('SC_PAGE_SIZE')
 XLA_CHOICES = ('none', 'simclr_float32', 'simclr', 'all')
+_STARTED = time.perf_counter()
+
+
+def progress(message):
+  """Prints a progress line stamped with the seconds since the script started."""
+  print(f'[{time.perf_counter() - _STARTED:4.0f} s] {message}', flush=True)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -235,8 +241,10 @@ def build_variants(strategy, args, spec, first_seed):
   flops = None
   for precision in args.precisions:
     model, optimizer, sogclr = build_for_precision(strategy, spec, precision, args)
+    progress(f'built the {spec.label} model in {precision}')
     if flops is None:
       flops = forward_flops(model, spec.image_size)
+      progress(f'{spec.label}: {flops / 1e9:.2f} forward GFLOP per view')
     for loss in args.losses:
       for xla in (False, True):
         if xla and not with_xla(args.xla, loss, precision):
@@ -253,8 +261,8 @@ def build_variants(strategy, args, spec, first_seed):
         variant.trace_seconds = time.perf_counter() - started
         # Freed memory stays mapped, so only the first call shows what this variant adds.
         variant.first_call_rss_rise_bytes = memory.peak - memory.before
-        print(f'  built {describe(variant)}: first call (tracing) {variant.trace_seconds:.1f} s, '
-              f'loss {loss_value:.3f}', flush=True)
+        progress(f'built {describe(variant)}: first call (tracing) {variant.trace_seconds:.1f} s, '
+                 f'loss {loss_value:.3f}')
         variants.append(variant)
   return variants
 
@@ -321,7 +329,7 @@ def run_rounds(variants, micros, rounds):
       variant.peak_rss_bytes.append(memory.peak)
     for micro in micros:
       micro.time_once()
-    print(f'  round {r + 1}/{rounds}: {time.perf_counter() - started:.1f} s', flush=True)
+    progress(f'round {r + 1}/{rounds}: {time.perf_counter() - started:.1f} s')
 
 
 def median_range(values, fmt='{:.1f}'):
@@ -403,7 +411,7 @@ def loss_curves(strategy, args):
     curves[precision] = [
         {k: float(v) for k, v in trainer.train_loop(iterator, args.track_every).items()}
         for _ in range(args.track_steps // args.track_every)]
-    print(f'  loss curve {precision}: {time.perf_counter() - started:.1f} s', flush=True)
+    progress(f'loss curve {precision}: {time.perf_counter() - started:.1f} s')
   lines = [f'SogCLR, {spec.label} on the digits demo, LARS, same initial weights and batches; '
            f'means over {args.track_every} steps:', '',
            '| steps | total loss float32 | total loss bfloat16 | difference | '
@@ -426,6 +434,7 @@ def main(argv=None):
         f'{os.cpu_count()} CPUs; load average {os.getloadavg()[0]:.1f} at start', flush=True)
   micros = [Micro(kind, dtype, args.micro_seconds)
             for kind in ('matmul', 'conv3x3') for dtype in (tf.float32, tf.bfloat16)]
+  progress('reference matmul and convolution calibrated')
   variants = []
   for spec in args.models:
     # One model's variants at a time: the others' memory would sit in the process for nothing
@@ -436,6 +445,7 @@ def main(argv=None):
       variant.trainer = variant.iterator = None
     gc.collect()
     variants += built
+    progress(f'{spec.label} timed and freed')
   tables = markdown_tables(variants, micros)
   print()
   print(tables)
@@ -446,8 +456,9 @@ def main(argv=None):
         'First call: RSS added = peak resident memory during the tracing call above the level '
         'before it (what this variant adds to the process); peak RSS = the whole process '
         '(every variant of this model alive), during its timed calls. For one configuration '
-        'alone, run it alone (e.g. --models=50:64:32 --losses=sogclr --precisions=float32). Kernel ms/step: '
-        "the process's system CPU time per step (page faults, mostly; see host_memory.py).")
+        'alone, run it alone (e.g. --models=50:64:32 --losses=sogclr --precisions=float32). '
+        "Kernel ms/step: the process's system CPU time per step (page faults, mostly; see "
+        'host_memory.py).')
   if args.track_steps:
     curves = loss_curves(strategy, args)
     print()
