@@ -3,7 +3,6 @@ model FLOP rate beside a matmul and a 3x3 conv, peak memory, and bfloat16-vs-flo
 Usage: python bench/train_step.py [--quick] (one image = its two views; see --help)."""
 import argparse
 import dataclasses
-import gc
 import os
 import platform
 import resource
@@ -437,15 +436,11 @@ def main(argv=None):
   progress('reference matmul and convolution calibrated')
   variants = []
   for spec in args.models:
-    # One model's variants at a time: the others' memory would sit in the process for nothing
-    # (ten models alive made every step slower).
+    # Each model's variants are timed before the next model is built, so they share the process
+    # with fewer others. (Freeing them afterwards took 60-75 s per model, so they stay.)
     built = build_variants(strategy, args, spec, first_seed=len(variants))
     run_rounds(built, micros, args.rounds)
-    for variant in built:
-      variant.trainer = variant.iterator = None
-    gc.collect()
     variants += built
-    progress(f'{spec.label} timed and freed')
   tables = markdown_tables(variants, micros)
   print()
   print(tables)
@@ -455,8 +450,9 @@ def main(argv=None):
         f'({per_view_flops}). '
         'First call: RSS added = peak resident memory during the tracing call above the level '
         'before it (what this variant adds to the process); peak RSS = the whole process '
-        '(every variant of this model alive), during its timed calls. For one configuration '
-        'alone, run it alone (e.g. --models=50:64:32 --losses=sogclr --precisions=float32). '
+        "(this model's variants and the earlier models' alive), during its timed calls. For one "
+        'configuration alone, run it alone (e.g. --models=50:64:32 --losses=sogclr '
+        '--precisions=float32). '
         "Kernel ms/step: the process's system CPU time per step (page faults, mostly; see "
         'host_memory.py).')
   if args.track_steps:
