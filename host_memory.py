@@ -12,7 +12,6 @@ Call `tune()` before TensorFlow allocates (run.py and the benchmarks do it befor
 set SOGCLR_MALLOC_TUNING=0 to keep the defaults. Other C libraries are left alone.
 """
 import ctypes
-import ctypes.util
 import os
 import platform
 
@@ -42,7 +41,7 @@ def tune():
     return False
   if platform.system() != 'Linux' or platform.libc_ver()[0] != 'glibc':
     return False
-  libc = ctypes.CDLL(ctypes.util.find_library('c') or 'libc.so.6')
+  libc = ctypes.CDLL(None)  # the C library this process already runs on
   _applied = all(libc.mallopt(param, value) == 1 for param, value in (
       (_M_MMAP_THRESHOLD, MMAP_THRESHOLD), (_M_TRIM_THRESHOLD, TRIM_THRESHOLD),
       (_M_TOP_PAD, TOP_PAD)))
