@@ -199,16 +199,35 @@ def test_two_replica_train_steps_equal_one_replica(mode, one_replica, two_replic
     np.testing.assert_allclose(table, one[3][0], rtol=1e-4)
 
 
+def _bench_flags():
+  """{script: flags it defines}, read from the bench scripts' argparse calls."""
+  found = {}
+  for path in glob.glob(os.path.join(REPO, 'bench', '*.py')):
+    source = open(path).read()
+    found['bench/' + os.path.basename(path)] = set(
+        re.findall(r"add_argument\(\s*'--(\w+)'", source))
+  return found
+
+
 def test_every_flag_named_in_the_readme_exists():
   readme = open(os.path.join(REPO, 'README.md')).read()
-  # Commands of other tools (imagenet.py, tfds, tensorboard) have their own flags.
   text = re.sub(r'\\\n', ' ', readme)
+  bench = _bench_flags()
+  assert bench['bench/train_step.py'] >= {'models', 'precisions', 'xla'}
+  # A command of a bench script names that script's flags.
+  for line in text.splitlines():
+    for script in re.findall(r'bench/\w+\.py', line):
+      if script in bench and re.search(r'python ' + re.escape(script), line):
+        named = set(re.findall(r'--([A-Za-z_]\w*)', line.split(script, 1)[1]))
+        assert named <= bench[script], (script, sorted(named - bench[script]))
+  # Every other flag is run.py's; a bench flag may be named in prose about the benchmarks.
+  # Commands of other tools (imagenet.py, tfds, tensorboard) have their own flags.
   text = '\n'.join(line for line in text.splitlines()
                    if not re.search(r'(imagenet\.py|bench/\w+\.py|tfds build|tensorboard) ', line))
   named = set(re.findall(r'--([A-Za-z_][A-Za-z0-9_]*)', text))
-  defined = set(run.FLAGS)
+  defined = set(run.FLAGS) | set().union(*bench.values())
   missing = sorted(named - defined - {'help', 'helpfull'})
-  assert not missing, f'README names flags run.py does not define: {missing}'
+  assert not missing, f'README names flags neither run.py nor a bench script defines: {missing}'
   assert len(named) > 20
 
 
