@@ -28,6 +28,18 @@ def test_batch_larger_than_u_table_is_an_error(train_step):
     train_step.parse_args(['--models=18:16:64', '--num_examples=32'])
 
 
+def test_peak_rss_sees_memory_touched_and_freed_inside_the_block(train_step):
+  import numpy as np
+  size = 256 * 2**20
+  with train_step.PeakRss() as memory:
+    block = np.ones(size, np.uint8)  # touched, then freed before the block ends
+    del block
+  assert memory.peak - memory.before >= 0.9 * size
+  with train_step.PeakRss() as quiet:  # the mark was reset: the earlier peak is not reported
+    pass
+  assert quiet.peak - quiet.before < 0.5 * size
+
+
 def test_quick_run_prints_rates_ratios_and_loss_curves(train_step, tmp_path):
   # float32 only for the timed variants (each costs a trace); the loss curves run bfloat16 too.
   tables = train_step.main(['--quick', '--rounds=1', '--precisions=float32',
