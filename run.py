@@ -445,10 +445,10 @@ class Trainer:
         metrics['supervised_acc'] = tf.reduce_mean(tf.cast(tf.equal(
             tf.argmax(logits, 1), tf.argmax(repeated_labels, 1)), tf.float32))
         total += supervised
-      weight_decay = lars_optimizer.weight_decay_loss(
-          self.model.trainable_variables, self.weight_decay)
-      metrics['weight_decay'] = weight_decay
       if self.decay_in_loss:
+        weight_decay = lars_optimizer.weight_decay_loss(
+            self.model.trainable_variables, self.weight_decay)
+        metrics['weight_decay'] = weight_decay
         total += weight_decay
       metrics['total_loss'] = total
       # apply_gradients sums over replicas.
@@ -466,12 +466,21 @@ class Trainer:
             for k, v in per_replica.items()}
 
   def _train_loop(self, iterator, num_steps):
-    """Runs `num_steps` >= 1 steps; returns each metric's mean over them (and replicas)."""
+    """Runs `num_steps` >= 1 steps; returns each metric's mean over them (and replicas).
+
+    Under LARS (decay inside the optimizer) `weight_decay` is the penalty of the final weights.
+    """
     totals = self._replicated_step(iterator)
     for _ in tf.range(num_steps - 1):
       step = self._replicated_step(iterator)
       totals = {k: totals[k] + step[k] for k in totals}
-    return {k: v / tf.cast(num_steps, tf.float32) for k, v in totals.items()}
+    means = {k: v / tf.cast(num_steps, tf.float32) for k, v in totals.items()}
+    if not self.decay_in_loss:
+      # The optimizer decays the weights itself: the penalty is only reported, from the weights
+      # after the last step, once per call instead of one pass over every kernel per step.
+      means['weight_decay'] = lars_optimizer.weight_decay_loss(
+          self.model.trainable_variables, self.weight_decay)
+    return means
 
   def train_loop(self, iterator, num_steps):
     return self._loop(iterator, tf.constant(num_steps, tf.int32))

@@ -179,6 +179,10 @@ def test_two_replica_train_steps_equal_one_replica(mode, one_replica, two_replic
     first = trainer.train_loop(iterator, 1)
     after_first = [v.numpy() for v in model.variables]
     rest = trainer.train_loop(iterator, 2)
+    # LARS decays inside the optimizer: the reported penalty is that of the final weights.
+    penalty = 1e-4 * sum(0.5 * np.sum(np.square(v.numpy())) for v in model.trainable_variables
+                         if v.path.split('/')[-1] not in ('gamma', 'beta', 'bias'))
+    np.testing.assert_allclose(rest['weight_decay'], penalty, rtol=1e-5)
     names = [v.path for v in model.variables]
     u = strategy.experimental_local_results(sogclr.log_u) if sogclr else []
     final[replicas] = (first, rest, [v.numpy() for v in model.variables],
