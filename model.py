@@ -99,6 +99,11 @@ class ContrastiveModel(tf.keras.Model):
             momentum=config.batch_norm_decay, epsilon=1e-5, center=False, scale=False,
             synchronized=config.global_bn, name='supervised_head_bn')
 
+  def named_layers(self):
+    """{name: layer} of the model's parts, under the names its checkpoints give them."""
+    names = ('trunk', 'projection_head', 'supervised_head', 'supervised_head_bn')
+    return {name: getattr(self, name) for name in names if hasattr(self, name)}
+
   def call(self, images, training=False):
     """images: [N, H, W, 3] in [0, 1] -> dict of float32 tensors.
 

@@ -968,18 +968,24 @@ def restore_pretrained(model, path):
     raise ValueError(f'--checkpoint={path!r} does not exist (expected a checkpoint prefix, a '
                      'directory holding checkpoints or a SavedModel export)')
   # Every trunk and projection-head variable must come from the checkpoint (restore_model
-  # names the missing and mismatched ones); the linear head may be new (a first fine-tuning
-  # starts it from scratch). The pretraining run's optimizer state, step and SogCLR's u table
-  # (or an export's signatures) are left unmatched.
-  head = {id(v) for name in ('supervised_head', 'supervised_head_bn')
-          for v in getattr(getattr(model, name, None), 'variables', [])}
+  # names the missing and mismatched ones). The linear head may be new (a first fine-tuning
+  # starts it from scratch) or for another number of classes (fine-tuning on another dataset):
+  # then it starts as initialized. The pretraining run's optimizer state, step and SogCLR's u
+  # table (or an export's signatures) are left unmatched.
+  head_names = ('supervised_head', 'supervised_head_bn')
+  head = {id(v) for name, layer in model.named_layers().items() if name in head_names
+          for v in layer.variables}
   try:
-    restore_model(model, path, [v for v in model.variables if id(v) not in head])
+    left_out = restore_model(model, path, [v for v in model.variables if id(v) not in head],
+                             replaceable=head_names)
   except ValueError as e:
     message = str(e).replace(f'checkpoint {path} ', '')
     raise ValueError(f'--checkpoint={path!r} {message}; repeat the pretraining run\'s model '
                      'flags (its flags.json lists them)') from None
   logging.info('Initialized the model from %s', path)
+  for name in left_out:
+    logging.info('%s: the checkpoint holds another shape (another number of classes); it starts '
+                 'as initialized', name)
 
 
 def evaluate_checkpoints(strategy, model, builder, info, summary_writer, total_steps, *,
@@ -1034,14 +1040,16 @@ def checkpoint_step(path):
   raise ValueError(f'checkpoint {path!r} holds no step (no optimizer, no ckpt-<step> name)')
 
 
-def restore_model(model, path, required=None):
+def restore_model(model, path, required=None, replaceable=()):
   """Restores the variables of `model` from checkpoint `path`, ignoring the rest (optimizer,
-  step, SogCLR's u table).
+  step, SogCLR's u table); returns the names of the layers it left as they were.
 
   Raises ValueError, before anything is assigned, naming the `required` variables (default: all
-  of the model's) that the checkpoint lacks and any variable it holds with another shape.
+  of the model's) that the checkpoint lacks and any variable it holds with another shape. A layer
+  named in `replaceable` (see ContrastiveModel.named_layers) that the checkpoint holds with other
+  shapes is not an error: the whole layer keeps its values (a linear head for another number of
+  classes).
   """
-  root = tf.train.Checkpoint(model=model)
   view = tf.train.CheckpointView(path)
   # A variable's key is its object path from the root, each name escaped as TensorFlow does.
   paths = {0: ()}
@@ -1053,9 +1061,11 @@ def restore_model(model, path, required=None):
         paths[child] = paths[node] + (name.replace('.', '..').replace('/', '.S'),)
         queue.append(child)
   keys = {id(obj): '/'.join(paths[node]) + '/.ATTRIBUTES/VARIABLE_VALUE'
-          for node, obj in view.match(root).items() if node in paths}
+          for node, obj in view.match(tf.train.Checkpoint(model=model)).items() if node in paths}
   shapes = dict(tf.train.list_variables(path))
-  problems = []
+  layer_of = {id(v): name for name, layer in model.named_layers().items()
+              for v in layer.variables}
+  problems, left_out = [], set()
   required = {id(v) for v in (model.variables if required is None else required)}
   for variable in model.variables:
     key = keys.get(id(variable))
@@ -1063,12 +1073,20 @@ def restore_model(model, path, required=None):
       if id(variable) in required:
         problems.append(f'{variable.path} {tuple(variable.shape)} missing')
     elif key in shapes and list(variable.shape) != list(shapes[key]):
-      problems.append(f'{variable.path} {tuple(variable.shape)} is {tuple(shapes[key])} there')
+      if layer_of.get(id(variable)) in replaceable:
+        left_out.add(layer_of[id(variable)])
+      else:
+        problems.append(f'{variable.path} {tuple(variable.shape)} is {tuple(shapes[key])} there')
   if problems:
     more = f' and {len(problems) - 5} more' if len(problems) > 5 else ''
     raise ValueError(f'checkpoint {path} holds another architecture: '
                      f'{", ".join(problems[:5])}{more}')
-  root.restore(path).expect_partial()
+  root = model
+  if left_out:  # the same object paths as the model's own checkpoints, without those layers
+    root = tf.train.Checkpoint(**{name: layer for name, layer in model.named_layers().items()
+                                  if name not in left_out})
+  tf.train.Checkpoint(model=root).restore(path).expect_partial()
+  return sorted(left_out)
 
 
 def write_results(model_dir, step, results):
