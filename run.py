@@ -766,7 +766,9 @@ def _main(argv):
   # After the restore: flags that cannot resume this model_dir never overwrite it.
   if chief:
     with tf.io.gfile.GFile(os.path.join(FLAGS.model_dir, 'flags.json'), 'w') as f:
-      json.dump(_flag_values() | {'resolved_loss': loss}, f, indent=2, sort_keys=True)
+      # The contrastive loss the aliases resolved to; fine-tuning trains cross-entropy only.
+      resolved = loss if FLAGS.train_mode == 'pretrain' else 'cross_entropy'
+      json.dump(_flag_values() | {'resolved_loss': resolved}, f, indent=2, sort_keys=True)
   summary_writer = (tf.summary.create_file_writer(FLAGS.model_dir) if chief
                     else tf.summary.create_noop_writer())
   initial_step = int(optimizer.iterations.numpy())

@@ -125,6 +125,8 @@ def test_linear_eval_freezes_the_trunk_and_zeroes_the_head_and_reads_the_archite
                      '--optimizer=momentum', '--learning_rate=0.1', '--train_steps=3',
                      '--mode=train_then_eval')
   assert results['global_step'] == 3 and results['eval/num_examples'] == 360
+  flags = json.load(open(os.path.join(model_dir, 'flags.json')))
+  assert flags['train_mode'] == 'finetune' and flags['resolved_loss'] == 'cross_entropy'
   before = restored_model(tf.train.latest_checkpoint(pretrained))
   after = restored_model(tf.train.latest_checkpoint(model_dir), train_mode='finetune')
   trunk_before = {v.path.split('/', 1)[1]: v.numpy() for v in before.trunk.variables}
