@@ -264,3 +264,18 @@ def test_fixed_padding_conv_pads_k_minus_1_over_2_first(kernel_size, strides, si
     for got, want in zip(tape.gradient(y, [x, conv.kernel], upstream),
                          tape.gradient(expected, [x, conv.kernel], upstream)):
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_unstrided_1x1_conv_runs_as_a_matmul_for_any_image_size():
+    """The matmul path keeps the conv's output and static shape, sizes unknown when traced too."""
+    conv = resnet.Conv2DFixedPadding(4, 1, name='conv')
+    x = _images(2, 8)
+    assert conv(x).shape == (2, 8, 8, 4)
+    expected = tf.nn.conv2d(x, conv.kernel, 1, 'VALID')
+    traced = tf.function(conv.__call__, input_signature=[tf.TensorSpec([None, None, None, 3])])
+    concrete = traced.get_concrete_function()
+    assert concrete.structured_outputs.shape.as_list() == [None, None, None, 4]
+    np.testing.assert_allclose(traced(x), expected, rtol=1e-5, atol=1e-5)
+    # The graph holds a MatMul and no convolution.
+    ops = {op.type for op in concrete.graph.get_operations()}
+    assert 'MatMul' in ops and not any('Conv' in t for t in ops)
