@@ -1,7 +1,9 @@
-"""bench/train_step.py: its model specs, and `--quick` end to end (a tiny model, no XLA)."""
+"""bench/train_step.py: its model specs, its peak-memory measurement, and `--quick` end to end
+(a tiny model, no XLA)."""
 import importlib.util
 import os
 
+import numpy as np
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -29,7 +31,6 @@ def test_batch_larger_than_u_table_is_an_error(train_step):
 
 
 def test_peak_rss_sees_memory_touched_and_freed_inside_the_block(train_step):
-  import numpy as np
   size = 256 * 2**20
   with train_step.PeakRss() as memory:
     block = np.ones(size, np.uint8)  # touched, then freed before the block ends
