@@ -127,3 +127,10 @@ class ContrastiveModel(tf.keras.Model):
         head_inputs = self.supervised_head_bn(head_inputs, training=training)
       outputs['supervised_logits'] = tf.cast(self.supervised_head(head_inputs), tf.float32)
     return outputs
+
+
+def build_model(config, image_size):
+  """The model with its variables created (call under the strategy's scope)."""
+  model = ContrastiveModel(config)
+  model(tf.zeros([2, image_size, image_size, 3]), training=False)
+  return model

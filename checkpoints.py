@@ -1,0 +1,294 @@
+"""Everything that reads or writes a run's model_dir: resume, restore from another run's
+checkpoint or export, SavedModel export, result_<step>.json and flags.json.
+
+A checkpoint holds `model`, `optimizer` (whose iteration count is the step) and, for SogCLR,
+`sogclr` (the u table, `sogclr/log_u`); checkpoints are numbered by their step (`ckpt-<step>`).
+"""
+import collections
+import json
+import os
+import re
+
+from absl import logging
+import numpy as np
+import tensorflow as tf
+
+
+def prepare_write_dir(model_dir, chief=True, task_id=0):
+  """The directory this worker saves into, checked writable before anything is built.
+
+  Non-chief workers of a multi-worker job save checkpoints (saving is collective) into a
+  temporary directory of their own, deleted at the end, as TensorFlow documents.
+  """
+  write_dir = model_dir if chief else os.path.join(model_dir, f'.worker_{task_id}_tmp')
+  try:
+    tf.io.gfile.makedirs(write_dir)
+    probe_file = os.path.join(write_dir, f'.write_test_{os.getpid()}')
+    with tf.io.gfile.GFile(probe_file, 'w') as f:
+      f.write('')
+    tf.io.gfile.remove(probe_file)
+  except (OSError, tf.errors.OpError) as e:
+    raise ValueError(f'--model_dir={model_dir!r} is not writable: '
+                     f'{getattr(e, "message", e)}') from None
+  return write_dir
+
+
+def restore_or_initialize(model, optimizer, sogclr=None, *, model_dir, write_dir=None,
+                          keep_checkpoint_max=5, checkpoint=None, zero_init_logits_layer=False):
+  """Resumes from `model_dir` first (the same run, restarted); only then initializes the model
+  from `checkpoint` (another run's checkpoint or export), if given.
+
+  Returns the CheckpointManager that saves model, optimizer (with the step) and SogCLR's u into
+  `write_dir` (default: model_dir).
+  """
+  trackables = {'model': model, 'optimizer': optimizer}
+  if sogclr is not None:
+    trackables['sogclr'] = sogclr
+  state = tf.train.Checkpoint(**trackables)
+  manager = tf.train.CheckpointManager(state, write_dir or model_dir,
+                                       max_to_keep=keep_checkpoint_max)
+  latest = tf.train.latest_checkpoint(model_dir)
+  if latest:
+    try:
+      state.restore(latest).assert_existing_objects_matched()
+    except (ValueError, AssertionError) as e:
+      raise ValueError(
+          f'--model_dir={model_dir!r} holds a checkpoint of another configuration '
+          f'({str(e).splitlines()[0][:300]}); resume with the flags in its flags.json or use '
+          'a new --model_dir') from None
+    # The state restored (u included), comparable with the 'Final state' line of any run.
+    logging.info('Resumed from %s at step %d: %s', latest, int(optimizer.iterations.numpy()),
+                 state_fingerprint(model, sogclr))
+  elif checkpoint:
+    restore_pretrained(model, checkpoint)
+    if zero_init_logits_layer and model.has_supervised_head:
+      # After the restore, or the pretraining run's head would overwrite the zeros.
+      for variable in model.supervised_head.weights:
+        variable.assign(tf.zeros_like(variable))
+  return manager
+
+
+def restore_pretrained(model, path):
+  """Initializes `model` from another run's checkpoint or SavedModel export (weights only; no
+  optimizer or step)."""
+  if tf.io.gfile.exists(os.path.join(path, 'saved_model.pb')):
+    # An export_saved_model directory: its variables are a checkpoint of {'model': model}.
+    path = os.path.join(path, 'variables', 'variables')
+  elif tf.io.gfile.isdir(path):
+    latest = tf.train.latest_checkpoint(path)
+    if latest is None:
+      raise ValueError(f'--checkpoint={path!r} is a directory without checkpoints')
+    path = latest
+  if not tf.io.gfile.exists(path + '.index'):
+    raise ValueError(f'--checkpoint={path!r} does not exist (expected a checkpoint prefix, a '
+                     'directory holding checkpoints or a SavedModel export)')
+  # Every trunk and projection-head variable must come from the checkpoint (restore_model
+  # names the missing and mismatched ones). The linear head may be new (a first fine-tuning
+  # starts it from scratch) or for another number of classes (fine-tuning on another dataset):
+  # then it starts as initialized. The pretraining run's optimizer state, step and SogCLR's u
+  # table (or an export's signatures) are left unmatched.
+  head_names = ('supervised_head', 'supervised_head_bn')
+  head = {id(v) for name, layer in model.named_layers().items() if name in head_names
+          for v in layer.variables}
+  try:
+    left_out = restore_model(model, path, [v for v in model.variables if id(v) not in head],
+                             replaceable=head_names)
+  except ValueError as e:
+    message = str(e).replace(f'checkpoint {path} ', '')
+    raise ValueError(f'--checkpoint={path!r} {message}; repeat the pretraining run\'s model '
+                     'flags (its flags.json lists them)') from None
+  logging.info('Initialized the model from %s', path)
+  for name in left_out:
+    logging.info('%s: the checkpoint holds another shape (another number of classes); it starts '
+                 'as initialized', name)
+
+
+# Where a checkpoint of run.py keeps the step: the optimizer's iteration count (a
+# LossScaleOptimizer's own counter stays 0; its inner optimizer's counts).
+STEP_KEYS = ('optimizer/inner_optimizer/_iterations/.ATTRIBUTES/VARIABLE_VALUE',
+             'optimizer/_iterations/.ATTRIBUTES/VARIABLE_VALUE')
+
+
+def checkpoint_step(path):
+  """The training step of checkpoint `path`, read without restoring the optimizer.
+
+  Falls back to the number of the file name, ckpt-<n>, for a checkpoint without an optimizer:
+  run.py's CheckpointManager numbers checkpoints by their step.
+  """
+  names = dict(tf.train.list_variables(path))
+  for key in STEP_KEYS:
+    if key in names:
+      return int(tf.train.load_variable(path, key))
+  match = re.search(r'ckpt-(\d+)$', path)
+  if match:
+    return int(match.group(1))
+  raise ValueError(f'checkpoint {path!r} holds no step (no optimizer, no ckpt-<step> name)')
+
+
+def _variable_keys(model, path):
+  """{id(variable): its key in checkpoint `path`} for the model's variables found there."""
+  view = tf.train.CheckpointView(path)
+  # A variable's key is its object path from the root, each name escaped as TensorFlow does.
+  paths = {0: ()}
+  queue = collections.deque([0])
+  while queue:
+    node = queue.popleft()
+    for name, child in view.children(node).items():
+      if child not in paths:
+        paths[child] = paths[node] + (name.replace('.', '..').replace('/', '.S'),)
+        queue.append(child)
+  return {id(obj): '/'.join(paths[node]) + '/.ATTRIBUTES/VARIABLE_VALUE'
+          for node, obj in view.match(tf.train.Checkpoint(model=model)).items() if node in paths}
+
+
+def restore_model(model, path, required=None, replaceable=()):
+  """Restores the variables of `model` from checkpoint `path`, ignoring the rest (optimizer,
+  step, SogCLR's u table); returns the names of the layers it left as they were.
+
+  Raises ValueError, before anything is assigned, naming the `required` variables (default: all
+  of the model's) that the checkpoint lacks and any variable it holds with another shape. A layer
+  named in `replaceable` (see ContrastiveModel.named_layers) that the checkpoint holds with other
+  shapes is not an error: the whole layer keeps its values (a linear head for another number of
+  classes).
+  """
+  keys = _variable_keys(model, path)
+  shapes = dict(tf.train.list_variables(path))
+  layer_of = {id(v): name for name, layer in model.named_layers().items()
+              for v in layer.variables}
+  problems, left_out = [], set()
+  required = {id(v) for v in (model.variables if required is None else required)}
+  for variable in model.variables:
+    key = keys.get(id(variable))
+    if key is None:
+      if id(variable) in required:
+        problems.append(f'{variable.path} {tuple(variable.shape)} missing')
+    elif key in shapes and list(variable.shape) != list(shapes[key]):
+      if layer_of.get(id(variable)) in replaceable:
+        left_out.add(layer_of[id(variable)])
+      else:
+        problems.append(f'{variable.path} {tuple(variable.shape)} is {tuple(shapes[key])} there')
+  if problems:
+    more = f' and {len(problems) - 5} more' if len(problems) > 5 else ''
+    raise ValueError(f'checkpoint {path} holds another architecture: '
+                     f'{", ".join(problems[:5])}{more}')
+  root = model
+  if left_out:  # the same object paths as the model's own checkpoints, without those layers
+    root = tf.train.Checkpoint(**{name: layer for name, layer in model.named_layers().items()
+                                  if name not in left_out})
+  # expect_partial: the optimizer, step and u table of the checkpoint are not the model's.
+  tf.train.Checkpoint(model=root).restore(path).expect_partial()
+  return sorted(left_out)
+
+
+def iterate_checkpoints(model_dir, timeout_seconds):
+  """Yields the checkpoints of `model_dir` as they appear (the newest first); stops after
+  `timeout_seconds` without a new one."""
+  yield from tf.train.checkpoints_iterator(model_dir, min_interval_secs=1,
+                                           timeout=timeout_seconds)
+
+
+def state_fingerprint(model, sogclr=None):
+  """Sums of the weights and of the visited u (float64): equal on every worker of a run."""
+  weights = sum(float(np.sum(v.numpy(), dtype=np.float64)) for v in model.variables)
+  text = f'weights sum {weights:.10e}'
+  if sogclr is not None:
+    log_u = sogclr.log_u.numpy()
+    visited = np.isfinite(log_u)
+    text += (f', u visited {int(visited.sum())}, '
+             f'log u sum {np.sum(log_u[visited], dtype=np.float64):.10e}')
+  return text
+
+
+def write_results(model_dir, step, results):
+  """Merges `results` into model_dir/result_<step>.json and returns the merged dict.
+
+  Keys already there and not recomputed (the probe's, after a --mode=eval run) are kept. The
+  file is written under another name, then renamed: a crash never leaves a truncated json.
+  """
+  path = os.path.join(model_dir, f'result_{step}.json')
+  merged = {}
+  if tf.io.gfile.exists(path):
+    with tf.io.gfile.GFile(path) as f:
+      text = f.read()
+    try:
+      merged = json.loads(text)
+    except json.JSONDecodeError:
+      aside = f'{path}.unreadable'
+      logging.warning('%s is not valid json; moved to %s', path, aside)
+      tf.io.gfile.rename(path, aside, overwrite=True)
+  merged.update(results)
+  temporary = os.path.join(model_dir, f'.result_{step}.json.tmp_{os.getpid()}')
+  with tf.io.gfile.GFile(temporary, 'w') as f:
+    f.write(json.dumps(merged, indent=2, sort_keys=True))
+  tf.io.gfile.rename(temporary, path, overwrite=True)
+  return merged
+
+
+FLAGS_FILE = 'flags.json'
+
+
+def write_flags(model_dir, values):
+  """Writes the run's flag values (a dict) to model_dir/flags.json."""
+  with tf.io.gfile.GFile(os.path.join(model_dir, FLAGS_FILE), 'w') as f:
+    json.dump(values, f, indent=2, sort_keys=True)
+
+
+def read_flags(path):
+  """(flags dict, file path) of the training run's flags.json in directory `path` (or next to
+  checkpoint prefix `path`; an export holds one), or (None, file path) when there is none."""
+  directory = path if tf.io.gfile.isdir(path) else os.path.dirname(path)
+  flags_file = os.path.join(directory, FLAGS_FILE)
+  if not tf.io.gfile.exists(flags_file):
+    return None, flags_file
+  with tf.io.gfile.GFile(flags_file) as f:
+    return json.load(f), flags_file
+
+
+def export(model, step, write_dir, *, image_size, keep, model_dir, chief=True):
+  """Exports the model to write_dir/saved_model/<step> unless keep == 0 (no export), with the
+  run's flags.json from model_dir."""
+  if keep:
+    path = export_saved_model(
+        model, os.path.join(write_dir, 'saved_model'), step, image_size=image_size, keep=keep,
+        flags_file=os.path.join(model_dir, FLAGS_FILE), chief=chief)
+    if path:
+      logging.info('Exported the model at step %d to %s', step, path)
+
+
+def export_saved_model(model, export_dir, step, *, image_size, keep, flags_file=None,
+                       chief=True):
+  """Writes `model` as a SavedModel to export_dir/<step>; keeps the newest `keep` exports.
+
+  The export holds the model as attribute `model` (tf.train.Checkpoint(model=...) restores
+  <export>/variables/variables) and a `serving_default` signature: float32 `images`
+  [N, image_size, image_size, 3] in [0, 1], preprocessed as for evaluation -> float32
+  'features', 'projection' (pretraining models) and 'supervised_logits' (with a linear head),
+  in inference mode. `flags_file` is copied in as flags.json. Returns the path, or None on a
+  non-chief worker: saving is collective, so those save into export_dir and delete it.
+  """
+  assert keep >= 1, keep
+  module = tf.Module()
+  module.model = model
+
+  @tf.function(input_signature=[
+      tf.TensorSpec([None, image_size, image_size, 3], tf.float32, name='images')])
+  def serve(images):
+    return {k: tf.cast(v, tf.float32) for k, v in model(images, training=False).items()}
+
+  # Written under another name, then renamed: export_dir/<step> is never a partial export.
+  temporary = os.path.join(export_dir, f'.tmp_{step}_{os.getpid()}')
+  tf.saved_model.save(module, temporary, signatures={'serving_default': serve})
+  if not chief:
+    tf.io.gfile.rmtree(temporary)
+    return None
+  if flags_file and tf.io.gfile.exists(flags_file):
+    tf.io.gfile.copy(flags_file, os.path.join(temporary, FLAGS_FILE), overwrite=True)
+  final = os.path.join(export_dir, str(step))
+  if tf.io.gfile.exists(final):  # The same step again: a rerun, or training and an eval job.
+    tf.io.gfile.rmtree(final)
+  tf.io.gfile.rename(temporary, final)
+  steps = sorted(int(name.rstrip('/')) for name in tf.io.gfile.listdir(export_dir)
+                 if name.rstrip('/').isdigit())
+  for old in steps[:-keep]:
+    tf.io.gfile.rmtree(os.path.join(export_dir, str(old)))
+  return final

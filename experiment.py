@@ -1,0 +1,275 @@
+"""One experiment from one frozen `Config`: builds the strategy, data, model, optimizer and loss,
+then trains (evaluating at the end) or evaluates a run's checkpoints as they appear.
+
+`run.py` turns flags into a Config; a notebook can build one directly (every field has the
+flag's default) and call `run(config)`.
+"""
+import dataclasses
+import threading
+import types
+
+from absl import logging
+import tensorflow as tf
+
+import checkpoints
+import data as data_lib
+import distribution as distribution_lib
+import evaluation as evaluation_lib
+import model as model_lib
+import objective as obj_lib
+import trainer as trainer_lib
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+  """Everything a run depends on, grouped by the module that consumes it.
+
+  flags: the run's flag values, recorded as model_dir/flags.json (with 'resolved_loss').
+  """
+  model_dir: str
+  mode: str = 'train'  # 'train' | 'eval' | 'train_then_eval'
+  train_mode: str = 'pretrain'  # 'pretrain' | 'finetune'
+  checkpoint: str | None = None  # another run's checkpoint or export to initialize from
+  data: data_lib.DataConfig = data_lib.DataConfig()
+  model: model_lib.ModelConfig = model_lib.ModelConfig()
+  objective: trainer_lib.ObjectiveConfig = trainer_lib.ObjectiveConfig()
+  optimizer: trainer_lib.OptimizerConfig = trainer_lib.OptimizerConfig()
+  loop: trainer_lib.LoopConfig = trainer_lib.LoopConfig()
+  eval: evaluation_lib.EvalConfig = evaluation_lib.EvalConfig()
+  distribution: distribution_lib.DistributionConfig = distribution_lib.DistributionConfig()
+  flags: types.MappingProxyType = dataclasses.field(
+      default_factory=lambda: types.MappingProxyType({}))
+
+  @property
+  def pretrain(self):
+    return self.train_mode == 'pretrain'
+
+
+@dataclasses.dataclass(frozen=True)
+class Setup:
+  """What the data and the machine decide about a run, before the model is built."""
+  strategy: tf.distribute.Strategy
+  builder: object  # the TFDS builder
+  info: data_lib.DatasetInfo
+  chief: bool
+  write_dir: str
+  steps_per_epoch: int
+  total_steps: int
+  warmup_steps: int
+  jit_compile: bool
+
+
+def check_batch_size(global_batch_size, num_replicas, num_examples, split):
+  """Raises ValueError unless the batch divides over the replicas and fits in the split."""
+  if global_batch_size % num_replicas:
+    raise ValueError(f'--train_batch_size={global_batch_size} is not divisible by the '
+                     f'{num_replicas} replicas; use a multiple of {num_replicas}')
+  if global_batch_size > num_examples:
+    raise ValueError(f'--train_batch_size={global_batch_size} is larger than split {split!r} '
+                     f'({num_examples} images)')
+
+
+def run(config):
+  """Runs the job `config` describes; returns its results dict."""
+  try:
+    setup = prepare(config)
+    with setup.strategy.scope():
+      model = model_lib.build_model(
+          dataclasses.replace(config.model, num_classes=setup.info.num_classes),
+          config.data.image_size)
+    if config.mode == 'eval':
+      return evaluate_checkpoints(config, setup, model)
+    return train_and_evaluate(config, setup, model)
+  finally:
+    # The compute policy is process-global: a caller (a notebook, the tests) gets float32 back.
+    tf.keras.mixed_precision.set_global_policy('float32')
+
+
+def prepare(config):
+  """The strategy, the data's description, the seeds, model_dir and the compute policy."""
+  if config.loop.deterministic:
+    tf.config.experimental.enable_op_determinism()
+  # First: multi-worker collectives must be configured before any other TensorFlow work.
+  strategy = distribution_lib.build_strategy(config.distribution)
+  builder = data_lib.get_builder(config.data.dataset, config.data.data_dir)
+  info = data_lib.describe(builder, config.data.train_split, config.data.eval_split,
+                           config.data.num_classes)
+  # Seeded after the data is prepared: preparing it draws from the global random generators.
+  tf.keras.utils.set_random_seed(config.loop.seed)
+  # The global TF seed stays seed + 1, as in the runs the README reports (an older workaround;
+  # data.py's shuffles now seed themselves from --seed alone).
+  tf.random.set_seed(config.loop.seed + 1)
+  chief = distribution_lib.is_chief(strategy)
+  _log_setup(config, strategy, info)
+  check_batch_size(config.loop.train_batch_size, strategy.num_replicas_in_sync,
+                   info.num_train_examples, config.data.train_split)
+  if config.eval.knn_monitor and not info.label_key:
+    raise ValueError(f'--knn_monitor needs labels; dataset {info.name!r} has none')
+  write_dir = checkpoints.prepare_write_dir(config.model_dir, chief,
+                                            distribution_lib.task_id(strategy))
+  steps_per_epoch = data_lib.steps_per_epoch(info.num_train_examples,
+                                             config.loop.train_batch_size)
+  total_steps = config.loop.total_steps(steps_per_epoch)
+  warmup_steps = trainer_lib.warmup_steps(config.optimizer, steps_per_epoch, total_steps)
+  policy, jit_compile = distribution_lib.resolve_precision_and_jit(
+      strategy, config.distribution.mixed_precision, config.distribution.jit_compile)
+  tf.keras.mixed_precision.set_global_policy(policy)
+  logging.info('Compute dtype policy %s; XLA %s.', policy, 'on' if jit_compile else 'off')
+  return Setup(strategy, builder, info, chief, write_dir, steps_per_epoch, total_steps,
+               warmup_steps, jit_compile)
+
+
+def _log_setup(config, strategy, info):
+  # Only pretraining uses a contrastive loss (an evaluation job does not even know the run's).
+  if config.mode == 'eval':
+    loss_text = 'n/a (eval)'
+  else:
+    loss_text = config.objective.loss if config.pretrain else 'n/a (finetune)'
+  logging.info('Strategy %s with %d replica(s); loss %s; dataset %s: %d train / %d eval images, '
+               '%d classes', type(strategy).__name__, strategy.num_replicas_in_sync, loss_text,
+               info.name, info.num_train_examples, info.num_eval_examples, info.num_classes)
+
+
+def _summary_writer(config, setup):
+  if setup.chief:
+    return tf.summary.create_file_writer(config.model_dir)
+  return tf.summary.create_noop_writer()
+
+
+def _evaluator(config, setup, model, summary_writer):
+  return evaluation_lib.Evaluator(setup.strategy, model, setup.builder, setup.info, config.eval,
+                              data=config.data, weight_decay=config.optimizer.weight_decay,
+                              summary_writer=summary_writer)
+
+
+def _export(config, setup, model, step):
+  checkpoints.export(model, step, setup.write_dir, image_size=config.data.image_size,
+                     keep=config.loop.keep_hub_module_max, model_dir=config.model_dir,
+                     chief=setup.chief)
+
+
+def train_and_evaluate(config, setup, model):
+  """Trains from model_dir's newest checkpoint (or --checkpoint, or scratch), exports, then
+  evaluates (head, kNN) and probes the final model; returns the results."""
+  strategy, objective = setup.strategy, config.objective
+  with strategy.scope():
+    optimizer, learning_rate = trainer_lib.build_optimizer(
+        config.optimizer, model, global_batch_size=config.loop.train_batch_size,
+        warmup_steps=setup.warmup_steps, total_steps=setup.total_steps,
+        loss_scaling=tf.keras.mixed_precision.global_policy().name == 'mixed_float16')
+    sogclr = None
+    if config.pretrain and objective.loss == 'sogclr':
+      sogclr = obj_lib.SogCLRLoss(setup.info.num_train_examples, objective.temperature,
+                                  objective.gamma, objective.hidden_norm)
+    manager = checkpoints.restore_or_initialize(
+        model, optimizer, sogclr, model_dir=config.model_dir, write_dir=setup.write_dir,
+        keep_checkpoint_max=config.loop.keep_checkpoint_max, checkpoint=config.checkpoint,
+        zero_init_logits_layer=config.model.zero_init_logits_layer)
+  # After the restore: flags that cannot resume this model_dir never overwrite it.
+  if setup.chief:
+    # The contrastive loss the aliases resolved to; fine-tuning trains cross-entropy only.
+    resolved = objective.loss if config.pretrain else 'cross_entropy'
+    checkpoints.write_flags(config.model_dir, dict(config.flags) | {'resolved_loss': resolved})
+  summary_writer = _summary_writer(config, setup)
+  trainer = trainer_lib.Trainer(
+      strategy, model, optimizer, loss=objective.loss, temperature=objective.temperature,
+      hidden_norm=objective.hidden_norm, weight_decay=config.optimizer.weight_decay,
+      optimizer_name=config.optimizer.name, sogclr=sogclr, jit_compile=setup.jit_compile)
+  seconds = _train(config, setup, trainer, manager, summary_writer, learning_rate)
+  results = {'train_seconds': round(seconds, 1)}
+  step = int(optimizer.iterations.numpy())
+  _export(config, setup, model, step)
+  if not setup.chief:
+    tf.io.gfile.rmtree(setup.write_dir)
+  evaluator = _evaluator(config, setup, model, summary_writer)
+  results.update(evaluator.evaluate(step))
+  logging.info('Final state at step %d: %s', step, checkpoints.state_fingerprint(model, sogclr))
+  # The probe fits on the features one host sees: multi-worker runs skip it.
+  if config.pretrain and distribution_lib.num_workers(strategy) == 1:
+    results.update(evaluator.probe(step))
+  if setup.chief:
+    checkpoints.write_results(config.model_dir, step, results)
+  return results
+
+
+def _train(config, setup, trainer, manager, summary_writer, learning_rate):
+  """The outer training loop over the resumed input pipeline; returns the seconds spent."""
+  initial_step = int(trainer.optimizer.iterations.numpy())
+  dataset = data_lib.build_distributed_dataset(
+      setup.strategy, setup.builder, setup.info, train_input_config(config, initial_step),
+      setup.info.num_classes)
+  logging.info('Training %s from step %d to %d (%d steps/epoch, warm-up %d steps).',
+               config.train_mode, initial_step, setup.total_steps, setup.steps_per_epoch,
+               setup.warmup_steps)
+  stop_requested = threading.Event()
+  with trainer_lib.stop_on_sigterm(stop_requested):
+    return trainer_lib.train(
+        trainer, iter(dataset), total_steps=setup.total_steps,
+        checkpoint_every=config.loop.checkpoint_every(setup.steps_per_epoch),
+        checkpoint_manager=manager, summary_writer=summary_writer,
+        learning_rate_fn=learning_rate, stop_requested=stop_requested,
+        on_progress=trainer_lib.ProgressLogger(config.loop.train_batch_size,
+                                               config.loop.log_every_seconds))
+
+
+def train_input_config(config, initial_step):
+  """The training pipeline's InputConfig, resuming at `initial_step`."""
+  data, loop = config.data, config.loop
+  return data_lib.InputConfig(
+      split=data.train_split, global_batch_size=loop.train_batch_size,
+      image_size=data.image_size, is_training=True, num_views=2 if config.pretrain else 1,
+      # SimCLR fine-tunes with crops and flips only.
+      color_distort=config.pretrain, color_jitter_strength=data.color_jitter_strength,
+      crop_area_min=data.crop_area_min, random_flip=data.random_flip,
+      use_blur=data.use_blur and config.pretrain,
+      cache_dataset=data.cache_dataset, seed=loop.seed, deterministic=loop.deterministic,
+      initial_step=initial_step, shuffle_buffer=data.shuffle_buffer,
+      labels_required=not config.pretrain or config.model.lineareval_while_pretraining)
+
+
+def evaluate_checkpoints(config, setup, model):
+  """--mode=eval: evaluates (and exports) every new checkpoint in model_dir as it appears (the
+  latest first); returns after the one of the final step (or after eval_timeout_seconds
+  without a new one).
+
+  Only the model is restored (restore_model) and the step is read from the checkpoint
+  (checkpoint_step), so the training run's optimizer and loss flags are not needed. Only the
+  chief writes result_<step>.json; another worker's export directory is removed at the end.
+  """
+  evaluator = _evaluator(config, setup, model, _summary_writer(config, setup))
+  results = {}
+  for path in checkpoints.iterate_checkpoints(config.model_dir,
+                                              config.eval.eval_timeout_seconds):
+    try:
+      checkpoints.restore_model(model, path)
+    except ValueError as e:
+      raise ValueError(f"--model_dir={config.model_dir!r}: {e}; give the training run's model "
+                       'flags (its flags.json lists them) or leave them out') from None
+    step = checkpoints.checkpoint_step(path)
+    results = evaluator.evaluate(step)
+    if setup.chief:
+      checkpoints.write_results(config.model_dir, step, results)
+    _export(config, setup, model, step)
+    if step >= setup.total_steps:
+      break
+  if not setup.chief:
+    tf.io.gfile.rmtree(setup.write_dir)
+  return results
+
+
+def summary_line(results, eval_split):
+  """The run's headline numbers, one line."""
+  parts = []
+  if 'train_seconds' in results:
+    parts.append(f"trained in {results['train_seconds']:.0f} s")
+  if 'eval/top_1' in results:
+    parts.append(f"linear head top-1 {results['eval/top_1']:.4f} on {eval_split}")
+  if 'eval/knn_top_1' in results:
+    parts.append(f"kNN top-1 {results['eval/knn_top_1']:.4f}")
+  if 'probe/top_1' in results:
+    text = f"linear probe on frozen features top-1 {results['probe/top_1']:.4f}"
+    if 'probe/raw_pixels_top_1' in results:
+      text += (f" (baselines: raw pixels {results['probe/raw_pixels_top_1']:.4f}, random "
+               f"network {results['probe/random_network_top_1']:.4f})")
+    parts.append(text)
+  return 'Result: ' + '; '.join(parts) if parts else 'Result: nothing evaluated'

@@ -1,0 +1,368 @@
+"""Training: the per-replica train step, the many-steps-per-call loop and the outer loop that
+checkpoints, writes summaries, stops on request and reports progress through a callback.
+
+`Trainer` owns what runs on the devices; `train` the bookkeeping between calls. Both take plain
+objects (a strategy, a model, an optimizer, a CheckpointManager), so a test or a notebook can
+drive them without flags.
+"""
+import dataclasses
+import math
+import signal
+import threading
+import time
+
+from absl import logging
+import numpy as np
+import tensorflow as tf
+
+import lars_optimizer
+import objective as obj_lib
+
+
+@dataclasses.dataclass(frozen=True)
+class ObjectiveConfig:
+  """The contrastive objective of pretraining."""
+  loss: str = 'sogclr'  # 'sogclr' | 'simclr'
+  temperature: float = 0.1
+  gamma: float = 0.9
+  hidden_norm: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerConfig:
+  """The optimizer and its learning-rate schedule."""
+  name: str = 'lars'  # 'lars' | 'momentum' | 'adam'
+  learning_rate: float = 0.3
+  learning_rate_scaling: str = 'linear'  # 'linear' | 'sqrt'
+  warmup_epochs: float = 10
+  weight_decay: float = 1e-6
+  momentum: float = 0.9
+
+
+@dataclasses.dataclass(frozen=True)
+class LoopConfig:
+  """Training length, batch, checkpoint cadence, seeding and logging."""
+  train_batch_size: int = 512
+  train_epochs: int = 100
+  train_steps: int = 0  # > 0 overrides train_epochs
+  checkpoint_epochs: int = 1
+  checkpoint_steps: int = 0  # > 0 overrides checkpoint_epochs
+  keep_checkpoint_max: int = 5
+  keep_hub_module_max: int = 1
+  seed: int = 0
+  deterministic: bool = False
+  log_every_seconds: float = 5.0
+
+  def total_steps(self, steps_per_epoch):
+    return self.train_steps or self.train_epochs * steps_per_epoch
+
+  def checkpoint_every(self, steps_per_epoch):
+    return self.checkpoint_steps or max(1, self.checkpoint_epochs * steps_per_epoch)
+
+
+def warmup_steps(config, steps_per_epoch, total_steps):
+  """Warm-up steps of `config` (an OptimizerConfig), shortened (with a warning) to training."""
+  steps = int(round(config.warmup_epochs * steps_per_epoch))
+  if steps > total_steps:
+    logging.warning('Warm-up (%d steps) is longer than training (%d steps); shortened.',
+                    steps, total_steps)
+    steps = total_steps
+  return steps
+
+
+def build_optimizer(config, model, *, global_batch_size, warmup_steps, total_steps,
+                    loss_scaling=False):
+  """(optimizer, learning-rate schedule), built for the model's trainable variables.
+
+  Call under the strategy's scope. loss_scaling: wrap in a LossScaleOptimizer (float16).
+  """
+  learning_rate = lars_optimizer.WarmUpAndCosineDecay(
+      config.learning_rate, global_batch_size, config.learning_rate_scaling, warmup_steps,
+      total_steps)
+  optimizer = lars_optimizer.build_optimizer(
+      config.name, learning_rate, momentum=config.momentum, weight_decay=config.weight_decay)
+  if loss_scaling:
+    optimizer = tf.keras.optimizers.LossScaleOptimizer(optimizer)
+  # Built here, not lazily inside the first traced step (Keras 3 cannot under a strategy).
+  optimizer.build(model.trainable_variables)
+  return optimizer, learning_rate
+
+
+class Trainer:
+  """Owns the train step and the many-steps-per-call loop; `train` does the bookkeeping."""
+
+  def __init__(self, strategy, model, optimizer, *, loss, temperature, hidden_norm,
+               weight_decay, optimizer_name, sogclr=None, jit_compile=False):
+    self.strategy = strategy
+    self.model = model
+    self.optimizer = optimizer
+    self.loss = loss
+    self.temperature = temperature
+    self.hidden_norm = hidden_norm
+    self.weight_decay = weight_decay
+    self.decay_in_loss = not lars_optimizer.decays_inside(optimizer_name)
+    self.sogclr = sogclr
+    self.pretrain = model.config.train_mode == 'pretrain'
+    self.loss_scaling = isinstance(optimizer, tf.keras.optimizers.LossScaleOptimizer)
+    # XLA compiles the per-replica step; the loop around it stays a plain tf.function.
+    self._step = (tf.function(self.train_step, jit_compile=True) if jit_compile
+                  else self.train_step)
+    self._loop = tf.function(self._train_loop)
+
+  def _contrastive_loss(self, projection, ids, metrics):
+    """The contrastive loss of the two views' projections [2b, D]; fills its metrics."""
+    projection_a, projection_b = tf.split(projection, 2, 0)
+    if self.loss == 'sogclr':
+      result = self.sogclr(projection_a, projection_b, ids)
+      contrastive, logits_a = result['loss'], result['logits_a']
+      positive_mask = result['positive_mask']
+      metrics['contrast_loss'] = result['nt_xent']
+      metrics['log_u_mean'] = result['log_u_mean']
+    else:
+      contrastive, logits_a, positive_mask = obj_lib.nt_xent_loss(
+          projection_a, projection_b, self.temperature, self.hidden_norm)
+      metrics['contrast_loss'] = contrastive
+    metrics['contrast_acc'], metrics['contrast_entropy'] = obj_lib.contrast_metrics(
+        logits_a, positive_mask)
+    metrics['contrastive_objective'] = contrastive
+    return contrastive
+
+  @staticmethod
+  def _supervised_loss(logits, labels, num_views, metrics):
+    """Cross-entropy of the linear head on every view; fills its metrics."""
+    repeated_labels = tf.concat([labels] * num_views, 0)
+    supervised = tf.reduce_mean(tf.nn.softmax_cross_entropy_with_logits(
+        labels=repeated_labels, logits=logits))
+    metrics['supervised_loss'] = supervised
+    metrics['supervised_acc'] = tf.reduce_mean(tf.cast(tf.equal(
+        tf.argmax(logits, 1), tf.argmax(repeated_labels, 1)), tf.float32))
+    return supervised
+
+  def train_step(self, views, labels, ids):
+    """One per-replica step; returns a dict of scalar metrics (means over the local batch)."""
+    images = tf.concat(views, 0)
+    metrics = {}
+    with tf.GradientTape() as tape:
+      outputs = self.model(images, training=True)
+      total = 0.0
+      if self.pretrain:
+        total += self._contrastive_loss(outputs['projection'], ids, metrics)
+      if 'supervised_logits' in outputs:
+        total += self._supervised_loss(outputs['supervised_logits'], labels, len(views),
+                                       metrics)
+      if self.decay_in_loss:
+        weight_decay = lars_optimizer.weight_decay_loss(
+            self.model.trainable_variables, self.weight_decay)
+        metrics['weight_decay'] = weight_decay
+        total += weight_decay
+      metrics['total_loss'] = total
+      # apply_gradients sums over replicas.
+      scaled = total / self.strategy.num_replicas_in_sync
+      if self.loss_scaling:  # float16: apply_gradients unscales.
+        scaled = self.optimizer.scale_loss(scaled)
+    variables = self.model.trainable_variables
+    gradients = tape.gradient(scaled, variables)
+    self.optimizer.apply_gradients(zip(gradients, variables))
+    return metrics
+
+  def _replicated_step(self, iterator):
+    per_replica = self.strategy.run(self._step, args=next(iterator))
+    return {k: self.strategy.reduce(tf.distribute.ReduceOp.MEAN, v, axis=None)
+            for k, v in per_replica.items()}
+
+  def _train_loop(self, iterator, num_steps):
+    """Runs `num_steps` >= 1 steps; returns each metric's mean over them (and replicas).
+
+    Under LARS (decay inside the optimizer) `weight_decay` is the penalty of the final weights.
+    """
+    totals = self._replicated_step(iterator)
+    for _ in tf.range(num_steps - 1):
+      step = self._replicated_step(iterator)
+      totals = {k: totals[k] + step[k] for k in totals}
+    means = {k: v / tf.cast(num_steps, tf.float32) for k, v in totals.items()}
+    if not self.decay_in_loss:
+      # The optimizer decays the weights itself: the penalty is only reported, from the weights
+      # after the last step, once per call instead of one pass over every kernel per step.
+      means['weight_decay'] = lars_optimizer.weight_decay_loss(
+          self.model.trainable_variables, self.weight_decay)
+    return means
+
+  def train_loop(self, iterator, num_steps):
+    """Runs `num_steps` steps in one call; returns the metrics' means as tensors."""
+    return self._loop(iterator, tf.constant(num_steps, tf.int32))
+
+  @tf.function
+  def _all_finite(self):
+    return tf.reduce_all([tf.reduce_all(tf.math.is_finite(v))
+                          for v in self.model.trainable_variables])
+
+  def weights_are_finite(self):
+    return bool(self._all_finite())
+
+
+class Preempted(Exception):
+  """Training stopped early on request (SIGTERM); a checkpoint of the last step was saved."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Progress:
+  """What the outer loop reports after each call: the step reached and the call's metrics."""
+  step: int
+  total_steps: int
+  metrics: dict
+  seconds_per_step: float | None  # smoothed; None until measured (the first call traces)
+
+
+class StepsPerCall:
+  """How many steps the next call runs: calls of about `target_seconds` (few host round-trips,
+  yet progress and summaries stay fresh), from a smoothed time per step."""
+
+  def __init__(self, target_seconds=1.0, max_steps=1000):
+    self.target_seconds = target_seconds
+    self.max_steps = max_steps
+    self.steps = 1
+    self.seconds_per_step = None
+
+  def update(self, elapsed, num_steps, includes_tracing):
+    """Records a call of `num_steps` that took `elapsed` seconds; returns the next size."""
+    if includes_tracing:
+      self.steps = 2
+      return self.steps
+    per_step = elapsed / num_steps
+    self.seconds_per_step = per_step if self.seconds_per_step is None else (
+        0.7 * self.seconds_per_step + 0.3 * per_step)
+    self.steps = int(np.clip(self.target_seconds / self.seconds_per_step, 1, self.max_steps))
+    return self.steps
+
+
+def call_steps(step, steps_per_call, total_steps, checkpoint_every):
+  """(steps of the next call, the next checkpoint step): never past training or a checkpoint."""
+  next_checkpoint = (step // checkpoint_every + 1) * checkpoint_every
+  return min(steps_per_call, total_steps - step, next_checkpoint - step), next_checkpoint
+
+
+def _check_metrics_finite(metrics, previous, step, checkpoint_manager):
+  bad = [k for k, v in metrics.items() if not math.isfinite(v) and k != 'log_u_mean']
+  if bad:
+    raise FloatingPointError(
+        f'Non-finite {", ".join(bad)} between steps {previous + 1} and {step}; the last good '
+        f'checkpoint ({checkpoint_manager.latest_checkpoint}) is kept. Lower --learning_rate '
+        'or raise --temperature.')
+
+
+def _write_summaries(summary_writer, step, metrics):
+  if summary_writer is not None:
+    with summary_writer.as_default(step=step):
+      for name, value in metrics.items():
+        tf.summary.scalar(f'train/{name}', value)
+
+
+def _save(trainer, checkpoint_manager, previous, step):
+  # A finite loss was computed before the last update: the weights can still have blown up.
+  if not trainer.weights_are_finite():
+    raise FloatingPointError(
+        f'Non-finite weights between steps {previous + 1} and {step}; the last good '
+        f'checkpoint ({checkpoint_manager.latest_checkpoint}) is kept. Lower '
+        '--learning_rate.')
+  checkpoint_manager.save(checkpoint_number=step)
+
+
+def train(trainer, iterator, *, total_steps, checkpoint_every, checkpoint_manager,
+          summary_writer=None, learning_rate_fn=None, stop_requested=None, on_progress=None):
+  """The outer loop: bookkeeping at loop boundaries, the steps inside `trainer.train_loop`.
+
+  Never overshoots `total_steps`; checkpoints every `checkpoint_every` steps and at the end;
+  raises FloatingPointError naming the step range when a loss is not finite (the last good
+  checkpoint stays). When `stop_requested` (a threading.Event) is set, saves a checkpoint at the
+  next loop boundary and raises Preempted. After every call, `on_progress(Progress)` (e.g. a
+  ProgressLogger). Returns the seconds spent.
+  """
+  step = start_step = int(trainer.optimizer.iterations.numpy())
+  sizer = StepsPerCall()
+  train_started = time.time()
+  while step < total_steps:
+    num_steps, next_checkpoint = call_steps(step, sizer.steps, total_steps, checkpoint_every)
+    started = time.time()
+    metrics = {k: float(v) for k, v in trainer.train_loop(iterator, num_steps).items()}
+    elapsed = time.time() - started
+    previous, step = step, int(trainer.optimizer.iterations.numpy())
+    assert step == previous + num_steps, (previous, num_steps, step)
+    _check_metrics_finite(metrics, previous, step, checkpoint_manager)
+    # The first call includes tracing.
+    sizer.update(elapsed, num_steps, includes_tracing=previous == start_step and
+                 sizer.steps == 1)
+    # Summaries are float32: u itself is logged while it fits (u ~ exp(1/temperature)); its
+    # log always.
+    if metrics.get('log_u_mean', math.inf) < math.log(np.finfo(np.float32).max):
+      metrics['u_mean'] = math.exp(metrics['log_u_mean'])
+    if learning_rate_fn is not None:
+      metrics['learning_rate'] = float(learning_rate_fn(step))
+    _write_summaries(summary_writer, step, metrics)
+    preempted = stop_requested is not None and stop_requested.is_set()
+    if step == next_checkpoint or step == total_steps or preempted:
+      _save(trainer, checkpoint_manager, previous, step)
+    if preempted:
+      if summary_writer is not None:
+        summary_writer.flush()
+      raise Preempted(f'Stopped at step {step}/{total_steps} on request; checkpoint saved to '
+                      f'{checkpoint_manager.latest_checkpoint}. Rerun the same command to resume.')
+    if on_progress is not None:
+      on_progress(Progress(step, total_steps, metrics, sizer.seconds_per_step))
+  if summary_writer is not None:
+    summary_writer.flush()
+  return time.time() - train_started
+
+
+def format_duration(seconds):
+  seconds = int(max(seconds, 0))
+  if seconds >= 3600:
+    return f'{seconds // 3600}h{seconds % 3600 // 60:02d}m'
+  return f'{seconds // 60}m{seconds % 60:02d}s'
+
+
+class ProgressLogger:
+  """An `on_progress` callback: a progress line (step, loss, images/s, ETA) every
+  `every_seconds` and at the last step."""
+
+  LABELS = (('contrast_loss', 'nt_xent'), ('contrast_acc', 'contrast_acc'),
+            ('supervised_acc', 'sup_acc'), ('log_u_mean', 'log_u_mean'))
+
+  def __init__(self, global_batch_size, every_seconds=5.0):
+    self.global_batch_size = global_batch_size
+    self.every_seconds = every_seconds
+    self.last_log = time.time()
+
+  def __call__(self, progress):
+    now = time.time()
+    if now - self.last_log < self.every_seconds and progress.step != progress.total_steps:
+      return
+    self.last_log = now
+    logging.info('  '.join(self.line_parts(progress)))
+
+  def line_parts(self, progress):
+    metrics, seconds_per_step = progress.metrics, progress.seconds_per_step
+    parts = [f'step {progress.step}/{progress.total_steps}',
+             f"loss {metrics['total_loss']:.4f}"]
+    parts += [f'{label} {metrics[key]:.4g}' for key, label in self.LABELS if key in metrics]
+    if seconds_per_step:
+      eta = (progress.total_steps - progress.step) * seconds_per_step
+      parts += [f'{self.global_batch_size / seconds_per_step:.0f} img/s',
+                f'ETA {format_duration(eta)}']
+    return parts
+
+
+class stop_on_sigterm:  # noqa: N801  (a context manager, named like one)
+  """Sets `event` on SIGTERM (the preemption notice of cloud VMs) while training runs."""
+
+  def __init__(self, event):
+    self.event = event
+    self.previous = None
+
+  def __enter__(self):
+    if threading.current_thread() is threading.main_thread():
+      self.previous = signal.signal(signal.SIGTERM, lambda signum, frame: self.event.set())
+    return self
+
+  def __exit__(self, *exc):
+    if self.previous is not None:
+      signal.signal(signal.SIGTERM, self.previous)
