@@ -40,14 +40,15 @@ def color_jitter(image, seed, strength, random_order=True):
   Each of the four ops is followed by a clip to [0, 1]; with random_order they run in a random
   permutation. `strength` is a Python float; ops with zero strength are skipped.
   """
-  brightness, contrast, saturation, hue = 0.8 * strength, 0.8 * strength, 0.8 * strength, 0.2 * strength
+  brightness = contrast = saturation = 0.8 * strength
+  hue = 0.2 * strength
   order_seed, brightness_seed, contrast_seed, saturation_seed, hue_seed = _split(seed, 5)
   # Each op keeps its own seed wherever it lands in the order, so its parameter depends only on
   # `seed`, not on the permutation.
   transforms = [
       lambda x: _random_brightness(x, brightness_seed, brightness) if brightness else x,
-      lambda x: (tf.image.stateless_random_contrast(x, 1.0 - contrast, 1.0 + contrast, contrast_seed)
-                 if contrast else x),
+      lambda x: (tf.image.stateless_random_contrast(
+          x, 1.0 - contrast, 1.0 + contrast, contrast_seed) if contrast else x),
       lambda x: (tf.image.stateless_random_saturation(
           x, 1.0 - saturation, 1.0 + saturation, saturation_seed) if saturation else x),
       lambda x: tf.image.stateless_random_hue(x, hue, hue_seed) if hue else x,
@@ -58,7 +59,8 @@ def color_jitter(image, seed, strength, random_order=True):
   else:
     order = tf.range(4)
   for i in range(4):
-    image = tf.switch_case(order[i], [lambda t=t: t(image) for t in transforms])
+    # tf.switch_case calls its branches right away, so they see this iteration's `image`.
+    image = tf.switch_case(order[i], [lambda t=t: t(image) for t in transforms])  # noqa: B023
     image = tf.clip_by_value(image, 0.0, 1.0)
   return image
 
@@ -66,7 +68,8 @@ def color_jitter(image, seed, strength, random_order=True):
 def _random_color_distortion(image, seed, strength):
   """SimCLR v2 color distortion: color_jitter with p=0.8, then grayscale with p=0.2."""
   jitter_coin_seed, jitter_seed, gray_coin_seed = _split(seed, 3)
-  image = _random_apply(lambda x: color_jitter(x, jitter_seed, strength), 0.8, image, jitter_coin_seed)
+  image = _random_apply(lambda x: color_jitter(x, jitter_seed, strength), 0.8, image,
+                        jitter_coin_seed)
   return _random_apply(to_grayscale, 0.2, image, gray_coin_seed)
 
 
@@ -80,7 +83,8 @@ def _gaussian_blur(image, kernel_size, sigma):
   kernel_h = tf.tile(tf.reshape(kernel, [1, -1, 1, 1]), [1, 1, channels, 1])
   kernel_v = tf.tile(tf.reshape(kernel, [-1, 1, 1, 1]), [1, 1, channels, 1])
   # Reflect padding instead of SimCLR's zero 'SAME' padding, which darkens a radius-wide border.
-  padded = tf.pad(image[tf.newaxis], [[0, 0], [radius, radius], [radius, radius], [0, 0]], mode='REFLECT')
+  padded = tf.pad(image[tf.newaxis], [[0, 0], [radius, radius], [radius, radius], [0, 0]],
+                  mode='REFLECT')
   blurred = tf.nn.depthwise_conv2d(padded, kernel_h, strides=[1, 1, 1, 1], padding='VALID')
   blurred = tf.nn.depthwise_conv2d(blurred, kernel_v, strides=[1, 1, 1, 1], padding='VALID')
   return blurred[0]
@@ -103,7 +107,10 @@ def random_blur(image, seed, height, p=0.5):
 
 
 def _random_crop_and_resize(image, seed, height, width, area_min):
-  """Crops a random box (SimCLR's Inception-style crop) and resizes it bicubically to [height, width]."""
+  """Crops a random box (SimCLR's Inception-style crop) and resizes it bicubically.
+
+  Returns [height, width, C].
+  """
   aspect_ratio = width / height
   # bbox covering the whole image; min_object_covered=0.1 as in SimCLR, so the effective minimum
   # area is max(area_min, 0.1). After 100 failed attempts the op returns the whole image.
@@ -140,8 +147,8 @@ def _center_crop(image, height, width, crop_proportion):
   return tf.image.resize(image, [height, width], method=tf.image.ResizeMethod.BICUBIC)
 
 
-def preprocess_for_train(image, seed, height, width, *, color_jitter_strength=1.0, crop_area_min=0.08,
-                         flip=True, color_distort=True, blur=False):
+def preprocess_for_train(image, seed, height, width, *, color_jitter_strength=1.0,
+                         crop_area_min=0.08, flip=True, color_distort=True, blur=False):
   """Returns one SimCLR training view of image: [height, width, 3] float32 in [0, 1].
 
   image: [H, W, 3] uint8 or float in [0, 1]. seed: int32/int64 [2]; each augmentation draws from

@@ -185,7 +185,7 @@ class _Chain(tf.keras.layers.Layer):
 
 
 class Block(_Chain):
-  """Residual block, basic (3x3, 3x3) or bottleneck (1x1, 3x3, 1x1); relu(branch(x) + shortcut(x))."""
+  """Residual block, basic (3x3, 3x3) or bottleneck (1x1, 3x3, 1x1); relu(branch(x) + shortcut)."""
 
   def __init__(self, kind, filters, strides, in_channels, sk_ratio, se_ratio, norm, *, name):
     super().__init__(name=name)

@@ -1,4 +1,5 @@
-"""Tests for data_util: stateless augmentations are reproducible, correct in value, and hit their rates."""
+"""Tests for data_util: the stateless augmentations are reproducible, correct in value, and hit
+their rates."""
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -31,8 +32,10 @@ def test_same_seed_same_output_eagerly_and_in_dataset_map():
   image = _image(64)
   seeds = np.array([[i, 7] for i in range(4)], np.int64)
   kwargs = dict(blur=True)
-  eager = np.stack([data_util.preprocess_for_train(image, s, 32, 32, **kwargs).numpy() for s in seeds])
-  again = np.stack([data_util.preprocess_for_train(image, s, 32, 32, **kwargs).numpy() for s in seeds])
+  eager = np.stack([data_util.preprocess_for_train(image, s, 32, 32, **kwargs).numpy()
+                    for s in seeds])
+  again = np.stack([data_util.preprocess_for_train(image, s, 32, 32, **kwargs).numpy()
+                    for s in seeds])
   mapped = _map_over_seeds(image, seeds, size=32, **kwargs)
   np.testing.assert_array_equal(eager, again)
   np.testing.assert_array_equal(eager, mapped)
@@ -146,7 +149,8 @@ def test_grayscale_rate_is_one_fifth():
 @pytest.mark.parametrize('random_order', [True, False])
 def test_color_jitter_is_identity_at_zero_strength_and_distorts_within_range(random_order):
   image = _image(16)
-  np.testing.assert_allclose(data_util.color_jitter(image, _seed(0), 0.0, random_order), image, atol=1e-6)
+  np.testing.assert_allclose(data_util.color_jitter(image, _seed(0), 0.0, random_order), image,
+                             atol=1e-6)
   for s in range(3):
     out = data_util.color_jitter(image, _seed(s), 1.0, random_order).numpy()
     assert out.shape == (16, 16, 3) and 0.0 <= out.min() and out.max() <= 1.0

@@ -5,8 +5,8 @@ import os
 import tarfile
 
 import numpy as np
-import pytest
 from PIL import Image
+import pytest
 import scipy.io
 import tensorflow as tf
 import tensorflow_datasets as tfds

@@ -207,11 +207,12 @@ def test_two_replicas_equal_one_on_the_same_global_batch(loss_name, one_replica,
     with strategy.scope():
       sogclr = objective.SogCLRLoss(12, 0.1, 0.9)
 
+    # Traced and run within this iteration, so `step` always sees this iteration's `sogclr`.
     def step(a, b, i):
       with tf.GradientTape() as tape:
         tape.watch([a, b])
         if loss_name == 'sogclr':
-          loss = sogclr(a, b, i)['loss']
+          loss = sogclr(a, b, i)['loss']  # noqa: B023
         else:
           loss = objective.nt_xent_loss(a, b, 0.1)[0]
         scaled = loss / tf.distribute.get_replica_context().num_replicas_in_sync

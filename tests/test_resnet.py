@@ -47,7 +47,8 @@ def test_squeeze_excitation_adds_exactly_its_two_bias_free_convs():
   features = se(_images(2, 32))
   # Each basic block of width f gains reduce (f -> f/4) and expand (f/4 -> f) 1x1 kernels.
   expected_extra = sum(2 * (2 * f * (f // 4)) for f in (16, 32, 64, 128))
-  assert _num_params(se.trainable_variables) - _num_params(plain.trainable_variables) == expected_extra
+  extra = _num_params(se.trainable_variables) - _num_params(plain.trainable_variables)
+  assert extra == expected_extra
   assert features.shape == (2, 128) and np.all(np.isfinite(features))
 
 
@@ -73,11 +74,11 @@ def test_selective_kernel_with_se_builds_runs_and_adds_params(sk_se_resnet50):
 def test_layer_and_variable_names_are_the_checkpoint_scheme(sk_se_resnet50):
   model = sk_se_resnet50
   layers = _all_layers(model)
-  batch_norms = [l for l in layers if isinstance(l, tf.keras.layers.BatchNormalization)]
-  convs = [l for l in layers if isinstance(l, tf.keras.layers.Conv2D)]
+  batch_norms = [layer for layer in layers if isinstance(layer, tf.keras.layers.BatchNormalization)]
+  convs = [layer for layer in layers if isinstance(layer, tf.keras.layers.Conv2D)]
   assert batch_norms and convs
-  assert all(l.name.endswith('_bn') for l in batch_norms)
-  assert all(l.name.endswith('_conv') for l in convs)
+  assert all(layer.name.endswith('_bn') for layer in batch_norms)
+  assert all(layer.name.endswith('_conv') for layer in convs)
   assert not any(v.name == 'bias' for v in model.variables)
   assert {v.name for v in model.trainable_variables} == {'kernel', 'gamma', 'beta'}
   paths = [v.path for v in model.variables]
@@ -241,8 +242,9 @@ def test_fused_batch_norm_matches_keras_batch_norm(policy):
 def test_resnet_uses_the_fused_batch_norm_on_images():
   model = resnet.resnet(18, width_multiplier=0.125, cifar_stem=True)
   model.build((None, 16, 16, 3))
-  norms = [l for l in _all_layers(model) if isinstance(l, tf.keras.layers.BatchNormalization)]
-  assert norms and all(isinstance(l, resnet.BatchNormalization) for l in norms)
+  norms = [layer for layer in _all_layers(model)
+           if isinstance(layer, tf.keras.layers.BatchNormalization)]
+  assert norms and all(isinstance(layer, resnet.BatchNormalization) for layer in norms)
 
 
 @pytest.mark.parametrize('kernel_size, strides', [(1, 1), (3, 1), (3, 2), (7, 2), (1, 2)])
