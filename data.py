@@ -333,18 +333,17 @@ def _decode_naming_failures(dataset, dataset_name, split, deterministic):
       num_parallel_calls=tf.data.AUTOTUNE, deterministic=deterministic)
 
 
-def build_input_fn(builder, info, config, num_classes):
-  """Returns `input_fn(input_context) -> tf.data.Dataset` of per-replica batches."""
-  split_size = builder.info.splits[config.split].num_examples
-  image_feature = builder.info.features[info.image_key]
-  encoded = isinstance(image_feature, tfds.features.Image)
-  if not info.label_key and config.labels_required:
-    raise ValueError(f'Dataset {info.name!r} split {config.split!r} has no labels (one of '
-                     f'{LABEL_KEYS}) and this run needs them (the supervised head)')
+def _select_fn(builder, info, split, num_classes):
+  """Returns the map function from a TFDS record to its checked `{image, label, id, record}`.
+
+  The image stays encoded; the id and the label are checked against the split's size and
+  `num_classes`, a bad one stopping the pipeline with an error naming the record.
+  """
+  split_size = builder.info.splits[split].num_examples
   # No quotes: TF escapes them in assertion messages.
-  where = f'Dataset {info.name} split {config.split}:'
+  where = f'Dataset {info.name} split {split}:'
   if not info.id_key:
-    prefixes, offsets = _record_offsets(builder, config.split, info.name)
+    prefixes, offsets = _record_offsets(builder, split, info.name)
     offset_table = tf.lookup.StaticHashTable(
         tf.lookup.KeyValueTensorInitializer(tf.constant(prefixes), tf.constant(offsets, tf.int64)),
         default_value=-2**62)
@@ -373,23 +372,44 @@ def build_input_fn(builder, info, config, num_classes):
       return {'image': example[info.image_key], 'label': tf.identity(labels),
               'id': tf.cast(ids, tf.int32), 'record': record}
 
-  def read(split, deterministic):
+  return select
+
+
+class _RecordStages:
+  """The per-record stages of one InputConfig's pipeline: read and check, decode, make views."""
+
+  def __init__(self, builder, info, config, num_classes):
+    if not info.label_key and config.labels_required:
+      raise ValueError(f'Dataset {info.name!r} split {config.split!r} has no labels (one of '
+                       f'{LABEL_KEYS}) and this run needs them (the supervised head)')
+    self.builder = builder
+    self.info = info
+    self.config = config
+    self.num_classes = num_classes
+    self.encoded = isinstance(builder.info.features[info.image_key], tfds.features.Image)
+    self.select = _select_fn(builder, info, config.split, num_classes)
+
+  def read(self, split, deterministic):
+    """Returns the checked records of (sub-)split `split`, images still encoded, cached if asked."""
     # Images are decoded after the cache, so a cached dataset holds the compact encoded bytes.
-    dataset = builder.as_dataset(
+    dataset = self.builder.as_dataset(
         split=split, shuffle_files=False,
-        decoders={info.image_key: tfds.decode.SkipDecoding()} if encoded else None,
+        decoders={self.info.image_key: tfds.decode.SkipDecoding()} if self.encoded else None,
         read_config=tfds.ReadConfig(try_autocache=False, add_tfds_id=True,
                                     num_parallel_calls_for_decode=tf.data.AUTOTUNE))
-    dataset = dataset.map(select, num_parallel_calls=tf.data.AUTOTUNE,
+    dataset = dataset.map(self.select, num_parallel_calls=tf.data.AUTOTUNE,
                           deterministic=deterministic)
-    return dataset.cache() if config.cache_dataset else dataset
+    return dataset.cache() if self.config.cache_dataset else dataset
 
-  def decode(dataset, deterministic):
-    if encoded:
-      return _decode_naming_failures(dataset, info.name, config.split, deterministic)
+  def decode(self, dataset, deterministic):
+    """Returns `dataset` with its images decoded (an undecodable one stops it, named)."""
+    if self.encoded:
+      return _decode_naming_failures(dataset, self.info.name, self.config.split, deterministic)
     return dataset
 
-  def to_views(example, seed):
+  def to_views(self, example, seed):
+    """Returns `(views, one-hot label, id)` of a decoded record; `seed` augments it in training."""
+    config = self.config
     image = tf.image.convert_image_dtype(example['image'], tf.float32)
     if image.shape[-1] == 1:
       image = tf.image.grayscale_to_rgb(image)
@@ -408,65 +428,125 @@ def build_input_fn(builder, info, config, num_classes):
           image, config.image_size, config.image_size,
           crop=config.image_size > SMALL_IMAGE_SIZE),)
     # A missing label (-1) one-hots to zeros.
-    return views, tf.one_hot(example['label'], num_classes), example['id']
+    return views, tf.one_hot(example['label'], self.num_classes), example['id']
+
+
+def epoch_batches(pipeline_size, per_replica_batch_size, replicas_per_pipeline):
+  """Returns the per-replica batches one pipeline yields per epoch: whole steps only.
+
+  A step takes one batch from each of the pipeline's replicas and never mixes two epochs, so an
+  id never appears twice in one global batch; the count is a multiple of replicas_per_pipeline.
+  """
+  return (pipeline_size // per_replica_batch_size //
+          replicas_per_pipeline * replicas_per_pipeline)
+
+
+def resume_position(initial_step, batches_per_epoch, replicas_per_pipeline):
+  """Returns `(start_epoch, skipped_batches)` of a pipeline resumed at global step `initial_step`.
+
+  Contract: a step never spans two epochs; each step takes one per-replica batch from each of
+  the pipeline's `replicas_per_pipeline` replicas, so an epoch of `batches_per_epoch` batches (a
+  multiple of replicas_per_pipeline, see `epoch_batches`) is batches_per_epoch //
+  replicas_per_pipeline steps. `start_epoch` is the (0-based) epoch step `initial_step` falls
+  in; `skipped_batches` the batches of that epoch already consumed, across this pipeline's
+  replicas, before it (0 at an epoch boundary).
+  """
+  start_epoch, start_offset = divmod(initial_step, batches_per_epoch // replicas_per_pipeline)
+  return start_epoch, start_offset * replicas_per_pipeline
+
+
+@dataclasses.dataclass(frozen=True)
+class _EpochPlan:
+  """How one training pipeline walks its epochs."""
+  pipeline_size: int           # records of this pipeline's sub-split
+  per_replica_batch_size: int
+  batches_per_epoch: int       # per-replica batches per epoch, whole steps only
+  start_epoch: int             # the epoch the run (re)starts in
+  skipped_batches: int         # batches of start_epoch already consumed before a resume
+
+
+def _epoch_dataset(stages, records, plan, base_seed, epoch):
+  """Returns the batches of epoch `epoch` (a scalar tensor) from the undecoded `records`."""
+  config = stages.config
+  # Shuffle order and augmentations are functions of (seed, epoch, position): a run can be
+  # repeated exactly, and resumed mid-epoch by skipping records before any decoding.
+  epoch_seed = tf.random.experimental.stateless_fold_in(base_seed, epoch)
+  shuffle_seed = tf.random.stateless_uniform([], epoch_seed, maxval=2**62, dtype=tf.int64)
+  # A shuffle's seed pair is (graph seed, op seed). Fixing this traced function's graph seed
+  # makes the order a function of config.seed alone, whatever global seed the caller set
+  # (and a global seed of 0 would make tf.data reject a tensor op seed).
+  tf.random.set_seed(config.seed + 1)
+  skip = tf.where(epoch == plan.start_epoch, tf.constant(plan.skipped_batches, tf.int64), 0)
+  d = records.shuffle(min(plan.pipeline_size, config.shuffle_buffer), seed=shuffle_seed,
+                      reshuffle_each_iteration=False)
+  d = d.enumerate().skip(skip * plan.per_replica_batch_size).map(
+      lambda position, ex: {**ex, 'position': position})
+  d = stages.decode(d, config.deterministic)
+  d = d.map(
+      lambda ex: stages.to_views(
+          ex, tf.random.experimental.stateless_fold_in(epoch_seed, ex['position'])),
+      num_parallel_calls=tf.data.AUTOTUNE, deterministic=config.deterministic)
+  d = d.batch(plan.per_replica_batch_size, drop_remainder=True)
+  return d.take(plan.batches_per_epoch - skip)
+
+
+def _train_dataset(stages, split, input_context, per_replica_batch_size, replicas_per_pipeline):
+  """Returns the endless, shuffled, augmented batches of this pipeline's (sub-)split `split`."""
+  config = stages.config
+  # Reading is deterministic: the per-epoch shuffle must see the same order every time.
+  records = stages.read(split, True)
+  pipeline_size = int(stages.builder.info.splits[split].num_examples)
+  batches_per_epoch = epoch_batches(pipeline_size, per_replica_batch_size, replicas_per_pipeline)
+  if batches_per_epoch == 0:
+    raise ValueError(
+        f'Split {config.split!r} of {stages.info.name!r} has {pipeline_size} images per input '
+        f'pipeline, fewer than one step of --train_batch_size={config.global_batch_size}')
+  base_seed = tf.constant([config.seed, input_context.input_pipeline_id], tf.int64)
+  start_epoch, skipped_batches = resume_position(config.initial_step, batches_per_epoch,
+                                                 replicas_per_pipeline)
+  plan = _EpochPlan(pipeline_size=pipeline_size, per_replica_batch_size=per_replica_batch_size,
+                    batches_per_epoch=batches_per_epoch, start_epoch=start_epoch,
+                    skipped_batches=skipped_batches)
+  return tf.data.Dataset.range(start_epoch, 2**62).flat_map(
+      lambda epoch: _epoch_dataset(stages, records, plan, base_seed, epoch))
+
+
+def _eval_dataset(stages, split, per_replica_batch_size):
+  """Returns the batches of (sub-)split `split` in record order, one unaugmented view each."""
+  dataset = stages.decode(stages.read(split, True), True)
+  dataset = dataset.map(lambda ex: stages.to_views(ex, None), tf.data.AUTOTUNE)
+  return dataset.batch(per_replica_batch_size)
+
+
+def _pipeline_dataset(stages, input_context):
+  """Returns the dataset of per-replica batches of the input pipeline `input_context` names."""
+  config = stages.config
+  per_replica_batch_size = input_context.get_per_replica_batch_size(config.global_batch_size)
+  replicas_per_pipeline = (input_context.num_replicas_in_sync //
+                           input_context.num_input_pipelines)
+  split = config.split
+  if input_context.num_input_pipelines > 1:
+    split = tfds.even_splits(split, n=input_context.num_input_pipelines)[
+        input_context.input_pipeline_id]
+  options = tf.data.Options()
+  options.deterministic = config.deterministic or not config.is_training
+  if config.is_training:
+    dataset = _train_dataset(stages, split, input_context, per_replica_batch_size,
+                             replicas_per_pipeline)
+  else:
+    dataset = _eval_dataset(stages, split, per_replica_batch_size)
+  return dataset.prefetch(tf.data.AUTOTUNE).with_options(options)
+
+
+def build_input_fn(builder, info, config, num_classes):
+  """Returns `input_fn(input_context) -> tf.data.Dataset` of per-replica batches.
+
+  Raises ValueError at once when the dataset has no labels and `config` needs them.
+  """
+  stages = _RecordStages(builder, info, config, num_classes)
 
   def input_fn(input_context):
-    per_replica_batch_size = input_context.get_per_replica_batch_size(config.global_batch_size)
-    replicas_per_pipeline = (input_context.num_replicas_in_sync //
-                             input_context.num_input_pipelines)
-    split = config.split
-    if input_context.num_input_pipelines > 1:
-      split = tfds.even_splits(split, n=input_context.num_input_pipelines)[
-          input_context.input_pipeline_id]
-    options = tf.data.Options()
-    options.deterministic = config.deterministic or not config.is_training
-    if not config.is_training:
-      dataset = decode(read(split, True), True)
-      dataset = dataset.map(lambda ex: to_views(ex, None), tf.data.AUTOTUNE)
-      dataset = dataset.batch(per_replica_batch_size)
-      return dataset.prefetch(tf.data.AUTOTUNE).with_options(options)
-
-    # Reading is deterministic: the per-epoch shuffle must see the same order every time.
-    dataset = read(split, True)
-    pipeline_size = int(builder.info.splits[split].num_examples)
-    # Whole steps of distinct images per epoch: a step never mixes two epochs, so an id never
-    # appears twice in one global batch.
-    batches_per_epoch = (pipeline_size // per_replica_batch_size //
-                         replicas_per_pipeline * replicas_per_pipeline)
-    if batches_per_epoch == 0:
-      raise ValueError(
-          f'Split {config.split!r} of {info.name!r} has {pipeline_size} images per input '
-          f'pipeline, fewer than one step of --train_batch_size={config.global_batch_size}')
-    base_seed = tf.constant([config.seed, input_context.input_pipeline_id], tf.int64)
-    start_epoch, start_offset = divmod(config.initial_step,
-                                       batches_per_epoch // replicas_per_pipeline)
-    # Batches of the first (resumed) epoch already consumed, across this pipeline's replicas.
-    skipped_batches = start_offset * replicas_per_pipeline
-
-    def epoch_dataset(epoch):
-      # Shuffle order and augmentations are functions of (seed, epoch, position): a run can be
-      # repeated exactly, and resumed mid-epoch by skipping records before any decoding.
-      epoch_seed = tf.random.experimental.stateless_fold_in(base_seed, epoch)
-      shuffle_seed = tf.random.stateless_uniform([], epoch_seed, maxval=2**62, dtype=tf.int64)
-      # A shuffle's seed pair is (graph seed, op seed). Fixing this traced function's graph seed
-      # makes the order a function of config.seed alone, whatever global seed the caller set
-      # (and a global seed of 0 would make tf.data reject a tensor op seed).
-      tf.random.set_seed(config.seed + 1)
-      skip = tf.where(epoch == start_epoch, tf.constant(skipped_batches, tf.int64), 0)
-      d = dataset.shuffle(min(pipeline_size, config.shuffle_buffer), seed=shuffle_seed,
-                          reshuffle_each_iteration=False)
-      d = d.enumerate().skip(skip * per_replica_batch_size).map(
-          lambda position, ex: {**ex, 'position': position})
-      d = decode(d, config.deterministic)
-      d = d.map(
-          lambda ex: to_views(
-              ex, tf.random.experimental.stateless_fold_in(epoch_seed, ex['position'])),
-          num_parallel_calls=tf.data.AUTOTUNE, deterministic=config.deterministic)
-      d = d.batch(per_replica_batch_size, drop_remainder=True)
-      return d.take(batches_per_epoch - skip)
-
-    dataset = tf.data.Dataset.range(start_epoch, 2**62).flat_map(epoch_dataset)
-    return dataset.prefetch(tf.data.AUTOTUNE).with_options(options)
+    return _pipeline_dataset(stages, input_context)
 
   return input_fn
 

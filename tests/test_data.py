@@ -44,7 +44,8 @@ def read_eval(builder, info, split='train', pipelines=1):
                                          num_replicas_in_sync=pipelines)
     for views, labels, ids in data.build_input_fn(builder, info, config, 3)(context):
       pixels = np.round(views[0].numpy()[:, 0, 0, 0] * 255).astype(int)
-      seen += list(zip(ids.numpy().tolist(), pixels.tolist(), np.argmax(labels, 1).tolist()))
+      seen += list(zip(ids.numpy().tolist(), pixels.tolist(), np.argmax(labels, 1).tolist(),
+                    strict=True))
   return seen
 
 
@@ -83,9 +84,56 @@ def test_training_epoch_yields_each_id_once_with_two_distinct_views(plain):
   resumed = data.build_input_fn(plain, info, data.InputConfig(
       split='train', global_batch_size=6, image_size=4, is_training=True, use_blur=False,
       deterministic=True, initial_step=2), 3)(tf.distribute.InputContext())
-  for a, b in zip(dataset.skip(2).take(5), resumed.take(5)):
+  for a, b in zip(dataset.skip(2).take(5), resumed.take(5), strict=True):
     np.testing.assert_array_equal(a[2], b[2])
     np.testing.assert_allclose(a[0][0], b[0][0])
+
+
+def test_epoch_batches_count_whole_steps_of_the_pipelines_replicas():
+  # Digits: 1,437 training images.
+  assert data.epoch_batches(1437, 16, 1) == 89
+  assert data.epoch_batches(1437, 8, 2) == 178  # 179 batches; the odd one would split a step
+  assert data.epoch_batches(1437, 4, 4) == 356  # 359 batches -> 89 steps of 4
+  assert data.epoch_batches(NUM_TRAIN, 6, 1) == 6
+  assert data.epoch_batches(10, 16, 1) == 0
+
+
+@pytest.mark.parametrize('initial_step, batches_per_epoch, replicas, expected', [
+    (0, 89, 1, (0, 0)),       # a fresh run
+    (5, 89, 1, (0, 5)),       # mid first epoch
+    (95, 89, 1, (1, 6)),      # mid second epoch
+    (88, 89, 1, (0, 88)),     # the last step of the first epoch
+    (89, 89, 1, (1, 0)),      # exactly at an epoch boundary: nothing of epoch 1 is consumed
+    (178, 89, 1, (2, 0)),
+    (0, 178, 2, (0, 0)),      # two replicas per pipeline: 89 steps of 2 batches per epoch
+    (95, 178, 2, (1, 12)),    # 6 steps into epoch 1, 2 batches each
+    (89, 178, 2, (1, 0)),
+    (88, 178, 2, (0, 176)),
+    (95, 356, 4, (1, 24)),    # four replicas per pipeline
+    (300, 356, 4, (3, 132)),  # 300 = 3 * 89 + 33
+])
+def test_resume_position_counts_whole_steps_within_one_epoch(
+    initial_step, batches_per_epoch, replicas, expected):
+  assert data.resume_position(initial_step, batches_per_epoch, replicas) == expected
+
+
+@pytest.mark.parametrize('replicas, initial_step', [(1, 6), (2, 4), (2, 6)])
+def test_resumed_pipeline_continues_the_uninterrupted_one(plain, replicas, initial_step):
+  # 37 records, per-replica batches of 3: 12 batches, i.e. 12 // replicas steps, per epoch.
+  info = data.describe(plain, 'train', 'test')
+  context = tf.distribute.InputContext(num_replicas_in_sync=replicas)
+
+  def batches(step):
+    config = data.InputConfig(split='train', global_batch_size=3 * replicas, image_size=4,
+                              is_training=True, use_blur=False, deterministic=True,
+                              initial_step=step)
+    return data.build_input_fn(plain, info, config, 3)(context)
+
+  skipped = initial_step * replicas
+  for a, b in zip(batches(0).skip(skipped).take(8), batches(initial_step).take(8),
+                  strict=True):
+    np.testing.assert_array_equal(a[2], b[2])
+    np.testing.assert_array_equal(a[0][1], b[0][1])
 
 
 def test_training_order_depends_on_the_config_seed_not_the_global_seed(plain):
