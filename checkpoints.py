@@ -103,6 +103,9 @@ def restore_pretrained(model, path):
                  'as initialized', name)
 
 
+# Where a pretraining checkpoint keeps SogCLR's u table (log domain, one float per image).
+LOG_U_KEY = 'sogclr/log_u/.ATTRIBUTES/VARIABLE_VALUE'
+
 # Where a checkpoint of run.py keeps the step: the optimizer's iteration count (a
 # LossScaleOptimizer's own counter stays 0; its inner optimizer's counts).
 STEP_KEYS = ('optimizer/inner_optimizer/_iterations/.ATTRIBUTES/VARIABLE_VALUE',

@@ -82,6 +82,22 @@ class Digits(tfds.core.GeneratorBasedBuilder):
       }
 
 
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+  """A run's data: which dataset and splits, image size, and the training augmentations."""
+  dataset: str = 'imagenet2012'  # 'name[/config][:version]' prepared under data_dir
+  data_dir: str | None = None    # None: TFDS's own (~/tensorflow_datasets)
+  train_split: str = 'train'
+  eval_split: str = 'validation'
+  num_classes: int = 0           # 0: read from the dataset
+  image_size: int = 224
+  shuffle_buffer: int = 50_000
+  cache_dataset: bool = False
+  color_jitter_strength: float = 1.0
+  crop_area_min: float = 0.08
+  random_flip: bool = True
+  use_blur: bool = True
+
 
 @dataclasses.dataclass(frozen=True)
 class DatasetInfo:

@@ -107,9 +107,9 @@ class FeatureExtractor:
     features, labels = [], []
     local = self.strategy.experimental_local_results
     for inputs in dataset:
-      f, l = self._run(inputs)
-      features += [x.numpy() for x in local(f)]
-      labels += [x.numpy() for x in local(l)]
+      batch_features, batch_labels = self._run(inputs)
+      features += [x.numpy() for x in local(batch_features)]
+      labels += [x.numpy() for x in local(batch_labels)]
     return np.concatenate(features), np.concatenate(labels)
 
 

@@ -36,7 +36,7 @@ flags.DEFINE_string('dataset', 'imagenet2012',
                     "--data_dir (read without its builder code); 'digits' is the embedded demo "
                     "data; see README 'Datasets'.")
 flags.DEFINE_string('data_dir', None,
-                    'TFDS data directory (local or gs://); default: TFDS\'s own (~/tensorflow_datasets).')
+                    'TFDS data directory (local or gs://); default: TFDS\'s own (~/tensorflow_datasets).')  # noqa: E501
 flags.DEFINE_string('train_split', 'train', 'Split to train on.')
 flags.DEFINE_string('eval_split', 'validation', 'Split to evaluate on.')
 flags.DEFINE_integer('num_classes', 0,
@@ -316,6 +316,14 @@ def config_from_flags():
     values = inherit_flags(values, given, values['checkpoint'])
   validate_flags(values)
   return build_config(values)
+
+
+def parse_config(argv):
+  """The config of command line `argv` (['run.py', '--flag=value', ...]), parsed afresh: for
+  scripts (bench/) that run experiments in-process from command lines."""
+  FLAGS.unparse_flags()
+  FLAGS(argv)
+  return config_from_flags()
 
 
 def main(argv):

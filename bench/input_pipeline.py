@@ -25,7 +25,7 @@ import data as data_lib  # noqa: E402
 import lars_optimizer  # noqa: E402
 import model as model_lib  # noqa: E402
 import objective  # noqa: E402
-import run  # noqa: E402
+import trainer as trainer_lib  # noqa: E402
 
 
 def images_per_second(step_fn, num_steps, batch_size, warmup):
@@ -69,7 +69,7 @@ def main():
 
   strategy = tf.distribute.MirroredStrategy(['/cpu:0'])
   with strategy.scope():
-    model = run.build_model(model_lib.ModelConfig(
+    model = model_lib.build_model(model_lib.ModelConfig(
         resnet_depth=args.resnet_depth, width_multiplier=args.width_multiplier,
         cifar_stem=args.image_size <= data_lib.SMALL_IMAGE_SIZE, num_classes=info.num_classes),
         args.image_size)
@@ -77,8 +77,9 @@ def main():
     optimizer.build(model.trainable_variables)
     sogclr = (objective.SogCLRLoss(info.num_train_examples, 0.1, 0.9)
               if args.loss == 'sogclr' else None)
-  trainer = run.Trainer(strategy, model, optimizer, loss=args.loss, temperature=0.1,
-                        hidden_norm=True, weight_decay=1e-6, optimizer_name='lars', sogclr=sogclr)
+  trainer = trainer_lib.Trainer(strategy, model, optimizer, loss=args.loss, temperature=0.1,
+                                hidden_norm=True, weight_decay=1e-6, optimizer_name='lars',
+                                sogclr=sogclr)
   # The step alone: one real batch, repeated from memory.
   batch = next(iter(input_fn(tf.distribute.InputContext())))
   constant = iter(strategy.experimental_distribute_dataset(

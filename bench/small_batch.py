@@ -28,10 +28,14 @@ from absl import logging  # noqa: E402  (after the path and environment set-up a
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
+import checkpoints  # noqa: E402
 import data as data_lib  # noqa: E402
+import evaluation  # noqa: E402
+import experiment  # noqa: E402
+import model as model_lib  # noqa: E402
 import objective  # noqa: E402
 import probe  # noqa: E402
-import run  # noqa: E402
+import run  # noqa: E402  (parse_config: the benchmark's runs are run.py command lines)
 
 METHODS = ('simclr', 'sogclr')
 # The fixed views of the global objective: one seed for every run, so a pair of runs (and every
@@ -131,8 +135,9 @@ def measure(model, builder, info, views, settings):
 
   global_objective = objective.global_nt_xent(
       projections(model, views[0]), projections(model, views[1]), settings.temperature)
-  train = run.extract_features(strategy, model, split_data('train'))
-  test = run.extract_features(strategy, model, split_data('test'))
+  extract_features = evaluation.FeatureExtractor(strategy, model)
+  train = extract_features(split_data('train'))
+  test = extract_features(split_data('test'))
   return {
       'global_objective': float(global_objective),
       'linear_top_1': probe.linear_probe_accuracy(*train, *test),
@@ -157,14 +162,15 @@ def pretrain_and_measure(settings, method, batch_size, seed, work_dir, data_dir,
   if tf.io.gfile.exists(model_dir):
     tf.io.gfile.rmtree(model_dir)
   started = time.time()
-  run.FLAGS.unparse_flags()
   # --verbosity=0: absl raises logging to INFO only under app.run; run.py's progress lines.
-  run.FLAGS(['run.py', *run_flags(settings, method, batch_size, seed, model_dir, data_dir),
-             '--verbosity=0'])
-  results = run.main([])
-  # run.main's model lives in its own scope; the final checkpoint holds the same weights.
-  model = run.build_model(run.model_config(info.num_classes), settings.image_size)
-  run.restore_pretrained(model, model_dir)
+  config = run.parse_config(
+      ['run.py', *run_flags(settings, method, batch_size, seed, model_dir, data_dir),
+       '--verbosity=0'])
+  results = experiment.run(config)
+  # The run's model lives in its own scope; the final checkpoint holds the same weights.
+  model = model_lib.build_model(
+      dataclasses.replace(config.model, num_classes=info.num_classes), settings.image_size)
+  checkpoints.restore_pretrained(model, model_dir)
   record = {
       'method': method, 'batch_size': batch_size, 'seed': seed,
       'steps': results['global_step'], 'train_seconds': results['train_seconds'],

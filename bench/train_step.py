@@ -27,7 +27,7 @@ import data as data_lib  # noqa: E402
 import lars_optimizer  # noqa: E402
 import model as model_lib  # noqa: E402
 import objective as obj_lib  # noqa: E402
-import run  # noqa: E402
+import trainer as trainer_lib  # noqa: E402
 
 POLICIES = {'float32': 'float32', 'bfloat16': 'mixed_bfloat16'}
 # The train step is about forward + backward (2x forward: gradients of activations and weights).
@@ -73,7 +73,7 @@ class Variant:
   loss: str
   precision: str
   xla: bool
-  trainer: run.Trainer
+  trainer: trainer_lib.Trainer
   iterator: object
   steps_per_call: int
   forward_flops: float  # per view
@@ -194,7 +194,7 @@ def build_for_precision(strategy, spec, precision, args, initial_weights=None):
   tf.keras.mixed_precision.set_global_policy(POLICIES[precision])
   try:
     with strategy.scope():
-      model = run.build_model(model_config(spec, args.num_classes), spec.image_size)
+      model = model_lib.build_model(model_config(spec, args.num_classes), spec.image_size)
       if initial_weights is not None:
         model.set_weights(initial_weights)
       optimizer = lars_optimizer.build_optimizer('lars', 0.1, momentum=0.9, weight_decay=1e-6)
@@ -206,9 +206,9 @@ def build_for_precision(strategy, spec, precision, args, initial_weights=None):
 
 
 def make_trainer(strategy, model, optimizer, sogclr, loss, xla):
-  return run.Trainer(strategy, model, optimizer, loss=loss, temperature=0.1, hidden_norm=True,
-                     weight_decay=1e-6, optimizer_name='lars',
-                     sogclr=sogclr if loss == 'sogclr' else None, jit_compile=xla)
+  return trainer_lib.Trainer(strategy, model, optimizer, loss=loss, temperature=0.1,
+                             hidden_norm=True, weight_decay=1e-6, optimizer_name='lars',
+                             sogclr=sogclr if loss == 'sogclr' else None, jit_compile=xla)
 
 
 def rss_bytes():

@@ -1,9 +1,18 @@
-"""Test set-up: two logical CPU devices, so MirroredStrategy runs the cross-replica code for real."""
+"""Shared set-up and fixtures.
+
+Two logical CPU devices, so MirroredStrategy runs the cross-replica code for real; the demo data
+prepared once per session; a tiny run's flags; and the three ways to run the command line:
+`run_main` (in-process, returns the results), `run_cli` (in-process, returns exit code and
+stderr) and `run_command` (a real `python run.py` subprocess, as a user runs it).
+"""
+import glob
 import os
+import subprocess
 import sys
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
 
 import tensorflow as tf  # noqa: E402  (must follow the environment set-up above)
 
@@ -13,6 +22,14 @@ tf.config.set_logical_device_configuration(
     _cpus[0], [tf.config.LogicalDeviceConfiguration()] * 2)
 
 import pytest  # noqa: E402
+
+# A run small enough for a test: ResNet-18 at 1/8 width on 16x16 digits, a few steps.
+TINY = ('--dataset=digits', '--image_size=16', '--resnet_depth=18', '--width_multiplier=0.125',
+        '--train_batch_size=16', '--eval_batch_size=100', '--eval_split=test',
+        '--optimizer=adam', '--learning_rate=0.01', '--warmup_epochs=0', '--num_proj_layers=2',
+        '--proj_out_dim=16', '--use_blur=False', '--log_every_seconds=0',
+        # Exact comparisons: the CPU default is bfloat16 where the CPU has it natively.
+        '--mixed_precision=float32')
 
 
 @pytest.fixture(scope='session')
@@ -25,3 +42,87 @@ def two_replicas():
   # One strategy object for the whole session: two MirroredStrategy objects over the same
   # devices draw colliding collective instance keys and abort each other's collectives.
   return tf.distribute.MirroredStrategy(['/cpu:0', '/cpu:1'])
+
+
+@pytest.fixture(scope='session')
+def repo():
+  """The repository's root directory."""
+  return REPO
+
+
+@pytest.fixture(scope='session')
+def data_dir(tmp_path_factory):
+  """A TFDS data_dir holding the demo data (prepared on first use by the first run)."""
+  return str(tmp_path_factory.mktemp('tfds'))
+
+
+@pytest.fixture(scope='session')
+def tiny(data_dir):
+  """The flags of a tiny run on the demo data (a list; add --model_dir and the rest)."""
+  return [*TINY, f'--data_dir={data_dir}']
+
+
+def _parse(args):
+  import run  # noqa: PLC0415  (imported late: it tunes malloc and defines the flags)
+  run.FLAGS.unparse_flags()
+  run.FLAGS(['run.py', *args])
+  return run
+
+
+@pytest.fixture(scope='session')
+def run_main():
+  """run_main(*flags) -> results: `run.main` in this process, with these flags parsed."""
+  return lambda *args: _parse(args).main([])
+
+
+@pytest.fixture
+def run_cli(capsys):
+  """run_cli(*flags) -> (exit code, stderr): `run.cli` in this process, as the command line
+  calls it."""
+
+  def call(*args):
+    run = _parse(args)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+      run.cli([])
+    return exit_info.value.code, capsys.readouterr().err
+
+  return call
+
+
+@pytest.fixture(scope='session')
+def run_command():
+  """run_command(*flags, timeout=600, env=None) -> CompletedProcess: `python run.py` in a
+  subprocess with TF_CPP_MIN_LOG_LEVEL=2, as CI runs it (text stdout and stderr)."""
+
+  def call(*args, timeout=600, env=None):
+    environment = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2', **(env or {}))
+    return subprocess.run([sys.executable, os.path.join(REPO, 'run.py'), *args],
+                          capture_output=True, text=True, timeout=timeout, env=environment,
+                          cwd=REPO)
+
+  return call
+
+
+@pytest.fixture(scope='session')
+def snapshot():
+  """snapshot(directory) -> {path: bytes} of the files directly in it, to check none changed."""
+
+  def take(directory):
+    return {path: open(path, 'rb').read() for path in glob.glob(os.path.join(directory, '*'))
+            if os.path.isfile(path)}
+
+  return take
+
+
+@pytest.fixture(scope='session')
+def tiny_model_config():
+  """tiny_model_config(**overrides) -> the ModelConfig of the tiny runs (10 classes, 16 px)."""
+  import model as model_lib  # noqa: PLC0415
+
+  def make(**overrides):
+    settings = dict(resnet_depth=18, width_multiplier=0.125, cifar_stem=True, num_proj_layers=2,
+                    proj_out_dim=16, num_classes=10)
+    return model_lib.ModelConfig(**(settings | overrides))
+
+  return make

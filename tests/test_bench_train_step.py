@@ -41,6 +41,7 @@ def test_peak_rss_sees_memory_touched_and_freed_inside_the_block(train_step):
   assert quiet.peak - quiet.before < 0.5 * size
 
 
+@pytest.mark.slow
 def test_quick_run_prints_rates_ratios_and_loss_curves(train_step, tmp_path):
   # float32 only for the timed variants (each costs a trace); the loss curves run bfloat16 too.
   tables = train_step.main(['--quick', '--rounds=1', '--precisions=float32',

@@ -13,7 +13,6 @@ import tensorflow_datasets as tfds
 
 import data
 import imagenet
-import run
 
 IMAGENET100 = imagenet.read_class_list(imagenet.IMAGENET100_CLASSES)
 IMAGENET1K = imagenet.imagenet1k_classes()
@@ -131,7 +130,7 @@ def test_imagenet_s_from_class_folders_with_another_class_list(tmp_path):
   assert data.get_builder('imagenet_s', data_dir).info.splits['train'].num_examples == 6
 
 
-def test_an_image_folder_becomes_an_id_tagged_dataset_to_train_on(tmp_path):
+def test_an_image_folder_becomes_an_id_tagged_dataset_to_train_on(tmp_path, run_main):
   root = tmp_path / 'shapes'
   for label in ('circle', 'square', 'triangle'):
     os.makedirs(root / label)
@@ -150,12 +149,6 @@ def test_an_image_folder_becomes_an_id_tagged_dataset_to_train_on(tmp_path):
   assert results['global_step'] == 2 and results['eval/num_examples'] == 12
 
 
-def run_main(*args):
-  run.FLAGS.unparse_flags()
-  run.FLAGS(['run.py', *args])
-  return run.main([])
-
-
 def miniature_imagenet2012(data_dir, version, features, example):
   """A prepared `imagenet2012` of 24 train and 8 validation images, written by TFDS's writer
   under the given version and features, without TFDS's or SogCLR's builder code."""
@@ -165,7 +158,7 @@ def miniature_imagenet2012(data_dir, version, features, example):
                          version=version, num_shards=3)
 
 
-def test_seed_command_trains_on_the_official_sogclr_layout(tmp_path):
+def test_seed_command_trains_on_the_official_sogclr_layout(tmp_path, run_main):
   data_dir = str(tmp_path / 'tfds')
   # The official SogCLR imagenet.py: imagenet2012 5.2.0 with image/encoded, image/class/label
   # and image/ID (here in reverse record order, to tell them from derived ids).
@@ -188,7 +181,7 @@ def test_seed_command_trains_on_the_official_sogclr_layout(tmp_path):
   assert log_u.shape == (24,) and np.isfinite(log_u).sum() == 16  # two steps of 8 images
 
 
-def test_seed_command_trains_unchanged_on_imagenet_s_built_here(tmp_path, ilsvrc_tars):
+def test_seed_command_trains_unchanged_on_imagenet_s_built_here(tmp_path, ilsvrc_tars, run_main):
   data_dir = str(tmp_path / 'tfds')
   # Our layout under the official name: the seed's command line runs as written.
   imagenet.main(['--manual_dir', ilsvrc_tars, '--data_dir', data_dir, '--subset', 's',
@@ -213,7 +206,7 @@ def test_imagenet_name_is_checked(tmp_path, ilsvrc_tars):
     imagenet.build_imagenet('1k', ilsvrc_tars, str(tmp_path), name='Image Net')
 
 
-def test_tfds_own_imagenet2012_layout_gets_ids_derived_from_record_ids(tmp_path):
+def test_tfds_own_imagenet2012_layout_gets_ids_derived_from_record_ids(tmp_path, run_main):
   # TFDS's imagenet2012 (5.1.0: image, label, file_name) has no ids: they come from tfds_id.
   data_dir = str(tmp_path / 'tfds')
   miniature_imagenet2012(data_dir, '5.1.0', {

@@ -4,14 +4,13 @@ import pytest
 import tensorflow as tf
 
 import model as model_lib
-import run
 
 
 def tiny_model(**overrides):
   config = model_lib.ModelConfig(resnet_depth=18, width_multiplier=0.125, cifar_stem=True,
                                  num_proj_layers=2, proj_out_dim=16, num_classes=10,
                                  **overrides)
-  return run.build_model(config, 16)
+  return model_lib.build_model(config, 16)
 
 
 @pytest.mark.parametrize('head_bn', [True, False])

@@ -48,6 +48,7 @@ def test_summary_pairs_methods_by_seed(small_batch):
       '| 16 | 89 | 5.100 ± 0.265 | 5.000 ± 0.173 | -0.100 ± 0.100 (2/3) |')
 
 
+@pytest.mark.slow
 def test_quick_run_writes_table_plot_and_json(tmp_path):
   out_dir, work_dir, data_dir = (str(tmp_path / name) for name in ('out', 'work', 'tfds'))
   command = [sys.executable, SCRIPT, '--quick', f'--out_dir={out_dir}', f'--work_dir={work_dir}',
