@@ -8,6 +8,9 @@ import collections
 import json
 import os
 import re
+import socket
+import threading
+import time
 
 from absl import logging
 import numpy as np
@@ -34,30 +37,26 @@ def prepare_write_dir(model_dir, chief=True, task_id=0):
 
 
 def restore_or_initialize(model, optimizer, sogclr=None, *, model_dir, write_dir=None,
-                          keep_checkpoint_max=5, checkpoint=None, zero_init_logits_layer=False):
-  """Resumes from `model_dir` first (the same run, restarted); only then initializes the model
-  from `checkpoint` (another run's checkpoint or export), if given.
+                          keep_checkpoint_max=5, checkpoint=None, zero_init_logits_layer=False,
+                          start_over=False, chief=True):
+  """Resumes from `model_dir`'s newest readable checkpoint first (the same run, restarted); only
+  then initializes the model from `checkpoint` (another run's checkpoint or export), if given.
 
-  Returns the CheckpointManager that saves model, optimizer (with the step) and SogCLR's u into
-  `write_dir` (default: model_dir).
+  Never starts from step 0 over checkpoints it cannot read: that is a ValueError naming them,
+  unless `start_over`, which moves them aside (chief only). Returns the CheckpointManager that
+  saves model, optimizer (with the step) and SogCLR's u into `write_dir` (default: model_dir).
   """
   trackables = {'model': model, 'optimizer': optimizer}
   if sogclr is not None:
     trackables['sogclr'] = sogclr
   state = tf.train.Checkpoint(**trackables)
+  resumed = _resume(state, model_dir, start_over=start_over, chief=chief)
+  # After _resume: a repaired state file names the checkpoint resumed from.
   manager = tf.train.CheckpointManager(state, write_dir or model_dir,
                                        max_to_keep=keep_checkpoint_max)
-  latest = tf.train.latest_checkpoint(model_dir)
-  if latest:
-    try:
-      state.restore(latest).assert_existing_objects_matched()
-    except (ValueError, AssertionError) as e:
-      raise ValueError(
-          f'--model_dir={model_dir!r} holds a checkpoint of another configuration '
-          f'({str(e).splitlines()[0][:300]}); resume with the flags in its flags.json or use '
-          'a new --model_dir') from None
+  if resumed:
     # The state restored (u included), comparable with the 'Final state' line of any run.
-    logging.info('Resumed from %s at step %d: %s', latest, int(optimizer.iterations.numpy()),
+    logging.info('Resumed from %s at step %d: %s', resumed, int(optimizer.iterations.numpy()),
                  state_fingerprint(model, sogclr))
   elif checkpoint:
     restore_pretrained(model, checkpoint)
@@ -66,6 +65,144 @@ def restore_or_initialize(model, optimizer, sogclr=None, *, model_dir, write_dir
       for variable in model.supervised_head.weights:
         variable.assign(tf.zeros_like(variable))
   return manager
+
+
+STATE_FILE = 'checkpoint'
+
+
+def _step_of(prefix):
+  match = re.search(r'ckpt-(\d+)$', prefix)
+  return int(match.group(1)) if match else -1
+
+
+def _state_file_latest(model_dir):
+  """The checkpoint the state file names as latest, or None (missing or unparsable file)."""
+  if not tf.io.gfile.exists(os.path.join(model_dir, STATE_FILE)):
+    return None
+  state = tf.train.get_checkpoint_state(model_dir)  # None (and a warning) when garbled
+  if state is None or not state.model_checkpoint_path:
+    return None
+  path = state.model_checkpoint_path
+  return path if os.path.isabs(path) or '://' in path else os.path.join(model_dir, path)
+
+
+def list_checkpoints(model_dir):
+  """The checkpoint prefixes in model_dir, newest first: the state file's latest (when its
+  index is present), then every ckpt-<step>.index present by decreasing step."""
+  present = {name[:-len('.index')] for name in tf.io.gfile.glob(
+      os.path.join(model_dir, 'ckpt-*.index'))}
+  ordered = sorted((p for p in present if _step_of(p) >= 0), key=_step_of, reverse=True)
+  latest = _state_file_latest(model_dir)
+  if latest is not None and latest in present:
+    ordered.remove(latest)
+    ordered.insert(0, latest)
+  return ordered
+
+
+def _unreadable_reason(error):
+  message = getattr(error, 'message', None) or str(error) or repr(error)
+  message = re.sub(r'\{\{function_node [^}]*\}\}\s*', '', message.strip().splitlines()[0])
+  return f'{type(error).__name__}: {message[:160]}'
+
+
+def _resume(state, model_dir, *, start_over, chief):
+  """Restores `state` from the newest readable checkpoint of model_dir; returns its path, or
+  None when model_dir holds no checkpoint (or start_over moved them aside)."""
+  skipped = []
+  for path in list_checkpoints(model_dir):
+    try:
+      status = state.restore(path)
+    except (tf.errors.OpError, IndexError, OSError, ValueError) as e:
+      # A missing or truncated file, a checksum mismatch: try the next older checkpoint.
+      skipped.append((os.path.basename(path), _unreadable_reason(e)))
+      continue
+    try:
+      status.assert_existing_objects_matched()
+    except (ValueError, AssertionError) as e:
+      raise ValueError(
+          f'--model_dir={model_dir!r} holds a checkpoint of another configuration '
+          f'({str(e).splitlines()[0][:300]}); resume with the flags in its flags.json or use '
+          'a new --model_dir') from None
+    for name, reason in skipped:
+      logging.warning('Skipped checkpoint %s (unreadable: %s); resuming from the next older '
+                      'one.', os.path.join(model_dir, name), reason)
+    if chief and (skipped or _state_file_latest(model_dir) != path):
+      _write_state_file(model_dir, path)
+    return path
+  traces = [p for p in (STATE_FILE, 'ckpt-*')
+            if tf.io.gfile.glob(os.path.join(model_dir, p))]
+  if not traces:
+    return None
+  what = ('; '.join(f'{name} ({reason})' for name, reason in skipped) if skipped else
+          f'a state file ({STATE_FILE}) naming checkpoints that are gone')
+  if not start_over:
+    raise ValueError(
+        f'--model_dir={model_dir!r} holds checkpoints but none can be read: {what}; restore '
+        'them, use another --model_dir, or pass --start_over to train from step 0 (they are '
+        'moved aside, not deleted)')
+  if chief:
+    aside = _move_checkpoints_aside(model_dir)
+    logging.warning('--start_over: moved the unreadable checkpoints to %s; training from step 0.',
+                    aside)
+  return None
+
+
+def _write_state_file(model_dir, latest):
+  """Rewrites model_dir's state file: `latest` and the older checkpoints present, oldest first."""
+  older = [p for p in list_checkpoints(model_dir) if 0 <= _step_of(p) < _step_of(latest)]
+  paths = [os.path.basename(p) for p in sorted(older, key=_step_of)] + [
+      os.path.basename(latest)]
+  text = f'model_checkpoint_path: "{paths[-1]}"\n' + ''.join(
+      f'all_model_checkpoint_paths: "{p}"\n' for p in paths)
+  _write_atomically(os.path.join(model_dir, STATE_FILE), text)
+  logging.warning('Rewrote %s: latest checkpoint %s.', os.path.join(model_dir, STATE_FILE),
+                  paths[-1])
+
+
+def _move_checkpoints_aside(model_dir):
+  aside = os.path.join(model_dir, time.strftime('discarded-%Y%m%d-%H%M%S', time.gmtime()))
+  tf.io.gfile.makedirs(aside)
+  for pattern in (STATE_FILE, 'ckpt-*'):
+    for path in tf.io.gfile.glob(os.path.join(model_dir, pattern)):
+      tf.io.gfile.rename(path, os.path.join(aside, os.path.basename(path)))
+  return aside
+
+
+def _write_atomically(path, text):
+  temporary = f'{path}.tmp_{os.getpid()}'
+  with tf.io.gfile.GFile(temporary, 'w') as f:
+    f.write(text)
+  tf.io.gfile.rename(temporary, path, overwrite=True)
+
+
+def remove_stale_saves(model_dir):
+  """Removes what interrupted saves leave in model_dir (ckpt-<n>_temp folders, half-written
+  exports and results); call only while holding the run's lock. Returns the paths removed."""
+  removed = []
+  for pattern in ('ckpt-*_temp', os.path.join('saved_model', '.tmp_*'), '.result_*.json.tmp_*',
+                  f'{STATE_FILE}.tmp_*'):
+    for path in tf.io.gfile.glob(os.path.join(model_dir, pattern)):
+      if tf.io.gfile.isdir(path):
+        tf.io.gfile.rmtree(path)
+      else:
+        tf.io.gfile.remove(path)
+      removed.append(path)
+  if removed:
+    logging.warning('Removed what interrupted saves left: %s', ', '.join(removed))
+  return removed
+
+
+def save(manager, step):
+  """manager.save(step); a failed save (a full disk, say) leaves no partial checkpoint and is a
+  ValueError naming the checkpoint, the last complete one and the cause."""
+  try:
+    return manager.save(checkpoint_number=step)
+  except (tf.errors.OpError, OSError) as e:
+    for path in tf.io.gfile.glob(os.path.join(manager.directory, f'ckpt-{step}_temp*')):
+      tf.io.gfile.rmtree(path) if tf.io.gfile.isdir(path) else tf.io.gfile.remove(path)
+    raise ValueError(f'could not save checkpoint ckpt-{step} in {manager.directory} '
+                     f'({_unreadable_reason(e)}); the last complete checkpoint '
+                     f'({manager.latest_checkpoint}) is kept') from None
 
 
 def restore_pretrained(model, path):
@@ -236,6 +373,20 @@ def write_flags(model_dir, values):
     json.dump(values, f, indent=2, sort_keys=True)
 
 
+HISTORY_FILE = 'flags_history.jsonl'
+
+
+def append_flags_history(model_dir, entry):
+  """Appends `entry` (a dict: when, where, from which step, the flags) as one json line to
+  model_dir/flags_history.jsonl: every start of the run, in order."""
+  path = os.path.join(model_dir, HISTORY_FILE)
+  text = ''
+  if tf.io.gfile.exists(path):  # gs:// has no append: read and rewrite (a few KB)
+    with tf.io.gfile.GFile(path) as f:
+      text = f.read()
+  _write_atomically(path, text + json.dumps(entry, sort_keys=True) + '\n')
+
+
 def read_flags(path):
   """(flags dict, file path) of the training run's flags.json in directory `path` (or next to
   checkpoint prefix `path`; an export holds one), or (None, file path) when there is none."""
@@ -244,7 +395,12 @@ def read_flags(path):
   if not tf.io.gfile.exists(flags_file):
     return None, flags_file
   with tf.io.gfile.GFile(flags_file) as f:
-    return json.load(f), flags_file
+    text = f.read()
+  try:
+    return json.loads(text), flags_file
+  except json.JSONDecodeError as e:
+    raise ValueError(f'{flags_file} is not valid json ({e}); restore it from the run\'s '
+                     f'saved_model/<step>/{FLAGS_FILE} or give the model flags') from None
 
 
 def export(model, step, write_dir, *, image_size, keep, model_dir, chief=True):
@@ -295,3 +451,124 @@ def export_saved_model(model, export_dir, step, *, image_size, keep, flags_file=
   for old in steps[:-keep]:
     tf.io.gfile.rmtree(os.path.join(export_dir, str(old)))
   return final
+
+
+LOCK_FILE = 'run.lock'
+
+
+def _process_start_ticks(pid):
+  """A local process' start time (clock ticks since boot), or None when it does not exist:
+  with the pid it identifies the process even after the pid is reused."""
+  try:
+    with open(f'/proc/{pid}/stat') as f:
+      return int(f.read().rsplit(')', 1)[1].split()[19])
+  except (OSError, IndexError, ValueError):
+    return None
+
+
+class RunLock:
+  """model_dir/run.lock: at most one live training run per model_dir.
+
+  The file names its holder (host, pid, start) and a heartbeat the holder refreshes every
+  `heartbeat_seconds`. A lock is stale, and is taken over with a warning, when its holder is on
+  this host and that process no longer exists (pid and start time, so a reused pid does not
+  count), or, for a holder on another host, when its heartbeat is older than `stale_seconds`
+  (a killed host stops refreshing it). Locally the file is created exclusively (O_EXCL); on
+  gs:// creation is a write followed by a read-back, so two starts within a second of each
+  other can both pass.
+  """
+
+  def __init__(self, model_dir, heartbeat_seconds=60.0, stale_seconds=600.0):
+    self.path = os.path.join(model_dir, LOCK_FILE)
+    self.heartbeat_seconds = heartbeat_seconds
+    self.stale_seconds = stale_seconds
+    self.record = None
+    self._stop = threading.Event()
+    self._thread = None
+
+  def _read(self):
+    try:
+      with tf.io.gfile.GFile(self.path) as f:
+        return json.loads(f.read())
+    except tf.errors.NotFoundError:
+      return None
+    except (json.JSONDecodeError, tf.errors.OpError):
+      return {}  # half-written or garbled: its writer's heartbeat decides below
+
+  def _stale_reason(self, holder):
+    if not holder:
+      return 'the lock file is unreadable'
+    if holder.get('host') == socket.gethostname():
+      ticks = _process_start_ticks(holder.get('pid', -1))
+      if ticks is None or ticks != holder.get('start_ticks', ticks):
+        return f"process {holder.get('pid')} on this host no longer runs"
+      return None
+    age = time.time() - holder.get('heartbeat', 0)
+    if age > self.stale_seconds:
+      return f'its heartbeat is {age:.0f} s old'
+    return None
+
+  def _create(self, text):
+    if '://' in self.path:
+      with tf.io.gfile.GFile(self.path, 'w') as f:
+        f.write(text)
+      time.sleep(1.0)
+      return self._read() == json.loads(text)
+    try:
+      descriptor = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    except FileExistsError:
+      return False
+    with os.fdopen(descriptor, 'w') as f:
+      f.write(text)
+    return True
+
+  def acquire(self):
+    """Takes the lock or raises ValueError naming the live run that holds it."""
+    holder = self._read()
+    if holder is not None:
+      reason = self._stale_reason(holder)
+      if reason is None:
+        raise ValueError(self._held_message(holder))
+      logging.warning('Taking over %s from a run that is gone (%s): %s', self.path, reason,
+                      holder)
+      tf.io.gfile.remove(self.path)
+    now = time.time()
+    self.record = {'host': socket.gethostname(), 'pid': os.getpid(),
+                   'start_ticks': _process_start_ticks(os.getpid()), 'since': now,
+                   'since_utc': time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime(now)),
+                   'heartbeat': now}
+    if not self._create(json.dumps(self.record)):
+      raise ValueError(self._held_message(self._read() or {}))
+    self._thread = threading.Thread(target=self._beat, daemon=True, name='run-lock-heartbeat')
+    self._thread.start()
+    return self
+
+  def _held_message(self, holder):
+    return (f"--model_dir={os.path.dirname(self.path)!r} is in use by another run (host "
+            f"{holder.get('host')}, pid {holder.get('pid')}, since {holder.get('since_utc')}; "
+            f'lock file {self.path}); wait for it to end or use another --model_dir')
+
+  def _beat(self):
+    while not self._stop.wait(self.heartbeat_seconds):
+      self.record['heartbeat'] = time.time()
+      try:
+        _write_atomically(self.path, json.dumps(self.record))
+      except (tf.errors.OpError, OSError) as e:  # a full disk must not end the run
+        logging.warning('Could not refresh %s: %s', self.path, e)
+
+  def release(self):
+    """Stops the heartbeat and removes the lock file if this process still holds it."""
+    self._stop.set()
+    if self._thread is not None:
+      self._thread.join()
+    holder = self._read() or {}
+    if self.record is not None and all(holder.get(k) == self.record[k]
+                                       for k in ('host', 'pid', 'since')):
+      tf.io.gfile.remove(self.path)
+    self.record = None
+
+  def __enter__(self):
+    return self.acquire()
+
+  def __exit__(self, *exc):
+    self.release()

@@ -202,8 +202,15 @@ def get_builder(name, data_dir):
   read the same way). The demo dataset is prepared on first use.
   """
   data_dir = data_dir or tfds.core.constants.DATA_DIR
+  if tf.io.gfile.exists(data_dir) and not tf.io.gfile.isdir(data_dir):
+    raise ValueError(f'--data_dir={data_dir!r} is a file, not a directory of prepared datasets')
   if name == DEMO_DATASET:
     builder = tfds.builder(name, data_dir=data_dir)
+    version_dir = os.path.join(data_dir, name, str(Digits.VERSION))
+    if (tf.io.gfile.isdir(version_dir) and
+        not tf.io.gfile.exists(os.path.join(version_dir, 'dataset_info.json'))):
+      raise ValueError(f'The demo data in {version_dir} is incomplete (no dataset_info.json); '
+                       'delete that folder and it is prepared again')
     builder.download_and_prepare()
     return builder
   prepared = find_prepared_dir(name, data_dir)

@@ -4,8 +4,11 @@ then trains (evaluating at the end) or evaluates a run's checkpoints as they app
 `run.py` turns flags into a Config; a notebook can build one directly (every field has the
 flag's default) and call `run(config)`.
 """
+import contextlib
 import dataclasses
-import threading
+import os
+import socket
+import time
 import types
 
 from absl import logging
@@ -30,6 +33,8 @@ class Config:
   mode: str = 'train'  # 'train' | 'eval' | 'train_then_eval'
   train_mode: str = 'pretrain'  # 'pretrain' | 'finetune'
   checkpoint: str | None = None  # another run's checkpoint or export to initialize from
+  start_over: bool = False  # train from step 0 over unreadable checkpoints (moved aside)
+  allow_flag_changes: tuple = ()  # run-defining flags that may differ from the recorded run's
   data: data_lib.DataConfig = data_lib.DataConfig()
   model: model_lib.ModelConfig = model_lib.ModelConfig()
   objective: trainer_lib.ObjectiveConfig = trainer_lib.ObjectiveConfig()
@@ -71,8 +76,13 @@ def check_batch_size(global_batch_size, num_replicas, num_examples, split):
 
 def run(config):
   """Runs the job `config` describes; returns its results dict."""
+  lock = None
   try:
     setup = prepare(config)
+    if config.mode != 'eval' and setup.chief:
+      # One training run per model_dir; a multi-worker job is one run (its chief holds it).
+      lock = checkpoints.RunLock(config.model_dir).acquire()
+      checkpoints.remove_stale_saves(config.model_dir)
     with setup.strategy.scope():
       model = model_lib.build_model(
           dataclasses.replace(config.model, num_classes=setup.info.num_classes),
@@ -81,6 +91,8 @@ def run(config):
       return evaluate_checkpoints(config, setup, model)
     return train_and_evaluate(config, setup, model)
   finally:
+    if lock is not None:
+      lock.release()
     # The compute policy is process-global: a caller (a notebook, the tests) gets float32 back.
     tf.keras.mixed_precision.set_global_policy('float32')
 
@@ -92,8 +104,9 @@ def prepare(config):
   # First: multi-worker collectives must be configured before any other TensorFlow work.
   strategy = distribution_lib.build_strategy(config.distribution)
   builder = data_lib.get_builder(config.data.dataset, config.data.data_dir)
-  info = data_lib.describe(builder, config.data.train_split, config.data.eval_split,
-                           config.data.num_classes)
+  with _naming_the_data(config):  # describe may scan the ids of the training split
+    info = data_lib.describe(builder, config.data.train_split, config.data.eval_split,
+                             config.data.num_classes)
   # Seeded after the data is prepared: preparing it draws from the global random generators.
   tf.keras.utils.set_random_seed(config.loop.seed)
   # The global TF seed stays seed + 1, as in the runs the README reports (an older workaround;
@@ -105,6 +118,10 @@ def prepare(config):
                    info.num_train_examples, config.data.train_split)
   if config.eval.knn_monitor and not info.label_key:
     raise ValueError(f'--knn_monitor needs labels; dataset {info.name!r} has none')
+  if config.mode == 'eval' and not tf.io.gfile.isdir(config.model_dir):
+    raise ValueError(f'--model_dir={config.model_dir!r} does not exist: --mode=eval evaluates '
+                     'the checkpoints of a training run there (check the path, or start the '
+                     'training run first)')
   write_dir = checkpoints.prepare_write_dir(config.model_dir, chief,
                                             distribution_lib.task_id(strategy))
   steps_per_epoch = data_lib.steps_per_epoch(info.num_train_examples,
@@ -152,6 +169,7 @@ def train_and_evaluate(config, setup, model):
   """Trains from model_dir's newest checkpoint (or --checkpoint, or scratch), exports, then
   evaluates (head, kNN) and probes the final model; returns the results."""
   strategy, objective = setup.strategy, config.objective
+  check_same_run(config, setup.total_steps)
   with strategy.scope():
     optimizer, learning_rate = trainer_lib.build_optimizer(
         config.optimizer, model, global_batch_size=config.loop.train_batch_size,
@@ -164,19 +182,27 @@ def train_and_evaluate(config, setup, model):
     manager = checkpoints.restore_or_initialize(
         model, optimizer, sogclr, model_dir=config.model_dir, write_dir=setup.write_dir,
         keep_checkpoint_max=config.loop.keep_checkpoint_max, checkpoint=config.checkpoint,
-        zero_init_logits_layer=config.model.zero_init_logits_layer)
+        zero_init_logits_layer=config.model.zero_init_logits_layer,
+        start_over=config.start_over, chief=setup.chief)
+  initial_step = int(optimizer.iterations.numpy())
+  if initial_step > setup.total_steps:
+    raise ValueError(f'--train_steps/--train_epochs give {setup.total_steps} steps, fewer than '
+                     f'the {initial_step} this run in --model_dir={config.model_dir!r} has '
+                     'trained; give its length or longer')
   # After the restore: flags that cannot resume this model_dir never overwrite it.
   if setup.chief:
-    # The contrastive loss the aliases resolved to; fine-tuning trains cross-entropy only.
-    resolved = objective.loss if config.pretrain else 'cross_entropy'
-    checkpoints.write_flags(config.model_dir, dict(config.flags) | {'resolved_loss': resolved})
+    _record_flags(config, initial_step)
   summary_writer = _summary_writer(config, setup)
   trainer = trainer_lib.Trainer(
       strategy, model, optimizer, loss=objective.loss, temperature=objective.temperature,
       hidden_norm=objective.hidden_norm, weight_decay=config.optimizer.weight_decay,
       optimizer_name=config.optimizer.name, sogclr=sogclr, jit_compile=setup.jit_compile)
-  seconds = _train(config, setup, trainer, manager, summary_writer, learning_rate)
-  results = {'train_seconds': round(seconds, 1)}
+  results = {}
+  if initial_step < setup.total_steps:
+    seconds = _train(config, setup, trainer, manager, summary_writer, learning_rate)
+    results['train_seconds'] = round(seconds, 1)
+  else:  # a finished run, rerun: evaluated again; its train_seconds stays in its results
+    logging.info('Already trained to step %d; evaluating only.', initial_step)
   step = int(optimizer.iterations.numpy())
   _export(config, setup, model, step)
   if not setup.chief:
@@ -201,8 +227,8 @@ def _train(config, setup, trainer, manager, summary_writer, learning_rate):
   logging.info('Training %s from step %d to %d (%d steps/epoch, warm-up %d steps).',
                config.train_mode, initial_step, setup.total_steps, setup.steps_per_epoch,
                setup.warmup_steps)
-  stop_requested = threading.Event()
-  with trainer_lib.stop_on_sigterm(stop_requested):
+  stop_requested = trainer_lib.StopRequest()
+  with trainer_lib.stop_on_signals(stop_requested), _naming_the_data(config):
     return trainer_lib.train(
         trainer, iter(dataset), total_steps=setup.total_steps,
         checkpoint_every=config.loop.checkpoint_every(setup.steps_per_epoch),
@@ -210,6 +236,73 @@ def _train(config, setup, trainer, manager, summary_writer, learning_rate):
         learning_rate_fn=learning_rate, stop_requested=stop_requested,
         on_progress=trainer_lib.ProgressLogger(config.loop.train_batch_size,
                                                config.loop.log_every_seconds))
+
+
+# Flags whose change makes a resumed run another run (its data order, objective or network);
+# changing one on resume is an error unless allowed by name (allow_flag_changes).
+RUN_DEFINING_FLAGS = (
+    'resolved_loss', 'temperature', 'gamma', 'hidden_norm', 'train_mode', 'train_batch_size',
+    'seed', 'dataset', 'train_split', 'num_classes', 'image_size', 'resnet_depth',
+    'width_multiplier', 'sk_ratio', 'se_ratio', 'proj_head_mode', 'num_proj_layers',
+    'proj_out_dim', 'lineareval_while_pretraining', 'ft_proj_selector', 'fine_tune_after_block',
+    'supervised_head_bn', 'optimizer', 'learning_rate_scaling')
+
+
+def _resolved_loss(config):
+  # The contrastive loss the aliases resolved to; fine-tuning trains cross-entropy only.
+  return config.objective.loss if config.pretrain else 'cross_entropy'
+
+
+def check_same_run(config, total_steps):
+  """Raises ValueError listing the run-defining flags that differ from those recorded in
+  model_dir/flags.json when model_dir holds checkpoints to resume (unless allowed by name);
+  logs the other changes (a longer training, another learning rate)."""
+  if not checkpoints.list_checkpoints(config.model_dir):
+    return
+  recorded, flags_file = checkpoints.read_flags(config.model_dir)
+  if recorded is None:
+    return
+  current = dict(config.flags) | {'resolved_loss': _resolved_loss(config)}
+  changed = {name: (recorded[name], value) for name, value in current.items()
+             if name in recorded and recorded[name] != value}
+  if current['resolved_loss'] != 'sogclr':
+    changed.pop('gamma', None)  # only SogCLR has a gamma
+  allowed = set(config.allow_flag_changes)
+  if 'loss' in allowed:
+    allowed.add('resolved_loss')
+  defining = {k: v for k, v in changed.items() if k in RUN_DEFINING_FLAGS and k not in allowed}
+  if defining:
+    listed = ', '.join(f'--{"loss" if k == "resolved_loss" else k}={new!r} (was {old!r})'
+                       for k, (old, new) in defining.items())
+    names = ','.join(k for k in defining if k != 'resolved_loss') or 'loss'
+    raise ValueError(f'--model_dir={config.model_dir!r} holds a run with other flags ({listed}; '
+                     f'recorded in {flags_file}); resume with its flags, use another '
+                     f'--model_dir, or pass --allow_flag_changes={names}')
+  for name, (old, new) in changed.items():
+    logging.info('Resuming with --%s=%r (was %r in %s).', name, new, old, flags_file)
+
+
+def _record_flags(config, initial_step):
+  """flags.json (the flags of this start) and one more line of flags_history.jsonl."""
+  record = dict(config.flags) | {'resolved_loss': _resolved_loss(config)}
+  checkpoints.append_flags_history(config.model_dir, {
+      'started_utc': time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime()),
+      'host': socket.gethostname(), 'pid': os.getpid(), 'from_step': initial_step,
+      'flags': record})
+  checkpoints.write_flags(config.model_dir, record)
+
+
+@contextlib.contextmanager
+def _naming_the_data(config):
+  """Read failures of the training pipeline (a missing or truncated shard) name the dataset."""
+  try:
+    yield
+  except (tf.errors.DataLossError, tf.errors.NotFoundError) as e:
+    data = config.data
+    raise ValueError(
+        f'reading dataset {data.dataset} split {data.train_split} under --data_dir='
+        f'{data.data_dir!r} failed ({type(e).__name__}: {e.message.strip().splitlines()[0]}); '
+        'prepare the dataset again (README "Datasets")') from None
 
 
 def train_input_config(config, initial_step):
@@ -237,15 +330,19 @@ def evaluate_checkpoints(config, setup, model):
   chief writes result_<step>.json; another worker's export directory is removed at the end.
   """
   evaluator = _evaluator(config, setup, model, _summary_writer(config, setup))
-  results = {}
+  results = None
   for path in checkpoints.iterate_checkpoints(config.model_dir,
                                               config.eval.eval_timeout_seconds):
     try:
+      step = checkpoints.checkpoint_step(path)
       checkpoints.restore_model(model, path)
     except ValueError as e:
       raise ValueError(f"--model_dir={config.model_dir!r}: {e}; give the training run's model "
                        'flags (its flags.json lists them) or leave them out') from None
-    step = checkpoints.checkpoint_step(path)
+    except tf.errors.NotFoundError:
+      # The training run keeps its newest checkpoints only: this one went before its turn.
+      logging.warning('%s was deleted before it could be evaluated; skipped.', path)
+      continue
     results = evaluator.evaluate(step)
     if setup.chief:
       checkpoints.write_results(config.model_dir, step, results)
@@ -254,6 +351,9 @@ def evaluate_checkpoints(config, setup, model):
       break
   if not setup.chief:
     tf.io.gfile.rmtree(setup.write_dir)
+  if results is None:
+    raise ValueError(f'no checkpoint to evaluate appeared in --model_dir={config.model_dir!r} '
+                     f'within --eval_timeout_seconds={config.eval.eval_timeout_seconds}')
   return results
 
 

@@ -6,7 +6,9 @@ embedded demo data, a CPU):
   python run.py --train_mode=pretrain --DCL_mode=True --gamma=0.9 --model_dir=runs/sogclr \
       --dataset=digits --image_size=16 --resnet_depth=18 --width_multiplier=0.25 ...
 """
+import os
 import re
+import signal
 import sys
 import types
 
@@ -136,6 +138,15 @@ flags.DEFINE_string('model_dir', None, 'Directory for checkpoints, summaries and
 flags.DEFINE_string('checkpoint', None,
                     'Checkpoint (prefix or directory) or SavedModel export '
                     '(model_dir/saved_model/<step>) to initialize from when model_dir has none.')
+flags.DEFINE_bool('start_over', False,
+                  'Train from step 0 although model_dir holds checkpoints that cannot be read '
+                  '(they are moved to model_dir/discarded-<time>/, not deleted). Without it such '
+                  'a model_dir is an error: a run never silently restarts over its own work.')
+flags.DEFINE_list('allow_flag_changes', [],
+                  'Run-defining flags (loss and its hyperparameters, batch size, seed, data, '
+                  'image size, architecture, optimizer) that may differ from the flags.json of '
+                  'the run being resumed, e.g. temperature,seed; any other difference is an '
+                  'error. Every start is recorded in model_dir/flags_history.jsonl.')
 flags.DEFINE_integer('seed', 0, 'Seed of initialization, data order and augmentations.')
 flags.DEFINE_bool('deterministic', False,
                   'Deterministic ops and input order (slower): the same run twice gives the '
@@ -160,6 +171,10 @@ flags.DEFINE_enum('mixed_precision', 'auto', ['auto', 'float32', 'bfloat16', 'fl
                   'bfloat16 (AVX512_BF16/AMX), float16 on GPU, float32 on other CPUs.')
 flags.DEFINE_enum('jit_compile', 'auto', ['auto', 'true', 'false'],
                   'Compile the train step with XLA. auto: on for TPU and GPU, off on CPU.')
+
+flags.DEFINE_bool('debug', False,
+                  'On an error, print the full traceback instead of the one-line "error:" '
+                  '(also: environment variable SOGCLR_DEBUG=1).')
 
 # -- Infrastructure --------------------------------------------------------------------------------
 flags.DEFINE_bool('use_tpu', None,
@@ -208,6 +223,7 @@ def validate_flags(values):
                'knn_k'):
     if values[name] <= 0:
       raise ValueError(f'--{name} must be positive, got {values[name]}')
+  _check_ranges(values)
   if v.knn_temperature <= 0:
     raise ValueError(f'--knn_temperature must be positive, got {v.knn_temperature}')
   if v.keep_hub_module_max < 0:
@@ -220,6 +236,34 @@ def validate_flags(values):
   if v.image_size < min_size:
     raise ValueError(f'--image_size={v.image_size} is too small for the ResNet '
                      f'(at least {min_size} px)')
+
+
+# (flag, lowest allowed, whether the lowest is excluded): numbers outside make no sense.
+RANGES = (
+    ('learning_rate', 0, True), ('weight_decay', 0, False), ('momentum', 0, False),
+    ('warmup_epochs', 0, False), ('train_epochs', 0, False), ('train_steps', 0, False),
+    ('eval_steps', 0, False), ('eval_timeout_seconds', 0, False), ('checkpoint_steps', 0, False),
+    ('checkpoint_epochs', 1, False), ('num_classes', 0, False), ('shuffle_buffer', 1, False),
+    ('color_jitter_strength', 0, False), ('sk_ratio', 0, False), ('se_ratio', 0, False),
+    ('proj_out_dim', 1, False), ('num_proj_layers', 1, False), ('log_every_seconds', 0, False),
+    ('probe_max_examples', 0, False), ('batch_norm_decay', 0, False),
+    ('fine_tune_after_block', -1, False))
+
+
+def _check_ranges(values):
+  for name, lowest, excluded in RANGES:
+    value = values[name]
+    if value < lowest or (excluded and value == lowest):
+      bound = f'> {lowest}' if excluded else f'>= {lowest}'
+      raise ValueError(f'--{name} must be {bound}, got {value}')
+  for name in ('momentum', 'batch_norm_decay'):
+    if values[name] >= 1:
+      raise ValueError(f'--{name} must be < 1, got {values[name]}')
+  if values['fine_tune_after_block'] > 4:
+    raise ValueError(f'--fine_tune_after_block must be in [-1, 4], got '
+                     f'{values["fine_tune_after_block"]}')
+  if not values['train_steps'] and not values['train_epochs'] and values['mode'] != 'eval':
+    raise ValueError('--train_epochs=0 trains nothing; give --train_epochs or --train_steps > 0')
 
 
 # Flags that define the network (and so the checkpoint's variables).
@@ -266,6 +310,7 @@ def build_config(values):
                                'BI_mode': v.BI_mode})
   return experiment.Config(
       model_dir=v.model_dir, mode=v.mode, train_mode=v.train_mode, checkpoint=v.checkpoint,
+      start_over=v.start_over, allow_flag_changes=tuple(v.allow_flag_changes),
       data=data_lib.DataConfig(
           dataset=v.dataset, data_dir=v.data_dir, train_split=v.train_split,
           eval_split=v.eval_split, num_classes=v.num_classes, image_size=v.image_size,
@@ -332,25 +377,55 @@ def main(argv):
   return experiment.run(config_from_flags())
 
 
-# 128 + SIGTERM, as a shell reports a process ended by SIGTERM: schedulers see "interrupted".
-PREEMPTED_EXIT_CODE = 143
+def one_line_error(error):
+  """The line that says what went wrong: for an error raised inside a TensorFlow graph (the
+  input pipeline's checks, an I/O failure), its assertion or cause, not 'Graph execution
+  error:'."""
+  message = (error.message if isinstance(error, tf.errors.OpError) else str(error)).strip()
+  if not message:
+    return repr(error)
+  assertion = re.search(r'assertion failed: (.*)', message)
+  if assertion:  # data.py's checks: [what] [record] [key] [value]
+    parts = re.findall(r'\[([^\[\]]*(?:\[[^\]]*\)[^\[\]]*)*)\]', assertion.group(1))
+    if len(parts) >= 4:
+      return f'{parts[0]} {parts[1]}: {parts[2]} {parts[3]}'
+    return assertion.group(0)
+  lines = [line.strip() for line in message.splitlines() if line.strip()]
+  if lines[0].startswith('Graph execution error'):
+    causes = [line for line in lines[1:] if not line.startswith(('Detected at', '<stack', '[['))]
+    lines = [re.sub(r'^Error in user-defined function.*?transformation with iterator: \S+: ',
+                    '', causes[0])] if causes else lines
+  # TF prefixes errors raised inside functions with the function's name.
+  line = re.sub(r'\{\{function_node [^}]*\}\}\s*', '', lines[0])
+  if isinstance(error, tf.errors.OpError):
+    line = f'{type(error).__name__}: {line}'
+  return re.sub(r'\s*\[Op:[^\]]*\]( name:[^\s);]*)?', '', line)
+
+
+# 128 + the signal, as a shell reports a process ended by it: schedulers see "interrupted".
+PREEMPTED_EXIT_CODE = 128 + signal.SIGTERM
+INTERRUPTED_EXIT_CODE = 128 + signal.SIGINT
 
 
 def cli(argv):
   """main() with one-line errors for bad input (non-zero exit, nothing written is touched)."""
   del argv
+  debug = FLAGS.debug or os.environ.get('SOGCLR_DEBUG', '') not in ('', '0')
   try:
     config = config_from_flags()
     results = experiment.run(config)
   except trainer_lib.Preempted as e:
     logging.warning('%s', e)
     print(f'preempted: {e}', file=sys.stderr)
-    sys.exit(PREEMPTED_EXIT_CODE)
-  except (ValueError, FloatingPointError, tf.errors.InvalidArgumentError) as e:
-    message = e.message if isinstance(e, tf.errors.OpError) else str(e)
-    # TF prefixes errors raised inside functions with the function's name.
-    line = re.sub(r'^\{\{function_node [^}]*\}\}\s*', '',
-                  message.strip().splitlines()[0] if message.strip() else repr(e))
+    sys.exit(128 + e.signal_number)
+  except KeyboardInterrupt:
+    print('interrupted: stopped by Ctrl-C; nothing was saved since the last checkpoint',
+          file=sys.stderr)
+    sys.exit(INTERRUPTED_EXIT_CODE)
+  except (ValueError, FloatingPointError, OSError, tf.errors.OpError) as e:
+    if debug:
+      raise
+    line = one_line_error(e)
     logging.error('%s', line)
     print(f'error: {line}', file=sys.stderr)
     sys.exit(1)

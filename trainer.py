@@ -15,6 +15,7 @@ from absl import logging
 import numpy as np
 import tensorflow as tf
 
+import checkpoints
 import lars_optimizer
 import objective as obj_lib
 
@@ -201,7 +202,12 @@ class Trainer:
 
 
 class Preempted(Exception):
-  """Training stopped early on request (SIGTERM); a checkpoint of the last step was saved."""
+  """Training stopped early on request (SIGTERM, SIGINT); a checkpoint of the last step was
+  saved. `signal_number`: the signal that asked (the command line exits with 128 + it)."""
+
+  def __init__(self, message, signal_number=signal.SIGTERM):
+    super().__init__(message)
+    self.signal_number = signal_number
 
 
 @dataclasses.dataclass(frozen=True)
@@ -264,7 +270,7 @@ def _save(trainer, checkpoint_manager, previous, step):
         f'Non-finite weights between steps {previous + 1} and {step}; the last good '
         f'checkpoint ({checkpoint_manager.latest_checkpoint}) is kept. Lower '
         '--learning_rate.')
-  checkpoint_manager.save(checkpoint_number=step)
+  checkpoints.save(checkpoint_manager, step)
 
 
 def train(trainer, iterator, *, total_steps, checkpoint_every, checkpoint_manager,
@@ -274,8 +280,8 @@ def train(trainer, iterator, *, total_steps, checkpoint_every, checkpoint_manage
   Never overshoots `total_steps`; checkpoints every `checkpoint_every` steps and at the end;
   raises FloatingPointError naming the step range when a loss is not finite (the last good
   checkpoint stays). When `stop_requested` (a threading.Event) is set, saves a checkpoint at the
-  next loop boundary and raises Preempted. After every call, `on_progress(Progress)` (e.g. a
-  ProgressLogger). Returns the seconds spent.
+  next loop boundary and raises Preempted (with the event's `signal_number`, if it has one).
+  After every call, `on_progress(Progress)` (e.g. a ProgressLogger). Returns the seconds spent.
   """
   step = start_step = int(trainer.optimizer.iterations.numpy())
   sizer = StepsPerCall()
@@ -305,7 +311,8 @@ def train(trainer, iterator, *, total_steps, checkpoint_every, checkpoint_manage
       if summary_writer is not None:
         summary_writer.flush()
       raise Preempted(f'Stopped at step {step}/{total_steps} on request; checkpoint saved to '
-                      f'{checkpoint_manager.latest_checkpoint}. Rerun the same command to resume.')
+                      f'{checkpoint_manager.latest_checkpoint}. Rerun the same command to resume.',
+                      getattr(stop_requested, 'signal_number', signal.SIGTERM))
     if on_progress is not None:
       on_progress(Progress(step, total_steps, metrics, sizer.seconds_per_step))
   if summary_writer is not None:
@@ -351,18 +358,38 @@ class ProgressLogger:
     return parts
 
 
-class stop_on_sigterm:  # noqa: N801  (a context manager, named like one)
-  """Sets `event` on SIGTERM (the preemption notice of cloud VMs) while training runs."""
+class StopRequest(threading.Event):
+  """A threading.Event set by a stop signal; `signal_number` says which."""
+
+  signal_number = signal.SIGTERM
+
+
+class stop_on_signals:  # noqa: N801  (a context manager, named like one)
+  """While training runs, SIGTERM (the preemption notice of cloud VMs) and a first Ctrl-C
+  (SIGINT) set `event` (a StopRequest): the loop saves at the next step boundary and stops. A
+  second Ctrl-C interrupts at once (KeyboardInterrupt), without saving."""
+
+  SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
   def __init__(self, event):
     self.event = event
-    self.previous = None
+    self.previous = {}
+
+  def _handle(self, signum, frame):
+    del frame
+    if signum == signal.SIGINT and self.event.is_set():
+      raise KeyboardInterrupt
+    self.event.signal_number = signum
+    self.event.set()
+    if signum == signal.SIGINT:
+      logging.warning('Ctrl-C: saving a checkpoint at the next step boundary, then stopping '
+                      '(Ctrl-C again to stop at once, without saving).')
 
   def __enter__(self):
     if threading.current_thread() is threading.main_thread():
-      self.previous = signal.signal(signal.SIGTERM, lambda signum, frame: self.event.set())
+      self.previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
     return self
 
   def __exit__(self, *exc):
-    if self.previous is not None:
-      signal.signal(signal.SIGTERM, self.previous)
+    for number, handler in self.previous.items():
+      signal.signal(number, handler)
