@@ -175,6 +175,24 @@ def _write_atomically(path, text):
   tf.io.gfile.rename(temporary, path, overwrite=True)
 
 
+def latest(directory):
+  """The newest checkpoint of `directory` (its state file's), or None."""
+  return tf.train.latest_checkpoint(directory)
+
+
+def discard(manager, step):
+  """Deletes checkpoint ckpt-<step> of `manager` (a state training cannot continue from) and
+  points the state file at the newest one left (or removes it when none is)."""
+  directory = manager.directory
+  for path in tf.io.gfile.glob(os.path.join(directory, f'ckpt-{step}.*')):
+    tf.io.gfile.remove(path)
+  left = list_checkpoints(directory)
+  if left:
+    _write_state_file(directory, max(left, key=_step_of))
+  elif tf.io.gfile.exists(os.path.join(directory, STATE_FILE)):
+    tf.io.gfile.remove(os.path.join(directory, STATE_FILE))
+
+
 def remove_stale_saves(model_dir):
   """Removes what interrupted saves leave in model_dir (ckpt-<n>_temp folders, half-written
   exports and results); call only while holding the run's lock. Returns the paths removed."""

@@ -172,11 +172,13 @@ class Trainer:
             for k, v in per_replica.items()}
 
   def _train_loop(self, iterator, num_steps):
-    """Runs `num_steps` >= 1 steps; returns each metric's mean over them (and replicas).
+    """Runs `num_steps` >= 1 steps; returns (each metric's mean over them and the replicas, the
+    first step's total loss: the loss of the weights the call started from).
 
     Under LARS (decay inside the optimizer) `weight_decay` is the penalty of the final weights.
     """
     totals = self._replicated_step(iterator)
+    first_loss = totals['total_loss']
     for _ in tf.range(num_steps - 1):
       step = self._replicated_step(iterator)
       totals = {k: totals[k] + step[k] for k in totals}
@@ -186,18 +188,29 @@ class Trainer:
       # after the last step, once per call instead of one pass over every kernel per step.
       means['weight_decay'] = lars_optimizer.weight_decay_loss(
           self.model.trainable_variables, self.weight_decay)
-    return means
+    return means, first_loss
+
+  def run_steps(self, iterator, num_steps):
+    """Runs `num_steps` steps in one call; returns (the metrics' means, the first step's total
+    loss) as tensors."""
+    return self._loop(iterator, tf.constant(num_steps, tf.int32))
 
   def train_loop(self, iterator, num_steps):
     """Runs `num_steps` steps in one call; returns the metrics' means as tensors."""
-    return self._loop(iterator, tf.constant(num_steps, tf.int32))
+    return self.run_steps(iterator, num_steps)[0]
 
   @tf.function
   def _all_finite(self):
-    return tf.reduce_all([tf.reduce_all(tf.math.is_finite(v))
-                          for v in self.model.trainable_variables])
+    variables = self.model.trainable_variables
+    finite = tf.reduce_all([tf.reduce_all(tf.math.is_finite(v)) for v in variables])
+    # Weights whose squares overflow float32 (|w| > 1.8e19) are finite yet beyond repair: their
+    # L2 penalty is inf and any later update diverges.
+    squares = tf.add_n([tf.reduce_sum(tf.square(tf.cast(v, tf.float32))) for v in variables])
+    return tf.logical_and(finite, tf.math.is_finite(squares))
 
   def weights_are_finite(self):
+    """True when every trainable weight is finite and their squares sum without overflow: a
+    state training can continue from."""
     return bool(self._all_finite())
 
 
@@ -247,13 +260,29 @@ def call_steps(step, steps_per_call, total_steps, checkpoint_every):
   return min(steps_per_call, total_steps - step, next_checkpoint - step), next_checkpoint
 
 
-def _check_metrics_finite(metrics, previous, step, checkpoint_manager):
+def _check_metrics_finite(metrics, first_loss, previous, step, checkpoint_manager, saved_step):
+  """Raises FloatingPointError when a metric of the call is not finite. When already the call's
+  first step was, the weights it started from cannot continue: the checkpoint saved from them
+  (at `saved_step` == previous) is removed, so a rerun resumes from an older, good one."""
   bad = [k for k, v in metrics.items() if not math.isfinite(v) and k != 'log_u_mean']
-  if bad:
-    raise FloatingPointError(
-        f'Non-finite {", ".join(bad)} between steps {previous + 1} and {step}; the last good '
-        f'checkpoint ({checkpoint_manager.latest_checkpoint}) is kept. Lower --learning_rate '
-        'or raise --temperature.')
+  if not bad:
+    return
+  removed = ''
+  if not math.isfinite(first_loss) and saved_step == previous:
+    checkpoints.discard(checkpoint_manager, saved_step)
+    removed = (f'; checkpoint ckpt-{saved_step} was removed (its weights already give a '
+               'non-finite loss)')
+  raise FloatingPointError(
+      f'Non-finite {", ".join(bad)} between steps {previous + 1} and {step}{removed}; '
+      f'{_kept(checkpoints.latest(checkpoint_manager.directory))}. Lower --learning_rate or '
+      'raise --temperature.')
+
+
+def _kept(latest):
+  if latest is None:
+    return 'no checkpoint of this run is kept (a rerun starts from step 0)'
+  return f'the last good checkpoint ({latest}) is kept'
+
 
 
 def _write_summaries(summary_writer, step, metrics):
@@ -267,9 +296,8 @@ def _save(trainer, checkpoint_manager, previous, step):
   # A finite loss was computed before the last update: the weights can still have blown up.
   if not trainer.weights_are_finite():
     raise FloatingPointError(
-        f'Non-finite weights between steps {previous + 1} and {step}; the last good '
-        f'checkpoint ({checkpoint_manager.latest_checkpoint}) is kept. Lower '
-        '--learning_rate.')
+        f'Non-finite (or overflowing) weights between steps {previous + 1} and {step}; '
+        f'{_kept(checkpoint_manager.latest_checkpoint)}. Lower --learning_rate.')
   checkpoints.save(checkpoint_manager, step)
 
 
@@ -284,16 +312,19 @@ def train(trainer, iterator, *, total_steps, checkpoint_every, checkpoint_manage
   After every call, `on_progress(Progress)` (e.g. a ProgressLogger). Returns the seconds spent.
   """
   step = start_step = int(trainer.optimizer.iterations.numpy())
+  saved_step = None  # the step of this loop's last save
   sizer = StepsPerCall()
   train_started = time.time()
   while step < total_steps:
     num_steps, next_checkpoint = call_steps(step, sizer.steps, total_steps, checkpoint_every)
     started = time.time()
-    metrics = {k: float(v) for k, v in trainer.train_loop(iterator, num_steps).items()}
+    means, first_loss = trainer.run_steps(iterator, num_steps)
+    metrics = {k: float(v) for k, v in means.items()}
     elapsed = time.time() - started
     previous, step = step, int(trainer.optimizer.iterations.numpy())
     assert step == previous + num_steps, (previous, num_steps, step)
-    _check_metrics_finite(metrics, previous, step, checkpoint_manager)
+    _check_metrics_finite(metrics, float(first_loss), previous, step, checkpoint_manager,
+                          saved_step)
     # The first call includes tracing.
     sizer.update(elapsed, num_steps, includes_tracing=previous == start_step and
                  sizer.steps == 1)
@@ -307,6 +338,7 @@ def train(trainer, iterator, *, total_steps, checkpoint_every, checkpoint_manage
     preempted = stop_requested is not None and stop_requested.is_set()
     if step == next_checkpoint or step == total_steps or preempted:
       _save(trainer, checkpoint_manager, previous, step)
+      saved_step = step
     if preempted:
       if summary_writer is not None:
         summary_writer.flush()
