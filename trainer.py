@@ -109,6 +109,7 @@ class Trainer:
     self._step = (tf.function(self.train_step, jit_compile=True) if jit_compile
                   else self.train_step)
     self._loop = tf.function(self._train_loop)
+    self._agree = tf.function(self._fewest_steps)
 
   def _contrastive_loss(self, projection, ids, metrics):
     """The contrastive loss of the two views' projections [2b, D]; fills its metrics."""
@@ -189,6 +190,25 @@ class Trainer:
       means['weight_decay'] = lars_optimizer.weight_decay_loss(
           self.model.trainable_variables, self.weight_decay)
     return means, first_loss
+
+  def _fewest_steps(self, proposal):
+    # [steps, -stop] of every replica (one all-gather; tf.distribute reduces only by SUM and
+    # MEAN): its minimum gives the fewest steps and whether any worker stops.
+    per_replica = self.strategy.run(lambda: proposal[tf.newaxis])
+    return tf.reduce_min(self.strategy.gather(per_replica, axis=0), axis=0)
+
+  def agree(self, num_steps, stop):
+    """(the fewest steps any worker proposes for the next call, whether any worker was asked
+    to stop): `num_steps` and `stop` themselves with one worker.
+
+    Every worker must run the same number of steps per call (a step outside the loop on one and
+    inside it on another issue different collectives, and both wait forever), and save and stop
+    together (saving is collective), whatever their clocks and whichever got the signal.
+    """
+    if not isinstance(self.strategy, tf.distribute.MultiWorkerMirroredStrategy):
+      return num_steps, stop
+    agreed = self._agree(tf.constant([num_steps, -int(stop)], tf.int32)).numpy()
+    return int(agreed[0]), bool(agreed[1] < 0)
 
   def run_steps(self, iterator, num_steps):
     """Runs `num_steps` steps in one call; returns (the metrics' means, the first step's total
@@ -328,6 +348,9 @@ def train(trainer, iterator, *, total_steps, checkpoint_every, checkpoint_manage
     # The first call includes tracing.
     sizer.update(elapsed, num_steps, includes_tracing=previous == start_step and
                  sizer.steps == 1)
+    # Each worker sizes calls by its own clock: all run the smallest size any proposes.
+    sizer.steps, preempted = trainer.agree(
+        sizer.steps, stop_requested is not None and stop_requested.is_set())
     # Summaries are float32: u itself is logged while it fits (u ~ exp(1/temperature)); its
     # log always.
     if metrics.get('log_u_mean', math.inf) < math.log(np.finfo(np.float32).max):
@@ -335,7 +358,6 @@ def train(trainer, iterator, *, total_steps, checkpoint_every, checkpoint_manage
     if learning_rate_fn is not None:
       metrics['learning_rate'] = float(learning_rate_fn(step))
     _write_summaries(summary_writer, step, metrics)
-    preempted = stop_requested is not None and stop_requested.is_set()
     if step == next_checkpoint or step == total_steps or preempted:
       _save(trainer, checkpoint_manager, previous, step)
       saved_step = step
@@ -344,7 +366,8 @@ def train(trainer, iterator, *, total_steps, checkpoint_every, checkpoint_manage
         summary_writer.flush()
       raise Preempted(f'Stopped at step {step}/{total_steps} on request; checkpoint saved to '
                       f'{checkpoint_manager.latest_checkpoint}. Rerun the same command to resume.',
-                      getattr(stop_requested, 'signal_number', signal.SIGTERM))
+                      getattr(stop_requested, 'signal_number', signal.SIGTERM)
+                      if stop_requested.is_set() else signal.SIGTERM)
     if on_progress is not None:
       on_progress(Progress(step, total_steps, metrics, sizer.seconds_per_step))
   if summary_writer is not None:
