@@ -22,6 +22,7 @@ class EvalConfig:
   """What an evaluation computes and on which data."""
   eval_batch_size: int = 256
   eval_steps: int = 0  # 0 = the whole eval split
+  eval_name: str | None = None  # names the evaluation in its results and summary folder
   eval_timeout_seconds: int = 3600
   probe_max_examples: int = 20_000
   probe_baselines: bool = True
@@ -158,7 +159,8 @@ class Evaluator:
     """
     config = self.config
     # The quantity the train step logs as train/weight_decay.
-    results = {'global_step': step, 'eval/regularization_loss': float(
+    results = {'eval_name': config.eval_name} if config.eval_name else {}
+    results |= {'global_step': step, 'eval/regularization_loss': float(
         lars_optimizer.weight_decay_loss(self.model.trainable_variables, self.weight_decay))}
     parts = [f"regularization loss {results['eval/regularization_loss']:.6g}"]
     if self.model.has_supervised_head:

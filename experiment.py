@@ -154,6 +154,9 @@ def _summary_writer(config, setup):
 
 
 def _evaluator(config, setup, model, summary_writer):
+  if config.eval.eval_name and setup.chief:
+    summary_writer = tf.summary.create_file_writer(
+        os.path.join(config.model_dir, f'eval_{config.eval.eval_name}'))
   return evaluation_lib.Evaluator(setup.strategy, model, setup.builder, setup.info, config.eval,
                               data=config.data, weight_decay=config.optimizer.weight_decay,
                               summary_writer=summary_writer)

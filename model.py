@@ -33,8 +33,19 @@ class ModelConfig:
                        "'none', 'linear', 'nonlinear'")
     if self.train_mode not in ('pretrain', 'finetune'):
       raise ValueError(f"Unknown train_mode {self.train_mode!r}; expected 'pretrain' or 'finetune'")
-    if self.num_proj_layers < 1:
-      raise ValueError(f'num_proj_layers must be >= 1, got {self.num_proj_layers}')
+    if self.num_proj_layers < 0:
+      raise ValueError(f'--num_proj_layers must be >= 0, got {self.num_proj_layers}')
+    layers = self.projection_layers
+    if not -(layers + 1) <= self.ft_proj_selector <= layers:
+      raise ValueError(
+          f'--ft_proj_selector={self.ft_proj_selector} selects beyond the projection head\'s '
+          f'{layers} layer(s) (--proj_head_mode={self.proj_head_mode}, --num_proj_layers='
+          f'{self.num_proj_layers}); use 0 (trunk features) to {layers}, or -1 (the last)')
+
+  @property
+  def projection_layers(self):
+    """Dense layers of the projection head: 0 makes the projection the trunk features."""
+    return {'none': 0, 'linear': 1, 'nonlinear': self.num_proj_layers}[self.proj_head_mode]
 
 
 class ProjectionHead(tf.keras.layers.Layer):
@@ -43,7 +54,7 @@ class ProjectionHead(tf.keras.layers.Layer):
   def __init__(self, config, input_dim, name='projection_head'):
     super().__init__(name=name)
     self.mode = config.proj_head_mode
-    self.num_layers = {'none': 0, 'linear': 1, 'nonlinear': config.num_proj_layers}[self.mode]
+    self.num_layers = config.projection_layers
     for j in range(self.num_layers):
       last = j == self.num_layers - 1
       # Attributes, not a list: tf.train.Checkpoint does not see Keras 3 layers held in lists.
@@ -112,13 +123,16 @@ class ContrastiveModel(tf.keras.Model):
     """
     features = self.trunk(images, training=training)
     outputs = {'features': tf.cast(features, tf.float32)}
+    # The linear head reads hiddens[ft_proj_selector]: 0 the trunk features, j the output of
+    # projection layer j, -1 the last (the trunk features with no projection layers), as in
+    # SimCLR and the official SogCLR code, while pretraining as when fine-tuning.
+    selector = self.config.ft_proj_selector
     if self.config.train_mode == 'pretrain':
       projection, hiddens = self.projection_head(features, training=training)
       outputs['projection'] = tf.cast(projection, tf.float32)
       # The linear head must not shape the representation it evaluates.
-      head_inputs = tf.stop_gradient(features)
+      head_inputs = tf.stop_gradient(hiddens[selector])
     else:
-      selector = self.config.ft_proj_selector
       num_layers = self.projection_head.num_layers if selector < 0 else selector
       _, hiddens = self.projection_head(features, training=training, num_layers=num_layers)
       head_inputs = hiddens[selector]

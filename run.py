@@ -69,11 +69,14 @@ flags.DEFINE_float('batch_norm_decay', 0.9, 'Momentum of BN moving statistics.')
 flags.DEFINE_bool('global_bn', True, 'Synchronize BN statistics across replicas.')
 flags.DEFINE_enum('proj_head_mode', 'nonlinear', ['none', 'linear', 'nonlinear'],
                   'Projection head type.')
-flags.DEFINE_integer('num_proj_layers', 3, 'Layers of the nonlinear projection head.')
+flags.DEFINE_integer('num_proj_layers', 3,
+                     'Layers of the nonlinear projection head; 0 = none (the projection is the '
+                     'trunk features, as in SimCLR and the official SogCLR code).')
 flags.DEFINE_integer('proj_out_dim', 128, 'Output dimension of the projection head.')
 flags.DEFINE_integer('ft_proj_selector', 0,
-                     'Projection-head layer whose output feeds the linear head when fine-tuning: '
-                     '0 = trunk features, -1 = the last layer.')
+                     'Projection-head output that feeds the linear head, when fine-tuning and '
+                     'while pretraining: 0 = trunk features, j = layer j, -1 = the last layer '
+                     '(the trunk features with --num_proj_layers=0).')
 flags.DEFINE_bool('lineareval_while_pretraining', True,
                   'Train a linear head on stop-gradient trunk features while pretraining.')
 flags.DEFINE_integer('fine_tune_after_block', -1,
@@ -124,6 +127,10 @@ flags.DEFINE_integer('train_epochs', 100, 'Training length, in epochs.')
 flags.DEFINE_integer('train_steps', 0, 'Training length, in steps; > 0 overrides train_epochs.')
 flags.DEFINE_integer('eval_batch_size', 256, 'Global evaluation batch size, in images.')
 flags.DEFINE_integer('eval_steps', 0, 'Evaluation steps; 0 = the whole eval split.')
+flags.DEFINE_string('eval_name', None,
+                    'Name of this evaluation (official flag): its eval/ summaries go to '
+                    'model_dir/eval_<name> and its results carry eval_name, so evaluations of '
+                    'one run on several splits stay apart.')
 flags.DEFINE_integer('eval_timeout_seconds', 3600,
                      '--mode=eval: seconds to wait for a new checkpoint before exiting.')
 flags.DEFINE_integer('checkpoint_epochs', 1, 'Epochs between checkpoints.')
@@ -245,7 +252,7 @@ RANGES = (
     ('eval_steps', 0, False), ('eval_timeout_seconds', 0, False), ('checkpoint_steps', 0, False),
     ('checkpoint_epochs', 1, False), ('num_classes', 0, False), ('shuffle_buffer', 1, False),
     ('color_jitter_strength', 0, False), ('sk_ratio', 0, False), ('se_ratio', 0, False),
-    ('proj_out_dim', 1, False), ('num_proj_layers', 1, False), ('log_every_seconds', 0, False),
+    ('proj_out_dim', 1, False), ('num_proj_layers', 0, False), ('log_every_seconds', 0, False),
     ('probe_max_examples', 0, False), ('batch_norm_decay', 0, False),
     ('fine_tune_after_block', -1, False))
 
@@ -340,7 +347,7 @@ def build_config(values):
           keep_hub_module_max=v.keep_hub_module_max, seed=v.seed,
           deterministic=v.deterministic, log_every_seconds=v.log_every_seconds),
       eval=evaluation.EvalConfig(
-          eval_batch_size=v.eval_batch_size, eval_steps=v.eval_steps,
+          eval_batch_size=v.eval_batch_size, eval_steps=v.eval_steps, eval_name=v.eval_name,
           eval_timeout_seconds=v.eval_timeout_seconds,
           probe_max_examples=v.probe_max_examples, probe_baselines=v.probe_baselines,
           knn_monitor=v.knn_monitor, knn_k=v.knn_k, knn_temperature=v.knn_temperature),
