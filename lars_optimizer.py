@@ -18,6 +18,29 @@ def is_excluded(variable):
   return variable.name.split(':')[0].split('/')[-1] in EXCLUDED_NAMES
 
 
+LINEAR_HEAD_NAME = 'supervised_head'
+
+
+def _path_parts(variable):
+  path = getattr(variable, 'path', None) or variable.name
+  return path.split(':')[0].split('/')
+
+
+def is_linear_head(variable):
+  """True for the linear head's variables (layer `supervised_head`). Under LARS, as in the
+  official SogCLR code and SimCLR, they get neither LARS' decay nor its trust ratio: their L2
+  penalty goes into the loss (`linear_head_decay_loss`) and they follow plain momentum."""
+  return LINEAR_HEAD_NAME in _path_parts(variable)
+
+
+def linear_head_decay_loss(variables, weight_decay):
+  """weight_decay * l2_loss of the linear head's kernel: under LARS, the head's decay."""
+  kernels = [v for v in variables if is_linear_head(v) and not is_excluded(v)]
+  if not weight_decay or not kernels:
+    return tf.constant(0.0, tf.float32)
+  return weight_decay * tf.add_n([tf.nn.l2_loss(tf.cast(v, tf.float32)) for v in kernels])
+
+
 def weight_decay_loss(variables, weight_decay):
   """Returns weight_decay * sum of l2_loss (sum(w**2) / 2) over the non-excluded variables."""
   if not weight_decay:
@@ -31,7 +54,8 @@ class LARS(tf.keras.optimizers.Optimizer):
   """Layer-wise adaptive rate scaling (You et al., 2017), the SimCLR variant.
 
   Weight decay is coupled (added to the gradient before the trust ratio), so it must not also be
-  added to the loss. Excluded variables (see `is_excluded`) get neither decay nor trust ratio.
+  added to the loss. Excluded variables (see `is_excluded`) and the linear head (see
+  `is_linear_head`; its L2 penalty belongs in the loss) get neither decay nor trust ratio.
   """
 
   def __init__(self, learning_rate, momentum=0.9, weight_decay_rate=0.0, eeta=0.001,
@@ -53,7 +77,7 @@ class LARS(tf.keras.optimizers.Optimizer):
     self.momentums = [self.add_variable_from_reference(v, 'momentum') for v in variables]
     # Decided here, on the model's variables: under MirroredStrategy update_step sees per-replica
     # components whose names carry a replica suffix.
-    self._excluded = [is_excluded(v) for v in variables]
+    self._excluded = [is_excluded(v) or is_linear_head(v) for v in variables]
 
   def _trust_ratio(self, w, direction):
     # sqrt(2 * l2_loss): one pass over each tensor (tf.norm writes the squares out first).
@@ -107,7 +131,8 @@ def build_optimizer(name, learning_rate, *, momentum=0.9, weight_decay=0.0):
   if name == 'lars':
     return LARS(learning_rate, momentum=momentum, weight_decay_rate=weight_decay)
   if name == 'momentum':
-    return tf.keras.optimizers.SGD(learning_rate, momentum=float(momentum))
+    # Nesterov, as the official SogCLR code's (and SimCLR's) 'momentum' optimizer.
+    return tf.keras.optimizers.SGD(learning_rate, momentum=float(momentum), nesterov=True)
   if name == 'adam':
     return tf.keras.optimizers.Adam(learning_rate)
   raise ValueError(f"Unknown optimizer {name!r}; expected one of 'lars', 'momentum', 'adam'")

@@ -157,6 +157,10 @@ class Trainer:
             self.model.trainable_variables, self.weight_decay)
         metrics['weight_decay'] = weight_decay
         total += weight_decay
+      elif self.model.has_supervised_head:
+        # LARS decays every other weight itself; the linear head's L2 is in the loss.
+        total += lars_optimizer.linear_head_decay_loss(
+            self.model.trainable_variables, self.weight_decay)
       metrics['total_loss'] = total
       # apply_gradients sums over replicas.
       scaled = total / self.strategy.num_replicas_in_sync
