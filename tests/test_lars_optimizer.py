@@ -221,3 +221,50 @@ def test_lars_on_two_replicas_matches_one_device(two_replicas):
   assert optimizer.iterations.numpy() == 2
   for replica_value in strategy.experimental_local_results(kernel.value):
     np.testing.assert_allclose(replica_value.numpy(), kernel.numpy())
+
+
+def nesterov_sgd_numpy(w, grads, lr, momentum):
+  """Keras/TF Nesterov SGD (the official code's tf.keras SGD(nesterov=True)) from its formula."""
+  w, v = w.astype(np.float64), np.zeros_like(w, np.float64)
+  for g in grads:
+    v = momentum * v - lr * g
+    w = w + momentum * v - lr * g
+  return w
+
+
+def test_momentum_optimizer_is_nesterov_as_in_the_official_code():
+  optimizer = lars_optimizer.build_optimizer('momentum', 0.5, momentum=0.9)
+  assert optimizer.nesterov
+  variable = tf.keras.Variable(W0, name='kernel')
+  got = apply_steps(optimizer, variable, GRADS)
+  np.testing.assert_allclose(got, nesterov_sgd_numpy(W0, GRADS, 0.5, 0.9), rtol=1e-5)
+
+
+def test_linear_head_gets_neither_lars_decay_nor_trust_ratio_and_its_l2_goes_in_the_loss():
+  head = tf.keras.layers.Dense(2, name=lars_optimizer.LINEAR_HEAD_NAME)
+  other = tf.keras.layers.Dense(2, use_bias=False, name='proj_0_dense')
+  head(tf.zeros([1, 2]))
+  other(tf.zeros([1, 2]))
+  assert lars_optimizer.is_linear_head(head.kernel) and lars_optimizer.is_linear_head(head.bias)
+  assert not lars_optimizer.is_linear_head(other.kernel)
+  assert not lars_optimizer.is_linear_head(tf.Variable([1.0], name='supervised_head_bn/x'))
+  head.kernel.assign(W0)
+  other.kernel.assign(W0)
+  optimizer = lars_optimizer.LARS(0.5, momentum=0.9, weight_decay_rate=0.1)
+
+  @tf.function
+  def step(g):
+    optimizer.apply_gradients([(g, head.kernel), (g, other.kernel)])
+
+  for g in GRADS:
+    step(tf.constant(g))
+  # The head: plain momentum at the learning rate (the official exclusion list holds it) ...
+  want_head = lars_numpy(W0, GRADS, [0.5, 0.5], weight_decay=0.1, excluded=True)
+  np.testing.assert_allclose(head.kernel.numpy(), want_head, rtol=1e-6)
+  # ... every other kernel: LARS with its decay and trust ratio.
+  want_other = lars_numpy(W0, GRADS, [0.5, 0.5], weight_decay=0.1)
+  np.testing.assert_allclose(other.kernel.numpy(), want_other, rtol=1e-5, atol=1e-7)
+  # Its decay instead enters the loss: weight_decay * ||kernel||^2 / 2 (the bias excluded).
+  loss = lars_optimizer.linear_head_decay_loss([head.kernel, head.bias, other.kernel], 1e-3)
+  np.testing.assert_allclose(float(loss), 1e-3 * 0.5 * np.sum(head.kernel.numpy() ** 2),
+                             rtol=1e-6)

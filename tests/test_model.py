@@ -1,4 +1,5 @@
-"""model.py: the linear head's inputs (stop-gradient features, optionally batch-normalized)."""
+"""model.py: the linear head's inputs (the selected projection output, stop-gradient while
+pretraining, optionally batch-normalized) and the projection head's layers."""
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -7,9 +8,9 @@ import model as model_lib
 
 
 def tiny_model(**overrides):
-  config = model_lib.ModelConfig(resnet_depth=18, width_multiplier=0.125, cifar_stem=True,
-                                 num_proj_layers=2, proj_out_dim=16, num_classes=10,
-                                 **overrides)
+  settings = dict(resnet_depth=18, width_multiplier=0.125, cifar_stem=True, num_proj_layers=2,
+                  proj_out_dim=16, num_classes=10)
+  config = model_lib.ModelConfig(**(settings | overrides))
   return model_lib.build_model(config, 16)
 
 
@@ -46,3 +47,32 @@ def test_linear_head_in_training_standardizes_with_batch_statistics_and_stops_gr
                              rtol=1e-3, atol=1e-4)
   gradients = tape.gradient(loss, model.trunk.trainable_variables)
   assert all(g is None for g in gradients)  # the head does not shape the representation
+
+
+@pytest.mark.parametrize('selector', [-1, 1, 2])
+def test_pretraining_linear_head_reads_the_selected_projection_output(selector):
+  model = tiny_model(supervised_head_bn=False, ft_proj_selector=selector)
+  images = tf.random.stateless_uniform([4, 16, 16, 3], seed=[1, 2])
+  outputs = model(images, training=False)
+  _, hiddens = model.projection_head(model.trunk(images, training=False), training=False)
+  expected = model.supervised_head(hiddens[selector])
+  np.testing.assert_allclose(outputs['supervised_logits'], expected, rtol=1e-5, atol=1e-6)
+  if selector in (-1, 2):  # the last layer: the projection itself
+    np.testing.assert_allclose(hiddens[selector], outputs['projection'], rtol=1e-6)
+
+
+def test_zero_projection_layers_make_the_projection_the_trunk_features():
+  model = tiny_model(num_proj_layers=0, ft_proj_selector=-1, supervised_head_bn=False)
+  images = tf.random.stateless_uniform([4, 16, 16, 3], seed=[3, 4])
+  outputs = model(images, training=False)
+  assert not model.projection_head.variables
+  np.testing.assert_allclose(outputs['projection'], outputs['features'])
+  np.testing.assert_allclose(outputs['supervised_logits'],
+                             model.supervised_head(outputs['features']), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize('layers, selector', [(2, 3), (2, -4), (0, 1)])
+def test_selector_beyond_the_projection_layers_names_both_flags(layers, selector):
+  with pytest.raises(ValueError, match=rf'--ft_proj_selector={selector} selects beyond .* '
+                                       rf'{layers} layer'):
+    model_lib.ModelConfig(num_proj_layers=layers, ft_proj_selector=selector)
