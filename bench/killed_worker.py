@@ -1,5 +1,5 @@
 """A worker of a two-worker job killed mid-run; the job restarted resumes every worker from the last
-checkpoint with the same u, and ends equal to an uninterrupted run (tests/test_multiworker.py
+checkpoint with the same u, and ends equal to an uninterrupted run (tests/test_distribution.py
 checks the same, quietly). Two run.py processes on localhost with TF_CONFIG, the demo data.
 Usage: python bench/killed_worker.py [--work_dir=DIR] (about 3-5 minutes on 2 CPU cores)."""
 import argparse
