@@ -260,3 +260,23 @@ def test_unknown_or_unprepared_dataset_is_an_error(tmp_path, plain):
     data.get_builder('mnist', str(tmp_path))
   with pytest.raises(ValueError, match="'eval' is not a split of dataset 'plain_images'"):
     data.describe(plain, 'train', 'eval')
+
+
+def test_training_batches_are_static_per_replica_halves_of_the_global_batch(two_replicas,
+                                                                            data_dir):
+  builder = data.get_builder('digits', data_dir)
+  info = data.describe(builder, 'train', 'test')
+  config = data.InputConfig(split='train', global_batch_size=32, image_size=16,
+                            is_training=True, use_blur=False)
+  dataset = data.build_distributed_dataset(two_replicas, builder, info, config, 10)
+  # Fully defined shapes (TPUs compile the step for them): the remainder of an epoch is dropped.
+  per_replica = tf.nest.flatten(dataset.element_spec, expand_composites=True)
+  assert len(per_replica) == 2 * 4  # (view 1, view 2, labels, ids) on each replica
+  for spec in per_replica:
+    assert spec.shape.is_fully_defined() and spec.shape[0] == 16, spec
+  views, labels, ids = next(iter(dataset))
+  for tensors in (views[0], views[1], labels, ids):
+    assert [t.shape[0] for t in two_replicas.experimental_local_results(tensors)] == [16, 16]
+  # The two replicas hold different images: one global batch of 32 distinct ids.
+  assert len(set(np.concatenate(
+      [t.numpy() for t in two_replicas.experimental_local_results(ids)]))) == 32

@@ -1,0 +1,254 @@
+"""checkpoints.py on a tiny pretraining run's model_dir and on checkpoints the tests write:
+results and flags files, model_dir checks, resume before --checkpoint, restoring a model or a
+pretrained trunk, the step of a checkpoint and the SavedModel export."""
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import checkpoints
+import model as model_lib
+import trainer as trainer_lib
+
+
+@pytest.fixture(scope='module')
+def pretrained(tmp_path_factory, run_main, tiny):
+  """model_dir of 3 SogCLR steps with LARS (the defaults, which --mode=eval is not told),
+  checkpointed at the end and exported."""
+  model_dir = str(tmp_path_factory.mktemp('pretrained'))
+  run_main(*tiny, f'--model_dir={model_dir}', '--train_steps=3', '--probe_max_examples=0',
+           '--DCL_mode=True', '--optimizer=lars', '--learning_rate=1.0')
+  return model_dir
+
+
+@pytest.fixture(scope='module')
+def tiny_model(tiny_model_config):
+  """tiny_model(**overrides): the tiny architecture, freshly initialized."""
+  return lambda **overrides: model_lib.build_model(tiny_model_config(**overrides), 16)
+
+
+@pytest.fixture(scope='module')
+def restored_model(tiny_model):
+  """restored_model(path, **overrides): the tiny architecture with the model variables of
+  checkpoint `path`."""
+
+  def restore(path, **overrides):
+    model = tiny_model(**overrides)
+    tf.train.Checkpoint(model=model).restore(path).expect_partial()
+    return model
+
+  return restore
+
+
+def copied_model_dir(pretrained, tmp_path):
+  """A copy of the pretraining run, for jobs that write into their model_dir."""
+  model_dir = str(tmp_path / 'copy')
+  shutil.copytree(pretrained, model_dir)
+  return model_dir
+
+
+def assert_same_values(variables, expected):
+  for a, b in zip(variables, expected, strict=True):
+    np.testing.assert_array_equal(a.numpy(), b.numpy(), err_msg=a.path)
+
+
+def test_write_results_merges_and_never_leaves_a_truncated_file(tmp_path, monkeypatch):
+  path = tmp_path / 'result_7.json'
+  path.write_text(json.dumps({'probe/top_1': 0.9, 'eval/top_1': 0.1}))
+  merged = checkpoints.write_results(str(tmp_path), 7, {'eval/top_1': 0.2, 'global_step': 7})
+  assert merged == {'probe/top_1': 0.9, 'eval/top_1': 0.2, 'global_step': 7}
+  assert json.loads(path.read_text()) == merged
+
+  def crash(*args, **kwargs):
+    raise OSError('simulated crash')
+
+  # A crash before the rename leaves the previous file whole.
+  monkeypatch.setattr(tf.io.gfile, 'rename', crash)
+  with pytest.raises(OSError, match='simulated'):
+    checkpoints.write_results(str(tmp_path), 7, {'eval/top_1': 0.3})
+  assert json.loads(path.read_text()) == merged
+  monkeypatch.undo()
+  # A file that is not json (cut short by an older version) is kept aside, not overwritten.
+  path.write_text('{"probe/top_1": 0.')
+  assert checkpoints.write_results(str(tmp_path), 7, {'global_step': 7}) == {'global_step': 7}
+  assert (tmp_path / 'result_7.json.unreadable').read_text() == '{"probe/top_1": 0.'
+  assert sorted(os.listdir(tmp_path)) == ['result_7.json', 'result_7.json.unreadable']
+
+
+def test_flags_file_round_trips_from_its_directory_or_a_checkpoint_prefix_in_it(tmp_path):
+  values = {'resnet_depth': 18, 'dataset': 'digits', 'use_tpu': None, 'learning_rate': 0.3}
+  checkpoints.write_flags(str(tmp_path), values)
+  flags_file = str(tmp_path / 'flags.json')
+  assert checkpoints.read_flags(str(tmp_path)) == (values, flags_file)
+  # A checkpoint prefix (not a file itself) names the directory it is in.
+  assert checkpoints.read_flags(str(tmp_path / 'ckpt-3')) == (values, flags_file)
+  empty = tmp_path / 'empty'
+  empty.mkdir()
+  assert checkpoints.read_flags(str(empty)) == (None, str(empty / 'flags.json'))
+  assert checkpoints.read_flags(str(empty / 'ckpt-3')) == (None, str(empty / 'flags.json'))
+
+
+def test_prepare_write_dir_of_an_unwritable_model_dir_is_an_error_naming_model_dir(tmp_path):
+  # Under a file: no directory can be made there (whoever runs the test, root included).
+  blocker = tmp_path / 'a_file'
+  blocker.write_text('')
+  model_dir = str(blocker / 'run')
+  with pytest.raises(ValueError, match=rf"^--model_dir='{model_dir}' is not writable: "):
+    checkpoints.prepare_write_dir(model_dir)
+  with pytest.raises(ValueError, match=rf"^--model_dir='{model_dir}' is not writable: "):
+    checkpoints.prepare_write_dir(model_dir, chief=False, task_id=1)
+  # A writable one: the chief writes into it, another worker into a directory of its own; the
+  # write test leaves nothing behind.
+  model_dir = str(tmp_path / 'run')
+  assert checkpoints.prepare_write_dir(model_dir) == model_dir
+  worker_dir = checkpoints.prepare_write_dir(model_dir, chief=False, task_id=1)
+  assert worker_dir == os.path.join(model_dir, '.worker_1_tmp')
+  assert os.listdir(model_dir) == ['.worker_1_tmp'] and os.listdir(worker_dir) == []
+
+
+def test_restore_or_initialize_resumes_from_model_dir_before_the_checkpoint(
+    tmp_path, pretrained, tiny_model, restored_model):
+
+  def fresh(**overrides):
+    model = tiny_model(**overrides)
+    optimizer, _ = trainer_lib.build_optimizer(
+        trainer_lib.OptimizerConfig(name='adam'), model, global_batch_size=16, warmup_steps=0,
+        total_steps=10)
+    return model, optimizer
+
+  pretrained_model = restored_model(tf.train.latest_checkpoint(pretrained))
+  # A run of its own, stopped at step 2 (its weights are not the pretraining run's).
+  model_dir = str(tmp_path / 'run')
+  model, optimizer = fresh()
+  manager = checkpoints.restore_or_initialize(model, optimizer, model_dir=model_dir)
+  optimizer.iterations.assign(2)
+  assert manager.save(checkpoint_number=2).endswith('ckpt-2')
+
+  # Restarted with --checkpoint: model_dir's own checkpoint wins, the step with it.
+  resumed, resumed_optimizer = fresh()
+  manager = checkpoints.restore_or_initialize(resumed, resumed_optimizer, model_dir=model_dir,
+                                              checkpoint=pretrained)
+  assert int(resumed_optimizer.iterations.numpy()) == 2
+  assert_same_values(resumed.variables, model.variables)
+  assert not np.array_equal(resumed.trunk.variables[0].numpy(),
+                            pretrained_model.trunk.variables[0].numpy())
+  assert manager.directory == model_dir
+
+  # A new model_dir: initialized from --checkpoint (weights only, step 0), the head zeroed
+  # after the restore; the manager saves into write_dir.
+  write_dir = str(tmp_path / 'new' / '.worker_1_tmp')
+  started, started_optimizer = fresh()
+  manager = checkpoints.restore_or_initialize(
+      started, started_optimizer, model_dir=str(tmp_path / 'new'), write_dir=write_dir,
+      checkpoint=pretrained, zero_init_logits_layer=True)
+  assert int(started_optimizer.iterations.numpy()) == 0
+  for part in ('trunk', 'projection_head', 'supervised_head_bn'):
+    assert_same_values(getattr(started, part).variables, getattr(pretrained_model, part).variables)
+  assert np.any(pretrained_model.supervised_head.kernel.numpy() != 0)
+  assert all(np.all(v.numpy() == 0) for v in started.supervised_head.weights)
+  assert manager.directory == write_dir
+
+
+def test_restore_model_names_missing_and_mismatched_variables(
+    tmp_path, pretrained, run_main, data_dir, tiny_model, restored_model):
+  path = tf.train.latest_checkpoint(pretrained)
+  with pytest.raises(ValueError, match=r'supervised_head/kernel \(64, 5\) is \(64, 10\) there'):
+    checkpoints.restore_model(tiny_model(num_classes=5), path)
+  with pytest.raises(ValueError, match=r'another architecture: \S+ \([\d, ]*\) missing'):
+    checkpoints.restore_model(tiny_model(se_ratio=0.25), path)
+  model = tiny_model()
+  checkpoints.restore_model(model, path)
+  expected = restored_model(path)
+  for a, b in zip(model.variables, expected.variables):
+    np.testing.assert_array_equal(a.numpy(), b.numpy(), err_msg=a.path)
+  # Through --mode=eval: one line naming --model_dir and the variable.
+  model_dir = copied_model_dir(pretrained, tmp_path)
+  with pytest.raises(ValueError, match=r'--model_dir=.*another architecture: .*projection_head/'
+                                       r'\S+ \(.*32,?\) is \(.*16,?\) there'):
+    run_main(f'--model_dir={model_dir}', f'--data_dir={data_dir}', '--mode=eval',
+             '--proj_out_dim=32', '--eval_timeout_seconds=60')
+
+
+def test_restore_pretrained_checks_every_trunk_and_projection_variable(
+    tmp_path, pretrained, tiny_model, restored_model):
+  """--checkpoint: trunk and projection head must all be there; the linear head may be new or
+  for another number of classes."""
+  with pytest.raises(ValueError, match=r"--checkpoint='[^']*' holds another architecture: "
+                                       r'\S+/se/\S+ \([\d, ]*\) missing'):
+    checkpoints.restore_pretrained(tiny_model(se_ratio=0.25, train_mode='finetune'), pretrained)
+  # Fine-tuning on a dataset with another number of classes: the pretraining run's 10-class
+  # head is left out, the new 5-class head starts as initialized; the rest is restored.
+  model = tiny_model(num_classes=5, train_mode='finetune')
+  head_before = [v.numpy() for v in model.supervised_head.variables]
+  checkpoints.restore_pretrained(model, pretrained)
+  source = restored_model(tf.train.latest_checkpoint(pretrained))
+  for part in ('trunk', 'projection_head', 'supervised_head_bn'):
+    for a, b in zip(getattr(model, part).variables, getattr(source, part).variables):
+      np.testing.assert_array_equal(a.numpy(), b.numpy(), err_msg=a.path)
+  for a, b in zip(model.supervised_head.variables, head_before):
+    np.testing.assert_array_equal(a.numpy(), b)
+  assert source.supervised_head.kernel.shape == (64, 10)
+  # A linear head the checkpoint does not have (none during pretraining) stays as initialized.
+  model = tiny_model(train_mode='finetune', supervised_head_bn=False)
+  head_before = [v.numpy() for v in model.supervised_head.variables]
+  checkpoint = tf.train.latest_checkpoint(pretrained)
+  trunk_only = str(tmp_path / 'trunk_only' / 'ckpt')
+  source = restored_model(checkpoint)
+  tf.train.Checkpoint(model=tf.train.Checkpoint(
+      trunk=source.trunk, projection_head=source.projection_head)).write(trunk_only)
+  checkpoints.restore_pretrained(model, trunk_only)
+  for a, b in zip(model.trunk.variables, source.trunk.variables):
+    np.testing.assert_array_equal(a.numpy(), b.numpy(), err_msg=a.path)
+  for a, b in zip(model.supervised_head.variables, head_before):
+    np.testing.assert_array_equal(a.numpy(), b)
+
+
+def test_checkpoint_step_reads_the_optimizer_step_or_the_file_name(tmp_path, pretrained):
+  assert checkpoints.checkpoint_step(tf.train.latest_checkpoint(pretrained)) == 3
+  variable = tf.Variable(tf.ones([3]))
+  optimizer = tf.keras.optimizers.LossScaleOptimizer(tf.keras.optimizers.SGD(0.1))
+  optimizer.build([variable])
+  for _ in range(2):
+    optimizer.apply_gradients([(tf.ones([3]), variable)])
+  # float16 training: the wrapper's own counter stays 0, the inner optimizer's counts.
+  path = tf.train.Checkpoint(optimizer=optimizer).write(str(tmp_path / 'mixed' / 'ckpt-9'))
+  assert checkpoints.checkpoint_step(path) == 2
+  path = tf.train.Checkpoint(variable=variable).write(str(tmp_path / 'plain' / 'ckpt-7'))
+  assert checkpoints.checkpoint_step(path) == 7
+
+
+def test_export_signature_matches_the_keras_model(pretrained, restored_model):
+  export = os.path.join(pretrained, 'saved_model', '3')
+  assert os.listdir(os.path.join(pretrained, 'saved_model')) == ['3']
+  assert json.load(open(os.path.join(export, 'flags.json')))['resnet_depth'] == 18
+  serving = tf.saved_model.load(export).signatures['serving_default']
+  model = restored_model(tf.train.latest_checkpoint(pretrained))
+  images = np.random.default_rng(0).uniform(size=(5, 16, 16, 3)).astype(np.float32)
+  outputs = serving(images=tf.constant(images))
+  expected = model(images, training=False)
+  assert sorted(outputs) == ['features', 'projection', 'supervised_logits']
+  for key, value in outputs.items():
+    assert value.dtype == tf.float32, key
+    np.testing.assert_allclose(value.numpy(), expected[key].numpy(), rtol=1e-5, atol=1e-5,
+                               err_msg=key)
+
+
+def test_export_keeps_the_newest_and_outputs_float32_under_mixed_precision(tmp_path,
+                                                                           tiny_model):
+  tf.keras.mixed_precision.set_global_policy('mixed_bfloat16')
+  try:
+    model = tiny_model()
+  finally:
+    tf.keras.mixed_precision.set_global_policy('float32')
+  export_dir = str(tmp_path / 'saved_model')
+  for step in (1, 2, 3):
+    path = checkpoints.export_saved_model(model, export_dir, step, image_size=16, keep=2)
+  assert path == os.path.join(export_dir, '3')
+  assert sorted(os.listdir(export_dir)) == ['2', '3']  # no temporary directory left either
+  outputs = tf.saved_model.load(path).signatures['serving_default'](
+      images=tf.random.uniform([2, 16, 16, 3]))
+  assert {k: v.dtype for k, v in outputs.items()} == {
+      'features': tf.float32, 'projection': tf.float32, 'supervised_logits': tf.float32}

@@ -1,0 +1,318 @@
+"""distribution.py: the strategy plan (TPU flags, TF_CONFIG, GPUs), the TPU resolver for an
+address, the CPU's bfloat16 default, and two worker processes on localhost (TF_CONFIG) that
+train as one and resume together after a worker is killed."""
+import glob
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import checkpoints
+import distribution
+
+TPU_NAME = 'my-tpu'
+TPU_ADDRESS = 'grpc://10.0.0.2:8470'
+ONE_TASK = {'cluster': {'worker': ['host0:2222']}, 'task': {'type': 'worker', 'index': 0}}
+TWO_TASKS = {'cluster': {'worker': ['host0:2222', 'host1:2222']},
+             'task': {'type': 'worker', 'index': 1}}
+# How the machine offers a TPU: flags naming one, a TPU VM's attached TPU, or nothing.
+TPU_SOURCES = {
+    'tpu_name': dict(tpu_name=TPU_NAME, master=None, tpu_zone='us-central2-b',
+                     gcp_project='my-project', tpu_attached=False),
+    'master': dict(tpu_name=None, master=TPU_ADDRESS, tpu_zone=None, gcp_project=None,
+                   tpu_attached=False),
+    'tpu_vm': dict(tpu_name=None, master=None, tpu_zone=None, gcp_project=None,
+                   tpu_attached=True),
+    'none': dict(tpu_name=None, master=None, tpu_zone=None, gcp_project=None,
+                 tpu_attached=False),
+}
+# The TPUClusterResolver arguments each source leads to, and whether the address is remote.
+EXPECTED_TPU = {
+    'tpu_name': ({'tpu': TPU_NAME, 'zone': 'us-central2-b', 'project': 'my-project'}, True),
+    'master': ({'tpu': TPU_ADDRESS, 'zone': None, 'project': None}, True),
+    'tpu_vm': ({'tpu': 'local', 'zone': None, 'project': None}, False),
+}
+
+
+def plan(use_tpu=None, tpu_name=None, master=None, tpu_zone=None, gcp_project=None,
+         tpu_attached=False, tf_config=None, num_gpus=0):
+  return distribution.strategy_plan(use_tpu, tpu_name, master, tpu_zone, gcp_project,
+                                    tpu_attached=tpu_attached, tf_config=tf_config or {},
+                                    num_gpus=num_gpus)
+
+
+@pytest.mark.parametrize('num_gpus', [0, 2])
+@pytest.mark.parametrize('tf_config', [{}, ONE_TASK, TWO_TASKS], ids=['none', '1task', '2tasks'])
+@pytest.mark.parametrize('source', list(TPU_SOURCES))
+@pytest.mark.parametrize('use_tpu', [None, True, False])
+def test_strategy_plan_for_every_combination(use_tpu, source, tf_config, num_gpus):
+  kwargs = TPU_SOURCES[source]
+  if use_tpu and source == 'none':
+    with pytest.raises(ValueError, match=r'^--use_tpu=True but no TPU is attached'):
+      plan(use_tpu, **kwargs, tf_config=tf_config, num_gpus=num_gpus)
+    return
+  result = plan(use_tpu, **kwargs, tf_config=tf_config, num_gpus=num_gpus)
+  if use_tpu is not False and source != 'none':
+    # A TPU wins over TF_CONFIG and GPUs.
+    resolver_kwargs, remote = EXPECTED_TPU[source]
+    assert result.kind == 'tpu'
+    assert result.tpu_resolver_kwargs == resolver_kwargs
+    assert result.connect_to_cluster == remote
+    assert result.devices is None
+    assert any('TF_CONFIG ignored' in w for w in result.warnings) == (tf_config is TWO_TASKS)
+    return
+  assert result.tpu_resolver_kwargs is None and not result.connect_to_cluster
+  if tf_config is TWO_TASKS:
+    assert result.kind == 'multi_worker' and result.devices is None
+  else:  # No TF_CONFIG, or one of a single task: this host alone.
+    assert result.kind == 'mirrored'
+    assert result.devices == (None if num_gpus else ('/cpu:0',))
+  # --use_tpu=False with TPU flags runs without a TPU and says which flags it ignored.
+  ignored = [w for w in result.warnings if w.startswith('--use_tpu=False: ignoring')]
+  assert bool(ignored) == (use_tpu is False and source in ('tpu_name', 'master'))
+  if source == 'tpu_name' and ignored:
+    assert ignored[0].endswith('--tpu_name, --tpu_zone, --gcp_project')
+
+
+def test_tpu_name_wins_over_master_with_a_warning():
+  result = plan(tpu_name=TPU_NAME, master=TPU_ADDRESS)
+  assert result.tpu_resolver_kwargs['tpu'] == TPU_NAME
+  assert result.warnings == (f"--master='{TPU_ADDRESS}' ignored: --tpu_name='{TPU_NAME}' names "
+                             'the TPU',)
+  # A grpc:// address given as --tpu_name is remote too; an attached TPU does not override it.
+  result = plan(tpu_name=TPU_ADDRESS, tpu_attached=True)
+  assert result.tpu_resolver_kwargs['tpu'] == TPU_ADDRESS and result.connect_to_cluster
+
+
+@pytest.mark.parametrize('use_tpu', [None, True])
+@pytest.mark.parametrize('flag, kwargs', [
+    ('tpu_zone', dict(tpu_zone='us-central2-b')),
+    ('gcp_project', dict(gcp_project='my-project')),
+    ('tpu_zone', dict(tpu_zone='us-central2-b', master=TPU_ADDRESS)),
+    ('gcp_project', dict(gcp_project='my-project', tpu_attached=True)),
+])
+def test_zone_or_project_without_tpu_name_is_an_error(use_tpu, flag, kwargs):
+  # They only locate a TPU by name: given alone they are a mistake, not a hint to ignore.
+  with pytest.raises(ValueError, match=rf'^--{flag}=.* locates a Cloud TPU by --tpu_name'):
+    plan(use_tpu, **kwargs)
+
+
+def test_use_tpu_without_a_tpu_is_a_one_line_error_from_the_command_line(run_cli, tmp_path):
+  code, err = run_cli('--use_tpu=True', '--dataset=digits', f'--model_dir={tmp_path}')
+  assert code == 1
+  lines = [line for line in err.splitlines() if line.startswith('error:')]
+  assert len(lines) == 1 and lines[0].startswith('error: --use_tpu=True but no TPU'), err[-2000:]
+
+
+@pytest.fixture
+def no_network(monkeypatch):
+  """Any attempt to resolve a host name or open a connection fails the test."""
+
+  def refuse(*args, **kwargs):
+    raise AssertionError(f'network access: {args}')
+
+  for name in ('create_connection', 'getaddrinfo', 'gethostbyname'):
+    monkeypatch.setattr(socket, name, refuse)
+  monkeypatch.setattr(socket.socket, 'connect', refuse)
+
+
+@pytest.mark.parametrize('source', ['master', 'tpu_vm'])
+def test_tpu_resolver_for_an_address_or_a_tpu_vm_is_built_offline(source, no_network):
+  # A Cloud TPU *name* is looked up through the Cloud TPU API (network, cloud-tpu-client): not
+  # constructed here. connect_to_cluster and initialize_tpu_system need the TPU itself.
+  planned = plan(**TPU_SOURCES[source])
+  resolver = tf.distribute.cluster_resolver.TPUClusterResolver(**planned.tpu_resolver_kwargs)
+  if source == 'master':
+    assert resolver.master() == TPU_ADDRESS
+    assert resolver.cluster_spec().as_dict() == {'worker': ['10.0.0.2:8470']}
+  else:
+    assert resolver.master() == '' and resolver.cluster_spec().as_dict() == {}
+
+
+def test_cpu_bfloat16_detection_reads_the_cpu_flags(tmp_path):
+  with_bf16 = tmp_path / 'with'
+  with_bf16.write_text('processor\t: 0\nflags\t\t: fpu sse2 avx512f avx512_bf16 avx512_vnni\n')
+  without = tmp_path / 'without'
+  without.write_text('processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f\n')
+  assert distribution.cpu_supports_bfloat16(str(with_bf16))
+  assert not distribution.cpu_supports_bfloat16(str(without))
+  assert not distribution.cpu_supports_bfloat16(str(tmp_path / 'missing'))
+
+
+@pytest.mark.parametrize('native, flag, expected', [
+    (True, 'auto', 'mixed_bfloat16'), (False, 'auto', 'float32'),
+    (True, 'float32', 'float32'), (False, 'bfloat16', 'mixed_bfloat16')])
+def test_cpu_precision_default_follows_native_bfloat16(monkeypatch, one_replica, native, flag,
+                                                       expected):
+  monkeypatch.setattr(distribution, 'cpu_supports_bfloat16', lambda: native)
+  # --jit_compile's default, 'auto', leaves XLA off on a CPU.
+  assert distribution.resolve_precision_and_jit(one_replica, flag) == (expected, False)
+
+
+# Two worker processes on localhost (MultiWorkerMirroredStrategy from TF_CONFIG).
+
+
+def free_ports(count):
+  sockets = [socket.socket() for _ in range(count)]
+  for s in sockets:
+    s.bind(('localhost', 0))
+  ports = [s.getsockname()[1] for s in sockets]
+  for s in sockets:
+    s.close()
+  return ports
+
+
+def start_workers(repo, flags, model_dir, log_dir, *extra):
+  """Starts two workers of run.py with `flags`; each writes its log to a file (a pipe read only
+  after the other worker ends would fill up and block the collectives of both)."""
+  ports = free_ports(2)
+  cluster = {'worker': [f'localhost:{p}' for p in ports]}
+  processes = []
+  for index in range(2):
+    env = dict(os.environ, TF_CONFIG=json.dumps({'cluster': cluster,
+                                                 'task': {'type': 'worker', 'index': index}}))
+    log = open(os.path.join(log_dir, f'worker_{index}.log'), 'w')
+    processes.append((subprocess.Popen(
+        [sys.executable, os.path.join(repo, 'run.py'), *flags, f'--model_dir={model_dir}',
+         '--DCL_mode=True', *extra],
+        env=env, stdout=log, stderr=subprocess.STDOUT), log))
+  return processes
+
+
+def finish(processes, timeout=900):
+  outputs = []
+  try:
+    for process, log in processes:
+      process.wait(timeout=timeout)
+      log.close()
+      outputs.append(open(log.name).read())
+  finally:
+    for process, _ in processes:
+      process.kill()
+  return outputs
+
+
+# One command for the uninterrupted run and the killed-and-restarted one; --deterministic makes
+# them comparable bit for bit.
+COMMAND = ('--train_steps=6', '--checkpoint_steps=2', '--deterministic')
+
+
+@pytest.fixture(scope='module')
+def workers(repo, data_dir, tiny):
+  """start_workers(model_dir, log_dir, *flags) of the tiny run, once the demo data is ready."""
+  # Prepare the demo data once, before two processes would race to write it.
+  subprocess.run([sys.executable, '-c', f'import data; data.get_builder("digits", {data_dir!r})'],
+                 cwd=repo, check=True, capture_output=True, timeout=300)
+  return lambda model_dir, log_dir, *extra: start_workers(repo, tiny, model_dir, log_dir, *extra)
+
+
+@pytest.fixture(scope='module')
+def uninterrupted(tmp_path_factory, workers):
+  """(model_dir, worker logs) of a two-worker run of COMMAND."""
+  run_dir = tmp_path_factory.mktemp('uninterrupted')
+  model_dir = str(run_dir / 'run')
+  return model_dir, finish(workers(model_dir, str(run_dir), *COMMAND))
+
+
+def final_state(output, step=6):
+  match = re.search(rf'Final state at step {step}: (.*)', output)
+  assert match, output[-3000:]
+  return match.group(1)
+
+
+@pytest.mark.slow
+def test_two_workers_train_in_lockstep_and_only_the_chief_writes(uninterrupted):
+  model_dir, outputs = uninterrupted
+  for index, output in enumerate(outputs):
+    assert 'Strategy CollectiveAllReduceStrategy with 2 replica(s)' in output, output[-3000:]
+    assert 'Result:' in output, f'worker {index} failed:\n{output[-3000:]}'
+
+  fingerprints = [final_state(o) for o in outputs]
+  assert fingerprints[0] == fingerprints[1]  # identical weights and u on both workers
+
+  # The chief (worker 0) wrote the real checkpoints and summaries; worker 1 cleaned up.
+  assert tf.train.latest_checkpoint(model_dir).endswith('ckpt-6')
+  assert not glob.glob(os.path.join(model_dir, '.worker_*'))
+  # Both workers saved the export (saving is collective); only the chief's is kept.
+  assert os.listdir(os.path.join(model_dir, 'saved_model')) == ['6']
+  assert len(glob.glob(os.path.join(model_dir, 'events.out.tfevents.*'))) == 1
+  assert os.path.exists(os.path.join(model_dir, 'flags.json'))
+
+  # Each worker read its own shard: 6 steps x 16 images, no id seen twice.
+  log_u = tf.train.load_variable(tf.train.latest_checkpoint(model_dir), checkpoints.LOG_U_KEY)
+  assert np.isfinite(log_u).sum() == 6 * 16
+  assert 'u visited 96' in fingerprints[0]
+
+
+def u_summary(log_u):
+  """The u part of the state fingerprint (checkpoints.state_fingerprint), from a checkpoint's
+  table."""
+  visited = np.isfinite(log_u)
+  return (f'u visited {int(visited.sum())}, '
+          f'log u sum {np.sum(log_u[visited], dtype=np.float64):.10e}')
+
+
+@pytest.mark.slow
+def test_job_restarted_after_a_worker_is_killed_resumes_every_worker_with_the_same_u(
+    tmp_path, workers, uninterrupted):
+  model_dir = str(tmp_path / 'run')
+  for name in ('killed', 'restarted'):
+    os.makedirs(tmp_path / name)
+  (chief, chief_log), (worker, worker_log) = workers(model_dir, str(tmp_path / 'killed'),
+                                                     *COMMAND)
+  try:
+    # The checkpoint state file is written after the checkpoint itself: once it names one,
+    # that checkpoint is complete.
+    deadline = time.time() + 600
+    while tf.train.latest_checkpoint(model_dir) is None:
+      assert chief.poll() is None and worker.poll() is None, 'a worker ended before ckpt-2'
+      assert time.time() < deadline, 'no checkpoint in time'
+      time.sleep(0.02)
+    worker.send_signal(signal.SIGKILL)
+    # The chief's next collective fails (or hangs): a scheduler would restart the whole job.
+    try:
+      chief.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+      chief.send_signal(signal.SIGKILL)
+      chief.wait()
+  finally:
+    for process, log in ((chief, chief_log), (worker, worker_log)):
+      process.kill()
+      log.close()
+  assert chief.returncode != 0, 'the run finished before worker 1 was killed'
+  latest = tf.train.latest_checkpoint(model_dir)
+  step = int(latest.rsplit('-', 1)[1])
+  assert step in (2, 4), latest
+  saved_u = u_summary(tf.train.load_variable(latest, checkpoints.LOG_U_KEY))
+
+  outputs = finish(workers(model_dir, str(tmp_path / 'restarted'), *COMMAND))
+  resumed = []
+  for index, output in enumerate(outputs):
+    assert 'Result:' in output, f'worker {index} failed:\n{output[-3000:]}'
+    match = re.search(r'Resumed from (\S+) at step (\d+): (.*)', output)
+    assert match, output[-3000:]
+    assert (match.group(1), int(match.group(2))) == (latest, step)
+    assert match.group(3).endswith(saved_u)  # the checkpoint's u table, on every worker
+    resumed.append(match.group(3))
+  assert resumed[0] == resumed[1]
+
+  # Both workers end in the state of the run that was never interrupted, bit for bit.
+  expected_dir, expected_outputs = uninterrupted
+  assert final_state(outputs[0]) == final_state(outputs[1]) == final_state(expected_outputs[0])
+  final, expected = (tf.train.latest_checkpoint(d) for d in (model_dir, expected_dir))
+  assert final.endswith('ckpt-6') and expected.endswith('ckpt-6')
+  names = [n for n, _ in tf.train.list_variables(expected)
+           if n not in ('_CHECKPOINTABLE_OBJECT_GRAPH', 'save_counter/.ATTRIBUTES/VARIABLE_VALUE')]
+  assert checkpoints.LOG_U_KEY in names and len(names) > 100
+  for name in names:
+    np.testing.assert_array_equal(tf.train.load_variable(final, name),
+                                  tf.train.load_variable(expected, name), err_msg=name)
+  assert not glob.glob(os.path.join(model_dir, '.worker_*'))

@@ -1,0 +1,436 @@
+"""trainer.py: the distributed train step, the traced many-steps loop (no host calls), the outer
+loop `train` (checkpoint boundaries, steps per call, stop requests, non-finite losses, progress)
+and the whole training API driven from a notebook-like script without run.py or flags."""
+import glob
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import checkpoints
+import lars_optimizer
+import model as model_lib
+import objective
+import trainer as trainer_lib
+
+
+@pytest.mark.slow  # about 20 s per mode
+@pytest.mark.parametrize('mode', ['simclr', 'sogclr', 'finetune'])
+def test_two_replica_train_steps_equal_one_replica(mode, one_replica, two_replicas,
+                                                   tiny_model_config):
+  # Seeded initial weights: three LARS steps amplify float32 round-off (the two replicas sum
+  # in another order) more for some initializations than others; the test must not depend on
+  # the random state earlier tests leave behind.
+  tf.keras.utils.set_random_seed(1)
+  rng = np.random.default_rng(0)
+  global_batch = 8
+  num_views = 1 if mode == 'finetune' else 2
+  views = tuple(rng.uniform(size=(3 * global_batch, 16, 16, 3)).astype(np.float32)
+                for _ in range(num_views))
+  labels = np.eye(10, dtype=np.float32)[rng.integers(0, 10, 3 * global_batch)]
+  ids = np.concatenate([rng.permutation(20)[:global_batch] for _ in range(3)]).astype(np.int32)
+  config = tiny_model_config(global_bn=True,
+                             train_mode='finetune' if mode == 'finetune' else 'pretrain')
+  initial_weights = None
+  final = {}
+  for replicas, strategy in ((1, one_replica), (2, two_replicas)):
+    with strategy.scope():
+      model = model_lib.build_model(config, 16)
+      if initial_weights is None:
+        initial_weights = model.get_weights()
+      model.set_weights(initial_weights)
+      optimizer = lars_optimizer.build_optimizer('lars', 0.01, weight_decay=1e-4)
+      optimizer.build(model.trainable_variables)
+      sogclr = objective.SogCLRLoss(20, 0.1, 0.9) if mode == 'sogclr' else None
+    trainer = trainer_lib.Trainer(strategy, model, optimizer, loss=mode, temperature=0.1,
+                                  hidden_norm=True, weight_decay=1e-4, optimizer_name='lars',
+                                  sogclr=sogclr)
+    dataset = tf.data.Dataset.from_tensor_slices((views, labels, ids)).batch(global_batch)
+    iterator = iter(strategy.experimental_distribute_dataset(dataset))
+    first = trainer.train_loop(iterator, 1)
+    after_first = [v.numpy() for v in model.variables]
+    rest = trainer.train_loop(iterator, 2)
+    # LARS decays inside the optimizer: the reported penalty is that of the final weights.
+    penalty = 1e-4 * sum(0.5 * np.sum(np.square(v.numpy())) for v in model.trainable_variables
+                         if v.path.split('/')[-1] not in ('gamma', 'beta', 'bias'))
+    np.testing.assert_allclose(rest['weight_decay'], penalty, rtol=1e-5)
+    names = [v.path for v in model.variables]
+    u = strategy.experimental_local_results(sogclr.log_u) if sogclr else []
+    final[replicas] = (first, rest, [v.numpy() for v in model.variables],
+                       [x.numpy() for x in u], after_first)
+  one, two = final[1], final[2]
+  assert ('contrast_loss' in one[0]) == (mode != 'finetune')
+  for key in one[0]:
+    np.testing.assert_allclose(two[0][key], one[0][key], rtol=1e-4, atol=1e-5, err_msg=key)
+    np.testing.assert_allclose(two[1][key], one[1][key], rtol=1e-3, atol=1e-4, err_msg=key)
+  # Every weight and BN statistic: float32 round-off after one step (sums in another order);
+  # three steps of LARS amplify it, still far below any real error (a wrong scale or a lost
+  # gradient through the gather moves weights by ~lr).
+  for a, b, name in zip(two[4], one[4], names):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5, err_msg=name)
+  for a, b, name in zip(two[2], one[2], names):
+    np.testing.assert_allclose(a, b, rtol=1e-2, atol=1e-3, err_msg=name)
+  for table in two[3]:  # both replicas' copies of u equal the single device's
+    np.testing.assert_allclose(table, one[3][0], rtol=1e-4)
+
+
+HOST_CALL_OPS = {'PyFunc', 'PyFuncStateless', 'EagerPyFunc'}
+
+
+def host_call_ops(concrete_function):
+  """Ops of the function graph and of every function it calls that run Python on the host."""
+  graph = concrete_function.graph
+  ops = [op.type for op in graph.get_operations()]
+  library = graph.as_graph_def().library.function
+  ops += [node.op for function in library for node in function.node_def]
+  return sorted({op for op in ops if op in HOST_CALL_OPS}), len(library)
+
+
+def test_host_call_detector_finds_a_py_function_inside_the_replicated_loop(two_replicas):
+  # The check below must be able to fail: the same structure with one tf.py_function.
+  with two_replicas.scope():
+    variable = tf.Variable(0.0)
+
+  def step():
+    variable.assign_add(tf.py_function(lambda: np.float32(1.0), [], tf.float32))
+
+  @tf.function
+  def loop(num_steps):
+    for _ in tf.range(num_steps):
+      two_replicas.run(step)
+
+  found, _ = host_call_ops(loop.get_concrete_function(tf.constant(2)))
+  assert found == ['EagerPyFunc']
+
+
+def test_traced_train_loop_has_no_host_calls(two_replicas, tiny_model_config):
+  # SogCLR's step computes SimCLR's similarities and logits plus the u table, and pretraining
+  # traces the supervised head too: one trace covers the ops of every mode.
+  with two_replicas.scope():
+    model = model_lib.build_model(tiny_model_config(train_mode='pretrain'), 16)
+    optimizer = lars_optimizer.build_optimizer('lars', 0.01, weight_decay=1e-4)
+    optimizer.build(model.trainable_variables)
+    sogclr = objective.SogCLRLoss(64, 0.1, 0.9)
+  trainer = trainer_lib.Trainer(two_replicas, model, optimizer, loss='sogclr', temperature=0.1,
+                                hidden_norm=True, weight_decay=1e-4, optimizer_name='lars',
+                                sogclr=sogclr)
+  views = (np.zeros([64, 16, 16, 3], np.float32),) * 2
+  dataset = tf.data.Dataset.from_tensor_slices(
+      (views, np.zeros([64, 10], np.float32), np.arange(64, dtype=np.int32))).batch(
+          8, drop_remainder=True)
+  iterator = iter(two_replicas.experimental_distribute_dataset(dataset))
+  concrete = trainer._loop.get_concrete_function(  # pylint: disable=protected-access
+      iterator, tf.constant(2, tf.int32))
+  found, num_functions = host_call_ops(concrete)
+  assert num_functions > 0  # the tf.range loop body is a nested function: it was searched
+  assert not found, f'the train loop calls the host: {found}'
+
+
+# The outer loop, `trainer.train`.
+
+
+def test_steps_per_call_traces_with_two_then_aims_at_the_target_seconds():
+  sizer = trainer_lib.StepsPerCall(target_seconds=1.0, max_steps=100)
+  assert sizer.steps == 1 and sizer.seconds_per_step is None
+  # The first call traces: its time says nothing about a step; the second call runs two.
+  assert sizer.update(30.0, 1, includes_tracing=True) == 2
+  assert sizer.seconds_per_step is None
+  # Then about target_seconds / seconds_per_step ...
+  assert sizer.update(0.2, 2, includes_tracing=False) == 10
+  assert sizer.seconds_per_step == pytest.approx(0.1)
+  assert sizer.update(1.0, 10, includes_tracing=False) == 10
+  # ... smoothed: 0.7 x the previous estimate + 0.3 x this call's (0.3 s a step): 0.16 s.
+  assert sizer.update(3.0, 10, includes_tracing=False) == 6
+  assert sizer.seconds_per_step == pytest.approx(0.7 * 0.1 + 0.3 * 0.3)
+  # Never fewer than one step, however slow ...
+  assert sizer.update(60.0, 6, includes_tracing=False) == 1
+  assert sizer.seconds_per_step == pytest.approx(0.7 * 0.16 + 0.3 * 10)
+  assert sizer.steps == 1
+  # ... nor more than max_steps, however fast.
+  fast = trainer_lib.StepsPerCall(target_seconds=1.0, max_steps=100)
+  fast.update(5.0, 1, includes_tracing=True)
+  assert fast.update(0.001, 2, includes_tracing=False) == 100
+  assert trainer_lib.StepsPerCall(target_seconds=2.0).update(0.5, 2, False) == 8
+
+
+def test_call_steps_never_passes_the_total_or_a_checkpoint():
+  assert trainer_lib.call_steps(0, 1, 10, 3) == (1, 3)
+  assert trainer_lib.call_steps(1, 2, 10, 3) == (2, 3)
+  assert trainer_lib.call_steps(3, 100, 10, 3) == (3, 6)
+  assert trainer_lib.call_steps(9, 100, 10, 3) == (1, 12)
+  for total in range(1, 13):
+    for every in range(1, 13):
+      for steps_per_call in range(1, 14):
+        for step in range(total):
+          num_steps, next_checkpoint = trainer_lib.call_steps(step, steps_per_call, total, every)
+          assert next_checkpoint % every == 0 and step < next_checkpoint <= step + every
+          assert 1 <= num_steps <= steps_per_call and step + num_steps <= total
+          # It ends at the next checkpoint or the end, or runs all it was asked to.
+          end = step + num_steps
+          assert end in (next_checkpoint, total) or num_steps == steps_per_call
+          assert end <= next_checkpoint
+
+
+@pytest.fixture(scope='module')
+def tiny_training(one_replica, tiny_model_config):
+  """start(images) -> (trainer, distributed iterator, learning-rate schedule): a fine-tuning
+  tiny model with Adam, reset to the same initial weights and optimizer state at every start,
+  and batches of 8 of `images` [N, 16, 16, 3] in order (random labels).
+
+  One Trainer for the module: its loop is traced once, not once per test.
+  """
+  strategy = one_replica
+  with strategy.scope():
+    model = model_lib.build_model(tiny_model_config(train_mode='finetune'), 16)
+    optimizer, learning_rate = trainer_lib.build_optimizer(
+        trainer_lib.OptimizerConfig(name='adam', learning_rate=0.01, warmup_epochs=0), model,
+        global_batch_size=8, warmup_steps=0, total_steps=10)
+  trainer = trainer_lib.Trainer(strategy, model, optimizer, loss='simclr', temperature=0.1,
+                                hidden_norm=True, weight_decay=1e-4, optimizer_name='adam')
+  initial = [v.numpy() for v in (*model.variables, *optimizer.variables)]
+
+  def start(images):
+    for variable, value in zip((*model.variables, *optimizer.variables), initial, strict=True):
+      variable.assign(value)
+    labels = np.eye(10, dtype=np.float32)[np.random.default_rng(0).integers(0, 10, len(images))]
+    dataset = tf.data.Dataset.from_tensor_slices(
+        ((images,), labels, np.arange(len(images), dtype=np.int32))).batch(8,
+                                                                           drop_remainder=True)
+    return trainer, iter(strategy.experimental_distribute_dataset(dataset)), learning_rate
+
+  return start
+
+
+def uniform_images(count):
+  return np.random.default_rng(1).uniform(size=(count, 16, 16, 3)).astype(np.float32)
+
+
+def checkpoint_manager(trainer, directory):
+  """A manager keeping every checkpoint, so the test sees each one written."""
+  state = tf.train.Checkpoint(model=trainer.model, optimizer=trainer.optimizer)
+  return tf.train.CheckpointManager(state, directory, max_to_keep=None)
+
+
+def written_steps(directory):
+  return sorted(int(re.search(r'ckpt-(\d+)\.index$', path).group(1))
+                for path in glob.glob(os.path.join(directory, 'ckpt-*.index')))
+
+
+def summary_steps(directory, tag):
+  steps = []
+  for event_file in glob.glob(os.path.join(directory, 'events.out.tfevents.*')):
+    for event in tf.compat.v1.train.summary_iterator(event_file):
+      steps += [event.step for v in event.summary.value if v.tag == tag]
+  return sorted(steps)
+
+
+def test_train_checkpoints_every_boundary_and_the_end_and_no_call_crosses_one(
+    tmp_path, tiny_training):
+  trainer, iterator, learning_rate = tiny_training(uniform_images(80))
+  manager = checkpoint_manager(trainer, str(tmp_path / 'run'))
+  writer = tf.summary.create_file_writer(str(tmp_path / 'run'))
+  progress = []
+  seconds = trainer_lib.train(trainer, iterator, total_steps=10, checkpoint_every=3,
+                              checkpoint_manager=manager, summary_writer=writer,
+                              learning_rate_fn=learning_rate, on_progress=progress.append)
+  assert seconds > 0
+  assert written_steps(str(tmp_path / 'run')) == [3, 6, 9, 10]
+  for step in (3, 6, 9, 10):
+    assert checkpoints.checkpoint_step(str(tmp_path / 'run' / f'ckpt-{step}')) == step
+  assert int(trainer.optimizer.iterations.numpy()) == 10
+  steps = [p.step for p in progress]
+  # One traced step, then two, then as many as fit in about a second, never past a checkpoint.
+  assert steps[:2] == [1, 3] and steps[-1] == 10 and {3, 6, 9} <= set(steps)
+  for previous, step in zip([0, *steps], steps):
+    assert previous < step and not [k for k in range(previous + 1, step) if k % 3 == 0], steps
+  assert all(p.total_steps == 10 for p in progress)
+  # The time per step is measured from the second call on (the first one traces).
+  assert progress[0].seconds_per_step is None
+  assert all(p.seconds_per_step > 0 for p in progress[1:])
+  for p in progress:
+    assert np.isfinite(p.metrics['total_loss']) and 'supervised_acc' in p.metrics
+    assert p.metrics['learning_rate'] == pytest.approx(float(learning_rate(p.step)))
+  # A summary after every call, at the step it reached.
+  assert summary_steps(str(tmp_path / 'run'), 'train/total_loss') == steps
+  # Resumed at the end: nothing left to run, nothing written.
+  assert trainer_lib.train(trainer, iterator, total_steps=10, checkpoint_every=3,
+                           checkpoint_manager=manager) >= 0
+  assert written_steps(str(tmp_path / 'run')) == [3, 6, 9, 10]
+
+
+def test_stop_request_saves_at_the_next_loop_boundary_and_raises_preempted(
+    tmp_path, tiny_training):
+  trainer, iterator, _ = tiny_training(uniform_images(80))
+  model_dir = str(tmp_path / 'run')
+  manager = checkpoint_manager(trainer, model_dir)
+  progress = []
+  # Set before the loop: the first call ends at step 1, not a checkpoint step; saved there.
+  stop_requested = threading.Event()
+  stop_requested.set()
+  with pytest.raises(trainer_lib.Preempted,
+                     match=r'^Stopped at step 1/10 on request; checkpoint saved to '
+                           rf'{re.escape(model_dir)}/ckpt-1\. Rerun the same command'):
+    trainer_lib.train(trainer, iterator, total_steps=10, checkpoint_every=5,
+                      checkpoint_manager=manager, stop_requested=stop_requested,
+                      on_progress=progress.append)
+  assert written_steps(model_dir) == [1] and progress == []
+  assert int(trainer.optimizer.iterations.numpy()) == 1
+
+  # Resumed, then a SIGTERM (a cloud VM's preemption notice) while it trains after step 3: the
+  # next call ends (1 -> 2, 2 -> 4, then 4 -> at most the end), its step is saved.
+  stop_requested = trainer_lib.StopRequest()
+  previous_handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+
+  def on_progress(p):
+    progress.append(p)
+    if p.step >= 3 and not stop_requested.is_set():
+      os.kill(os.getpid(), signal.SIGTERM)
+
+  with trainer_lib.stop_on_signals(stop_requested):
+    with pytest.raises(trainer_lib.Preempted) as preempted:
+      trainer_lib.train(trainer, iterator, total_steps=10, checkpoint_every=10,
+                        checkpoint_manager=manager, stop_requested=stop_requested,
+                        on_progress=on_progress)
+  assert {s: signal.getsignal(s) for s in previous_handlers} == previous_handlers
+  stopped = int(trainer.optimizer.iterations.numpy())
+  assert [p.step for p in progress] == [2, 4] and 4 < stopped <= 10
+  assert f'Stopped at step {stopped}/10' in str(preempted.value)
+  assert preempted.value.signal_number == signal.SIGTERM
+  assert written_steps(model_dir) == [1, stopped]
+
+
+def test_non_finite_loss_names_the_step_range_and_writes_no_checkpoint_for_it(
+    tmp_path, tiny_training):
+  images = uniform_images(80)
+  images[4 * 8:5 * 8] = np.nan  # the fifth batch: step 5
+  trainer, iterator, _ = tiny_training(images)
+  model_dir = str(tmp_path / 'run')
+  manager = checkpoint_manager(trainer, model_dir)
+  trainer_lib.train(trainer, iterator, total_steps=3, checkpoint_every=3,
+                    checkpoint_manager=manager)
+  assert written_steps(model_dir) == [3]
+  # Resumed: one step (3 -> 4), then two (4 -> 6), the second of them on the NaN images.
+  progress = []
+  with pytest.raises(FloatingPointError,
+                     match=r'^Non-finite (\w+, )*total_loss(, \w+)* between steps 5 and 6; the '
+                           rf'last good checkpoint \({re.escape(model_dir)}/ckpt-3\) is kept\.'):
+    trainer_lib.train(trainer, iterator, total_steps=10, checkpoint_every=3,
+                      checkpoint_manager=manager, on_progress=progress.append)
+  assert [p.step for p in progress] == [4]
+  assert int(trainer.optimizer.iterations.numpy()) == 6
+  assert written_steps(model_dir) == [3]  # no ckpt-6 of the diverged weights
+  assert manager.latest_checkpoint.endswith('ckpt-3')
+
+
+def test_progress_logger_line_holds_step_loss_images_per_second_and_eta(monkeypatch):
+  lines = []
+  monkeypatch.setattr(trainer_lib.logging, 'info', lambda msg, *args: lines.append(msg % args))
+  metrics = {'total_loss': 1.23456, 'contrast_loss': 0.98765, 'contrast_acc': 0.25,
+             'supervised_acc': 0.5, 'log_u_mean': -2.5, 'weight_decay': 0.01}
+  logger = trainer_lib.ProgressLogger(global_batch_size=16, every_seconds=0)
+  logger(trainer_lib.Progress(step=30, total_steps=100, metrics=metrics,
+                              seconds_per_step=0.5))
+  assert lines == ['step 30/100  loss 1.2346  nt_xent 0.9877  contrast_acc 0.25  sup_acc 0.5  '
+                   'log_u_mean -2.5  32 img/s  ETA 0m35s']
+  # Before the time per step is measured: no rate, no ETA.
+  logger(trainer_lib.Progress(1, 100, {'total_loss': 2.0}, None))
+  assert lines[-1] == 'step 1/100  loss 2.0000'
+  # Hours in the ETA.
+  logger(trainer_lib.Progress(0, 10_000, {'total_loss': 2.0}, 1.0))
+  assert lines[-1].endswith('16 img/s  ETA 2h46m')
+  # At most one line every every_seconds, and always the last step's.
+  quiet = trainer_lib.ProgressLogger(global_batch_size=16, every_seconds=3600)
+  count = len(lines)
+  quiet(trainer_lib.Progress(5, 10, {'total_loss': 1.0}, 0.1))
+  assert len(lines) == count
+  quiet(trainer_lib.Progress(10, 10, {'total_loss': 1.0}, 0.1))
+  assert len(lines) == count + 1 and lines[-1].startswith('step 10/10  loss 1.0000')
+
+
+# The API without run.py: what a notebook does.
+
+NOTEBOOK = r'''
+import json
+import sys
+
+from absl import flags
+import numpy as np
+import tensorflow as tf
+
+import checkpoints
+import data
+import evaluation
+import model as model_lib
+import trainer
+
+data_dir, model_dir = sys.argv[1:]
+strategy = tf.distribute.MirroredStrategy(['/cpu:0'])
+builder = data.get_builder('digits', data_dir)
+info = data.describe(builder, 'train', 'test')
+config = model_lib.ModelConfig(resnet_depth=18, width_multiplier=0.125, cifar_stem=True,
+                               num_proj_layers=2, proj_out_dim=16,
+                               num_classes=info.num_classes)
+with strategy.scope():
+  model = model_lib.build_model(config, 16)
+  optimizer, learning_rate = trainer.build_optimizer(
+      trainer.OptimizerConfig(name='adam', learning_rate=0.01, warmup_epochs=0), model,
+      global_batch_size=16, warmup_steps=0, total_steps=4)
+model_trainer = trainer.Trainer(strategy, model, optimizer, loss='simclr', temperature=0.1,
+                                hidden_norm=True, weight_decay=1e-6, optimizer_name='adam')
+dataset = data.build_distributed_dataset(
+    strategy, builder, info,
+    data.InputConfig(split='train', global_batch_size=16, image_size=16, is_training=True,
+                     use_blur=False),
+    info.num_classes)
+manager = tf.train.CheckpointManager(tf.train.Checkpoint(model=model, optimizer=optimizer),
+                                     model_dir, max_to_keep=2)
+progress = []
+trainer.train(model_trainer, iter(dataset), total_steps=4, checkpoint_every=2,
+              checkpoint_manager=manager, learning_rate_fn=learning_rate,
+              on_progress=progress.append)
+evaluator = evaluation.Evaluator(
+    strategy, model, builder, info, evaluation.EvalConfig(eval_batch_size=100),
+    data=data.DataConfig(dataset='digits', data_dir=data_dir, train_split='train',
+                         eval_split='test', image_size=16))
+step = int(optimizer.iterations.numpy())
+results = evaluator.evaluate(step)
+fresh = model_lib.build_model(config, 16)
+
+
+def same(a, b):
+  return all(np.array_equal(x.numpy(), y.numpy()) for x, y in zip(a.variables, b.variables))
+
+
+differed = not same(fresh, model)
+checkpoints.restore_model(fresh, manager.latest_checkpoint)
+print(json.dumps({
+    'run_imported': 'run' in sys.modules, 'flags_parsed': flags.FLAGS.is_parsed(),
+    'step': step, 'progress_steps': [p.step for p in progress],
+    'checkpoints': [checkpoints.checkpoint_step(path) for path in manager.checkpoints],
+    'differed_before_restore': differed, 'equal_after_restore': same(fresh, model),
+    'top_1': results['eval/top_1'], 'num_examples': results['eval/num_examples']}))
+'''
+
+
+@pytest.mark.slow
+def test_notebook_trains_evaluates_and_restores_without_run_py_or_flags(repo, data_dir,
+                                                                        tmp_path):
+  completed = subprocess.run(
+      [sys.executable, '-c', NOTEBOOK, data_dir, str(tmp_path / 'notebook')], cwd=repo,
+      capture_output=True, text=True, timeout=600,
+      env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2'))
+  assert completed.returncode == 0, completed.stderr[-3000:]
+  result = json.loads(completed.stdout.strip().splitlines()[-1])
+  assert result['run_imported'] is False and result['flags_parsed'] is False
+  assert result['step'] == 4 and result['progress_steps'][-1] == 4
+  assert result['checkpoints'] == [2, 4]
+  assert result['differed_before_restore'] and result['equal_after_restore']
+  assert isinstance(result['top_1'], float) and 0 <= result['top_1'] <= 1
+  assert result['num_examples'] == 360
