@@ -327,7 +327,7 @@ def _save(trainer, checkpoint_manager, previous, step):
 
 def train(trainer, iterator, *, total_steps, checkpoint_every, checkpoint_manager,
           summary_writer=None, learning_rate_fn=None, stop_requested=None, on_progress=None):
-  """The outer loop: bookkeeping at loop boundaries, the steps inside `trainer.train_loop`.
+  """The outer loop: bookkeeping at loop boundaries, the steps inside `trainer.run_steps`.
 
   Never overshoots `total_steps`; checkpoints every `checkpoint_every` steps and at the end;
   raises FloatingPointError naming the step range when a loss is not finite (the last good
@@ -371,7 +371,8 @@ def train(trainer, iterator, *, total_steps, checkpoint_every, checkpoint_manage
       raise Preempted(f'Stopped at step {step}/{total_steps} on request; checkpoint saved to '
                       f'{checkpoint_manager.latest_checkpoint}. Rerun the same command to resume.',
                       getattr(stop_requested, 'signal_number', signal.SIGTERM)
-                      if stop_requested.is_set() else signal.SIGTERM)
+                      if stop_requested is not None and stop_requested.is_set()
+                      else signal.SIGTERM)
     if on_progress is not None:
       on_progress(Progress(step, total_steps, metrics, sizer.seconds_per_step))
   if summary_writer is not None:

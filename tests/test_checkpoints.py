@@ -1,9 +1,15 @@
 """checkpoints.py on a tiny pretraining run's model_dir and on checkpoints the tests write:
 results and flags files, model_dir checks, resume before --checkpoint, restoring a model or a
-pretrained trunk, the step of a checkpoint and the SavedModel export."""
+pretrained trunk, the step of a checkpoint and the SavedModel export; which checkpoint a run
+resumes from, the run lock, discarding a checkpoint and removing half-written saves."""
+import glob
 import json
 import os
 import shutil
+import socket
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
@@ -252,3 +258,103 @@ def test_export_keeps_the_newest_and_outputs_float32_under_mixed_precision(tmp_p
       images=tf.random.uniform([2, 16, 16, 3]))
   assert {k: v.dtype for k, v in outputs.items()} == {
       'features': tf.float32, 'projection': tf.float32, 'supervised_logits': tf.float32}
+
+
+# -- Resume from the newest readable checkpoint; one run per model_dir ---------------------------
+
+
+def _saved_run(directory, steps=(10, 20)):
+  """`directory` with one checkpoint per step of `steps` (its one variable holds the step)."""
+  variable = tf.Variable(0.0)
+  state = tf.train.Checkpoint(v=variable)
+  manager = tf.train.CheckpointManager(state, directory, max_to_keep=5)
+  for step in steps:
+    variable.assign(float(step))
+    manager.save(checkpoint_number=step)
+  return directory
+
+
+def test_list_checkpoints_prefers_the_state_file_then_the_highest_step(tmp_path):
+  model_dir = _saved_run(str(tmp_path))
+
+  def names():
+    return [os.path.basename(p) for p in checkpoints.list_checkpoints(model_dir)]
+
+  assert names() == ['ckpt-20', 'ckpt-10']
+  os.remove(os.path.join(model_dir, 'checkpoint'))
+  assert names() == ['ckpt-20', 'ckpt-10']
+  with open(os.path.join(model_dir, 'checkpoint'), 'w') as f:
+    f.write('model_checkpoint_path: "ckpt-10"\n')
+  assert names() == ['ckpt-10', 'ckpt-20']  # the state file is the user's word
+  os.remove(os.path.join(model_dir, 'ckpt-10.index'))
+  assert names() == ['ckpt-20']
+
+
+def test_run_lock_refuses_a_live_holder_and_takes_over_a_dead_one(tmp_path):
+  model_dir = str(tmp_path)
+  with checkpoints.RunLock(model_dir):
+    record = json.load(open(os.path.join(model_dir, checkpoints.LOCK_FILE)))
+    assert record['pid'] == os.getpid()
+    with pytest.raises(ValueError, match=rf'in use by another run \(host \S+, pid '
+                                         rf'{os.getpid()}, since .* UTC; lock file'):
+      checkpoints.RunLock(model_dir).acquire()
+  assert not os.path.exists(os.path.join(model_dir, checkpoints.LOCK_FILE))
+  # A holder on this host that no longer runs (an exited child), or a holder on another host
+  # whose heartbeat stopped: stale, taken over.
+  child = subprocess.run([sys.executable, '-c', 'import os; print(os.getpid())'],
+                         capture_output=True, text=True, check=True)
+  for holder in ({'host': socket.gethostname(), 'pid': int(child.stdout), 'since': 0},
+                 {'host': 'elsewhere', 'pid': 1, 'since': 0, 'heartbeat': time.time() - 3600}):
+    with open(os.path.join(model_dir, checkpoints.LOCK_FILE), 'w') as f:
+      json.dump(holder, f)
+    lock = checkpoints.RunLock(model_dir).acquire()
+    assert json.load(open(lock.path))['pid'] == os.getpid()
+    lock.release()
+  # Another host's fresh heartbeat is a live run.
+  with open(os.path.join(model_dir, checkpoints.LOCK_FILE), 'w') as f:
+    json.dump({'host': 'elsewhere', 'pid': 1, 'since_utc': 'then', 'heartbeat': time.time()}, f)
+  with pytest.raises(ValueError, match='host elsewhere, pid 1, since then'):
+    checkpoints.RunLock(model_dir).acquire()
+
+
+def test_run_lock_heartbeat_refreshes_the_file(tmp_path):
+  lock = checkpoints.RunLock(str(tmp_path), heartbeat_seconds=0.05).acquire()
+  first = json.load(open(lock.path))['heartbeat']
+  time.sleep(0.5)
+  assert json.load(open(lock.path))['heartbeat'] > first
+  lock.release()
+
+
+def test_discard_removes_a_checkpoint_and_points_the_state_file_at_the_previous(tmp_path):
+  model_dir = _saved_run(str(tmp_path), steps=(10, 20, 30))
+  manager = tf.train.CheckpointManager(tf.train.Checkpoint(v=tf.Variable(0.0)), model_dir, 5)
+  checkpoints.discard(manager, 30)
+  assert not glob.glob(os.path.join(model_dir, 'ckpt-30.*'))
+  assert tf.train.latest_checkpoint(model_dir).endswith('ckpt-20')
+  assert tf.train.load_variable(tf.train.latest_checkpoint(model_dir),
+                                'v/.ATTRIBUTES/VARIABLE_VALUE') == 20.0
+
+
+def test_remove_stale_saves_removes_what_interrupted_saves_leave(tmp_path):
+  model_dir = _saved_run(str(tmp_path))
+  stale = [os.path.join(model_dir, 'ckpt-30_temp'), os.path.join(model_dir, 'saved_model',
+                                                                  '.tmp_30_123')]
+  for path in stale:
+    os.makedirs(path)
+  open(os.path.join(model_dir, '.result_30.json.tmp_123'), 'w').close()
+  removed = checkpoints.remove_stale_saves(model_dir)
+  assert len(removed) == 3 and not any(os.path.exists(p) for p in stale)
+  assert os.path.exists(os.path.join(model_dir, 'ckpt-20.index'))
+
+
+def test_flags_history_appends_one_line_per_start(tmp_path):
+  for step in (0, 10):
+    checkpoints.append_flags_history(str(tmp_path), {'from_step': step})
+  lines = open(os.path.join(tmp_path, checkpoints.HISTORY_FILE)).read().splitlines()
+  assert [json.loads(line)['from_step'] for line in lines] == [0, 10]
+
+
+def test_unreadable_flags_json_is_an_error_naming_the_file(tmp_path):
+  open(os.path.join(tmp_path, 'flags.json'), 'w').close()
+  with pytest.raises(ValueError, match=r'flags\.json is not valid json \(Expecting value'):
+    checkpoints.read_flags(str(tmp_path))

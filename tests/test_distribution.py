@@ -170,9 +170,10 @@ def free_ports(count):
   return ports
 
 
-def start_workers(repo, flags, model_dir, log_dir, *extra):
-  """Starts two workers of run.py with `flags`; each writes its log to a file (a pipe read only
-  after the other worker ends would fill up and block the collectives of both)."""
+def start_workers(repo, flags, model_dir, log_dir, *extra, prefixes=((), ())):
+  """Starts two workers of run.py with `flags` (worker i's command after prefixes[i], e.g.
+  `nice`); each writes its log to a file (a pipe read only after the other worker ends would
+  fill up and block the collectives of both)."""
   ports = free_ports(2)
   cluster = {'worker': [f'localhost:{p}' for p in ports]}
   processes = []
@@ -181,7 +182,8 @@ def start_workers(repo, flags, model_dir, log_dir, *extra):
                                                  'task': {'type': 'worker', 'index': index}}))
     log = open(os.path.join(log_dir, f'worker_{index}.log'), 'w')
     processes.append((subprocess.Popen(
-        [sys.executable, os.path.join(repo, 'run.py'), *flags, f'--model_dir={model_dir}',
+        [*prefixes[index], sys.executable, os.path.join(repo, 'run.py'), *flags,
+         f'--model_dir={model_dir}',
          '--DCL_mode=True', *extra],
         env=env, stdout=log, stderr=subprocess.STDOUT), log))
   return processes
@@ -211,7 +213,8 @@ def workers(repo, data_dir, tiny):
   # Prepare the demo data once, before two processes would race to write it.
   subprocess.run([sys.executable, '-c', f'import data; data.get_builder("digits", {data_dir!r})'],
                  cwd=repo, check=True, capture_output=True, timeout=300)
-  return lambda model_dir, log_dir, *extra: start_workers(repo, tiny, model_dir, log_dir, *extra)
+  return lambda model_dir, log_dir, *extra, **kwargs: start_workers(
+      repo, tiny, model_dir, log_dir, *extra, **kwargs)
 
 
 @pytest.fixture(scope='module')
@@ -316,3 +319,21 @@ def test_job_restarted_after_a_worker_is_killed_resumes_every_worker_with_the_sa
     np.testing.assert_array_equal(tf.train.load_variable(final, name),
                                   tf.train.load_variable(expected, name), err_msg=name)
   assert not glob.glob(os.path.join(model_dir, '.worker_*'))
+
+
+@pytest.mark.slow
+def test_workers_of_unequal_speed_agree_on_every_call_and_finish(tmp_path, workers):
+  # Worker 1 runs at the lowest priority on the same 2 cores: its clock sees other call times,
+  # so left alone the two would size calls differently and wait for each other forever.
+  model_dir = str(tmp_path / 'run')
+  outputs = finish(workers(model_dir, str(tmp_path), '--train_steps=60', '--checkpoint_steps=7',
+                           '--probe_max_examples=0', '--keep_hub_module_max=0',
+                           prefixes=((), ('nice', '-n', '19'))), timeout=600)
+  steps = []
+  for index, output in enumerate(outputs):
+    assert 'Result:' in output, f'worker {index} failed:\n{output[-3000:]}'
+    steps.append([int(s) for s in re.findall(r'\] step (\d+)/60', output)])
+  assert steps[0] == steps[1]  # the same calls on both workers
+  assert steps[0][-1] == 60 and len(steps[0]) > 9  # many calls, every checkpoint a boundary
+  assert {7, 14, 21, 28, 35, 42, 49, 56} <= set(steps[0])
+  assert final_state(outputs[0], 60) == final_state(outputs[1], 60)
