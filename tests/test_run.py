@@ -1,44 +1,58 @@
-"""run.py end to end on the demo data with tiny models, and the distributed train step."""
+"""run.py, the command line: flags, their checks, the config built from them and the process.
+
+The in-process tests parse flags and build configs; the subprocess tests (marked slow) run
+`python run.py` as a user does: exit codes, one-line errors, SIGTERM and SIGKILL.
+"""
+import ast
+import dataclasses
 import glob
 import json
 import os
+import random
 import re
+import signal
+import subprocess
+import sys
+import time
+import types
 
+from absl import flags
 import numpy as np
 import pytest
 import tensorflow as tf
 
-import lars_optimizer
+import checkpoints
+import data as data_lib
+import distribution
+import evaluation
+import experiment
 import model as model_lib
-import objective
 import run
+import trainer as trainer_lib
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = ['--dataset=digits', '--image_size=16', '--resnet_depth=18', '--width_multiplier=0.125',
-        '--train_batch_size=16', '--eval_batch_size=100', '--eval_split=test',
-        '--optimizer=adam', '--learning_rate=0.01', '--warmup_epochs=0', '--num_proj_layers=2',
-        '--proj_out_dim=16', '--use_blur=False', '--log_every_seconds=0',
-        # Exact comparisons: the CPU default is bfloat16 where the CPU has it natively.
-        '--mixed_precision=float32']
+
+def parse(*args):
+  """Parses these flags afresh (as run.py's command line would) and returns run.FLAGS."""
+  run.FLAGS.unparse_flags()
+  run.FLAGS(['run.py', *args])
+  return run.FLAGS
+
+
+def all_flag_values():
+  """{name: value} of every defined flag (run.py's and absl's)."""
+  return {name: run.FLAGS[name].value for name in run.FLAGS}
 
 
 @pytest.fixture(scope='module')
-def data_dir(tmp_path_factory):
-  return str(tmp_path_factory.mktemp('tfds'))
+def trained(tmp_path_factory, tiny, run_main):
+  """A 2-step tiny run: its model_dir (checkpoints, flags.json) and the flags it ran with."""
+  model_dir = str(tmp_path_factory.mktemp('trained'))
+  args = [*tiny, f'--model_dir={model_dir}', '--train_steps=2', '--probe_max_examples=0']
+  run_main(*args)
+  return types.SimpleNamespace(model_dir=model_dir, args=args)
 
 
-def run_main(*args):
-  run.FLAGS.unparse_flags()
-  run.FLAGS(['run.py', *args])
-  return run.main([])
-
-
-def checkpoint_values(path, name):
-  return tf.train.load_variable(path, name)
-
-
-U_KEY = 'sogclr/log_u/.ATTRIBUTES/VARIABLE_VALUE'
-
+# -- Loss aliases ----------------------------------------------------------------------------------
 
 @pytest.mark.parametrize('aliases, expected', [
     ({}, 'sogclr'),
@@ -61,162 +75,172 @@ def test_loss_aliases_conflicting_is_an_error(loss, aliases):
     run.resolve_loss(loss, aliases)
 
 
-def test_pretraining_writes_checkpoint_summaries_flags_and_probe(tmp_path, data_dir):
-  model_dir = str(tmp_path / 'run')
-  results = run_main(*TINY, f'--data_dir={data_dir}', f'--model_dir={model_dir}',
-                     '--train_steps=3', '--checkpoint_steps=2', '--DCL_mode=True',
-                     '--probe_baselines=False')
-  # Checkpoints at step 2 and at the end, never past train_steps.
-  assert tf.train.latest_checkpoint(model_dir).endswith('ckpt-3')
-  assert os.path.exists(os.path.join(model_dir, 'ckpt-2.index'))
-  shapes = dict(tf.train.list_variables(tf.train.latest_checkpoint(model_dir)))
-  assert shapes[U_KEY] == [1437]
-  # Every model variable (projection head included) is in the checkpoint.
-  restored = run.build_model(run.model_config(10), 16)
-  tf.train.Checkpoint(model=restored).restore(
-      tf.train.latest_checkpoint(model_dir)).assert_existing_objects_matched()
-  assert len(restored.projection_head.variables) == 9
-  log_u = checkpoint_values(tf.train.latest_checkpoint(model_dir), U_KEY)
-  assert np.isfinite(log_u).sum() == 3 * 16  # three steps of 16 distinct images
-  assert checkpoint_values(tf.train.latest_checkpoint(model_dir),
-                           'optimizer/_iterations/.ATTRIBUTES/VARIABLE_VALUE') == 3
+# -- The config built from the flags ---------------------------------------------------------------
 
-  flags = json.load(open(os.path.join(model_dir, 'flags.json')))
-  assert flags['train_steps'] == 3 and flags['resolved_loss'] == 'sogclr'
-
-  tags = set()
-  for event_file in glob.glob(os.path.join(model_dir, 'events.out.tfevents.*')):
-    for event in tf.compat.v1.train.summary_iterator(event_file):
-      tags.update(v.tag for v in event.summary.value)
-  for tag in ('learning_rate', 'total_loss', 'contrast_loss', 'supervised_loss',
-              'contrast_acc', 'contrast_entropy', 'weight_decay', 'supervised_acc', 'u_mean'):
-    assert f'train/{tag}' in tags, tag
-  assert 'eval/label_top_1_accuracy' in tags
-
-  assert results['eval/num_examples'] == 360
-  assert 0.0 <= results['eval/top_1'] <= 1.0
-  assert 0.1 < results['probe/top_1'] <= 1.0
-  assert json.load(open(os.path.join(model_dir, 'result_3.json')))['global_step'] == 3
+def test_default_flags_build_the_library_default_config():
+  parse('--model_dir=/tmp/unused')
+  values, given = run.flag_values()
+  assert given == {'model_dir'}
+  config = run.build_config(values)
+  default = experiment.Config(model_dir='/tmp/unused')
+  # A notebook building Config() gets what the command line does without flags ...
+  assert config.objective == trainer_lib.ObjectiveConfig()
+  assert config.optimizer == trainer_lib.OptimizerConfig()
+  assert config.loop == trainer_lib.LoopConfig()
+  assert config.eval == evaluation.EvalConfig()
+  assert config.distribution == distribution.DistributionConfig()
+  assert config.data == data_lib.DataConfig()
+  for field in dataclasses.fields(experiment.Config):
+    if field.name not in ('model', 'flags'):
+      assert getattr(config, field.name) == getattr(default, field.name), field.name
+  # ... except the number of classes: the flag's 0 reads it from the dataset (run() does).
+  assert config.model == dataclasses.replace(model_lib.ModelConfig(), num_classes=0)
+  assert dict(config.flags) == values
 
 
-class SimulatedCrash(Exception):
-  pass
+def _other_value(flag):
+  """A valid value of `flag` other than its default."""
+  if isinstance(flag, flags.EnumFlag) or getattr(flag.parser, 'enum_values', None):
+    return next(v for v in flag.parser.enum_values if v != flag.default)
+  if isinstance(flag, flags.BooleanFlag):
+    return not flag.default
+  if isinstance(flag.default, (int, float)):
+    return flag.default + 1
+  return 'other'
 
 
-def test_resumed_run_continues_step_count_and_u_table(tmp_path, data_dir, monkeypatch):
-  common = [*TINY, f'--data_dir={data_dir}', '--probe_max_examples=0', '--deterministic',
-            '--DCL_mode=True', '--checkpoint_steps=3', '--train_steps=5']
-  straight = str(tmp_path / 'straight')
-  run_main(*common, f'--model_dir={straight}')
-
-  # The same run, crashed right after its step-3 checkpoint, then restarted.
-  resumed = str(tmp_path / 'resumed')
-  save = tf.train.CheckpointManager.save
-
-  def save_then_crash(manager, *args, **kwargs):
-    path = save(manager, *args, **kwargs)
-    raise SimulatedCrash(path)
-
-  monkeypatch.setattr(tf.train.CheckpointManager, 'save', save_then_crash)
-  with pytest.raises(SimulatedCrash):
-    run_main(*common, f'--model_dir={resumed}')
-  monkeypatch.setattr(tf.train.CheckpointManager, 'save', save)
-  saved_u = checkpoint_values(tf.train.latest_checkpoint(resumed), U_KEY)
-  assert tf.train.latest_checkpoint(resumed).endswith('ckpt-3')
-  run_main(*common, f'--model_dir={resumed}')
-
-  final = tf.train.latest_checkpoint(resumed)
-  assert final.endswith('ckpt-5')
-  final_u = checkpoint_values(final, U_KEY)
-  # The restart kept every u that steps 4 and 5 did not revisit ...
-  assert (np.isfinite(saved_u) & (final_u == saved_u)).sum() >= 3 * 16 - 2 * 16
-  # ... and continued the same run: same data, u and weights as the run never stopped.
-  expected = tf.train.latest_checkpoint(straight)
-  np.testing.assert_allclose(final_u, checkpoint_values(expected, U_KEY), rtol=1e-5)
-  names = [name for name, _ in tf.train.list_variables(expected) if name != 'save_counter/.ATTRIBUTES/VARIABLE_VALUE' and name != '_CHECKPOINTABLE_OBJECT_GRAPH']
-  assert len(names) > 100
-  for name in names:
-    np.testing.assert_allclose(checkpoint_values(final, name), checkpoint_values(expected, name),
-                               rtol=1e-4, atol=1e-5, err_msg=name)
+# Flags of the command line itself (how cli() reports errors), not of the experiment.
+CLI_FLAGS = {'debug'}
 
 
-def _tiny_model_config(**kwargs):
-  return model_lib.ModelConfig(resnet_depth=18, width_multiplier=0.125, cifar_stem=True,
-                               num_proj_layers=2, proj_out_dim=16, num_classes=10, **kwargs)
+def test_every_flag_reaches_the_config():
+  """build_config passes every flag on: changing one changes the config beyond config.flags."""
+  parse('--model_dir=/tmp/unused')
+  values, _ = run.flag_values()
+  default = run.build_config(values)
+  ignored = []
+  for name in set(values) - CLI_FLAGS:
+    changed = dict(values)
+    # An alias set to its default loss (True = sogclr) would change nothing.
+    changed[name] = False if name in ('DCL_mode', 'GCL_mode', 'BI_mode') else _other_value(
+        run.FLAGS[name])
+    config = run.build_config(changed)
+    if dataclasses.replace(config, flags=default.flags) == default:
+      ignored.append(name)
+  assert len(values) > 60
+  assert not ignored, f'flags build_config ignores: {ignored}'
 
 
-@pytest.mark.parametrize('mode', ['simclr', 'sogclr', 'finetune'])
-def test_two_replica_train_steps_equal_one_replica(mode, one_replica, two_replicas):
-  # Seeded initial weights: three LARS steps amplify float32 round-off (the two replicas sum
-  # in another order) more for some initializations than others; the test must not depend on
-  # the random state earlier tests leave behind.
-  tf.keras.utils.set_random_seed(1)
-  rng = np.random.default_rng(0)
-  global_batch = 8
-  num_views = 1 if mode == 'finetune' else 2
-  views = tuple(rng.uniform(size=(3 * global_batch, 16, 16, 3)).astype(np.float32)
-                for _ in range(num_views))
-  labels = np.eye(10, dtype=np.float32)[rng.integers(0, 10, 3 * global_batch)]
-  ids = np.concatenate([rng.permutation(20)[:global_batch] for _ in range(3)]).astype(np.int32)
-  config = _tiny_model_config(global_bn=True,
-                              train_mode='finetune' if mode == 'finetune' else 'pretrain')
-  initial_weights = None
-  final = {}
-  for replicas, strategy in ((1, one_replica), (2, two_replicas)):
-    with strategy.scope():
-      model = run.build_model(config, 16)
-      if initial_weights is None:
-        initial_weights = model.get_weights()
-      model.set_weights(initial_weights)
-      optimizer = lars_optimizer.build_optimizer('lars', 0.01, weight_decay=1e-4)
-      optimizer.build(model.trainable_variables)
-      sogclr = objective.SogCLRLoss(20, 0.1, 0.9) if mode == 'sogclr' else None
-    trainer = run.Trainer(strategy, model, optimizer, loss=mode, temperature=0.1,
-                          hidden_norm=True, weight_decay=1e-4, optimizer_name='lars',
-                          sogclr=sogclr)
-    dataset = tf.data.Dataset.from_tensor_slices((views, labels, ids)).batch(global_batch)
-    iterator = iter(strategy.experimental_distribute_dataset(dataset))
-    first = trainer.train_loop(iterator, 1)
-    after_first = [v.numpy() for v in model.variables]
-    rest = trainer.train_loop(iterator, 2)
-    # LARS decays inside the optimizer: the reported penalty is that of the final weights.
-    penalty = 1e-4 * sum(0.5 * np.sum(np.square(v.numpy())) for v in model.trainable_variables
-                         if v.path.split('/')[-1] not in ('gamma', 'beta', 'bias'))
-    np.testing.assert_allclose(rest['weight_decay'], penalty, rtol=1e-5)
-    names = [v.path for v in model.variables]
-    u = strategy.experimental_local_results(sogclr.log_u) if sogclr else []
-    final[replicas] = (first, rest, [v.numpy() for v in model.variables],
-                       [x.numpy() for x in u], after_first)
-  one, two = final[1], final[2]
-  assert ('contrast_loss' in one[0]) == (mode != 'finetune')
-  for key in one[0]:
-    np.testing.assert_allclose(two[0][key], one[0][key], rtol=1e-4, atol=1e-5, err_msg=key)
-    np.testing.assert_allclose(two[1][key], one[1][key], rtol=1e-3, atol=1e-4, err_msg=key)
-  # Every weight and BN statistic: float32 round-off after one step (sums in another order);
-  # three steps of LARS amplify it, still far below any real error (a wrong scale or a lost
-  # gradient through the gather moves weights by ~lr).
-  for a, b, name in zip(two[4], one[4], names):
-    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5, err_msg=name)
-  for a, b, name in zip(two[2], one[2], names):
-    np.testing.assert_allclose(a, b, rtol=1e-2, atol=1e-3, err_msg=name)
-  for table in two[3]:  # both replicas' copies of u equal the single device's
-    np.testing.assert_allclose(table, one[3][0], rtol=1e-4)
+def test_config_flags_are_what_flags_json_records(trained):
+  parse(*trained.args)
+  config = run.config_from_flags()
+  recorded = json.load(open(os.path.join(trained.model_dir, 'flags.json')))
+  assert recorded.pop('resolved_loss') == 'sogclr'
+  assert dict(config.flags) == recorded
 
 
-def _bench_flags():
+def test_eval_mode_inherits_into_the_config_and_never_assigns_to_flags(trained):
+  # Only the model_dir, and one architecture flag given: it wins over flags.json.
+  parse('--mode=eval', f'--model_dir={trained.model_dir}', '--proj_out_dim=32')
+  parsed = all_flag_values()
+  values, given = run.flag_values()
+  as_parsed = dict(values)
+  inherited = run.inherit_flags(values, given, trained.model_dir,
+                                run.ARCHITECTURE_FLAGS + run.EVAL_FLAGS)
+  assert values == as_parsed  # a new dict; the argument is left as it was
+  assert inherited['resnet_depth'] == 18 and inherited['proj_out_dim'] == 32
+
+  config = run.config_from_flags()
+  # The trained run's architecture, data and length ...
+  assert (config.model.resnet_depth, config.model.width_multiplier, config.model.num_proj_layers,
+          config.model.cifar_stem) == (18, 0.125, 2, True)
+  assert (config.data.dataset, config.data.image_size, config.data.eval_split) == (
+      'digits', 16, 'test')
+  assert config.loop.train_steps == 2 and config.loop.train_batch_size == 16
+  assert config.flags['resnet_depth'] == 18 and config.flags['dataset'] == 'digits'
+  # ... but the command line's proj_out_dim.
+  assert config.model.proj_out_dim == 32 and config.flags['proj_out_dim'] == 32
+  # FLAGS still holds what was parsed: the defaults, and the one flag given.
+  assert all_flag_values() == parsed
+  assert (run.FLAGS.resnet_depth, run.FLAGS.width_multiplier, run.FLAGS.image_size,
+          run.FLAGS.dataset, run.FLAGS.train_steps) == (50, 1.0, 224, 'imagenet2012', 0)
+  assert run.FLAGS.proj_out_dim == 32
+
+
+def test_finetuning_inherits_only_the_architecture_and_never_assigns_to_flags(trained):
+  parse('--train_mode=finetune', f'--checkpoint={trained.model_dir}', '--model_dir=/tmp/ft',
+        '--width_multiplier=0.25')
+  parsed = all_flag_values()
+  config = run.config_from_flags()
+  assert (config.model.resnet_depth, config.data.image_size, config.model.proj_out_dim) == (
+      18, 16, 16)
+  assert config.model.width_multiplier == 0.25  # given on the command line
+  # The data and training length are the fine-tuning run's own.
+  assert config.data.dataset == 'imagenet2012' and config.loop.train_steps == 0
+  assert all_flag_values() == parsed
+  assert run.FLAGS.resnet_depth == 50 and run.FLAGS.image_size == 224
+
+
+def test_only_run_py_reads_flags(repo):
+  paths = sorted(glob.glob(os.path.join(repo, '*.py')) +
+                 glob.glob(os.path.join(repo, 'bench', '*.py')))
+  assert len(paths) > 15
+  readers = {}
+  for path in paths:
+    if os.path.basename(path) == 'run.py':
+      continue
+    lines = [n for n, line in enumerate(open(path), 1) if re.search(r'\bFLAGS\b', line)]
+    if lines:
+      readers[os.path.relpath(path, repo)] = lines
+  assert not readers, f'FLAGS outside run.py: {readers}'
+
+  # run.py itself never assigns a flag's value.
+  assert not _flag_assignments(open(os.path.join(repo, 'run.py')).read())
+
+
+def _flag_assignments(source):
+  """[(line, code)] of the statements of `source` that set a flag's value: FLAGS.x = ...,
+  FLAGS['x'].value = ..., setattr(FLAGS, ...), FLAGS.set_default(...)."""
+  found = []
+  for node in ast.walk(ast.parse(source)):
+    targets = (node.targets if isinstance(node, ast.Assign) else
+               [node.target] if isinstance(node, (ast.AugAssign, ast.AnnAssign)) else [])
+    for target in targets:
+      for part in ast.walk(target):
+        if isinstance(part, ast.Attribute) and isinstance(part.ctx, ast.Store) and (
+            part.attr == 'value' or ast.unparse(part.value).endswith('FLAGS')):
+          found.append((node.lineno, ast.unparse(node)))
+    if isinstance(node, ast.Call):
+      function = ast.unparse(node.func)
+      if (function == 'setattr' and 'FLAGS' in ast.unparse(node.args[0])) or (
+          function.endswith('FLAGS.set_default')):
+        found.append((node.lineno, ast.unparse(node)))
+  return found
+
+
+def test_the_flag_assignment_check_finds_assignments():
+  source = ("FLAGS.resnet_depth = 18\nFLAGS['dataset'].value = 'digits'\n"
+            "flags.FLAGS.image_size += 1\nsetattr(FLAGS, 'seed', 1)\n"
+            "FLAGS.set_default('seed', 2)\nvalues['resnet_depth'] = 18\nx = FLAGS.seed\n")
+  assert [line for line, _ in _flag_assignments(source)] == [1, 2, 3, 4, 5]
+
+
+# -- The README ------------------------------------------------------------------------------------
+
+def _bench_flags(repo):
   """{script: flags it defines}, read from the bench scripts' argparse calls."""
   found = {}
-  for path in glob.glob(os.path.join(REPO, 'bench', '*.py')):
+  for path in glob.glob(os.path.join(repo, 'bench', '*.py')):
     source = open(path).read()
     found['bench/' + os.path.basename(path)] = set(
         re.findall(r"add_argument\(\s*'--(\w+)'", source))
   return found
 
 
-def test_every_flag_named_in_the_readme_exists():
-  readme = open(os.path.join(REPO, 'README.md')).read()
+def test_every_flag_named_in_the_readme_exists(repo):
+  readme = open(os.path.join(repo, 'README.md')).read()
   text = re.sub(r'\\\n', ' ', readme)
-  bench = _bench_flags()
+  bench = _bench_flags(repo)
   assert bench['bench/train_step.py'] >= {'models', 'precisions', 'xla'}
   # A command of a bench script names that script's flags.
   for line in text.splitlines():
@@ -235,22 +259,178 @@ def test_every_flag_named_in_the_readme_exists():
   assert len(named) > 20
 
 
-def test_cpu_bfloat16_detection_reads_the_cpu_flags(tmp_path):
-  with_bf16 = tmp_path / 'with'
-  with_bf16.write_text('processor\t: 0\nflags\t\t: fpu sse2 avx512f avx512_bf16 avx512_vnni\n')
-  without = tmp_path / 'without'
-  without.write_text('processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f\n')
-  assert run.cpu_supports_bfloat16(str(with_bf16))
-  assert not run.cpu_supports_bfloat16(str(without))
-  assert not run.cpu_supports_bfloat16(str(tmp_path / 'missing'))
+# -- Bad input: one-line errors, nothing written touched -------------------------------------------
 
-
-@pytest.mark.parametrize('native, flag, expected', [
-    (True, 'auto', 'mixed_bfloat16'), (False, 'auto', 'float32'),
-    (True, 'float32', 'float32'), (False, 'bfloat16', 'mixed_bfloat16')])
-def test_cpu_precision_default_follows_native_bfloat16(monkeypatch, one_replica, native, flag,
-                                                       expected):
-  monkeypatch.setattr(run, 'cpu_supports_bfloat16', lambda: native)
+def test_unknown_enum_value_names_the_flag():
   run.FLAGS.unparse_flags()
-  run.FLAGS(['run.py', f'--mixed_precision={flag}'])
-  assert run.resolve_precision_and_jit(one_replica) == (expected, False)
+  with pytest.raises(flags.IllegalFlagValueError, match='optimizer'):
+    run.FLAGS(['run.py', '--optimizer=sgd'])
+  run.FLAGS.unparse_flags()
+
+
+# Flag values rejected before anything is built or written.
+INVALID_VALUES = [
+    (['--eval_split=validation'], "--eval_split='validation' is not a split"),
+    (['--train_split=unlabeled'], "--train_split='unlabeled' is not a split"),
+    (['--train_batch_size=5000'], 'is larger than split'),
+    (['--image_size=4'], '--image_size=4 is too small'),
+    (['--gamma=0'], '--gamma must be in (0, 1]'),
+    (['--gamma=1.5'], '--gamma must be in (0, 1]'),
+    (['--temperature=0'], '--temperature must be positive'),
+    (['--DCL_mode=True', '--BI_mode=False'], 'Conflicting loss flags'),
+    (['--DCL_mode=False', '--GCL_mode=True'], 'Conflicting loss flags'),
+]
+
+# A library bug (reported, not fixed here): checkpoints._resume counts a ValueError or
+# InvalidArgumentError of state.restore() (a slot of another shape or dtype: another optimizer,
+# float16's LossScaleOptimizer) as an unreadable checkpoint, and the error advises --start_over,
+# which would move the good checkpoint aside and train from step 0.
+ANOTHER_CONFIGURATION_IS_UNREADABLE = (
+    "checkpoints._resume reports another configuration's checkpoint as unreadable "
+    '("none can be read ... pass --start_over")')
+
+BAD_INPUT = [
+    (['--dataset=no_such_dataset'], "--dataset='no_such_dataset' is neither a TFDS dataset"),
+    (['--dataset=mnist', '--data_dir=/nonexistent/tfds'], 'is not prepared under'),
+    *INVALID_VALUES,
+    (['--train_mode=finetune', '--checkpoint=/nonexistent/ckpt-1'], 'does not exist'),
+    (['--train_mode=finetune', '--width_multiplier=0.25', '--checkpoint=TRAINED'],
+     'holds another architecture'),
+    # Resuming with another run-defining flag is refused before the checkpoint is read ...
+    (['--model_dir=TRAINED', '--optimizer=lars'],
+     "holds a run with other flags (--optimizer='lars' (was 'adam')"),
+    # ... and a checkpoint the allowed (or a non-defining) change cannot restore is one of
+    # another configuration: not unreadable, and no reason to --start_over.
+    pytest.param(['--model_dir=TRAINED', '--optimizer=lars', '--allow_flag_changes=optimizer'],
+                 'holds a checkpoint of another configuration', marks=pytest.mark.xfail(
+                     strict=True, reason=ANOTHER_CONFIGURATION_IS_UNREADABLE)),
+    pytest.param(['--model_dir=TRAINED', '--mixed_precision=float16'],
+                 'holds a checkpoint of another configuration', marks=pytest.mark.xfail(
+                     strict=True, reason=ANOTHER_CONFIGURATION_IS_UNREADABLE)),
+]
+
+
+def _bad_input_command(tiny, trained_dir, args):
+  """The tiny run's flags with `args`, aimed at the trained run's directory (a fine-tuning run
+  reads it as --checkpoint and writes next to it)."""
+  args = [a.replace('TRAINED', trained_dir) for a in args]
+  target = trained_dir if '--train_mode=finetune' not in args else trained_dir + '_ft'
+  return [*tiny, f'--model_dir={target}', '--train_steps=4', '--probe_max_examples=0', *args]
+
+
+def _error_lines(err):
+  return [line for line in err.splitlines() if line.startswith('error:')]
+
+
+@pytest.mark.parametrize('args, message', INVALID_VALUES)
+def test_invalid_flag_values_are_one_line_errors_in_process(run_cli, snapshot, tiny, trained,
+                                                            args, message):
+  before = snapshot(trained.model_dir)
+  code, err = run_cli(*_bad_input_command(tiny, trained.model_dir, args))
+  assert code == 1
+  lines = _error_lines(err)
+  assert len(lines) == 1 and message in lines[0], err[-2000:]
+  assert snapshot(trained.model_dir) == before
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('args, message', BAD_INPUT)
+def test_bad_input_is_a_one_line_error_and_keeps_what_was_written(run_command, snapshot, tiny,
+                                                                  trained, args, message):
+  before = snapshot(trained.model_dir)
+  process = run_command(*_bad_input_command(tiny, trained.model_dir, args))
+  assert process.returncode == 1, process.stderr[-2000:]
+  lines = _error_lines(process.stderr)
+  assert len(lines) == 1 and message in lines[0], process.stderr[-2000:]
+  # Bad input aimed at an existing run directory must not touch it.
+  assert snapshot(trained.model_dir) == before
+
+
+@pytest.mark.slow
+def test_unwritable_model_dir_is_an_error(run_command, tmp_path, tiny):
+  blocker = tmp_path / 'a_file'
+  blocker.write_text('not a directory')
+  process = run_command(*tiny, f'--model_dir={blocker}/run', '--train_steps=1')
+  assert process.returncode == 1
+  lines = _error_lines(process.stderr)
+  assert len(lines) == 1 and 'is not writable' in lines[0], process.stderr[-2000:]
+  assert blocker.read_text() == 'not a directory'
+
+
+# -- Preemption and kills --------------------------------------------------------------------------
+
+def _start(repo, *args):
+  """`python run.py` started in the background, as run_command runs it, reading its stderr."""
+  return subprocess.Popen([sys.executable, os.path.join(repo, 'run.py'), *args],
+                          stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
+                          cwd=repo, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2'))
+
+
+def _wait_for_progress(process, timeout=120):
+  """Reads the process' stderr until a progress line appears (training is under way)."""
+  deadline = time.time() + timeout
+  while time.time() < deadline:
+    line = process.stderr.readline()
+    if not line and process.poll() is not None:
+      raise AssertionError(f'process ended early with code {process.returncode}')
+    # trainer.ProgressLogger's line.
+    if re.search(r'trainer\.py:\d+\] step \d+/\d+', line):
+      return line
+  raise AssertionError('no progress line in time')
+
+
+@pytest.mark.slow
+def test_sigterm_saves_a_checkpoint_and_exits_then_resumes(repo, tmp_path, tiny, run_command):
+  model_dir = str(tmp_path / 'run')
+  common = [*tiny, f'--model_dir={model_dir}', '--probe_max_examples=0', '--DCL_mode=True',
+            '--checkpoint_steps=100000']
+  process = _start(repo, *common, '--train_steps=100000')
+  try:
+    _wait_for_progress(process)
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=120)
+  finally:
+    process.kill()
+  assert process.returncode == run.PREEMPTED_EXIT_CODE, err[-2000:]
+  assert 'preempted: Stopped at step' in err
+  latest = tf.train.latest_checkpoint(model_dir)
+  step = int(latest.rsplit('-', 1)[1])
+  assert 0 < step < 100000
+  resumed = run_command(*common, f'--train_steps={step + 2}')
+  assert resumed.returncode == 0, resumed.stderr[-2000:]
+  assert tf.train.latest_checkpoint(model_dir).endswith(f'ckpt-{step + 2}')
+  assert re.search(rf'Resumed from \S+ckpt-{step} at step {step}', resumed.stderr)
+
+
+@pytest.mark.slow
+def test_sigkilled_deterministic_run_ends_equal_to_an_uninterrupted_one(repo, tmp_path, tiny,
+                                                                        run_main, run_command):
+  common = [*tiny, '--probe_max_examples=0', '--DCL_mode=True', '--deterministic',
+            '--train_steps=240', '--checkpoint_steps=10']
+  straight = str(tmp_path / 'straight')
+  run_main(*common, f'--model_dir={straight}')
+  killed = str(tmp_path / 'killed')
+  rng = random.Random(0)
+  kills = 0
+  while kills < 3:
+    process = _start(repo, *common, f'--model_dir={killed}')
+    try:
+      _wait_for_progress(process)
+      time.sleep(rng.uniform(0.0, 1.5))  # a random point of the run
+      if process.poll() is None:
+        process.send_signal(signal.SIGKILL)
+        kills += 1
+      process.wait(timeout=60)
+    finally:
+      process.kill()
+  finished = run_command(*common, f'--model_dir={killed}', timeout=300)
+  assert finished.returncode == 0, finished.stderr[-2000:]
+  final, expected = (tf.train.latest_checkpoint(d) for d in (killed, straight))
+  assert final.endswith('ckpt-240') and expected.endswith('ckpt-240')
+  names = [n for n, _ in tf.train.list_variables(expected)
+           if n not in ('_CHECKPOINTABLE_OBJECT_GRAPH', 'save_counter/.ATTRIBUTES/VARIABLE_VALUE')]
+  assert checkpoints.LOG_U_KEY in names and len(names) > 100
+  for name in names:
+    np.testing.assert_allclose(tf.train.load_variable(final, name),
+                               tf.train.load_variable(expected, name), rtol=1e-5, atol=1e-6,
+                               err_msg=name)

@@ -1,0 +1,509 @@
+"""experiment.run end to end on the demo data with tiny models: pretraining, resume, divergence,
+fine-tuning, evaluation jobs, and a run configured without flags (as from a notebook)."""
+import glob
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import checkpoints
+import data as data_lib
+import evaluation
+import experiment
+import model as model_lib
+import run
+import trainer as trainer_lib
+
+# Monitors of the pretraining run; a real weight decay makes the regularization loss visible.
+MONITORS = ['--knn_monitor', '--knn_k=20', '--weight_decay=1e-3']
+
+
+@pytest.fixture(scope='module')
+def not_architecture(tiny):
+  """The tiny run's flags without the architecture ones (a run reads those from flags.json)."""
+  return [f for f in tiny if f.split('=')[0].lstrip('-') not in run.ARCHITECTURE_FLAGS]
+
+
+@pytest.fixture(scope='module')
+def pretrained_run(tmp_path_factory, tiny, run_main):
+  """(model_dir, results) of 3 SogCLR steps with LARS, evaluated with the monitors and the
+  probe, and exported."""
+  model_dir = str(tmp_path_factory.mktemp('pretrained'))
+  # The default --optimizer (LARS) and --loss (SogCLR), which --mode=eval is not told.
+  results = run_main(*tiny, *MONITORS, f'--model_dir={model_dir}', '--train_steps=3',
+                     '--probe_baselines=False', '--DCL_mode=True', '--optimizer=lars',
+                     '--learning_rate=1.0')
+  return model_dir, results
+
+
+@pytest.fixture(scope='module')
+def pretrained(pretrained_run):
+  return pretrained_run[0]
+
+
+@pytest.fixture(scope='module')
+def restored(tiny_model_config):
+  """restored(path, **overrides) -> the tiny architecture with the model variables of
+  checkpoint `path` (restored by tf.train.Checkpoint, not by the code under test)."""
+
+  def make(path, **overrides):
+    model = model_lib.build_model(tiny_model_config(**overrides), 16)
+    tf.train.Checkpoint(model=model).restore(path).expect_partial()
+    return model
+
+  return make
+
+
+def copied_model_dir(pretrained, tmp_path):
+  """A copy of the pretraining run, for jobs that write into their model_dir."""
+  model_dir = str(tmp_path / 'copy')
+  shutil.copytree(pretrained, model_dir)
+  return model_dir
+
+
+def summary_tags(model_dir):
+  tags = set()
+  for event_file in glob.glob(os.path.join(model_dir, 'events.out.tfevents.*')):
+    for event in tf.compat.v1.train.summary_iterator(event_file):
+      tags.update(v.tag for v in event.summary.value)
+  return tags
+
+
+def head_top_1(model, data_dir, split='test'):
+  """Top-1 of the model's linear head on a digits split, computed here without the evaluation
+  code: the eval preprocessing, one eager batch of 100 at a time."""
+  builder = data_lib.get_builder('digits', data_dir)
+  info = data_lib.describe(builder, 'train', 'test')
+  config = data_lib.InputConfig(split=split, global_batch_size=100, image_size=16,
+                                is_training=False, num_views=1)
+  dataset = data_lib.build_input_fn(builder, info, config, info.num_classes)(
+      tf.distribute.InputContext())
+  correct = count = 0
+  for views, one_hot, _ in dataset:
+    logits = model(views[0], training=False)['supervised_logits'].numpy()
+    correct += int(np.sum(np.argmax(logits, 1) == np.argmax(one_hot.numpy(), 1)))
+    count += len(logits)
+  assert count == info.num_eval_examples
+  return correct / count
+
+
+def test_batch_size_must_divide_over_replicas():
+  with pytest.raises(ValueError, match='not divisible by the 2 replicas'):
+    experiment.check_batch_size(15, 2, 100, 'train')
+  experiment.check_batch_size(16, 2, 100, 'train')
+  with pytest.raises(ValueError, match="larger than split 'train' \\(100 images\\)"):
+    experiment.check_batch_size(128, 2, 100, 'train')
+
+
+# -- Pretraining, resume, divergence ---------------------------------------------------------------
+
+@pytest.mark.slow
+def test_pretraining_writes_checkpoint_summaries_flags_and_probe(tmp_path, tiny, run_main,
+                                                                 data_dir, restored):
+  model_dir = str(tmp_path / 'run')
+  results = run_main(*tiny, f'--model_dir={model_dir}', '--train_steps=3',
+                     '--checkpoint_steps=2', '--DCL_mode=True', '--probe_baselines=False')
+  # Checkpoints at step 2 and at the end, never past train_steps.
+  latest = tf.train.latest_checkpoint(model_dir)
+  assert latest.endswith('ckpt-3')
+  assert os.path.exists(os.path.join(model_dir, 'ckpt-2.index'))
+  shapes = dict(tf.train.list_variables(latest))
+  assert shapes[checkpoints.LOG_U_KEY] == [1437]
+  # Every model variable (projection head included) is in the checkpoint.
+  model = restored(latest)
+  tf.train.Checkpoint(model=model).restore(latest).assert_existing_objects_matched()
+  assert len(model.projection_head.variables) == 9
+  log_u = tf.train.load_variable(latest, checkpoints.LOG_U_KEY)
+  assert np.isfinite(log_u).sum() == 3 * 16  # three steps of 16 distinct images
+  assert tf.train.load_variable(latest, 'optimizer/_iterations/.ATTRIBUTES/VARIABLE_VALUE') == 3
+
+  flags = json.load(open(os.path.join(model_dir, 'flags.json')))
+  assert flags['train_steps'] == 3 and flags['resolved_loss'] == 'sogclr'
+
+  tags = summary_tags(model_dir)
+  for tag in ('learning_rate', 'total_loss', 'contrast_loss', 'supervised_loss',
+              'contrast_acc', 'contrast_entropy', 'weight_decay', 'supervised_acc', 'u_mean'):
+    assert f'train/{tag}' in tags, tag
+  assert 'eval/label_top_1_accuracy' in tags
+
+  assert results['eval/num_examples'] == 360
+  # The linear head's top-1 is that of the checkpoint's head, computed independently.
+  assert results['eval/top_1'] == head_top_1(model, data_dir)
+  # Three steps already give features a probe classifies far above chance (0.1); measured
+  # 0.73.
+  assert 0.45 < results['probe/top_1'] <= 1.0
+  assert json.load(open(os.path.join(model_dir, 'result_3.json')))['global_step'] == 3
+
+
+class SimulatedCrash(Exception):
+  pass
+
+
+@pytest.mark.slow
+def test_resumed_run_continues_step_count_and_u_table(tmp_path, tiny, run_main, monkeypatch):
+  common = [*tiny, '--probe_max_examples=0', '--deterministic', '--DCL_mode=True',
+            '--checkpoint_steps=3', '--train_steps=5']
+  straight = str(tmp_path / 'straight')
+  run_main(*common, f'--model_dir={straight}')
+
+  # The same run, crashed right after its step-3 checkpoint, then restarted.
+  resumed = str(tmp_path / 'resumed')
+  save = tf.train.CheckpointManager.save
+
+  def save_then_crash(manager, *args, **kwargs):
+    path = save(manager, *args, **kwargs)
+    raise SimulatedCrash(path)
+
+  monkeypatch.setattr(tf.train.CheckpointManager, 'save', save_then_crash)
+  with pytest.raises(SimulatedCrash):
+    run_main(*common, f'--model_dir={resumed}')
+  monkeypatch.setattr(tf.train.CheckpointManager, 'save', save)
+  saved_u = tf.train.load_variable(tf.train.latest_checkpoint(resumed), checkpoints.LOG_U_KEY)
+  assert tf.train.latest_checkpoint(resumed).endswith('ckpt-3')
+  run_main(*common, f'--model_dir={resumed}')
+
+  final = tf.train.latest_checkpoint(resumed)
+  assert final.endswith('ckpt-5')
+  final_u = tf.train.load_variable(final, checkpoints.LOG_U_KEY)
+  # The restart kept every u that steps 4 and 5 did not revisit ...
+  assert (np.isfinite(saved_u) & (final_u == saved_u)).sum() >= 3 * 16 - 2 * 16
+  # ... and continued the same run: same data, u and weights as the run never stopped.
+  expected = tf.train.latest_checkpoint(straight)
+  np.testing.assert_allclose(final_u, tf.train.load_variable(expected, checkpoints.LOG_U_KEY),
+                             rtol=1e-5)
+  names = [name for name, _ in tf.train.list_variables(expected)
+           if name not in ('save_counter/.ATTRIBUTES/VARIABLE_VALUE',
+                           '_CHECKPOINTABLE_OBJECT_GRAPH')]
+  assert len(names) > 100
+  for name in names:
+    np.testing.assert_allclose(tf.train.load_variable(final, name),
+                               tf.train.load_variable(expected, name), rtol=1e-4, atol=1e-5,
+                               err_msg=name)
+
+
+@pytest.mark.slow
+def test_divergence_stops_with_the_step_range_and_keeps_the_last_good_checkpoint(
+    tmp_path, tiny, run_main, run_cli, snapshot):
+  model_dir = str(tmp_path / 'run')
+  common = [*tiny, f'--model_dir={model_dir}', '--probe_max_examples=0', '--checkpoint_steps=1',
+            '--optimizer=momentum']
+  run_main(*common, '--train_steps=2')
+  good = snapshot(model_dir)
+  code, err = run_cli(*common, '--train_steps=8', '--learning_rate=1e30')
+  assert code == 1
+  first_bad = int(re.search(r'Non-finite .* between steps (\d+) and \d+', err).group(1))
+  assert first_bad >= 3
+  latest = tf.train.latest_checkpoint(model_dir)
+  assert int(latest.rsplit('-', 1)[1]) < first_bad  # nothing saved from the bad steps on
+  for name, _ in tf.train.list_variables(latest):
+    if name != '_CHECKPOINTABLE_OBJECT_GRAPH':
+      value = tf.train.load_variable(latest, name)
+      if name == checkpoints.LOG_U_KEY:  # -inf marks a never-visited image
+        value = np.where(np.isneginf(value), 0.0, value)
+      assert np.all(np.isfinite(value)), name
+  for path, content in good.items():  # the checkpoints of the good steps are untouched
+    if os.path.basename(path).startswith('ckpt-'):
+      assert open(path, 'rb').read() == content, path
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('precision', ['float32', 'bfloat16'])
+def test_sogclr_trains_finite_at_temperature_001(tmp_path, tiny, run_main, precision):
+  # exp(1/0.01) overflows float32: the log-domain u table and float32 loss math must not.
+  model_dir = str(tmp_path / precision)
+  results = run_main(*tiny, f'--model_dir={model_dir}', '--probe_max_examples=0',
+                     '--DCL_mode=True', '--temperature=0.01', f'--mixed_precision={precision}',
+                     '--train_steps=4')
+  assert np.isfinite(results['eval/top_1'])
+  # run() hands the float32 policy back, whatever the run computed in.
+  assert tf.keras.mixed_precision.global_policy().name == 'float32'
+  latest = tf.train.latest_checkpoint(model_dir)
+  log_u = tf.train.load_variable(latest, checkpoints.LOG_U_KEY)
+  visited = np.isfinite(log_u)
+  assert visited.sum() == 4 * 16  # every visited image has a real u, never -inf or NaN
+  assert not np.any(np.isnan(log_u)) and np.all(log_u[visited] > 20)
+  # Some u exceed what float32 holds: a linear-domain table would have overflowed.
+  assert np.max(log_u[visited]) > np.log(np.finfo(np.float32).max)
+
+
+# -- Fine-tuning -----------------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_linear_eval_freezes_the_trunk_and_zeroes_the_head_and_reads_the_architecture(
+    tmp_path, not_architecture, run_main, pretrained, restored):
+  model_dir = str(tmp_path / 'lineval')
+  # Only non-architecture flags: depth, width and head sizes come from the pretraining run's
+  # flags.json.
+  results = run_main(*not_architecture, f'--model_dir={model_dir}', '--train_mode=finetune',
+                     f'--checkpoint={pretrained}', '--fine_tune_after_block=4',
+                     '--zero_init_logits_layer=True', '--optimizer=momentum',
+                     '--learning_rate=0.1', '--train_steps=3', '--mode=train_then_eval')
+  assert results['global_step'] == 3 and results['eval/num_examples'] == 360
+  flags = json.load(open(os.path.join(model_dir, 'flags.json')))
+  assert flags['train_mode'] == 'finetune' and flags['resolved_loss'] == 'cross_entropy'
+  before = restored(tf.train.latest_checkpoint(pretrained))
+  after = restored(tf.train.latest_checkpoint(model_dir), train_mode='finetune')
+  trunk_before = {v.path.split('/', 1)[1]: v.numpy() for v in before.trunk.variables}
+  trunk_after = {v.path.split('/', 1)[1]: v.numpy() for v in after.trunk.variables}
+  assert trunk_before.keys() == trunk_after.keys() and len(trunk_before) > 50
+  for name, value in trunk_before.items():  # BN moving statistics included
+    np.testing.assert_array_equal(trunk_after[name], value, err_msg=name)
+  # The head trained from zeros (not from the pretraining run's head).
+  assert np.any(after.supervised_head.kernel.numpy() != 0)
+  assert not np.allclose(after.supervised_head.kernel.numpy(),
+                         before.supervised_head.kernel.numpy())
+
+
+@pytest.mark.slow
+def test_zero_init_logits_layer_zeroes_the_restored_head(tmp_path, tiny, run_main, pretrained,
+                                                         restored, monkeypatch):
+  logged = []
+  info = experiment.logging.info
+  monkeypatch.setattr(experiment.logging, 'info',
+                      lambda msg, *args: logged.append(msg % args) or info(msg, *args))
+  model_dir = str(tmp_path / 'zero')
+  # --learning_rate=0 is refused; the warm-up's first learning rate is 0, so the one step
+  # leaves the head as restored.
+  run_main(*tiny, f'--model_dir={model_dir}', '--train_mode=finetune',
+           f'--checkpoint={pretrained}', '--fine_tune_after_block=4',
+           '--zero_init_logits_layer=True', '--optimizer=momentum', '--warmup_epochs=1',
+           '--train_steps=1')
+  head = restored(tf.train.latest_checkpoint(model_dir), train_mode='finetune')
+  assert np.all(head.supervised_head.kernel.numpy() == 0)
+  assert np.all(head.supervised_head.bias.numpy() == 0)
+  # Fine-tuning uses no contrastive loss, so the log names none (it said "loss sogclr").
+  strategy_line = [line for line in logged if 'replica(s)' in line]
+  assert len(strategy_line) == 1 and 'loss n/a (finetune);' in strategy_line[0], strategy_line
+
+
+@pytest.mark.slow
+def test_finetune_from_an_export_starts_from_the_exported_weights(
+    tmp_path, not_architecture, run_main, data_dir, pretrained, restored):
+  export = os.path.join(pretrained, 'saved_model', '3')
+  model_dir = str(tmp_path / 'from_export')
+  # Only non-architecture flags: the architecture comes from the export's flags.json.
+  results = run_main(*not_architecture, f'--model_dir={model_dir}', '--train_mode=finetune',
+                     f'--checkpoint={export}', '--fine_tune_after_block=4', '--train_steps=2')
+  assert results['global_step'] == 2
+  exported = restored(os.path.join(export, 'variables', 'variables'))
+  pretrained_model = restored(tf.train.latest_checkpoint(pretrained))
+  after = restored(tf.train.latest_checkpoint(model_dir), train_mode='finetune')
+  # The fine-tuned head's top-1 is that of its checkpoint, computed independently.
+  assert results['eval/top_1'] == head_top_1(after, data_dir)
+  trunks = [{v.path.split('/', 1)[1]: v.numpy() for v in m.trunk.variables}
+            for m in (exported, pretrained_model, after)]
+  assert trunks[0].keys() == trunks[2].keys() and len(trunks[0]) > 50
+  for name, value in trunks[0].items():
+    np.testing.assert_array_equal(value, trunks[1][name], err_msg=name)
+    np.testing.assert_array_equal(trunks[2][name], value, err_msg=name)
+
+
+# -- Evaluation jobs (--mode=eval) -----------------------------------------------------------------
+
+@pytest.mark.slow
+def test_regularization_loss_is_the_weight_decay_of_the_kernels(pretrained_run, restored):
+  pretrained, results = pretrained_run
+  model = restored(tf.train.latest_checkpoint(pretrained))
+  # 1e-3 * sum(w^2) / 2 over trainable variables except BN scales/offsets and biases.
+  kernels = [v.numpy().astype(np.float64) for v in model.trainable_variables
+             if v.name not in ('gamma', 'beta', 'bias')]
+  assert len(kernels) > 20 and len(kernels) < len(model.trainable_variables)
+  expected = 1e-3 * sum(np.sum(k ** 2) for k in kernels) / 2
+  assert results['eval/regularization_loss'] == pytest.approx(expected, rel=1e-5)
+  saved = json.load(open(os.path.join(pretrained, 'result_3.json')))
+  assert saved['eval/regularization_loss'] == results['eval/regularization_loss']
+  assert 'eval/regularization_loss' in summary_tags(pretrained)
+
+
+@pytest.mark.slow
+def test_eval_mode_evaluates_the_final_checkpoint_and_exits(tmp_path, tiny, run_main,
+                                                            pretrained_run):
+  pretrained, pretrained_results = pretrained_run
+  model_dir = copied_model_dir(pretrained, tmp_path)
+  shutil.rmtree(os.path.join(model_dir, 'saved_model'))
+  # The tiny flags' --optimizer=adam is not the run's (LARS): harmless, only the model is
+  # restored.
+  results = run_main(*tiny, *MONITORS, f'--model_dir={model_dir}', '--mode=eval',
+                     '--train_steps=3', '--eval_timeout_seconds=60')
+  assert results['global_step'] == 3 and results['eval/num_examples'] == 360
+  saved = json.load(open(os.path.join(model_dir, 'result_3.json')))
+  assert saved['eval/top_1'] == pytest.approx(results['eval/top_1'])
+  assert json.load(open(os.path.join(model_dir, 'flags.json')))['mode'] == 'train'
+  # The same checkpoint as the pretraining run's own evaluation, so the same monitors.
+  for key in ('eval/knn_top_1', 'eval/regularization_loss', 'eval/top_1'):
+    assert saved[key] == results[key] == pretrained_results[key], key
+  assert os.listdir(os.path.join(model_dir, 'saved_model')) == ['3']
+
+
+@pytest.mark.slow
+def test_eval_mode_without_a_supervised_head_still_runs_the_knn_monitor(
+    tmp_path, tiny, run_main, pretrained_run):
+  pretrained, pretrained_results = pretrained_run
+  model_dir = copied_model_dir(pretrained, tmp_path)
+  results = run_main(*tiny, *MONITORS, f'--model_dir={model_dir}', '--mode=eval',
+                     '--train_steps=3', '--eval_timeout_seconds=60',
+                     '--lineareval_while_pretraining=False', '--keep_hub_module_max=0')
+  assert 'eval/top_1' not in results
+  assert results['eval/knn_top_1'] == pretrained_results['eval/knn_top_1']
+  assert 0 < results['eval/regularization_loss'] < pretrained_results['eval/regularization_loss']
+  saved = json.load(open(os.path.join(model_dir, 'result_3.json')))
+  assert {key: saved[key] for key in results} == results
+  # The training run's linear-head numbers, not recomputed here, stay.
+  assert saved['eval/top_1'] == pretrained_results['eval/top_1']
+
+
+@pytest.fixture(scope='module')
+def evaluated_copy(tmp_path_factory, run_main, pretrained):
+  """(model_dir, results) of --mode=eval on a copy of the pretraining run, given only the
+  model_dir: no model, data, optimizer, loss, weight-decay or training-length flag."""
+  model_dir = str(tmp_path_factory.mktemp('evaluated') / 'copy')
+  shutil.copytree(pretrained, model_dir)
+  results = run_main(f'--model_dir={model_dir}', '--mode=eval', '--eval_timeout_seconds=60',
+                     '--keep_hub_module_max=0')
+  return model_dir, results
+
+
+@pytest.mark.slow
+def test_eval_mode_needs_only_the_model_dir(pretrained_run, evaluated_copy):
+  # The run's LARS and SogCLR state is not restored (the step is read from the checkpoint);
+  # its --weight_decay=1e-3, data and length come from its flags.json.
+  _, pretrained_results = pretrained_run
+  _, results = evaluated_copy
+  assert results['global_step'] == 3
+  for key in ('eval/num_examples', 'eval/top_1', 'eval/top_5', 'eval/regularization_loss'):
+    assert results[key] == pretrained_results[key], key
+
+
+@pytest.mark.slow
+def test_eval_mode_keeps_the_results_already_written_for_the_step(pretrained_run,
+                                                                  evaluated_copy):
+  _, pretrained_results = pretrained_run
+  model_dir, results = evaluated_copy
+  saved = json.load(open(os.path.join(model_dir, 'result_3.json')))
+  # The probe's, the kNN monitor's and the training time, not recomputed by this job ...
+  for key in ('probe/top_1', 'eval/knn_top_1', 'train_seconds'):
+    assert saved[key] == pretrained_results[key], key
+  # ... beside its own evaluation.
+  assert {key: saved[key] for key in results} == results
+  assert not [name for name in os.listdir(model_dir) if name.startswith('.result')]
+
+
+@pytest.mark.slow
+def test_non_chief_evaluation_writes_no_results_and_removes_its_directory(
+    tmp_path, data_dir, pretrained, one_replica, tiny_model_config):
+  model_dir = copied_model_dir(pretrained, tmp_path)
+  os.remove(os.path.join(model_dir, 'result_3.json'))
+  shutil.rmtree(os.path.join(model_dir, 'saved_model'))
+  config = experiment.Config(
+      model_dir=model_dir, mode='eval',
+      data=data_lib.DataConfig(dataset='digits', data_dir=data_dir, eval_split='test',
+                               image_size=16),
+      model=tiny_model_config(), loop=trainer_lib.LoopConfig(train_steps=3),
+      eval=evaluation.EvalConfig(eval_batch_size=100, eval_timeout_seconds=60))
+  builder = data_lib.get_builder('digits', data_dir)
+  info = data_lib.describe(builder, 'train', 'test')
+  with one_replica.scope():
+    model = model_lib.build_model(config.model, 16)
+  before = sorted(os.listdir(model_dir))
+  write_dir = checkpoints.prepare_write_dir(model_dir, chief=False, task_id=1)
+  assert write_dir == os.path.join(model_dir, '.worker_1_tmp')
+  setup = experiment.Setup(strategy=one_replica, builder=builder, info=info, chief=False,
+                           write_dir=write_dir, steps_per_epoch=89, total_steps=3,
+                           warmup_steps=0, jit_compile=False)
+  results = experiment.evaluate_checkpoints(config, setup, model)
+  assert results['global_step'] == 3 and results['eval/num_examples'] == 360
+  # It evaluated (and exported: saving is collective), but left model_dir as it was.
+  assert sorted(os.listdir(model_dir)) == before
+
+
+# -- A run without flags ---------------------------------------------------------------------------
+
+# A notebook's run: plain configs, experiment.run, then the checkpoint restored into a fresh model.
+NOTEBOOK = r'''
+import json
+import os
+import sys
+
+from absl import flags
+import numpy as np
+import tensorflow as tf
+
+import checkpoints
+import data
+import distribution
+import evaluation
+import experiment
+import model as model_lib
+import trainer
+
+model_dir, data_dir = sys.argv[1:]
+model_config = model_lib.ModelConfig(resnet_depth=18, width_multiplier=0.125, cifar_stem=True,
+                                     num_proj_layers=2, proj_out_dim=16, num_classes=10)
+config = experiment.Config(
+    model_dir=model_dir,
+    data=data.DataConfig(dataset='digits', data_dir=data_dir, eval_split='test', image_size=16,
+                         use_blur=False),
+    model=model_config,
+    optimizer=trainer.OptimizerConfig(name='adam', learning_rate=0.01, warmup_epochs=0),
+    loop=trainer.LoopConfig(train_batch_size=16, train_steps=3, log_every_seconds=0),
+    eval=evaluation.EvalConfig(eval_batch_size=100, knn_monitor=True, knn_k=20,
+                               probe_baselines=False),
+    distribution=distribution.DistributionConfig(mixed_precision='float32'))
+results = experiment.run(config)
+
+latest = tf.train.latest_checkpoint(model_dir)
+fresh = model_lib.build_model(model_config, 16)
+initial = [v.numpy() for v in fresh.variables]
+checkpoints.restore_model(fresh, latest)
+reference = model_lib.build_model(model_config, 16)
+tf.train.Checkpoint(model=reference).restore(latest).expect_partial()
+images = np.random.default_rng(0).uniform(size=(4, 16, 16, 3)).astype(np.float32)
+served = tf.saved_model.load(os.path.join(model_dir, 'saved_model', '3')).signatures[
+    'serving_default'](images=tf.constant(images))
+outputs = fresh(images, training=False)
+print(json.dumps({
+    'results': results,
+    'num_variables': len(fresh.variables),
+    'equal_to_checkpoint': [bool(np.array_equal(a.numpy(), b.numpy()))
+                            for a, b in zip(fresh.variables, reference.variables)],
+    'changed_by_restore': sum(not np.array_equal(a.numpy(), b)
+                              for a, b in zip(fresh.variables, initial)),
+    'export_difference': max(float(np.max(np.abs(served[k].numpy() - outputs[k].numpy())))
+                             for k in served),
+    'run_imported': 'run' in sys.modules,
+    'flags_parsed': flags.FLAGS.is_parsed(),
+}))
+'''
+
+
+@pytest.mark.slow
+def test_a_run_configured_without_flags_trains_evaluates_and_restores(repo, tmp_path, data_dir):
+  model_dir = str(tmp_path / 'notebook')
+  process = subprocess.run([sys.executable, '-c', NOTEBOOK, model_dir, data_dir], cwd=repo,
+                           capture_output=True, text=True, timeout=600,
+                           env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2'))
+  assert process.returncode == 0, process.stderr[-3000:]
+  report = json.loads(process.stdout.strip().splitlines()[-1])
+  assert not report['run_imported'] and not report['flags_parsed']
+  assert tf.train.latest_checkpoint(model_dir).endswith('ckpt-3')
+  assert os.path.isdir(os.path.join(model_dir, 'saved_model', '3'))
+  results = report['results']
+  assert results == json.load(open(os.path.join(model_dir, 'result_3.json')))
+  assert results['global_step'] == 3 and results['eval/num_examples'] == 360
+  assert results['train_seconds'] > 0 and results['eval/regularization_loss'] > 0
+  assert 0 <= results['eval/top_5'] - results['eval/top_1'] <= 1
+  # Far above chance (0.1) after 3 steps; measured: kNN 0.60, probe 0.73.
+  assert results['eval/knn_top_1'] > 0.35 and results['probe/top_1'] > 0.45
+  # The restored model holds the checkpoint's values (every variable) and is the model the
+  # run trained and exported.
+  assert report['num_variables'] > 100 and all(report['equal_to_checkpoint'])
+  assert report['changed_by_restore'] > report['num_variables'] // 2
+  assert report['export_difference'] < 1e-5
+  # The run's flags.json records no flag: the config came from no command line.
+  assert json.load(open(os.path.join(model_dir, 'flags.json'))) == {'resolved_loss': 'sogclr'}
