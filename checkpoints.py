@@ -105,20 +105,31 @@ def _unreadable_reason(error):
   return f'{type(error).__name__}: {message[:160]}'
 
 
+def _unreadable(path):
+  """Why checkpoint `path` cannot be read (a missing or truncated file, a checksum mismatch:
+  every tensor is read once), or None when it can."""
+  try:
+    reader = tf.train.load_checkpoint(path)
+    for key in reader.get_variable_to_shape_map():
+      reader.get_tensor(key)
+  except (tf.errors.OpError, IndexError, OSError, ValueError) as e:
+    return _unreadable_reason(e)
+  return None
+
+
 def _resume(state, model_dir, *, start_over, chief):
   """Restores `state` from the newest readable checkpoint of model_dir; returns its path, or
   None when model_dir holds no checkpoint (or start_over moved them aside)."""
   skipped = []
   for path in list_checkpoints(model_dir):
-    try:
-      status = state.restore(path)
-    except (tf.errors.OpError, IndexError, OSError, ValueError) as e:
-      # A missing or truncated file, a checksum mismatch: try the next older checkpoint.
-      skipped.append((os.path.basename(path), _unreadable_reason(e)))
+    reason = _unreadable(path)
+    if reason:
+      skipped.append((os.path.basename(path), reason))
       continue
     try:
-      status.assert_existing_objects_matched()
-    except (ValueError, AssertionError) as e:
+      state.restore(path).assert_existing_objects_matched()
+    except (ValueError, AssertionError, tf.errors.OpError) as e:
+      # The files are sound (read above): a restore that fails is another configuration.
       raise ValueError(
           f'--model_dir={model_dir!r} holds a checkpoint of another configuration '
           f'({str(e).splitlines()[0][:300]}); resume with the flags in its flags.json or use '

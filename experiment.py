@@ -277,7 +277,7 @@ def check_same_run(config, total_steps):
   if defining:
     listed = ', '.join(f'--{"loss" if k == "resolved_loss" else k}={new!r} (was {old!r})'
                        for k, (old, new) in defining.items())
-    names = ','.join(k for k in defining if k != 'resolved_loss') or 'loss'
+    names = ','.join('loss' if k == 'resolved_loss' else k for k in defining)
     raise ValueError(f'--model_dir={config.model_dir!r} holds a run with other flags ({listed}; '
                      f'recorded in {flags_file}); resume with its flags, use another '
                      f'--model_dir, or pass --allow_flag_changes={names}')

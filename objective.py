@@ -102,6 +102,20 @@ def _log_add_exp(x, y):
   return larger + tf.math.log(tf.exp(x - larger) + tf.exp(y - larger))
 
 
+def log_u_aggregation(strategy):
+  """How the replicas' scatter_update of the u table reaches every copy, under `strategy`.
+
+  Every replica scatters the same all-gathered ids and values. Under TPUStrategy, TensorFlow's
+  TPU on-write policy accepts a scatter inside the replicated step only with NONE aggregation:
+  each core applies it to its own copy, so the copies stay identical. Elsewhere the mirrored
+  on-write policy needs an aggregation to update from a replica: ONLY_FIRST_REPLICA broadcasts
+  replica 0's (equal) update. The checkpoint is the same either way.
+  """
+  if isinstance(strategy, tf.distribute.TPUStrategy):
+    return tf.VariableAggregation.NONE
+  return tf.VariableAggregation.ONLY_FIRST_REPLICA
+
+
 class SogCLRLoss(tf.Module):
   """SogCLR's global contrastive loss and its moving-average denominators `u`, one per image.
 
@@ -121,12 +135,10 @@ class SogCLRLoss(tf.Module):
     self.temperature = float(temperature)
     self.gamma = float(gamma)
     self.hidden_norm = hidden_norm
-    # ONLY_FIRST_REPLICA: every replica computes the same gathered update, so replica 0's is
-    # broadcast and all copies stay identical.
     self.log_u = tf.Variable(
         tf.fill([self.num_examples], -math.inf), trainable=False, name='log_u',
         synchronization=tf.VariableSynchronization.ON_WRITE,
-        aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
+        aggregation=log_u_aggregation(tf.distribute.get_strategy()))
 
   def _moving_average(self, log_u_stored, sims, positive_mask, self_mask):
     """log of u_i(view) = (1-gamma) u_i(stored) + gamma g_i; gamma = 1 on a first visit."""

@@ -282,3 +282,26 @@ def test_global_nt_xent_extremes_and_low_temperature():
   value = objective.global_nt_xent(za, zb, 0.01, chunk_size=5).numpy()
   assert np.isfinite(value)
   np.testing.assert_allclose(value, np_global_nt_xent(za, zb, 0.01), rtol=1e-4, atol=1e-5)
+
+
+def test_log_u_updates_in_the_replicated_step_under_tensorflows_tpu_policy(monkeypatch,
+                                                                            two_replicas):
+  # TPUStrategy maps ON_WRITE variables to TPUOnWritePolicy; inside the replicated step (a TPU
+  # context) its scatter_update accepts only NONE aggregation. No TPU here: the policy class is
+  # TensorFlow's own, the TPU context is the one fact supplied.
+  from tensorflow.python.distribute import tpu_util  # noqa: PLC0415
+  from tensorflow.python.distribute import tpu_values  # noqa: PLC0415
+  tpu = tf.distribute.TPUStrategy.__new__(tf.distribute.TPUStrategy)
+  assert objective.log_u_aggregation(tpu) == tf.VariableAggregation.NONE
+  assert (objective.log_u_aggregation(two_replicas) ==
+          tf.VariableAggregation.ONLY_FIRST_REPLICA)
+  monkeypatch.setattr(tpu_util, 'enclosing_tpu_context', lambda: object())
+  table = tf.Variable(tf.fill([6], -np.inf))
+  update = tf.IndexedSlices(tf.constant([0.5, 2.0]), tf.constant([1, 4]))
+  tpu_values.TPUOnWritePolicy(aggregation=objective.log_u_aggregation(tpu)).scatter_update(
+      table, update)
+  np.testing.assert_array_equal(table.numpy(), [-np.inf, 0.5, -np.inf, -np.inf, 2.0, -np.inf])
+  # The aggregation used before on every strategy is what TPUs refused.
+  with pytest.raises(NotImplementedError, match='scatter_update is only supported'):
+    tpu_values.TPUOnWritePolicy(
+        aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA).scatter_update(table, update)

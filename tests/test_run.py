@@ -10,6 +10,7 @@ import json
 import os
 import random
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -281,14 +282,6 @@ INVALID_VALUES = [
     (['--DCL_mode=False', '--GCL_mode=True'], 'Conflicting loss flags'),
 ]
 
-# A library bug (reported, not fixed here): checkpoints._resume counts a ValueError or
-# InvalidArgumentError of state.restore() (a slot of another shape or dtype: another optimizer,
-# float16's LossScaleOptimizer) as an unreadable checkpoint, and the error advises --start_over,
-# which would move the good checkpoint aside and train from step 0.
-ANOTHER_CONFIGURATION_IS_UNREADABLE = (
-    "checkpoints._resume reports another configuration's checkpoint as unreadable "
-    '("none can be read ... pass --start_over")')
-
 BAD_INPUT = [
     (['--dataset=no_such_dataset'], "--dataset='no_such_dataset' is neither a TFDS dataset"),
     (['--dataset=mnist', '--data_dir=/nonexistent/tfds'], 'is not prepared under'),
@@ -301,12 +294,10 @@ BAD_INPUT = [
      "holds a run with other flags (--optimizer='lars' (was 'adam')"),
     # ... and a checkpoint the allowed (or a non-defining) change cannot restore is one of
     # another configuration: not unreadable, and no reason to --start_over.
-    pytest.param(['--model_dir=TRAINED', '--optimizer=lars', '--allow_flag_changes=optimizer'],
-                 'holds a checkpoint of another configuration', marks=pytest.mark.xfail(
-                     strict=True, reason=ANOTHER_CONFIGURATION_IS_UNREADABLE)),
-    pytest.param(['--model_dir=TRAINED', '--mixed_precision=float16'],
-                 'holds a checkpoint of another configuration', marks=pytest.mark.xfail(
-                     strict=True, reason=ANOTHER_CONFIGURATION_IS_UNREADABLE)),
+    (['--model_dir=TRAINED', '--optimizer=lars', '--allow_flag_changes=optimizer'],
+     'holds a checkpoint of another configuration'),
+    (['--model_dir=TRAINED', '--mixed_precision=float16'],
+     'holds a checkpoint of another configuration'),
 ]
 
 
@@ -434,3 +425,206 @@ def test_sigkilled_deterministic_run_ends_equal_to_an_uninterrupted_one(repo, tm
     np.testing.assert_allclose(tf.train.load_variable(final, name),
                                tf.train.load_variable(expected, name), rtol=1e-5, atol=1e-6,
                                err_msg=name)
+
+
+# -- Reliability through the command line (each a real `python run.py`, as a user meets it) ----
+
+
+@pytest.fixture(scope='module')
+def ten_and_twenty(tmp_path_factory, tiny, run_main):
+  """A pretraining model_dir holding ckpt-10 and ckpt-20 (and flags.json, results)."""
+  model_dir = str(tmp_path_factory.mktemp('ten_and_twenty'))
+  run_main(*tiny, f'--model_dir={model_dir}', '--train_steps=20', '--checkpoint_steps=10',
+           '--probe_max_examples=0', '--keep_hub_module_max=0', '--deterministic')
+  return model_dir
+
+
+def _copy(source, tmp_path):
+  target = str(tmp_path / 'run')
+  shutil.copytree(source, target)
+  return target
+
+
+def _flip_a_byte(path):
+  content = bytearray(open(path, 'rb').read())
+  content[len(content) // 2] ^= 0xFF
+  open(path, 'wb').write(bytes(content))
+
+
+DAMAGES = {
+    'index_deleted': (lambda d: os.remove(f'{d}/ckpt-20.index'), 'ckpt-10'),
+    'all_files_of_the_newest_deleted': (
+        lambda d: [os.remove(p) for p in glob.glob(f'{d}/ckpt-20.*')], 'ckpt-10'),
+    'data_truncated': (lambda d: os.truncate(f'{d}/ckpt-20.data-00000-of-00001', 1000),
+                       'ckpt-10'),
+    'data_bit_flipped': (lambda d: _flip_a_byte(f'{d}/ckpt-20.data-00000-of-00001'), 'ckpt-10'),
+    'index_truncated': (lambda d: os.truncate(f'{d}/ckpt-20.index', 50), 'ckpt-10'),
+    'state_file_deleted': (lambda d: os.remove(f'{d}/checkpoint'), 'ckpt-20'),
+    'state_file_garbage': (lambda d: open(f'{d}/checkpoint', 'w').write('garbage'), 'ckpt-20'),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('damage', sorted(DAMAGES))
+def test_a_damaged_newest_checkpoint_resumes_from_the_newest_readable_one(
+    damage, ten_and_twenty, tiny, tmp_path, run_command):
+  model_dir = _copy(ten_and_twenty, tmp_path)
+  harm, expected = DAMAGES[damage]
+  harm(model_dir)
+  ten = open(f'{model_dir}/ckpt-10.data-00000-of-00001', 'rb').read()
+  result = run_command(*tiny, f'--model_dir={model_dir}', '--train_steps=30',
+                       '--checkpoint_steps=10', '--probe_max_examples=0',
+                       '--keep_hub_module_max=0', '--deterministic')
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert re.search(rf'Resumed from \S+/{expected} at step {expected[5:]}', result.stderr)
+  assert 'from step 0 ' not in result.stderr
+  assert tf.train.latest_checkpoint(model_dir).endswith('ckpt-30')
+  # The older good checkpoint was never rewritten.
+  assert open(f'{model_dir}/ckpt-10.data-00000-of-00001', 'rb').read() == ten
+
+
+@pytest.mark.slow
+def test_unreadable_checkpoints_are_an_error_unless_start_over_moves_them_aside(
+    ten_and_twenty, tiny, tmp_path, run_command, snapshot):
+  model_dir = _copy(ten_and_twenty, tmp_path)
+  for step in (10, 20):
+    os.truncate(f'{model_dir}/ckpt-{step}.data-00000-of-00001', 100)
+  before = snapshot(model_dir)
+  args = (*tiny, f'--model_dir={model_dir}', '--train_steps=30', '--probe_max_examples=0',
+          '--keep_hub_module_max=0')
+  result = run_command(*args)
+  assert result.returncode == 1
+  assert re.search(r'^error: --model_dir=.* holds checkpoints but none can be read: ckpt-20 '
+                   r'\(.*\); ckpt-10 \(.*\); .* --start_over', result.stderr, re.M)
+  assert snapshot(model_dir) == before
+  result = run_command(*args, '--start_over')
+  assert result.returncode == 0, result.stderr[-3000:]
+  aside, = glob.glob(f'{model_dir}/discarded-*')
+  assert sorted(os.listdir(aside))[:2] == ['checkpoint', 'ckpt-10.data-00000-of-00001']
+  assert tf.train.latest_checkpoint(model_dir).endswith('ckpt-30')
+
+
+@pytest.mark.slow
+def test_a_second_run_on_a_live_model_dir_exits_at_once_naming_the_holder(
+    ten_and_twenty, tiny, tmp_path, run_command, snapshot):
+  model_dir = _copy(ten_and_twenty, tmp_path)
+  # A live holder: this test's own process, on this host.
+  holder = checkpoints.RunLock(model_dir).acquire()
+  try:
+    before = snapshot(model_dir)
+    result = run_command(*tiny, f'--model_dir={model_dir}', '--train_steps=30', '--seed=3')
+    assert result.returncode == 1
+    assert re.search(rf'^error: --model_dir=.* is in use by another run \(host \S+, pid '
+                     rf'{os.getpid()}, since .*\)', result.stderr, re.M)
+    assert snapshot(model_dir) == before
+  finally:
+    holder.release()
+
+
+@pytest.mark.slow
+def test_resuming_with_run_defining_flags_changed_is_an_error_unless_allowed(
+    ten_and_twenty, tiny, tmp_path, run_command, snapshot):
+  model_dir = _copy(ten_and_twenty, tmp_path)
+  before = snapshot(model_dir)
+  common = (*tiny, f'--model_dir={model_dir}', '--probe_max_examples=0',
+            '--keep_hub_module_max=0')
+  for extra, message in [
+      (['--train_steps=30', '--seed=3', '--temperature=0.2'],
+       r"--temperature=0.2 \(was 0.1\), --seed=3 \(was 0\); recorded in .*flags\.json.*"
+       r'--allow_flag_changes=temperature,seed'),
+      (['--train_steps=30', '--loss=simclr'], r"--loss='simclr' \(was 'sogclr'\)"),
+      (['--train_steps=10'], r'give 10 steps, fewer than the 20 this run'),
+  ]:
+    result = run_command(*common, *extra)
+    assert result.returncode == 1, extra
+    assert re.search(rf'^error: .*{message}', result.stderr, re.M), result.stderr[-2000:]
+    assert snapshot(model_dir) == before
+  result = run_command(*common, '--train_steps=30', '--seed=3', '--allow_flag_changes=seed')
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert "Resuming with --seed=3 (was 0" in result.stderr
+  starts = [json.loads(line) for line in open(f'{model_dir}/flags_history.jsonl')]
+  assert [(s['from_step'], s['flags']['seed']) for s in starts] == [(0, 0), (20, 3)]
+
+
+@pytest.mark.slow
+def test_ctrl_c_saves_a_checkpoint_and_exits_130(tiny, tmp_path, repo):
+  model_dir = str(tmp_path / 'run')
+  process = subprocess.Popen(
+      [sys.executable, os.path.join(repo, 'run.py'), *tiny, f'--model_dir={model_dir}',
+       '--train_steps=100000', '--checkpoint_steps=100000', '--probe_max_examples=0'],
+      stderr=subprocess.PIPE, text=True, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2'))
+  deadline = time.time() + 180
+  while time.time() < deadline and not re.search(r'\] step \d+/', process.stderr.readline()):
+    pass
+  process.send_signal(signal.SIGINT)
+  _, stderr = process.communicate(timeout=120)
+  assert process.returncode == 130, stderr[-3000:]
+  assert re.search(r'^preempted: Stopped at step \d+/100000 on request; checkpoint saved',
+                   stderr, re.M)
+  assert 'KeyboardInterrupt' not in stderr
+  assert tf.train.latest_checkpoint(model_dir) is not None
+
+
+@pytest.mark.slow
+def test_data_errors_inside_the_pipeline_name_the_record_and_value(tiny, tmp_path, run_command):
+  result = run_command(*tiny, f'--model_dir={tmp_path / "run"}', '--train_steps=3',
+                       '--num_classes=5')
+  assert result.returncode == 1
+  line, = [x for x in result.stderr.splitlines() if x.startswith('error:')]
+  assert re.fullmatch(r'error: Dataset digits split train: label outside \[0, 5\) \(set '
+                      r'--num_classes\) in record digits-train\.tfrecord-00000-of-00001__\d+: '
+                      r'label [5-9]', line), line
+
+
+@pytest.mark.slow
+def test_divergence_keeps_no_checkpoint_it_cannot_continue_from(tiny, tmp_path, run_command):
+  model_dir = str(tmp_path / 'run')
+  args = [f for f in tiny if not f.startswith('--optimizer')]
+  result = run_command(*args, '--optimizer=momentum', '--learning_rate=1e30',
+                       f'--model_dir={model_dir}', '--train_steps=20', '--checkpoint_steps=1')
+  assert result.returncode == 1
+  assert re.search(r'^error: Non-finite .* between steps', result.stderr, re.M)
+  for path in glob.glob(f'{model_dir}/ckpt-*.index'):  # whatever was kept can continue
+    for name, _ in tf.train.list_variables(path[:-6]):
+      value = tf.train.load_variable(path[:-6], name)
+      if name.startswith('model/') and getattr(value, 'dtype', None) == np.float32:
+        assert np.all(np.abs(value) < 1e19), name
+
+
+@pytest.mark.slow
+def test_eval_of_a_missing_model_dir_is_an_error_and_creates_nothing(tiny, tmp_path,
+                                                                     run_command):
+  missing = str(tmp_path / 'mistyped')
+  result = run_command(*tiny, '--mode=eval', f'--model_dir={missing}')
+  assert result.returncode == 1
+  assert re.search(r"^error: --model_dir='.*mistyped' does not exist", result.stderr, re.M)
+  assert not os.path.exists(missing)
+
+
+@pytest.mark.parametrize('flag, message', [
+    ('--learning_rate=-1', '--learning_rate must be > 0, got -1.0'),
+    ('--eval_steps=-1', '--eval_steps must be >= 0, got -1'),
+    ('--train_epochs=0', '--train_epochs=0 trains nothing'),
+    ('--checkpoint_epochs=-1', '--checkpoint_epochs must be >= 1, got -1'),
+    ('--checkpoint_steps=-5', '--checkpoint_steps must be >= 0, got -5'),
+    ('--warmup_epochs=-3', '--warmup_epochs must be >= 0, got -3.0'),
+    ('--train_steps=-5', '--train_steps must be >= 0, got -5'),
+    ('--momentum=1', '--momentum must be < 1, got 1.0'),
+    ('--fine_tune_after_block=5', '--fine_tune_after_block must be in [-1, 4], got 5'),
+])
+def test_numbers_that_cannot_be_right_are_one_line_errors(flag, message, run_cli, tiny,
+                                                          tmp_path):
+  code, err = run_cli(*tiny, f'--model_dir={tmp_path / "run"}', flag)
+  assert code == 1
+  assert err.strip().splitlines()[-1] == f'error: {message}'
+  assert not os.path.exists(tmp_path / 'run')
+
+
+def test_a_file_as_data_dir_is_a_one_line_error(run_cli, tiny, tmp_path):
+  data_file = tmp_path / 'not_a_dir'
+  data_file.write_text('')
+  args = [f for f in tiny if not f.startswith('--data_dir')]
+  code, err = run_cli(*args, f'--data_dir={data_file}', f'--model_dir={tmp_path / "run"}')
+  assert code == 1
+  assert err.strip().splitlines()[-1] == (f"error: --data_dir='{data_file}' is a file, not a "
+                                          'directory of prepared datasets')

@@ -434,3 +434,40 @@ def test_notebook_trains_evaluates_and_restores_without_run_py_or_flags(repo, da
   assert result['differed_before_restore'] and result['equal_after_restore']
   assert isinstance(result['top_1'], float) and 0 <= result['top_1'] <= 1
   assert result['num_examples'] == 360
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('loss', ['simclr', 'sogclr'])
+def test_xla_compiled_train_step_equals_the_plain_step(loss, one_replica, tiny_model_config):
+  # jit_compile=True, as TPUs require: the same losses, weights and u table. (One replica: XLA
+  # on this CPU's two logical devices cannot reach a variable of the other device.)
+  tf.keras.utils.set_random_seed(1)
+  rng = np.random.default_rng(3)
+  views = tuple(rng.uniform(size=(16, 16, 16, 3)).astype(np.float32) for _ in range(2))
+  labels = np.eye(10, dtype=np.float32)[rng.integers(0, 10, 16)]
+  ids = rng.permutation(20)[:16].astype(np.int32)
+  initial_weights, final = None, {}
+  for jit in (False, True):
+    with one_replica.scope():
+      model = model_lib.build_model(tiny_model_config(), 16)
+      if initial_weights is None:
+        initial_weights = model.get_weights()
+      model.set_weights(initial_weights)
+      optimizer = lars_optimizer.build_optimizer('lars', 0.01, weight_decay=1e-4)
+      optimizer.build(model.trainable_variables)
+      sogclr = objective.SogCLRLoss(20, 0.1, 0.9) if loss == 'sogclr' else None
+    trainer = trainer_lib.Trainer(one_replica, model, optimizer, loss=loss, temperature=0.1,
+                                  hidden_norm=True, weight_decay=1e-4, optimizer_name='lars',
+                                  sogclr=sogclr, jit_compile=jit)
+    dataset = tf.data.Dataset.from_tensor_slices((views, labels, ids)).batch(8)
+    metrics = trainer.train_loop(iter(one_replica.experimental_distribute_dataset(dataset)), 2)
+    final[jit] = ({k: float(v) for k, v in metrics.items()},
+                  [v.numpy() for v in model.variables],
+                  sogclr.log_u.numpy() if sogclr else None)
+  for key, value in final[False][0].items():
+    np.testing.assert_allclose(final[True][0][key], value, rtol=1e-4, atol=1e-5, err_msg=key)
+  for a, b in zip(final[True][1], final[False][1]):
+    np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4)
+  if loss == 'sogclr':
+    np.testing.assert_allclose(final[True][2], final[False][2], rtol=1e-4)
+    assert np.isfinite(final[True][2]).sum() == 16
