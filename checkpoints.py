@@ -349,11 +349,27 @@ def restore_model(model, path, required=None, replaceable=()):
   return sorted(left_out)
 
 
-def iterate_checkpoints(model_dir, timeout_seconds):
-  """Yields the checkpoints of `model_dir` as they appear (the newest first); stops after
-  `timeout_seconds` without a new one."""
-  yield from tf.train.checkpoints_iterator(model_dir, min_interval_secs=1,
-                                           timeout=timeout_seconds)
+def iterate_checkpoints(model_dir, timeout_seconds, poll_seconds=1.0):
+  """Yields every checkpoint of `model_dir` once, in step order, including those written while
+  it iterates; stops after `timeout_seconds` without a new one. A checkpoint deleted (the
+  training run keeps only its newest) before its turn is skipped with a warning."""
+  seen = set()
+  last_new = time.time()
+  while True:
+    fresh = sorted((p for p in list_checkpoints(model_dir) if _step_of(p) not in seen),
+                   key=_step_of)
+    for path in fresh:
+      seen.add(_step_of(path))
+      if tf.io.gfile.exists(path + '.index'):
+        yield path
+      else:
+        logging.warning('%s was deleted before it could be evaluated; skipped.', path)
+    if fresh:
+      last_new = time.time()
+    elif time.time() - last_new > timeout_seconds:
+      return
+    else:
+      time.sleep(poll_seconds)
 
 
 def state_fingerprint(model, sogclr=None):

@@ -324,9 +324,9 @@ def train_input_config(config, initial_step):
 
 
 def evaluate_checkpoints(config, setup, model):
-  """--mode=eval: evaluates (and exports) every new checkpoint in model_dir as it appears (the
-  latest first); returns after the one of the final step (or after eval_timeout_seconds
-  without a new one).
+  """--mode=eval: evaluates (and exports) every checkpoint in model_dir once, in step order,
+  including those that appear meanwhile; returns after the one of the final step (or after
+  eval_timeout_seconds without a new one).
 
   Only the model is restored (restore_model) and the step is read from the checkpoint
   (checkpoint_step), so the training run's optimizer and loss flags are not needed. Only the

@@ -358,3 +358,13 @@ def test_unreadable_flags_json_is_an_error_naming_the_file(tmp_path):
   open(os.path.join(tmp_path, 'flags.json'), 'w').close()
   with pytest.raises(ValueError, match=r'flags\.json is not valid json \(Expecting value'):
     checkpoints.read_flags(str(tmp_path))
+
+
+def test_iterate_checkpoints_yields_each_once_in_step_order_including_new_ones(tmp_path):
+  model_dir = _saved_run(str(tmp_path), steps=(20, 10))
+  iterator = checkpoints.iterate_checkpoints(model_dir, timeout_seconds=2, poll_seconds=0.05)
+  assert [os.path.basename(next(iterator)) for _ in range(2)] == ['ckpt-10', 'ckpt-20']
+  _saved_run(model_dir, steps=(30,))  # written while an evaluation runs
+  started = time.time()
+  assert [os.path.basename(p) for p in iterator] == ['ckpt-30']
+  assert time.time() - started >= 2  # then it waited for more until the timeout
