@@ -604,7 +604,8 @@ def test_eval_of_a_missing_model_dir_is_an_error_and_creates_nothing(tiny, tmp_p
 @pytest.mark.parametrize('flag, message', [
     ('--learning_rate=-1', '--learning_rate must be > 0, got -1.0'),
     ('--eval_steps=-1', '--eval_steps must be >= 0, got -1'),
-    ('--train_epochs=0', '--train_epochs=0 trains nothing'),
+    ('--train_epochs=0',
+     '--train_epochs=0 trains nothing; give --train_epochs or --train_steps > 0'),
     ('--checkpoint_epochs=-1', '--checkpoint_epochs must be >= 1, got -1'),
     ('--checkpoint_steps=-5', '--checkpoint_steps must be >= 0, got -5'),
     ('--warmup_epochs=-3', '--warmup_epochs must be >= 0, got -3.0'),
