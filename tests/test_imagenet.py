@@ -130,6 +130,7 @@ def test_imagenet_s_from_class_folders_with_another_class_list(tmp_path):
   assert data.get_builder('imagenet_s', data_dir).info.splits['train'].num_examples == 6
 
 
+@pytest.mark.slow
 def test_an_image_folder_becomes_an_id_tagged_dataset_to_train_on(tmp_path, run_main):
   root = tmp_path / 'shapes'
   for label in ('circle', 'square', 'triangle'):
@@ -158,6 +159,7 @@ def miniature_imagenet2012(data_dir, version, features, example):
                          version=version, num_shards=3)
 
 
+@pytest.mark.slow
 def test_seed_command_trains_on_the_official_sogclr_layout(tmp_path, run_main):
   data_dir = str(tmp_path / 'tfds')
   # The official SogCLR imagenet.py: imagenet2012 5.2.0 with image/encoded, image/class/label
@@ -181,6 +183,7 @@ def test_seed_command_trains_on_the_official_sogclr_layout(tmp_path, run_main):
   assert log_u.shape == (24,) and np.isfinite(log_u).sum() == 16  # two steps of 8 images
 
 
+@pytest.mark.slow
 def test_seed_command_trains_unchanged_on_imagenet_s_built_here(tmp_path, ilsvrc_tars, run_main):
   data_dir = str(tmp_path / 'tfds')
   # Our layout under the official name: the seed's command line runs as written.
