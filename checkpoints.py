@@ -102,7 +102,9 @@ def list_checkpoints(model_dir):
 def _unreadable_reason(error):
   message = getattr(error, 'message', None) or str(error) or repr(error)
   message = re.sub(r'\{\{function_node [^}]*\}\}\s*', '', message.strip().splitlines()[0])
-  return f'{type(error).__name__}: {message[:160]}'
+  if len(message) > 320:  # long paths: keep the start and the cause at the end
+    message = f'{message[:120]} ... {message[-180:]}'
+  return f'{type(error).__name__}: {message}'
 
 
 def _unreadable(path):

@@ -629,3 +629,30 @@ def test_a_file_as_data_dir_is_a_one_line_error(run_cli, tiny, tmp_path):
   assert code == 1
   assert err.strip().splitlines()[-1] == (f"error: --data_dir='{data_file}' is a file, not a "
                                           'directory of prepared datasets')
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+  """A 3 MB tmpfs (a disk that fills at the tiny run's second checkpoint); needs mount rights."""
+  mount_point = tmp_path / 'small'
+  mount_point.mkdir()
+  mounted = subprocess.run(['mount', '-t', 'tmpfs', '-o', 'size=3M', 'tmpfs', str(mount_point)],
+                           capture_output=True, text=True)
+  if mounted.returncode:
+    pytest.skip(f'cannot mount a tmpfs here: {mounted.stderr.strip()}')
+  yield str(mount_point)
+  subprocess.run(['umount', str(mount_point)], check=True)
+
+
+@pytest.mark.slow
+def test_a_full_disk_is_a_one_line_error_keeping_the_last_complete_checkpoint(
+    small_disk, tiny, run_command):
+  model_dir = os.path.join(small_disk, 'run')
+  result = run_command(*tiny, f'--model_dir={model_dir}', '--train_steps=40',
+                       '--checkpoint_steps=5', '--keep_hub_module_max=0')
+  assert result.returncode == 1
+  assert re.search(r'^error: could not save checkpoint ckpt-\d+ in .* No space left on device.*'
+                   r'the last complete checkpoint \(.*ckpt-\d+\) is kept', result.stderr, re.M), \
+      result.stderr[-600:]
+  assert not glob.glob(os.path.join(model_dir, '*_temp'))
+  assert tf.train.latest_checkpoint(model_dir) is not None
