@@ -356,11 +356,13 @@ def _decode_naming_failures(dataset, dataset_name, split, deterministic):
       num_parallel_calls=tf.data.AUTOTUNE, deterministic=deterministic)
 
 
-def _select_fn(builder, info, split, num_classes):
+def _select_fn(builder, info, split, num_classes, check_labels=True):
   """Returns the map function from a TFDS record to its checked `{image, label, id, record}`.
 
-  The image stays encoded; the id and the label are checked against the split's size and
-  `num_classes`, a bad one stopping the pipeline with an error naming the record.
+  The image stays encoded; the id and (when `check_labels`: something trains or scores on
+  them) the label are checked against the split's size and `num_classes`, a bad one stopping
+  the pipeline with an error naming the record. An unchecked label outside [0, num_classes),
+  such as STL-10's -1 of its unlabelled split, one-hots to zeros.
   """
   split_size = builder.info.splits[split].num_examples
   # No quotes: TF escapes them in assertion messages.
@@ -385,11 +387,12 @@ def _select_fn(builder, info, split, num_classes):
         [f'{where} id outside [0, {split_size}) in record', record, 'id', ids])]
     if info.label_key:
       labels = tf.cast(example[info.label_key], tf.int64)
+    if info.label_key and check_labels:
       checks.append(tf.debugging.Assert(
           tf.logical_and(labels >= 0, labels < num_classes),
           [f'{where} label outside [0, {num_classes}) (set --num_classes) in record', record,
            'label', labels]))
-    else:
+    elif not info.label_key:
       labels = tf.constant(-1, tf.int64)
     with tf.control_dependencies(checks):
       return {'image': example[info.image_key], 'label': tf.identity(labels),
@@ -410,7 +413,8 @@ class _RecordStages:
     self.config = config
     self.num_classes = num_classes
     self.encoded = isinstance(builder.info.features[info.image_key], tfds.features.Image)
-    self.select = _select_fn(builder, info, config.split, num_classes)
+    self.select = _select_fn(builder, info, config.split, num_classes,
+                             check_labels=config.labels_required)
 
   def read(self, split, deterministic):
     """Returns the checked records of (sub-)split `split`, images still encoded, cached if asked."""

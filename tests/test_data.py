@@ -280,3 +280,19 @@ def test_training_batches_are_static_per_replica_halves_of_the_global_batch(two_
   # The two replicas hold different images: one global batch of 32 distinct ids.
   assert len(set(np.concatenate(
       [t.numpy() for t in two_replicas.experimental_local_results(ids)]))) == 32
+
+
+def test_labels_are_checked_only_when_something_needs_them(tmp_path):
+  # STL-10's unlabelled split marks every label -1: pretraining without a linear head reads it.
+  builder = write_dataset(str(tmp_path), 'minus_one_labels',
+                          {'image': tfds.features.Image(shape=(4, 4, 3), encoding_format='png'),
+                           'label': tfds.features.Scalar(dtype=np.int64)},
+                          [{'image': _png(i), 'label': -1} for i in range(12)])
+  info = data.describe(builder, 'train', 'test', num_classes=3)
+  line = first_error_line(builder, info, is_training=True, use_blur=False)
+  assert 'label outside [0, 3) (set --num_classes)' in line and '[label] [-1]' in line
+  config = data.InputConfig(split='train', global_batch_size=4, image_size=4, is_training=True,
+                            use_blur=False, labels_required=False)
+  views, labels, ids = next(iter(data.build_input_fn(builder, info, config, 3)(
+      tf.distribute.InputContext())))
+  assert labels.shape == (4, 3) and not labels.numpy().any() and len(set(ids.numpy())) == 4
