@@ -507,3 +507,33 @@ def test_a_run_configured_without_flags_trains_evaluates_and_restores(repo, tmp_
   assert report['export_difference'] < 1e-5
   # The run's flags.json records no flag: the config came from no command line.
   assert json.load(open(os.path.join(model_dir, 'flags.json'))) == {'resolved_loss': 'sogclr'}
+
+
+@pytest.mark.slow
+def test_official_linear_evaluation_command_runs_as_written(tmp_path, not_architecture,
+                                                            pretrained, run_command, restored):
+  # The official SogCLR linear-evaluation flags, with the demo data and a tiny length
+  # substituted, on a checkpoint pretrained with --num_proj_layers=2.
+  model_dir = str(tmp_path / 'lineval')
+  result = run_command(
+      *not_architecture, '--mode=train_then_eval', '--train_mode=finetune',
+      '--fine_tune_after_block=4', '--zero_init_logits_layer=True', '--num_proj_layers=0',
+      '--ft_proj_selector=-1', '--global_bn=True', '--optimizer=momentum',
+      '--learning_rate=0.1', '--weight_decay=0', '--train_steps=4', '--warmup_epochs=0',
+      '--eval_name=linear_eval', f'--model_dir={model_dir}', f'--checkpoint={pretrained}')
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert re.search(r'^Result: trained in \d+ s; linear head top-1 0\.\d{4} on test$',
+                   result.stdout, re.M), result.stdout
+  record = json.load(open(os.path.join(model_dir, 'result_4.json')))
+  assert record['eval_name'] == 'linear_eval' and record['eval/num_examples'] == 360
+  assert glob.glob(os.path.join(model_dir, 'eval_linear_eval', 'events.out.tfevents.*'))
+  flags = json.load(open(os.path.join(model_dir, 'flags.json')))
+  assert (flags['num_proj_layers'], flags['ft_proj_selector']) == (0, -1)
+  # No projection layers: the head reads the frozen trunk features, which are the checkpoint's.
+  after = restored(tf.train.latest_checkpoint(model_dir), train_mode='finetune',
+                   num_proj_layers=0, ft_proj_selector=-1)
+  before = restored(tf.train.latest_checkpoint(pretrained))
+  assert not after.projection_head.variables
+  assert after.supervised_head.kernel.shape == (after.trunk.output_dim, 10)
+  for a, b in zip(after.trunk.variables, before.trunk.variables, strict=True):
+    np.testing.assert_array_equal(a.numpy(), b.numpy())
