@@ -124,14 +124,16 @@ def _resume(state, model_dir, *, start_over, chief):
   None when model_dir holds no checkpoint (or start_over moved them aside)."""
   skipped = []
   for path in list_checkpoints(model_dir):
-    reason = _unreadable(path)
-    if reason:
-      skipped.append((os.path.basename(path), reason))
-      continue
     try:
       state.restore(path).assert_existing_objects_matched()
-    except (ValueError, AssertionError, tf.errors.OpError) as e:
-      # The files are sound (read above): a restore that fails is another configuration.
+    except (ValueError, AssertionError, IndexError, OSError, tf.errors.OpError) as e:
+      # Damaged files (read once more, only now that the restore failed): try the next older
+      # checkpoint. Sound files that do not restore: another configuration. A later restore
+      # overwrites whatever this one assigned before failing.
+      reason = _unreadable(path)
+      if reason:
+        skipped.append((os.path.basename(path), reason))
+        continue
       raise ValueError(
           f'--model_dir={model_dir!r} holds a checkpoint of another configuration '
           f'({str(e).splitlines()[0][:300]}); resume with the flags in its flags.json or use '
