@@ -21,6 +21,23 @@ import objective
 import trainer as trainer_lib
 
 
+def lars_trainer(strategy, config, mode, initial_weights=None, jit_compile=False):
+  """(Trainer of a tiny model under LARS for loss `mode` with a 20-image u table, the initial
+  weights): the model starts from `initial_weights` when given, else from its own."""
+  with strategy.scope():
+    model = model_lib.build_model(config, 16)
+    if initial_weights is None:
+      initial_weights = model.get_weights()
+    model.set_weights(initial_weights)
+    optimizer = lars_optimizer.build_optimizer('lars', 0.01, weight_decay=1e-4)
+    optimizer.build(model.trainable_variables)
+    sogclr = objective.SogCLRLoss(20, 0.1, 0.9) if mode == 'sogclr' else None
+  trainer = trainer_lib.Trainer(strategy, model, optimizer, loss=mode, temperature=0.1,
+                                hidden_norm=True, weight_decay=1e-4, optimizer_name='lars',
+                                sogclr=sogclr, jit_compile=jit_compile)
+  return trainer, initial_weights
+
+
 @pytest.mark.slow  # about 20 s per mode
 @pytest.mark.parametrize('mode', ['simclr', 'sogclr', 'finetune'])
 def test_two_replica_train_steps_equal_one_replica(mode, one_replica, two_replicas,
@@ -41,17 +58,8 @@ def test_two_replica_train_steps_equal_one_replica(mode, one_replica, two_replic
   initial_weights = None
   final = {}
   for replicas, strategy in ((1, one_replica), (2, two_replicas)):
-    with strategy.scope():
-      model = model_lib.build_model(config, 16)
-      if initial_weights is None:
-        initial_weights = model.get_weights()
-      model.set_weights(initial_weights)
-      optimizer = lars_optimizer.build_optimizer('lars', 0.01, weight_decay=1e-4)
-      optimizer.build(model.trainable_variables)
-      sogclr = objective.SogCLRLoss(20, 0.1, 0.9) if mode == 'sogclr' else None
-    trainer = trainer_lib.Trainer(strategy, model, optimizer, loss=mode, temperature=0.1,
-                                  hidden_norm=True, weight_decay=1e-4, optimizer_name='lars',
-                                  sogclr=sogclr)
+    trainer, initial_weights = lars_trainer(strategy, config, mode, initial_weights)
+    model, sogclr = trainer.model, trainer.sogclr
     dataset = tf.data.Dataset.from_tensor_slices((views, labels, ids)).batch(global_batch)
     iterator = iter(strategy.experimental_distribute_dataset(dataset))
     first = trainer.train_loop(iterator, 1)
@@ -448,17 +456,9 @@ def test_xla_compiled_train_step_equals_the_plain_step(loss, one_replica, tiny_m
   ids = rng.permutation(20)[:16].astype(np.int32)
   initial_weights, final = None, {}
   for jit in (False, True):
-    with one_replica.scope():
-      model = model_lib.build_model(tiny_model_config(), 16)
-      if initial_weights is None:
-        initial_weights = model.get_weights()
-      model.set_weights(initial_weights)
-      optimizer = lars_optimizer.build_optimizer('lars', 0.01, weight_decay=1e-4)
-      optimizer.build(model.trainable_variables)
-      sogclr = objective.SogCLRLoss(20, 0.1, 0.9) if loss == 'sogclr' else None
-    trainer = trainer_lib.Trainer(one_replica, model, optimizer, loss=loss, temperature=0.1,
-                                  hidden_norm=True, weight_decay=1e-4, optimizer_name='lars',
-                                  sogclr=sogclr, jit_compile=jit)
+    trainer, initial_weights = lars_trainer(one_replica, tiny_model_config(), loss,
+                                            initial_weights, jit_compile=jit)
+    model, sogclr = trainer.model, trainer.sogclr
     dataset = tf.data.Dataset.from_tensor_slices((views, labels, ids)).batch(8)
     metrics = trainer.train_loop(iter(one_replica.experimental_distribute_dataset(dataset)), 2)
     final[jit] = ({k: float(v) for k, v in metrics.items()},
