@@ -90,6 +90,7 @@ class DataConfig:
   train_split: str = 'train'
   eval_split: str = 'validation'
   num_classes: int = 0           # 0: read from the dataset
+  label_offset: int = 0          # subtracted from the records' labels (1: labels 1..K)
   image_size: int = 224
   shuffle_buffer: int = 50_000
   cache_dataset: bool = False
@@ -109,6 +110,12 @@ class DatasetInfo:
   image_key: str
   label_key: str  # '' when the records carry no label
   id_key: str     # '' when ids are derived from TFDS's record ids (tfds_id)
+  num_ids: int = 0  # size of the per-image tables (SogCLR's u): ids lie in [0, num_ids)
+  label_offset: int = 0  # subtracted from every record's label (1: labels 1..K become 0..K-1)
+
+  def __post_init__(self):
+    if not self.num_ids:
+      object.__setattr__(self, 'num_ids', self.num_train_examples)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,6 +136,7 @@ class InputConfig:
   deterministic: bool = False
   initial_step: int = 0        # resume: the global step the pipeline starts at
   labels_required: bool = True  # False: a dataset without labels yields all-zero labels
+  unique_ids: bool = False     # training: an id seen twice in one epoch stops the pipeline
   shuffle_buffer: int = 50_000  # encoded records held by the per-epoch shuffle
 
 
@@ -240,6 +248,23 @@ def _is_integer_scalar(feature):
           not feature.shape and np.dtype(feature.np_dtype).kind in 'iu')
 
 
+def base_split(split):
+  """The split a split expression slices ('train' of 'train[:10%]'), or None for a union
+  ('train+validation')."""
+  if '+' in split:
+    return None
+  return re.sub(r'\[.*\]$', '', split.strip())
+
+
+def _id_range(builder, info, split):
+  """Ids of `split` lie in [0, this): the whole base split's size for the records' own ids
+  (a slice keeps the ids of the full split), the slice's size for ids derived from record ids."""
+  if info.id_key:
+    # An evaluation split may join splits: each part's ids count from 0.
+    return max(builder.info.splits[base_split(part)].num_examples for part in split.split('+'))
+  return builder.info.splits[split].num_examples
+
+
 def _numeric_ids_are_dense(builder, split, image_key):
   """True when the split's `id` feature holds each of 0..N-1 exactly once (a full scan)."""
   num_examples = builder.info.splits[split].num_examples
@@ -253,8 +278,9 @@ def _numeric_ids_are_dense(builder, split, image_key):
   return np.array_equal(np.sort(ids), np.arange(num_examples))
 
 
-def describe(builder, train_split, eval_split, num_classes=0):
-  """DatasetInfo of `builder`; num_classes > 0 overrides the dataset's own count."""
+def describe(builder, train_split, eval_split, num_classes=0, label_offset=0):
+  """DatasetInfo of `builder`; num_classes > 0 overrides the dataset's own count; the records'
+  labels minus `label_offset` are the classes."""
   name = builder.info.name
   if builder.builder_config is not None:
     name = f'{name}/{builder.builder_config.name}'
@@ -277,14 +303,25 @@ def describe(builder, train_split, eval_split, num_classes=0):
                        'count classes from; set --num_classes')
     num_classes = features[label_key].num_classes
   id_key = ''
-  if TRUSTED_ID_KEY in features:
+  train_base = base_split(train_split)
+  if train_base is None:
+    # Two splits' own ids would collide (each counts from 0); record ids are unique.
+    logging.info("Dataset %r: --train_split=%r joins splits; ids are derived from TFDS's "
+                 'record ids.', name, train_split)
+  elif TRUSTED_ID_KEY in features:
     id_key = TRUSTED_ID_KEY
   elif NUMERIC_ID_KEY in features and _is_integer_scalar(features[NUMERIC_ID_KEY]):
-    if _numeric_ids_are_dense(builder, train_split, image_key):
+    if _numeric_ids_are_dense(builder, train_base, image_key):
       id_key = NUMERIC_ID_KEY
     else:
       logging.info('Dataset %r: its %r feature is not provably dense on %r; ids are derived '
-                   "from TFDS's record ids.", name, NUMERIC_ID_KEY, train_split)
+                   "from TFDS's record ids.", name, NUMERIC_ID_KEY, train_base)
+  num_ids = (splits[train_base].num_examples if id_key else
+             splits[train_split].num_examples)
+  if num_ids != splits[train_split].num_examples:
+    logging.info('Dataset %r: --train_split=%r holds %d of the %d images of %r; the per-image '
+                 'tables are indexed by the ids of all %d.', name, train_split,
+                 splits[train_split].num_examples, num_ids, train_base, num_ids)
   return DatasetInfo(
       name=name,
       num_train_examples=splits[train_split].num_examples,
@@ -292,7 +329,9 @@ def describe(builder, train_split, eval_split, num_classes=0):
       num_classes=num_classes,
       image_key=image_key,
       label_key=label_key,
-      id_key=id_key)
+      id_key=id_key,
+      num_ids=num_ids,
+      label_offset=label_offset)
 
 
 def _record_offsets(builder, split, name):
@@ -364,7 +403,10 @@ def _select_fn(builder, info, split, num_classes, check_labels=True):
   the pipeline with an error naming the record. An unchecked label outside [0, num_classes),
   such as STL-10's -1 of its unlabelled split, one-hots to zeros.
   """
-  split_size = builder.info.splits[split].num_examples
+  split_size = _id_range(builder, info, split)
+  low = info.label_offset
+  fix = ('set --num_classes, or --label_offset=1 for labels counted from 1' if not low else
+         'set --num_classes or --label_offset')
   # No quotes: TF escapes them in assertion messages.
   where = f'Dataset {info.name} split {split}:'
   if not info.id_key:
@@ -386,12 +428,12 @@ def _select_fn(builder, info, split, num_classes, check_labels=True):
         tf.logical_and(ids >= 0, ids < split_size),
         [f'{where} id outside [0, {split_size}) in record', record, 'id', ids])]
     if info.label_key:
-      labels = tf.cast(example[info.label_key], tf.int64)
+      labels = tf.cast(example[info.label_key], tf.int64) - info.label_offset
     if info.label_key and check_labels:
       checks.append(tf.debugging.Assert(
           tf.logical_and(labels >= 0, labels < num_classes),
-          [f'{where} label outside [0, {num_classes}) (set --num_classes) in record', record,
-           'label', labels]))
+          [f'{where} label outside [{low}, {low + num_classes}) ({fix}) in record', record,
+           'label', labels + info.label_offset]))
     elif not info.label_key:
       labels = tf.constant(-1, tf.int64)
     with tf.control_dependencies(checks):
@@ -490,6 +532,32 @@ class _EpochPlan:
   batches_per_epoch: int       # per-replica batches per epoch, whole steps only
   start_epoch: int             # the epoch the run (re)starts in
   skipped_batches: int         # batches of start_epoch already consumed before a resume
+  visits: '_EpochVisits | None' = None  # the duplicate-id check, when ids must be distinct
+
+
+class _EpochVisits:
+  """The epoch each id was last read in, for one pipeline: an id read twice in one epoch means
+  two records share it (SogCLR would silently give two images one slot of `u`).
+
+  A hash table on the host, filled as records pass (before decoding, no second pass over the
+  images); it holds the ids this pipeline has read, at most the split. Records skipped when a
+  run resumes mid-epoch are not in it: a duplicate among them shows in the next epoch.
+  """
+
+  def __init__(self, where):
+    self.where = where
+    self.table = tf.lookup.experimental.MutableHashTable(tf.int64, tf.int64, default_value=-1)
+
+  def check(self, example, epoch):
+    ids = tf.cast(example['id'], tf.int64)
+    seen = tf.debugging.Assert(
+        tf.not_equal(self.table.lookup(ids), epoch),
+        [f'{self.where} id read twice in one epoch (two records share it; every image needs '
+         'its own id) in record', example['record'], 'id', ids])
+    with tf.control_dependencies([seen]):
+      insert = self.table.insert(ids, epoch)
+    with tf.control_dependencies([insert]):
+      return {**example, 'id': tf.identity(example['id'])}
 
 
 def _epoch_dataset(stages, records, plan, base_seed, epoch):
@@ -508,6 +576,8 @@ def _epoch_dataset(stages, records, plan, base_seed, epoch):
                       reshuffle_each_iteration=False)
   d = d.enumerate().skip(skip * plan.per_replica_batch_size).map(
       lambda position, ex: {**ex, 'position': position})
+  if plan.visits is not None:
+    d = d.map(lambda ex: plan.visits.check(ex, epoch))  # sequential: a lookup, then an insert
   d = stages.decode(d, config.deterministic)
   d = d.map(
       lambda ex: stages.to_views(
@@ -531,9 +601,12 @@ def _train_dataset(stages, split, input_context, per_replica_batch_size, replica
   base_seed = tf.constant([config.seed, input_context.input_pipeline_id], tf.int64)
   start_epoch, skipped_batches = resume_position(config.initial_step, batches_per_epoch,
                                                  replicas_per_pipeline)
+  visits = None
+  if config.unique_ids:
+    visits = _EpochVisits(f'Dataset {stages.info.name} split {config.split}:')
   plan = _EpochPlan(pipeline_size=pipeline_size, per_replica_batch_size=per_replica_batch_size,
                     batches_per_epoch=batches_per_epoch, start_epoch=start_epoch,
-                    skipped_batches=skipped_batches)
+                    skipped_batches=skipped_batches, visits=visits)
   return tf.data.Dataset.range(start_epoch, 2**62).flat_map(
       lambda epoch: _epoch_dataset(stages, records, plan, base_seed, epoch))
 

@@ -106,7 +106,9 @@ def prepare(config):
   builder = data_lib.get_builder(config.data.dataset, config.data.data_dir)
   with _naming_the_data(config):  # describe may scan the ids of the training split
     info = data_lib.describe(builder, config.data.train_split, config.data.eval_split,
-                             config.data.num_classes)
+                             config.data.num_classes, config.data.label_offset)
+  if info.label_offset:
+    logging.info('Labels: each record\'s label minus %d (--label_offset).', info.label_offset)
   # Seeded after the data is prepared: preparing it draws from the global random generators.
   tf.keras.utils.set_random_seed(config.loop.seed)
   # The global TF seed stays seed + 1, as in the runs the README reports (an older workaround;
@@ -180,7 +182,7 @@ def train_and_evaluate(config, setup, model):
         loss_scaling=tf.keras.mixed_precision.global_policy().name == 'mixed_float16')
     sogclr = None
     if config.pretrain and objective.loss == 'sogclr':
-      sogclr = obj_lib.SogCLRLoss(setup.info.num_train_examples, objective.temperature,
+      sogclr = obj_lib.SogCLRLoss(setup.info.num_ids, objective.temperature,
                                   objective.gamma, objective.hidden_norm)
     manager = checkpoints.restore_or_initialize(
         model, optimizer, sogclr, model_dir=config.model_dir, write_dir=setup.write_dir,
@@ -320,7 +322,9 @@ def train_input_config(config, initial_step):
       use_blur=data.use_blur and config.pretrain,
       cache_dataset=data.cache_dataset, seed=loop.seed, deterministic=loop.deterministic,
       initial_step=initial_step, shuffle_buffer=data.shuffle_buffer,
-      labels_required=not config.pretrain or config.model.lineareval_while_pretraining)
+      labels_required=not config.pretrain or config.model.lineareval_while_pretraining,
+      # Ids index the per-image tables: two records with one id would share a slot.
+      unique_ids=config.pretrain and config.objective.loss == 'sogclr')
 
 
 def evaluate_checkpoints(config, setup, model):

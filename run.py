@@ -43,6 +43,9 @@ flags.DEFINE_string('train_split', 'train', 'Split to train on.')
 flags.DEFINE_string('eval_split', 'validation', 'Split to evaluate on.')
 flags.DEFINE_integer('num_classes', 0,
                      'Number of classes of the supervised head; 0 = read from the dataset.')
+flags.DEFINE_integer('label_offset', 0,
+                     'Subtracted from every record\'s label: 1 for data whose labels count from 1 '
+                     '(the official SogCLR build_imagenet_data.py writes 1..1000).')
 flags.DEFINE_integer('image_size', 224, 'Side of the square input images, in pixels.')
 flags.DEFINE_integer('shuffle_buffer', 50_000,
                      'Encoded training images held by the per-epoch shuffle; lower it for large '
@@ -250,7 +253,8 @@ RANGES = (
     ('learning_rate', 0, True), ('weight_decay', 0, False), ('momentum', 0, False),
     ('warmup_epochs', 0, False), ('train_epochs', 0, False), ('train_steps', 0, False),
     ('eval_steps', 0, False), ('eval_timeout_seconds', 0, False), ('checkpoint_steps', 0, False),
-    ('checkpoint_epochs', 1, False), ('num_classes', 0, False), ('shuffle_buffer', 1, False),
+    ('checkpoint_epochs', 1, False), ('num_classes', 0, False), ('label_offset', 0, False),
+    ('shuffle_buffer', 1, False),
     ('color_jitter_strength', 0, False), ('sk_ratio', 0, False), ('se_ratio', 0, False),
     ('proj_out_dim', 1, False), ('num_proj_layers', 0, False), ('log_every_seconds', 0, False),
     ('probe_max_examples', 0, False), ('batch_norm_decay', 0, False),
@@ -282,9 +286,9 @@ ARCHITECTURE_FLAGS = ('resnet_depth', 'width_multiplier', 'sk_ratio', 'se_ratio'
 # (so eval/regularization_loss), the data, the weight decay and the training length (the final
 # step, after which --mode=eval exits).
 EVAL_FLAGS = ('train_mode', 'lineareval_while_pretraining', 'ft_proj_selector',
-              'fine_tune_after_block', 'num_classes', 'dataset', 'data_dir', 'train_split',
-              'eval_split', 'weight_decay', 'train_batch_size', 'train_epochs', 'train_steps',
-              'mixed_precision', 'supervised_head_bn')
+              'fine_tune_after_block', 'num_classes', 'label_offset', 'dataset', 'data_dir',
+              'train_split', 'eval_split', 'weight_decay', 'train_batch_size', 'train_epochs',
+              'train_steps', 'mixed_precision', 'supervised_head_bn')
 
 
 def inherit_flags(values, given, path, names=ARCHITECTURE_FLAGS):
@@ -320,7 +324,8 @@ def build_config(values):
       start_over=v.start_over, allow_flag_changes=tuple(v.allow_flag_changes),
       data=data_lib.DataConfig(
           dataset=v.dataset, data_dir=v.data_dir, train_split=v.train_split,
-          eval_split=v.eval_split, num_classes=v.num_classes, image_size=v.image_size,
+          eval_split=v.eval_split, num_classes=v.num_classes, label_offset=v.label_offset,
+          image_size=v.image_size,
           shuffle_buffer=v.shuffle_buffer, cache_dataset=v.cache_dataset,
           color_jitter_strength=v.color_jitter_strength, crop_area_min=v.crop_area_min,
           random_flip=v.random_flip, use_blur=v.use_blur),

@@ -126,3 +126,40 @@ def tiny_model_config():
     return model_lib.ModelConfig(**(settings | overrides))
 
   return make
+
+
+@pytest.fixture(scope='session')
+def official_layout():
+  """official_layout(data_dir, ids=..., labels=..., num_train=24, num_validation=8): writes the
+  official SogCLR imagenet2012 5.2.0 layout (`image/encoded`, `image/class/label` with 1,000
+  names, `image/ID`) with TFDS's writer, 16x16 JPEGs, 3 shards; `ids(i, count)` and
+  `labels(i)` give record i's values (default: ids in reverse record order, labels i % 7)."""
+  import io  # noqa: PLC0415
+
+  import numpy as np  # noqa: PLC0415
+  from PIL import Image  # noqa: PLC0415
+  import tensorflow_datasets as tfds  # noqa: PLC0415
+
+  import imagenet  # noqa: PLC0415
+
+  def jpeg(seed):
+    pixels = np.random.RandomState(seed).randint(0, 256, (16, 16, 3), np.uint8)
+    out = io.BytesIO()
+    Image.fromarray(pixels).save(out, format='JPEG')
+    return out.getvalue()
+
+  def write(data_dir, ids=lambda i, count: count - 1 - i, labels=lambda i: i % 7,
+            num_train=24, num_validation=8):
+    features = tfds.features.FeaturesDict({
+        'image/encoded': tfds.features.Image(encoding_format='jpeg'),
+        'image/class/label': tfds.features.ClassLabel(num_classes=1000),
+        'image/ID': np.int64,
+    })
+    splits = {split: [{'image/encoded': jpeg(i), 'image/class/label': labels(i),
+                       'image/ID': ids(i, count)} for i in range(count)]
+              for split, count in (('train', num_train), ('validation', num_validation))}
+    imagenet.write_dataset('imagenet2012', features, splits, str(data_dir), version='5.2.0',
+                           num_shards=3)
+    return str(data_dir)
+
+  return write

@@ -1,4 +1,6 @@
 """data.py on small TFDS datasets the tests write: id derivation, host-side checks, pipelines."""
+import dataclasses
+
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -218,7 +220,8 @@ def test_image_id_outside_the_split_stops_the_pipeline_naming_it(tmp_path, bad_i
 def test_label_outside_num_classes_stops_the_pipeline_naming_it(plain):
   info = data.describe(plain, 'train', 'test', num_classes=2)
   line = first_error_line(plain, info, is_training=False, num_views=1)
-  assert 'Dataset plain_images split train: label outside [0, 2) (set --num_classes)' in line
+  assert ('Dataset plain_images split train: label outside [0, 2) (set --num_classes, or '
+          '--label_offset=1') in line
   assert '[label] [2]' in line
 
 
@@ -290,9 +293,59 @@ def test_labels_are_checked_only_when_something_needs_them(tmp_path):
                           [{'image': _png(i), 'label': -1} for i in range(12)])
   info = data.describe(builder, 'train', 'test', num_classes=3)
   line = first_error_line(builder, info, is_training=True, use_blur=False)
-  assert 'label outside [0, 3) (set --num_classes)' in line and '[label] [-1]' in line
+  assert 'label outside [0, 3) (set --num_classes, or --label_offset=1' in line
+  assert '[label] [-1]' in line
   config = data.InputConfig(split='train', global_batch_size=4, image_size=4, is_training=True,
                             use_blur=False, labels_required=False)
   views, labels, ids = next(iter(data.build_input_fn(builder, info, config, 3)(
       tf.distribute.InputContext())))
   assert labels.shape == (4, 3) and not labels.numpy().any() and len(set(ids.numpy())) == 4
+
+
+def test_an_id_shared_by_two_records_stops_training_naming_it_and_a_record(tmp_path, plain):
+  ids = list(range(NUM_TRAIN))
+  ids[20] = 7  # records 7 and 20 share id 7; id 20 is missing
+  builder = write_dataset(str(tmp_path), 'shared_ids', plain_features(**{'image/ID': np.int64}),
+                          plain_examples(NUM_TRAIN, **{'image/ID': lambda i: ids[i]}))
+  info = data.describe(builder, 'train', 'test')
+  line = first_error_line(builder, info, is_training=True, use_blur=False, unique_ids=True)
+  assert 'Dataset shared_ids split train: id read twice in one epoch' in line
+  assert '[id] [7]' in line and 'shared_ids-train.tfrecord-' in line
+  # Only what indexes per-image tables (SogCLR) needs distinct ids.
+  config = data.InputConfig(split='train', global_batch_size=8, image_size=4, is_training=True,
+                            use_blur=False)
+  assert len(list(data.build_input_fn(builder, info, config, 3)(
+      tf.distribute.InputContext()).take(12))) == 12
+  # Distinct ids pass the check epoch after epoch (4 batches of 8 per epoch: 3 epochs here).
+  info = data.describe(plain, 'train', 'test')
+  config = dataclasses.replace(config, unique_ids=True)
+  epochs = [b[2].numpy() for b in data.build_input_fn(plain, info, config, 3)(
+      tf.distribute.InputContext()).take(12)]
+  for epoch in range(3):
+    assert len(set(np.concatenate(epochs[4 * epoch:4 * epoch + 4]))) == 32
+
+
+def test_a_slice_of_an_image_id_split_keeps_the_ids_of_the_whole_split(tmp_path):
+  # SimCLR's 1%/10% protocol: --train_split=train[:10%] of ImageNet with the official image/ID.
+  reverse = lambda i: NUM_TRAIN - 1 - i  # noqa: E731
+  builder = write_dataset(str(tmp_path), 'sliced_ids', plain_features(**{'image/ID': np.int64}),
+                          plain_examples(NUM_TRAIN, **{'image/ID': reverse}))
+  info = data.describe(builder, 'train[:50%]', 'test')
+  assert info.id_key == 'image/ID' and info.num_train_examples < NUM_TRAIN
+  assert info.num_ids == NUM_TRAIN  # the u table holds every id of 'train'
+  seen = read_eval(builder, info, 'train[:50%]')
+  assert len(seen) == info.num_train_examples
+  assert all(i == reverse(pixel) for i, pixel, _ in seen)  # each record keeps its own id
+  config = data.InputConfig(split='train[:50%]', global_batch_size=6, image_size=4,
+                            is_training=True, use_blur=False, unique_ids=True)
+  ids = np.concatenate([b[2].numpy() for b in data.build_input_fn(builder, info, config, 3)(
+      tf.distribute.InputContext()).take(3)])
+  assert len(set(ids)) == 18 and set(ids) <= {reverse(p) for _, p, _ in seen}
+  # Derived ids are the slice's own, dense; a union of splits derives them too (its splits'
+  # own ids would collide).
+  for split, size in (('train[50%:]', NUM_TRAIN - info.num_train_examples),
+                      ('train+test', NUM_TRAIN + 5)):
+    plain_info = data.describe(builder, split, 'test') if '+' in split else data.describe(
+        write_dataset(str(tmp_path / 'plain'), 'plain_sliced', plain_features(),
+                      plain_examples(NUM_TRAIN)), split, 'test')
+    assert plain_info.id_key == '' and plain_info.num_ids == size

@@ -572,7 +572,8 @@ def test_data_errors_inside_the_pipeline_name_the_record_and_value(tiny, tmp_pat
   assert result.returncode == 1
   line, = [x for x in result.stderr.splitlines() if x.startswith('error:')]
   assert re.fullmatch(r'error: Dataset digits split train: label outside \[0, 5\) \(set '
-                      r'--num_classes\) in record digits-train\.tfrecord-00000-of-00001__\d+: '
+                      r'--num_classes, or --label_offset=1 for labels counted from 1\) in record '
+                      r'digits-train\.tfrecord-00000-of-00001__\d+: '
                       r'label [5-9]', line), line
 
 
@@ -656,3 +657,79 @@ def test_a_full_disk_is_a_one_line_error_keeping_the_last_complete_checkpoint(
       result.stderr[-600:]
   assert not glob.glob(os.path.join(model_dir, '*_temp'))
   assert tf.train.latest_checkpoint(model_dir) is not None
+
+
+OFFICIAL_RUN = ['--train_mode=pretrain', '--dataset=imagenet2012', '--eval_split=validation',
+                '--image_size=16', '--resnet_depth=18', '--width_multiplier=0.125',
+                '--num_proj_layers=2', '--proj_out_dim=16', '--train_batch_size=6',
+                '--eval_batch_size=8', '--optimizer=adam', '--learning_rate=0.01',
+                '--warmup_epochs=0', '--use_blur=False', '--probe_max_examples=0',
+                '--log_every_seconds=0', '--mixed_precision=float32', '--loss=sogclr']
+
+
+def _error_line(result):
+  lines = [x for x in result.stderr.splitlines() if x.startswith('error:')]
+  assert len(lines) == 1, result.stderr[-3000:]
+  return lines[0]
+
+
+@pytest.mark.slow
+def test_labels_counted_from_one_stop_with_the_fix_and_train_with_label_offset(
+    official_layout, tmp_path, run_command):
+  # The official build_imagenet_data.py labels ImageNet 1..1000: here 1..7 with 7 classes.
+  data_dir = official_layout(tmp_path / 'tfds', labels=lambda i: i % 7 + 1)
+  args = [*OFFICIAL_RUN, f'--data_dir={data_dir}', '--num_classes=7', '--train_steps=4']
+  result = run_command(*args, f'--model_dir={tmp_path / "plain"}')
+  assert result.returncode == 1
+  assert re.fullmatch(r'error: Dataset imagenet2012 split (train|validation): label outside '
+                      r'\[0, 7\) \(set --num_classes, or --label_offset=1 for labels counted '
+                      r'from 1\) in record \S+: label 7', _error_line(result)), result.stderr
+  result = run_command(*args, '--label_offset=1', f'--model_dir={tmp_path / "offset"}')
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert "each record's label minus 1 (--label_offset)" in result.stderr
+  results = json.load(open(tmp_path / 'offset' / 'result_4.json'))
+  assert results['eval/num_examples'] == 8
+  assert json.load(open(tmp_path / 'offset' / 'flags.json'))['label_offset'] == 1
+  result = run_command(*args, '--label_offset=-1', f'--model_dir={tmp_path / "negative"}')
+  assert result.returncode == 1
+  assert _error_line(result) == 'error: --label_offset must be >= 0, got -1'
+
+
+@pytest.mark.slow
+def test_an_id_in_two_records_stops_sogclr_naming_it(official_layout, tmp_path, run_command):
+  # Ids are 23 - i, except that record 3 carries record 10's (13): one u slot would serve two
+  # images and id 20's stay empty.
+  data_dir = official_layout(tmp_path / 'tfds',
+                             ids=lambda i, n: n - 1 - (10 if i == 3 and n == 24 else i))
+  model_dir = tmp_path / 'run'
+  result = run_command(*OFFICIAL_RUN, f'--data_dir={data_dir}', '--num_classes=100',
+                       '--train_steps=8', f'--model_dir={model_dir}')
+  assert result.returncode == 1
+  assert re.fullmatch(r'error: Dataset imagenet2012 split train: id read twice in one epoch '
+                      r'\(two records share it; every image needs its own id\) in record '
+                      r'imagenet2012-train\.tfrecord-0000\d-of-00003__\d+: id 13',
+                      _error_line(result)), result.stderr[-3000:]
+  # SimCLR has no per-image table: the same data trains.
+  result = run_command(*OFFICIAL_RUN, f'--data_dir={data_dir}', '--num_classes=100',
+                       '--train_steps=8', '--loss=simclr', f'--model_dir={tmp_path / "simclr"}')
+  assert result.returncode == 0, result.stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_sogclr_pretrains_on_a_slice_of_an_image_id_split(official_layout, tmp_path,
+                                                         run_command):
+  # SimCLR's semi-supervised protocol slices ImageNet (train[:10%]); ids stay the full split's.
+  data_dir = official_layout(tmp_path / 'tfds')
+  model_dir = tmp_path / 'run'
+  result = run_command(*OFFICIAL_RUN, f'--data_dir={data_dir}', '--num_classes=100',
+                       '--train_split=train[:50%]', '--train_steps=4',
+                       f'--model_dir={model_dir}')
+  assert result.returncode == 0, result.stderr[-3000:]
+  log_u = tf.train.load_variable(tf.train.latest_checkpoint(str(model_dir)),
+                                 'sogclr/log_u/.ATTRIBUTES/VARIABLE_VALUE')
+  # 12 images in the slice, 2 steps of 6 per epoch: each visited, in the slot of its own id; the
+  # slots of the other half stay unvisited.
+  sliced = data_lib.get_builder('imagenet2012', data_dir).as_dataset(split='train[:50%]')
+  slice_ids = sorted(int(ex['image/ID']) for ex in sliced)
+  assert log_u.shape == (24,) and len(slice_ids) == 12 and slice_ids != list(range(12))
+  assert np.flatnonzero(np.isfinite(log_u)).tolist() == slice_ids
