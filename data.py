@@ -548,16 +548,33 @@ class _EpochVisits:
     self.where = where
     self.table = tf.lookup.experimental.MutableHashTable(tf.int64, tf.int64, default_value=-1)
 
-  def check(self, example, epoch):
-    ids = tf.cast(example['id'], tf.int64)
+  def _check(self, examples, epoch):
+    """Checks (and records) the ids of `examples`, a chunk of records: [k] tensors."""
+    ids = tf.cast(examples['id'], tf.int64)
+    unique, index = tf.unique(ids)
+    positions = tf.range(tf.size(ids))
+    first = tf.gather(tf.math.unsorted_segment_min(positions, index, tf.size(unique)), index)
+    # Read in an earlier chunk of this epoch, or earlier in this chunk.
+    twice = tf.logical_or(tf.equal(self.table.lookup(ids), epoch), first < positions)
+    bad = tf.argmax(tf.cast(twice, tf.int32))
     seen = tf.debugging.Assert(
-        tf.not_equal(self.table.lookup(ids), epoch),
+        tf.logical_not(tf.reduce_any(twice)),
         [f'{self.where} id read twice in one epoch (two records share it; every image needs '
-         'its own id) in record', example['record'], 'id', ids])
+         'its own id) in record', examples['record'][bad], 'id', ids[bad]])
     with tf.control_dependencies([seen]):
-      insert = self.table.insert(ids, epoch)
+      insert = self.table.insert(ids, tf.fill(tf.shape(ids), epoch))
     with tf.control_dependencies([insert]):
-      return {**example, 'id': tf.identity(example['id'])}
+      return {**examples, 'id': tf.identity(examples['id'])}
+
+  def checked(self, dataset, epoch, batched):
+    """`dataset` of records with their ids checked in turn (a lookup, then an insert: the map
+    is sequential). Encoded records are checked in chunks of DECODE_CHUNK, which costs almost
+    nothing; decoded images, whose shapes may differ, one by one (about 3x the cost of reading
+    a record)."""
+    if not batched:
+      return dataset.map(lambda ex: tf.nest.map_structure(
+          lambda t: t[0], self._check(tf.nest.map_structure(lambda t: t[tf.newaxis], ex), epoch)))
+    return dataset.batch(DECODE_CHUNK).map(lambda ex: self._check(ex, epoch)).unbatch()
 
 
 def _epoch_dataset(stages, records, plan, base_seed, epoch):
@@ -577,7 +594,7 @@ def _epoch_dataset(stages, records, plan, base_seed, epoch):
   d = d.enumerate().skip(skip * plan.per_replica_batch_size).map(
       lambda position, ex: {**ex, 'position': position})
   if plan.visits is not None:
-    d = d.map(lambda ex: plan.visits.check(ex, epoch))  # sequential: a lookup, then an insert
+    d = plan.visits.checked(d, epoch, batched=stages.encoded)
   d = stages.decode(d, config.deterministic)
   d = d.map(
       lambda ex: stages.to_views(

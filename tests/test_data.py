@@ -349,3 +349,25 @@ def test_a_slice_of_an_image_id_split_keeps_the_ids_of_the_whole_split(tmp_path)
         write_dataset(str(tmp_path / 'plain'), 'plain_sliced', plain_features(),
                       plain_examples(NUM_TRAIN)), split, 'test')
     assert plain_info.id_key == '' and plain_info.num_ids == size
+
+
+@pytest.mark.parametrize('batched', [True, False])
+@pytest.mark.parametrize('first, second', [(3, 9), (3, 70), (0, 99)])
+def test_the_distinct_id_check_finds_a_repeat_within_and_across_chunks(batched, first, second):
+  ids = list(range(100))
+  ids[second] = ids[first]
+  records = tf.data.Dataset.from_tensor_slices(
+      {'id': tf.constant(ids, tf.int32), 'record': [f'r{i}' for i in range(100)]})
+  visits = data._EpochVisits('Dataset d split train:')
+  with pytest.raises(tf.errors.InvalidArgumentError, match=rf'\[r{second}\] \[id\] \[{first}\]'):
+    list(visits.checked(records, tf.constant(0, tf.int64), batched))
+  # Distinct ids pass, epoch after epoch; the same id again in one epoch does not.
+  visits = data._EpochVisits('Dataset d split train:')
+  distinct = records.map(lambda ex: {**ex, 'id': tf.range(100)[tf.strings.to_number(
+      tf.strings.substr(ex['record'], 1, 2), tf.int32)]})
+  for epoch in range(2):
+    out = [int(ex['id']) for ex in visits.checked(distinct, tf.constant(epoch, tf.int64),
+                                                   batched)]
+    assert out == list(range(100))
+  with pytest.raises(tf.errors.InvalidArgumentError, match='read twice in one epoch'):
+    list(visits.checked(distinct.take(1), tf.constant(1, tf.int64), batched))
