@@ -238,13 +238,12 @@ def save(manager, step):
                      f'({manager.latest_checkpoint}) is kept') from None
 
 
-def restore_pretrained(model, path):
-  """Initializes `model` from another run's checkpoint or SavedModel export (weights only; no
-  optimizer or step)."""
+def checkpoint_prefix(path):
+  """The checkpoint prefix --checkpoint names: a prefix, a directory of checkpoints (its
+  newest) or a SavedModel export (whose variables are a checkpoint of {'model': model})."""
   if tf.io.gfile.exists(os.path.join(path, 'saved_model.pb')):
-    # An export_saved_model directory: its variables are a checkpoint of {'model': model}.
-    path = os.path.join(path, 'variables', 'variables')
-  elif tf.io.gfile.isdir(path):
+    return os.path.join(path, 'variables', 'variables')
+  if tf.io.gfile.isdir(path):
     latest = tf.train.latest_checkpoint(path)
     if latest is None:
       raise ValueError(f'--checkpoint={path!r} is a directory without checkpoints')
@@ -252,6 +251,26 @@ def restore_pretrained(model, path):
   if not tf.io.gfile.exists(path + '.index'):
     raise ValueError(f'--checkpoint={path!r} does not exist (expected a checkpoint prefix, a '
                      'directory holding checkpoints or a SavedModel export)')
+  return path
+
+
+def resolve_evaluated(path):
+  """(checkpoint prefix, training step) of what --mode=eval --checkpoint names; an export's
+  step is the name of its directory (saved_model/<step>)."""
+  prefix = checkpoint_prefix(path)
+  if prefix.endswith(os.path.join('variables', 'variables')):
+    name = os.path.basename(os.path.normpath(path))
+    if not name.isdigit():
+      raise ValueError(f'--checkpoint={path!r} is a SavedModel export not named by its step '
+                       '(saved_model/<step>)')
+    return prefix, int(name)
+  return prefix, checkpoint_step(prefix)
+
+
+def restore_pretrained(model, path):
+  """Initializes `model` from another run's checkpoint or SavedModel export (weights only; no
+  optimizer or step)."""
+  path = checkpoint_prefix(path)
   # Every trunk and projection-head variable must come from the checkpoint (restore_model
   # names the missing and mismatched ones). The linear head may be new (a first fine-tuning
   # starts it from scratch) or for another number of classes (fine-tuning on another dataset):

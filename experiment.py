@@ -103,6 +103,8 @@ def prepare(config):
     tf.config.experimental.enable_op_determinism()
   # First: multi-worker collectives must be configured before any other TensorFlow work.
   strategy = distribution_lib.build_strategy(config.distribution)
+  if config.mode == 'eval' and config.checkpoint:
+    checkpoints.resolve_evaluated(config.checkpoint)  # names a missing one before the data
   builder = data_lib.get_builder(config.data.dataset, config.data.data_dir)
   with _naming_the_data(config):  # describe may scan the ids of the training split
     info = data_lib.describe(builder, config.data.train_split, config.data.eval_split,
@@ -120,7 +122,7 @@ def prepare(config):
                    info.num_train_examples, config.data.train_split)
   if config.eval.knn_monitor and not info.label_key:
     raise ValueError(f'--knn_monitor needs labels; dataset {info.name!r} has none')
-  if config.mode == 'eval' and not tf.io.gfile.isdir(config.model_dir):
+  if config.mode == 'eval' and not config.checkpoint and not tf.io.gfile.isdir(config.model_dir):
     raise ValueError(f'--model_dir={config.model_dir!r} does not exist: --mode=eval evaluates '
                      'the checkpoints of a training run there (check the path, or start the '
                      'training run first)')
@@ -337,6 +339,8 @@ def evaluate_checkpoints(config, setup, model):
   chief writes result_<step>.json; another worker's export directory is removed at the end.
   """
   evaluator = _evaluator(config, setup, model, _summary_writer(config, setup))
+  if config.checkpoint:
+    return _evaluate_one(config, setup, model, evaluator)
   results = None
   for path in checkpoints.iterate_checkpoints(config.model_dir,
                                               config.eval.eval_timeout_seconds):
@@ -361,6 +365,24 @@ def evaluate_checkpoints(config, setup, model):
   if results is None:
     raise ValueError(f'no checkpoint to evaluate appeared in --model_dir={config.model_dir!r} '
                      f'within --eval_timeout_seconds={config.eval.eval_timeout_seconds}')
+  return results
+
+
+def _evaluate_one(config, setup, model, evaluator):
+  """--mode=eval --checkpoint=<checkpoint prefix or SavedModel export>: evaluates it once and
+  writes model_dir/result_<step>.json (every variable of the model must be in it)."""
+  path, step = checkpoints.resolve_evaluated(config.checkpoint)
+  try:
+    checkpoints.restore_model(model, path)
+  except ValueError as e:
+    raise ValueError(f'--checkpoint={config.checkpoint!r}: {e}; give the training run\'s model '
+                     'flags (its flags.json lists them) or leave them out') from None
+  logging.info('Evaluating %s (step %d).', config.checkpoint, step)
+  results = {**evaluator.evaluate(step), 'checkpoint': config.checkpoint}
+  if setup.chief:
+    checkpoints.write_results(config.model_dir, step, results)
+  else:
+    tf.io.gfile.rmtree(setup.write_dir)
   return results
 
 

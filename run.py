@@ -367,7 +367,9 @@ def config_from_flags():
   """The config of the parsed flags, with the flags a training run defines taken from its
   flags.json when not given (--mode=eval: from model_dir; fine-tuning: from --checkpoint)."""
   values, given = flag_values()
-  if values['mode'] == 'eval' and values['model_dir']:
+  if values['mode'] == 'eval' and values['checkpoint']:  # one checkpoint or export
+    values = inherit_flags(values, given, values['checkpoint'], ARCHITECTURE_FLAGS + EVAL_FLAGS)
+  elif values['mode'] == 'eval' and values['model_dir']:
     values = inherit_flags(values, given, values['model_dir'], ARCHITECTURE_FLAGS + EVAL_FLAGS)
   elif values['checkpoint'] and values['train_mode'] == 'finetune':
     values = inherit_flags(values, given, values['checkpoint'])
@@ -404,9 +406,17 @@ def one_line_error(error):
     return assertion.group(0)
   lines = [line.strip() for line in message.splitlines() if line.strip()]
   if lines[0].startswith('Graph execution error'):
-    causes = [line for line in lines[1:] if not line.startswith(('Detected at', '<stack', '[['))]
-    lines = [re.sub(r'^Error in user-defined function.*?transformation with iterator: \S+: ',
-                    '', causes[0])] if causes else lines
+    # Below the header: where the node was defined (indented stack frames), then the cause,
+    # whose first line may end in ':' and name what it is about on the next (a dead worker).
+    causes = [line.strip() for line in message.splitlines()[1:]
+              if line.strip() and not line[0].isspace() and
+              not line.startswith(('Detected at', '<stack', '[['))]
+    if causes:
+      cause = causes[0]
+      if cause.endswith(':') and len(causes) > 1:
+        cause = f'{cause} {causes[1]}'
+      lines = [re.sub(r'^Error in user-defined function.*?transformation with iterator: \S+: ',
+                      '', cause)]
   # TF prefixes errors raised inside functions with the function's name.
   line = re.sub(r'\{\{function_node [^}]*\}\}\s*', '', lines[0])
   if isinstance(error, tf.errors.OpError):
@@ -438,6 +448,9 @@ def cli(argv):
     if debug:
       raise
     line = one_line_error(e)
+    if isinstance(e, tf.errors.UnavailableError) and 'task' in line:
+      line += ('; a worker of this job stopped: restart every worker with the same command '
+               '(each resumes from the newest checkpoint)')
     logging.error('%s', line)
     print(f'error: {line}', file=sys.stderr)
     sys.exit(1)

@@ -733,3 +733,49 @@ def test_sogclr_pretrains_on_a_slice_of_an_image_id_split(official_layout, tmp_p
   slice_ids = sorted(int(ex['image/ID']) for ex in sliced)
   assert log_u.shape == (24,) and len(slice_ids) == 12 and slice_ids != list(range(12))
   assert np.flatnonzero(np.isfinite(log_u)).tolist() == slice_ids
+
+
+def test_one_line_error_of_a_graph_error_is_its_cause_not_the_stack():
+  import run  # noqa: PLC0415
+  # TF's layout of an error raised inside a tf.function: header, the node's definition (indented
+  # frames), then the cause, here a dead peer's (UnavailableError in a two-worker run).
+  message = ('Graph execution error:\n\nDetected at node CollectiveGatherV2 defined at (most '
+             'recent call last):\n  File "/work/main/run.py", line 448, in <module>\n\n  File '
+             '"/work/main/trainer.py", line 210, in _fewest_steps\n\nCollective ops is aborted '
+             'by: Error reported from /job:worker/task:1: The following tasks are unhealthy '
+             '(stopped sending heartbeats):\n/job:worker/replica:0/task:1\nThe tasks have '
+             'crashed. Check the task logs.\n\t [[{{node CollectiveGatherV2}}]] '
+             '[Op:__inference__fewest_steps_123]')
+  error = tf.errors.UnavailableError(None, None, message)
+  assert run.one_line_error(error) == (
+      'UnavailableError: Collective ops is aborted by: Error reported from /job:worker/task:1: '
+      'The following tasks are unhealthy (stopped sending heartbeats): '
+      '/job:worker/replica:0/task:1')
+
+
+@pytest.mark.slow
+def test_eval_mode_evaluates_a_saved_model_export_or_one_checkpoint(trained, tmp_path,
+                                                                     run_command, tiny):
+  # The export (saved_model/2, with the run's flags.json) needs no model flags; the training
+  # run's own evaluation of the same weights is the reference.
+  expected = json.load(open(os.path.join(trained.model_dir, 'result_2.json')))
+  export = os.path.join(trained.model_dir, 'saved_model', '2')
+  before = {path: open(path, 'rb').read() for path in glob.glob(f'{export}/**', recursive=True)
+            if os.path.isfile(path)}
+  data_flags = [f for f in tiny if f.startswith(('--data_dir', '--log_every', '--eval_batch'))]
+  for name, checkpoint in (('export', export), ('ckpt', os.path.join(trained.model_dir,
+                                                                       'ckpt-2'))):
+    out = tmp_path / name
+    result = run_command('--mode=eval', f'--checkpoint={checkpoint}', f'--model_dir={out}',
+                         '--probe_max_examples=0', *data_flags)
+    assert result.returncode == 0, result.stderr[-3000:]
+    results = json.load(open(out / 'result_2.json'))
+    assert results['checkpoint'] == checkpoint and results['global_step'] == 2
+    for key in ('eval/top_1', 'eval/top_5', 'eval/num_examples'):
+      assert results[key] == pytest.approx(expected[key], abs=1e-6), key
+  assert before == {path: open(path, 'rb').read()
+                    for path in glob.glob(f'{export}/**', recursive=True) if os.path.isfile(path)}
+  result = run_command('--mode=eval', f'--checkpoint={tmp_path / "nothing"}',
+                       f'--model_dir={tmp_path / "none"}', *data_flags)
+  assert result.returncode == 1
+  assert re.search(r"^error: --checkpoint='.*nothing' does not exist", result.stderr, re.M)
