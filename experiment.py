@@ -151,9 +151,27 @@ def _log_setup(config, strategy, info):
                info.name, info.num_train_examples, info.num_eval_examples, info.num_classes)
 
 
+class _WriterOnFirstUse:
+  """A summary file writer made at its first use (making one creates the events file): a run
+  stopped before it writes a summary (bad data in its first batch) leaves no file behind."""
+
+  def __init__(self, logdir):
+    self.logdir = logdir
+    self._writer = None
+
+  def as_default(self, step=None):
+    if self._writer is None:
+      self._writer = tf.summary.create_file_writer(self.logdir)
+    return self._writer.as_default(step=step)
+
+  def flush(self):
+    if self._writer is not None:
+      self._writer.flush()
+
+
 def _summary_writer(config, setup):
   if setup.chief:
-    return tf.summary.create_file_writer(config.model_dir)
+    return _WriterOnFirstUse(config.model_dir)
   return tf.summary.create_noop_writer()
 
 
@@ -196,9 +214,6 @@ def train_and_evaluate(config, setup, model):
     raise ValueError(f'--train_steps/--train_epochs give {setup.total_steps} steps, fewer than '
                      f'the {initial_step} this run in --model_dir={config.model_dir!r} has '
                      'trained; give its length or longer')
-  # After the restore: flags that cannot resume this model_dir never overwrite it.
-  if setup.chief:
-    _record_flags(config, initial_step)
   summary_writer = _summary_writer(config, setup)
   trainer = trainer_lib.Trainer(
       strategy, model, optimizer, loss=objective.loss, temperature=objective.temperature,
@@ -210,6 +225,8 @@ def train_and_evaluate(config, setup, model):
     results['train_seconds'] = round(seconds, 1)
   else:  # a finished run, rerun: evaluated again; its train_seconds stays in its results
     logging.info('Already trained to step %d; evaluating only.', initial_step)
+    if setup.chief:
+      _record_flags(config, initial_step)
   step = int(optimizer.iterations.numpy())
   _export(config, setup, model, step)
   if not setup.chief:
@@ -241,6 +258,9 @@ def _train(config, setup, trainer, manager, summary_writer, learning_rate):
         checkpoint_every=config.loop.checkpoint_every(setup.steps_per_epoch),
         checkpoint_manager=manager, summary_writer=summary_writer,
         learning_rate_fn=learning_rate, stop_requested=stop_requested,
+        # After the restore and the first steps: flags that cannot resume this model_dir, or
+        # data that stops the first batch, never touch flags.json.
+        on_started=(lambda: _record_flags(config, initial_step)) if setup.chief else None,
         on_progress=trainer_lib.ProgressLogger(config.loop.train_batch_size,
                                                config.loop.log_every_seconds))
 

@@ -326,14 +326,17 @@ def _save(trainer, checkpoint_manager, previous, step):
 
 
 def train(trainer, iterator, *, total_steps, checkpoint_every, checkpoint_manager,
-          summary_writer=None, learning_rate_fn=None, stop_requested=None, on_progress=None):
+          summary_writer=None, learning_rate_fn=None, stop_requested=None, on_progress=None,
+          on_started=None):
   """The outer loop: bookkeeping at loop boundaries, the steps inside `trainer.run_steps`.
 
   Never overshoots `total_steps`; checkpoints every `checkpoint_every` steps and at the end;
   raises FloatingPointError naming the step range when a loss is not finite (the last good
   checkpoint stays). When `stop_requested` (a threading.Event) is set, saves a checkpoint at the
   next loop boundary and raises Preempted (with the event's `signal_number`, if it has one).
-  After every call, `on_progress(Progress)` (e.g. a ProgressLogger). Returns the seconds spent.
+  After every call, `on_progress(Progress)` (e.g. a ProgressLogger). `on_started()` runs once,
+  after the first call (the data and the step work), before anything is written: a run stopped
+  by bad data in its first batch changes nothing. Returns the seconds spent.
   """
   step = start_step = int(trainer.optimizer.iterations.numpy())
   saved_step = None  # the step of this loop's last save
@@ -347,6 +350,8 @@ def train(trainer, iterator, *, total_steps, checkpoint_every, checkpoint_manage
     elapsed = time.time() - started
     previous, step = step, int(trainer.optimizer.iterations.numpy())
     assert step == previous + num_steps, (previous, num_steps, step)
+    if previous == start_step and on_started is not None:
+      on_started()
     _check_metrics_finite(metrics, float(first_loss), previous, step, checkpoint_manager,
                           saved_step)
     # The first call includes tracing.

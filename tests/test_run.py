@@ -298,6 +298,9 @@ BAD_INPUT = [
      'holds a checkpoint of another configuration'),
     (['--model_dir=TRAINED', '--mixed_precision=float16'],
      'holds a checkpoint of another configuration'),
+    # Bad data found by the first batch of a resumed run: flags.json, its history and the
+    # events files stay as they were.
+    (['--model_dir=TRAINED', '--label_offset=3'], 'label outside [3, 13)'),
 ]
 
 
