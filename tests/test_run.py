@@ -280,6 +280,7 @@ INVALID_VALUES = [
     (['--temperature=0'], '--temperature must be positive'),
     (['--DCL_mode=True', '--BI_mode=False'], 'Conflicting loss flags'),
     (['--DCL_mode=False', '--GCL_mode=True'], 'Conflicting loss flags'),
+    (['--eval_every_epochs=-1'], '--eval_every_epochs must be >= 0'),
 ]
 
 BAD_INPUT = [
@@ -656,3 +657,22 @@ def test_a_full_disk_is_a_one_line_error_keeping_the_last_complete_checkpoint(
       result.stderr[-600:]
   assert not glob.glob(os.path.join(model_dir, '*_temp'))
   assert tf.train.latest_checkpoint(model_dir) is not None
+
+
+@pytest.mark.slow
+def test_eval_every_epochs_logs_head_and_knn_top_1_each_epoch_with_its_cost(run_command, tiny,
+                                                                            tmp_path):
+  model_dir = str(tmp_path / 'run')
+  # 1,437 images in steps of 128: 11 steps an epoch.
+  result = run_command(*tiny, f'--model_dir={model_dir}', '--train_batch_size=128',
+                       '--train_epochs=2', '--eval_every_epochs=1', '--knn_k=20',
+                       '--probe_max_examples=0', '--keep_hub_module_max=0')
+  assert result.returncode == 0, result.stderr[-3000:]
+  for step, epoch in ((11, 1), (22, 2)):
+    assert re.search(rf'Eval at step {step} \(epoch {epoch}\): head top-1 [01]\.\d{{4}}, kNN '
+                     r'top-1 [01]\.\d{4} \(took \d+\.\d s, training so far \d+\.\d s\)$',
+                     result.stderr, re.M), result.stderr[-3000:]
+    saved = json.load(open(os.path.join(model_dir, f'result_{step}.json')))
+    assert 0 < saved['eval/knn_top_1'] <= 1 and saved['eval_seconds'] > 0
+  assert [r['global_step'] for r in json.load(
+      open(os.path.join(model_dir, 'result_22.json')))['monitor']] == [11, 22]
