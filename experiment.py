@@ -316,8 +316,10 @@ def write_view_pairs(config, setup, summary_writer, step, num_images=VIEW_PAIRS)
   Built before the training pipeline, whose construction resets the global seed: this leaves
   the training data and every later random draw unchanged.
   """
-  input_config = dataclasses.replace(
-      train_input_config(config, step), global_batch_size=num_images, shuffle_buffer=1)
+  # No shuffle buffer to fill, no cache filled only in part: a few records read, no more.
+  input_config = dataclasses.replace(train_input_config(config, step),
+                                     global_batch_size=num_images, shuffle_buffer=1,
+                                     cache_dataset=False)
   dataset = data_lib.build_input_fn(setup.builder, setup.info, input_config,
                                     setup.info.num_classes)(tf.distribute.InputContext())
   views, _, _ = next(iter(dataset))
