@@ -249,12 +249,16 @@ def write_hparams(summary_writer, config, step, results):
   HParams dashboard (it compares runs under one --logdir: SimCLR against SogCLR, batch sizes)."""
   from tensorboard.plugins.hparams import api as hparams_api  # noqa: PLC0415  (TF's own)
 
+  # Without --knn_monitor the final evaluation has no kNN; an evaluation while training at the
+  # final step has.
+  last = results.get('monitor', [{}])[-1]
+  metrics = (last if last.get('global_step') == step else {}) | results
   with summary_writer.as_default(step=step):
     hparams_api.hparams(hparams_of(config), trial_id=os.path.basename(
         os.path.normpath(config.model_dir)))
     for key, tag in HPARAMS_METRICS.items():
-      if key in results:
-        tf.summary.scalar(tag, results[key])
+      if key in metrics:
+        tf.summary.scalar(tag, metrics[key])
   summary_writer.flush()
 
 

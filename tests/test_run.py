@@ -674,5 +674,12 @@ def test_eval_every_epochs_logs_head_and_knn_top_1_each_epoch_with_its_cost(run_
                      result.stderr, re.M), result.stderr[-3000:]
     saved = json.load(open(os.path.join(model_dir, f'result_{step}.json')))
     assert 0 < saved['eval/knn_top_1'] <= 1 and saved['eval_seconds'] > 0
-  assert [r['global_step'] for r in json.load(
-      open(os.path.join(model_dir, 'result_22.json')))['monitor']] == [11, 22]
+  monitor = json.load(open(os.path.join(model_dir, 'result_22.json')))['monitor']
+  assert [r['global_step'] for r in monitor] == [11, 22]
+  # Without --knn_monitor the final evaluation has no kNN: the HParams dashboard gets the one
+  # evaluated while training at the final step.
+  knn = [float(tf.make_ndarray(v.tensor))
+         for path in glob.glob(os.path.join(model_dir, 'events.out.tfevents.*'))
+         for event in tf.compat.v1.train.summary_iterator(path)
+         for v in event.summary.value if v.tag == 'hparams/knn_top_1']
+  assert knn == [pytest.approx(monitor[-1]['eval/knn_top_1'])]
