@@ -11,7 +11,6 @@ import numpy as np
 import tensorflow as tf
 
 import data as data_lib
-import distribution
 import lars_optimizer
 import model as model_lib
 import probe
@@ -31,40 +30,54 @@ class EvalConfig:
   knn_temperature: float = 0.1
 
 
-def _unless_empty(images, compute, empty):
-  """compute() on a replica's batch, or empty() when it has no images.
+def eval_dataset(strategy, builder, info, split, *, global_batch_size, image_size,
+                 num_examples):
+  """A non-repeating distributed pipeline of `split` (`num_examples` images) with the eval
+  preprocessing, in batches of a static shape: per-replica `(views, labels, ids, mask)`.
 
-  The last step of a split that does not fill every replica gives some replicas an empty batch;
-  oneDNN's CPU convolution returns a wrongly shaped output for it (TF 2.21), which the next
-  BatchNormalization rejects.
+  Every replica gets the same number of full batches (so a TPU never sees a dynamic batch and
+  every worker runs the same steps): the last ones are padded with all-zero images whose `mask`
+  is False. Steps: ceil(images per input pipeline / the pipeline's images per step).
   """
-  return tf.cond(tf.shape(images)[0] > 0, compute, empty)
+  config = data_lib.InputConfig(split=split, global_batch_size=global_batch_size,
+                                image_size=image_size, is_training=False, num_views=1)
+  input_fn = data_lib.build_input_fn(builder, info, config, info.num_classes)
+
+  def padded_input_fn(input_context):
+    per_replica = input_context.get_per_replica_batch_size(global_batch_size)
+    replicas = input_context.num_replicas_in_sync // input_context.num_input_pipelines
+    # tfds.even_splits gives each pipeline at most this many images.
+    pipeline_examples = -(-num_examples // input_context.num_input_pipelines)
+    steps = max(1, -(-pipeline_examples // (per_replica * replicas)))
+    images = input_fn(input_context).unbatch().map(lambda *x: (*x, True))
+    padding = tf.data.Dataset.from_tensors(tf.nest.map_structure(
+        lambda spec: tf.zeros(spec.shape, spec.dtype), images.element_spec[:3]) + (False,))
+    images = images.concatenate(padding.repeat()).take(steps * replicas * per_replica)
+    return images.batch(per_replica, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
+
+  return strategy.distribute_datasets_from_function(padded_input_fn)
 
 
 class HeadMetrics:
-  """Top-1/top-5 of a model's supervised head over a dataset; one tf.function for all calls."""
+  """Top-1/top-5 of a model's supervised head over an eval_dataset; one tf.function for all
+  calls (its batches have one static shape)."""
 
   def __init__(self, strategy, model):
     self.strategy = strategy
     self.model = model
-    # The last batch is smaller: one more trace, not one per call.
-    self._sums = tf.function(self._batch_sums_replicated, reduce_retracing=True)
+    self._sums = tf.function(self._batch_sums_replicated)
 
-  def _batch_sums(self, views, labels, ids):
+  def _batch_sums(self, views, labels, ids, mask):
     del ids
-    zeros = {k: tf.constant(0.0) for k in ('top_1', 'top_5', 'count')}
+    logits = self.model(views[0], training=False)['supervised_logits']
+    targets = tf.argmax(labels, 1)
+    weights = tf.cast(mask, tf.float32)
 
-    def sums():
-      logits = self.model(views[0], training=False)['supervised_logits']
-      targets = tf.argmax(labels, 1)
-      return {
-          'top_1': tf.reduce_sum(tf.cast(tf.math.in_top_k(targets, logits, 1), tf.float32)),
-          'top_5': tf.reduce_sum(tf.cast(tf.math.in_top_k(
-              targets, logits, min(5, logits.shape[-1])), tf.float32)),
-          'count': tf.cast(tf.shape(logits)[0], tf.float32),
-      }
+    def correct(k):
+      return tf.reduce_sum(weights * tf.cast(tf.math.in_top_k(targets, logits, k), tf.float32))
 
-    return _unless_empty(views[0], sums, lambda: zeros)
+    return {'top_1': correct(1), 'top_5': correct(min(5, logits.shape[-1])),
+            'count': tf.reduce_sum(weights)}
 
   def _batch_sums_replicated(self, inputs):
     per_replica = self.strategy.run(self._batch_sums, args=inputs)
@@ -85,33 +98,129 @@ class HeadMetrics:
 
 
 class FeatureExtractor:
-  """(features [N, C], labels [N]) of a model's trunk over a non-repeating dataset, on this
-  host's replicas; one tf.function for all calls."""
+  """(features [N, C], labels [N]) of a model's trunk over an eval_dataset (its padding
+  dropped), on this host's replicas; one tf.function for all calls."""
 
   def __init__(self, strategy, model):
     self.strategy = strategy
     self.model = model
-    self._run = tf.function(self._replicated, reduce_retracing=True)
+    self._run = tf.function(self._replicated)
 
-  def _replica_features(self, views, labels):
-    empty = (tf.zeros([0, self.model.trunk.output_dim]), tf.zeros([0], tf.int64))
-    return _unless_empty(
-        views[0],
-        lambda: (self.model(views[0], training=False)['features'], tf.argmax(labels, 1)),
-        lambda: empty)
+  def _replica_features(self, views, labels, ids, mask):
+    del ids
+    return self.model(views[0], training=False)['features'], tf.argmax(labels, 1), mask
 
   def _replicated(self, inputs):
-    views, labels, _ = inputs
-    return self.strategy.run(self._replica_features, args=(views, labels))
+    return self.strategy.run(self._replica_features, args=inputs)
 
   def __call__(self, dataset):
     features, labels = [], []
     local = self.strategy.experimental_local_results
     for inputs in dataset:
-      batch_features, batch_labels = self._run(inputs)
-      features += [x.numpy() for x in local(batch_features)]
-      labels += [x.numpy() for x in local(batch_labels)]
+      for x, y, mask in zip(*(local(t) for t in self._run(inputs))):
+        mask = mask.numpy()
+        features.append(x.numpy()[mask])
+        labels.append(y.numpy()[mask])
     return np.concatenate(features), np.concatenate(labels)
+
+
+def merge_top_k(values, labels, similarities, chunk_labels, k):
+  """The k largest of a running top-k and a chunk's similarities, per row.
+
+  values, labels: [n, k] (similarities, descending, and the labels of those neighbours);
+  similarities: [n, b] to the chunk's b rows (-inf: not a neighbour); chunk_labels: [b].
+  Returns the new (values, labels), [n, k].
+  """
+  candidates = tf.concat([values, similarities], 1)
+  candidate_labels = tf.concat(
+      [labels, tf.broadcast_to(chunk_labels[tf.newaxis], tf.shape(similarities))], 1)
+  values, index = tf.math.top_k(candidates, k)
+  return values, tf.gather(candidate_labels, index, batch_dims=1)
+
+
+def knn_votes_top_1(values, labels, eval_labels, num_classes, temperature):
+  """Top-1 of the weighted kNN vote (probe.knn_accuracy's): each of the k neighbours (values,
+  labels: [n, k]; -inf values never vote) adds exp(similarity / temperature) to its class."""
+  weights = np.exp(np.asarray(values, np.float64) / temperature)
+  votes = np.zeros((len(values), num_classes))
+  np.add.at(votes, (np.arange(len(values))[:, None], np.asarray(labels)), weights)
+  return float(np.mean(votes.argmax(1) == np.asarray(eval_labels)))
+
+
+class StreamingKNN:
+  """Weighted kNN top-1 (probe.knn_accuracy's classifier) computed on the replicas, streaming.
+
+  The eval split's L2-normalised features are gathered once onto every replica ([n_eval, D]);
+  then each replica streams its share of the train split batch by batch, multiplies the eval
+  features by the batch's ([n_eval, b] similarities) and merges them into a running top-k
+  ([n_eval, k] similarities and labels). Nothing of the size of the train split is held, on the
+  host or a device. At the end the replicas' top-k are gathered and merged (across workers too).
+
+  embed(views) -> [b, D] features of a batch's views (e.g. the trunk's); datasets: eval_dataset
+  pipelines (static batches with a mask). tf.functions are built once per object.
+  """
+
+  def __init__(self, strategy, embed, *, k, temperature, num_classes):
+    self.strategy = strategy
+    self.embed = embed
+    self.k = k
+    self.temperature = temperature
+    self.num_classes = num_classes
+    self._eval_step = tf.function(self._eval_features_replicated)
+    self._train_step = tf.function(self._update_replicated)
+    self._merge = tf.function(self._merged)
+
+  def _normalised(self, views):
+    return tf.math.l2_normalize(tf.cast(self.embed(views), tf.float32), axis=1)
+
+  def _eval_features(self, views, labels, ids, mask):
+    del ids
+    context = tf.distribute.get_replica_context()
+    # all_gather takes no booleans.
+    return tuple(context.all_gather(x, 0) for x in (
+        self._normalised(views), tf.argmax(labels, 1), tf.cast(mask, tf.int32)))
+
+  def _eval_features_replicated(self, inputs):
+    return self.strategy.run(self._eval_features, args=inputs)
+
+  def _update(self, values, labels, eval_features, views, train_labels, ids, mask):
+    del ids
+    similarities = tf.matmul(eval_features, self._normalised(views), transpose_b=True)
+    similarities = tf.where(mask[tf.newaxis], similarities, -np.inf)
+    return merge_top_k(values, labels, similarities, tf.argmax(train_labels, 1), self.k)
+
+  def _merged(self, values, labels):
+    # [n, replicas * k] from every replica of every worker, merged to [n, k].
+    values, index = tf.math.top_k(self.strategy.gather(values, axis=1), self.k)
+    return values, tf.gather(self.strategy.gather(labels, axis=1), index, batch_dims=1)
+
+  def _update_replicated(self, values, labels, eval_features, inputs):
+    return self.strategy.run(self._update, args=(values, labels, eval_features, *inputs))
+
+  def gather_eval_features(self, eval_data):
+    """(features [n_eval, D], labels [n_eval]) of the whole eval split, on this host (every
+    worker gets all of them)."""
+    features, labels = [], []
+    for inputs in eval_data:
+      x, y, mask = (self.strategy.experimental_local_results(t)[0].numpy()
+                    for t in self._eval_step(inputs))
+      features.append(x[mask == 1])
+      labels.append(y[mask == 1])
+    return np.concatenate(features), np.concatenate(labels)
+
+  def __call__(self, train_data, eval_data):
+    """kNN top-1 of the eval split's images against the train split's."""
+    eval_features, eval_labels = self.gather_eval_features(eval_data)
+    n = len(eval_features)
+    per_replica = self.strategy.experimental_distribute_values_from_function
+    on_replicas = per_replica(lambda _: tf.constant(eval_features))
+    values = per_replica(lambda _: tf.fill([n, self.k], -np.inf))
+    labels = per_replica(lambda _: tf.zeros([n, self.k], tf.int64))
+    for inputs in train_data:
+      values, labels = self._train_step(values, labels, on_replicas, inputs)
+    values, labels = self._merge(values, labels)
+    return knn_votes_top_1(values.numpy(), labels.numpy(), eval_labels, self.num_classes,
+                           self.temperature)
 
 
 class Evaluator:
@@ -133,15 +242,17 @@ class Evaluator:
     self.summary_writer = summary_writer
     self.head_metrics = HeadMetrics(strategy, model)
     self.extract_features = FeatureExtractor(strategy, model)
+    self.streaming_knn = StreamingKNN(
+        strategy, lambda views: model(views[0], training=False)['features'], k=config.knn_k,
+        temperature=config.knn_temperature, num_classes=info.num_classes)
     self._features = {}  # {(step, split): (features, labels)} of the current step only
 
   def dataset(self, split):
-    """A non-repeating pipeline of `split` with the eval preprocessing (no augmentation)."""
-    config = data_lib.InputConfig(split=split, global_batch_size=self.config.eval_batch_size,
-                                  image_size=self.data.image_size, is_training=False,
-                                  num_views=1)
-    return data_lib.build_distributed_dataset(self.strategy, self.builder, self.info, config,
-                                              self.info.num_classes)
+    """A non-repeating eval_dataset of `split` (no augmentation, static padded batches)."""
+    return eval_dataset(self.strategy, self.builder, self.info, split,
+                        global_batch_size=self.config.eval_batch_size,
+                        image_size=self.data.image_size,
+                        num_examples=int(self.builder.info.splits[split].num_examples))
 
   def features(self, step, split):
     """Trunk features and labels of `split` at `step`, extracted once per step."""
@@ -150,10 +261,10 @@ class Evaluator:
       self._features[step, split] = self.extract_features(self.dataset(split))
     return self._features[step, split]
 
-  def evaluate(self, step):
+  def evaluate(self, step, knn=None, log=True):
     """Evaluates the model at `step`: its weight-decay loss, the supervised head's top-1/top-5
-    on the eval split (when it has one) and, with knn_monitor, a kNN classifier on trunk
-    features. Logs one line and writes the eval/ summaries.
+    on the eval split (when it has one) and, with `knn` (default: knn_monitor), a kNN
+    classifier on trunk features. Logs one line (with `log`) and writes the eval/ summaries.
 
     Returns {'global_step', 'eval/regularization_loss', 'eval/top_1', ..., 'eval/knn_top_1'}.
     """
@@ -168,11 +279,11 @@ class Evaluator:
       results.update({f'eval/{k}': v for k, v in metrics.items()})
       parts.append(f"{metrics['num_examples']} images: top-1 {metrics['top_1']:.4f}, "
                    f"top-5 {metrics['top_5']:.4f}")
-    if config.knn_monitor:
-      results.update(self.knn(step))
-      if 'eval/knn_top_1' in results:
-        parts.append(f"kNN top-1 {results['eval/knn_top_1']:.4f} (k={config.knn_k})")
-    logging.info('Eval at step %d on %s: %s', step, self.data.eval_split, '; '.join(parts))
+    if config.knn_monitor if knn is None else knn:
+      results.update(self.knn())
+      parts.append(f"kNN top-1 {results['eval/knn_top_1']:.4f} (k={config.knn_k})")
+    if log:
+      logging.info('Eval at step %d on %s: %s', step, self.data.eval_split, '; '.join(parts))
     self._write_summaries(step, results)
     return results
 
@@ -188,18 +299,12 @@ class Evaluator:
         tf.summary.scalar('eval/knn_top_1', results['eval/knn_top_1'])
     self.summary_writer.flush()
 
-  def knn(self, step):
-    """{'eval/knn_top_1': ...}: a weighted kNN (probe.knn_accuracy) of the eval split's trunk
-    features against the train split's, both without augmentation."""
-    if distribution.num_workers(self.strategy) > 1:
-      logging.warning('--knn_monitor skipped: in a multi-worker run each host extracts only its '
-                      'shard of the features.')
-      return {}
-    train_x, train_y = self.features(step, self.data.train_split)
-    test_x, test_y = self.features(step, self.data.eval_split)
-    return {'eval/knn_top_1': probe.knn_accuracy(
-        train_x, train_y, test_x, test_y, k=self.config.knn_k,
-        temperature=self.config.knn_temperature)}
+  def knn(self):
+    """{'eval/knn_top_1': ...}: a weighted kNN (probe.knn_accuracy's classifier) of the eval
+    split's trunk features against the train split's, both without augmentation, streamed on
+    the replicas (StreamingKNN); every worker of a multi-worker run takes part."""
+    return {'eval/knn_top_1': self.streaming_knn(self.dataset(self.data.train_split),
+                                                 self.dataset(self.data.eval_split))}
 
   def probe(self, step):
     """A logistic-regression probe on frozen trunk features, beside raw-pixel and

@@ -122,6 +122,9 @@ def prepare(config):
                    info.num_train_examples, config.data.train_split)
   if config.eval.knn_monitor and not info.label_key:
     raise ValueError(f'--knn_monitor needs labels; dataset {info.name!r} has none')
+  if config.loop.eval_every(1) and config.mode != 'eval' and not info.label_key:
+    raise ValueError(f'--eval_every_epochs/--eval_every_steps evaluate with labels; dataset '
+                     f'{info.name!r} has none')
   if config.mode == 'eval' and not config.checkpoint and not tf.io.gfile.isdir(config.model_dir):
     raise ValueError(f'--model_dir={config.model_dir!r} does not exist: --mode=eval evaluates '
                      'the checkpoints of a training run there (check the path, or start the '
@@ -220,9 +223,15 @@ def train_and_evaluate(config, setup, model):
       hidden_norm=objective.hidden_norm, weight_decay=config.optimizer.weight_decay,
       optimizer_name=config.optimizer.name, sogclr=sogclr, jit_compile=setup.jit_compile)
   results = {}
+  evaluator = _evaluator(config, setup, model, summary_writer)
   if initial_step < setup.total_steps:
-    seconds = _train(config, setup, trainer, manager, summary_writer, learning_rate)
+    monitored = []
+    seconds = _train(config, setup, trainer, manager, summary_writer, learning_rate,
+                     _monitor(config, setup, evaluator, monitored))
     results['train_seconds'] = round(seconds, 1)
+    if monitored:
+      results['monitor'] = monitored
+      results['monitor_seconds'] = round(sum(r['eval_seconds'] for r in monitored), 1)
   else:  # a finished run, rerun: evaluated again; its train_seconds stays in its results
     logging.info('Already trained to step %d; evaluating only.', initial_step)
     if setup.chief:
@@ -231,7 +240,6 @@ def train_and_evaluate(config, setup, model):
   _export(config, setup, model, step)
   if not setup.chief:
     tf.io.gfile.rmtree(setup.write_dir)
-  evaluator = _evaluator(config, setup, model, summary_writer)
   results.update(evaluator.evaluate(step))
   logging.info('Final state at step %d: %s', step, checkpoints.state_fingerprint(model, sogclr))
   # The probe fits on the features one host sees: multi-worker runs skip it.
@@ -239,12 +247,72 @@ def train_and_evaluate(config, setup, model):
     results.update(evaluator.probe(step))
   if setup.chief:
     checkpoints.write_results(config.model_dir, step, results)
+    write_hparams(summary_writer, config, step, results)
   return results
 
 
-def _train(config, setup, trainer, manager, summary_writer, learning_rate):
+# The results the HParams dashboard shows next to the run-defining flags.
+HPARAMS_METRICS = {'eval/top_1': 'hparams/head_top_1', 'eval/knn_top_1': 'hparams/knn_top_1',
+                   'probe/top_1': 'hparams/probe_top_1'}
+
+
+def hparams_of(config):
+  """{name: value} of the run-defining flags (and the length and learning rate), as TensorBoard's
+  HParams plugin takes them: bool, int, float or str."""
+  record = dict(config.flags) | {'resolved_loss': _resolved_loss(config)}
+  names = (*RUN_DEFINING_FLAGS, 'learning_rate', 'weight_decay', 'train_epochs', 'train_steps')
+  return {name: record[name] if isinstance(record[name], (bool, int, float, str))
+          else str(record[name]) for name in names if name in record}
+
+
+def write_hparams(summary_writer, config, step, results):
+  """The run's hparams (hparams_of) and its final metrics (hparams/*), once, for TensorBoard's
+  HParams dashboard (it compares runs under one --logdir: SimCLR against SogCLR, batch sizes)."""
+  from tensorboard.plugins.hparams import api as hparams_api  # noqa: PLC0415  (TF's own)
+
+  # Without --knn_monitor the final evaluation has no kNN; an evaluation while training at the
+  # final step has.
+  last = results.get('monitor', [{}])[-1]
+  metrics = (last if last.get('global_step') == step else {}) | results
+  with summary_writer.as_default(step=step):
+    hparams_api.hparams(hparams_of(config), trial_id=os.path.basename(
+        os.path.normpath(config.model_dir)))
+    for key, tag in HPARAMS_METRICS.items():
+      if key in metrics:
+        tf.summary.scalar(tag, metrics[key])
+  summary_writer.flush()
+
+
+def _monitor(config, setup, evaluator, monitored):
+  """on_eval for trainer.train: the head's top-1 and the kNN monitor on the eval split, logged
+  with their cost, in the eval/ summaries, result_<step>.json and `monitored` (a list)."""
+  if not config.loop.eval_every(setup.steps_per_epoch):
+    return None
+
+  def on_eval(step, train_seconds):
+    started = time.time()
+    results = evaluator.evaluate(step, knn=True, log=False)
+    seconds = time.time() - started
+    head = f"{results['eval/top_1']:.4f}" if 'eval/top_1' in results else 'n/a'
+    logging.info('Eval at step %d (epoch %.3g): head top-1 %s, kNN top-1 %.4f (took %.1f s, '
+                 'training so far %.1f s)', step, step / setup.steps_per_epoch, head,
+                 results['eval/knn_top_1'], seconds, train_seconds)
+    record = {'global_step': step, 'epoch': step / setup.steps_per_epoch,
+              **{k: results[k] for k in ('eval/top_1', 'eval/knn_top_1') if k in results},
+              'eval_seconds': round(seconds, 2), 'train_seconds': round(train_seconds, 1)}
+    monitored.append(record)
+    if setup.chief:
+      checkpoints.write_results(config.model_dir, step, results | {
+          'eval_seconds': record['eval_seconds'], 'train_seconds_so_far': record['train_seconds']})
+
+  return on_eval
+
+
+def _train(config, setup, trainer, manager, summary_writer, learning_rate, on_eval=None):
   """The outer training loop over the resumed input pipeline; returns the seconds spent."""
   initial_step = int(trainer.optimizer.iterations.numpy())
+  if setup.chief:
+    write_view_pairs(config, setup, summary_writer, initial_step)
   dataset = data_lib.build_distributed_dataset(
       setup.strategy, setup.builder, setup.info, train_input_config(config, initial_step),
       setup.info.num_classes)
@@ -262,7 +330,29 @@ def _train(config, setup, trainer, manager, summary_writer, learning_rate):
         # data that stops the first batch, never touch flags.json.
         on_started=(lambda: _record_flags(config, initial_step)) if setup.chief else None,
         on_progress=trainer_lib.ProgressLogger(config.loop.train_batch_size,
-                                               config.loop.log_every_seconds))
+                                               config.loop.log_every_seconds),
+        eval_every=config.loop.eval_every(setup.steps_per_epoch), on_eval=on_eval)
+
+
+VIEW_PAIRS = 4  # images shown by write_view_pairs
+
+
+def write_view_pairs(config, setup, summary_writer, step, num_images=VIEW_PAIRS):
+  """An image summary train/augmented_views of the first `num_images` training images as the
+  step sees them (pretraining: the two views side by side), from a pipeline of their own.
+
+  Built before the training pipeline, whose construction resets the global seed: this leaves
+  the training data and every later random draw unchanged.
+  """
+  # No shuffle buffer to fill, no cache filled only in part: a few records read, no more.
+  input_config = dataclasses.replace(train_input_config(config, step),
+                                     global_batch_size=num_images, shuffle_buffer=1,
+                                     cache_dataset=False)
+  dataset = data_lib.build_input_fn(setup.builder, setup.info, input_config,
+                                    setup.info.num_classes)(tf.distribute.InputContext())
+  views, _, _ = next(iter(dataset))
+  with summary_writer.as_default(step=step):
+    tf.summary.image('train/augmented_views', tf.concat(views, 2), max_outputs=num_images)
 
 
 # Flags whose change makes a resumed run another run (its data order, objective or network);

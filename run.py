@@ -169,8 +169,14 @@ flags.DEFINE_bool('probe_baselines', True,
                   'With the probe, also report raw-pixel and random-network probes.')
 flags.DEFINE_bool('knn_monitor', False,
                   'Every evaluation also reports the top-1 of a weighted kNN classifier on '
-                  'trunk features, eval split against train split (holds the train split\'s '
-                  'features in host memory: images x feature size floats).')
+                  'trunk features, eval split against train split, computed on the replicas '
+                  '(holds the eval split\'s features and its top-k, never the train split\'s).')
+flags.DEFINE_integer('eval_every_epochs', 0,
+                     'While training, every this many epochs (and at the end), evaluate the '
+                     'linear head\'s top-1 and the kNN monitor on the eval split (TensorBoard '
+                     'eval/, result_<step>.json, a log line with its cost); 0 = only at the end.')
+flags.DEFINE_integer('eval_every_steps', 0,
+                     'As --eval_every_epochs, in steps; > 0 overrides it.')
 flags.DEFINE_integer('knn_k', 200, 'Neighbours voting in the kNN monitor.')
 flags.DEFINE_float('knn_temperature', 0.1,
                    'Temperature T of the kNN monitor: votes weigh exp(cosine similarity / T).')
@@ -258,6 +264,7 @@ RANGES = (
     ('color_jitter_strength', 0, False), ('sk_ratio', 0, False), ('se_ratio', 0, False),
     ('proj_out_dim', 1, False), ('num_proj_layers', 0, False), ('log_every_seconds', 0, False),
     ('probe_max_examples', 0, False), ('batch_norm_decay', 0, False),
+    ('eval_every_epochs', 0, False), ('eval_every_steps', 0, False),
     ('fine_tune_after_block', -1, False))
 
 
@@ -350,7 +357,8 @@ def build_config(values):
           train_steps=v.train_steps, checkpoint_epochs=v.checkpoint_epochs,
           checkpoint_steps=v.checkpoint_steps, keep_checkpoint_max=v.keep_checkpoint_max,
           keep_hub_module_max=v.keep_hub_module_max, seed=v.seed,
-          deterministic=v.deterministic, log_every_seconds=v.log_every_seconds),
+          deterministic=v.deterministic, log_every_seconds=v.log_every_seconds,
+          eval_every_epochs=v.eval_every_epochs, eval_every_steps=v.eval_every_steps),
       eval=evaluation.EvalConfig(
           eval_batch_size=v.eval_batch_size, eval_steps=v.eval_steps, eval_name=v.eval_name,
           eval_timeout_seconds=v.eval_timeout_seconds,

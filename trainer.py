@@ -53,12 +53,18 @@ class LoopConfig:
   seed: int = 0
   deterministic: bool = False
   log_every_seconds: float = 5.0
+  eval_every_epochs: int = 0  # evaluate while training (head top-1, kNN); 0 = only at the end
+  eval_every_steps: int = 0  # > 0 overrides eval_every_epochs
 
   def total_steps(self, steps_per_epoch):
     return self.train_steps or self.train_epochs * steps_per_epoch
 
   def checkpoint_every(self, steps_per_epoch):
     return self.checkpoint_steps or max(1, self.checkpoint_epochs * steps_per_epoch)
+
+  def eval_every(self, steps_per_epoch):
+    """Steps between evaluations during training; 0 = none."""
+    return self.eval_every_steps or self.eval_every_epochs * steps_per_epoch
 
 
 def warmup_steps(config, steps_per_epoch, total_steps):
@@ -278,10 +284,14 @@ class StepsPerCall:
     return self.steps
 
 
-def call_steps(step, steps_per_call, total_steps, checkpoint_every):
-  """(steps of the next call, the next checkpoint step): never past training or a checkpoint."""
+def call_steps(step, steps_per_call, total_steps, checkpoint_every, eval_every=0):
+  """(steps of the next call, the next checkpoint step): never past training, a checkpoint or
+  (eval_every > 0) an evaluation."""
   next_checkpoint = (step // checkpoint_every + 1) * checkpoint_every
-  return min(steps_per_call, total_steps - step, next_checkpoint - step), next_checkpoint
+  num_steps = min(steps_per_call, total_steps - step, next_checkpoint - step)
+  if eval_every:
+    num_steps = min(num_steps, (step // eval_every + 1) * eval_every - step)
+  return num_steps, next_checkpoint
 
 
 def _check_metrics_finite(metrics, first_loss, previous, step, checkpoint_manager, saved_step):
@@ -316,6 +326,17 @@ def _write_summaries(summary_writer, step, metrics):
         tf.summary.scalar(f'train/{name}', value)
 
 
+def write_u_summaries(summary_writer, step, log_u, histogram):
+  """u/visited_fraction (images whose u has been set: log u finite) and, with `histogram`, a
+  histogram u/log_u of log u over those images (the never visited are -inf)."""
+  log_u = tf.convert_to_tensor(log_u)
+  visited = tf.math.is_finite(log_u)
+  with summary_writer.as_default(step=step):
+    tf.summary.scalar('u/visited_fraction', tf.reduce_mean(tf.cast(visited, tf.float32)))
+    if histogram:
+      tf.summary.histogram('u/log_u', tf.boolean_mask(log_u, visited))
+
+
 def _save(trainer, checkpoint_manager, previous, step):
   # A finite loss was computed before the last update: the weights can still have blown up.
   if not trainer.weights_are_finite():
@@ -327,7 +348,7 @@ def _save(trainer, checkpoint_manager, previous, step):
 
 def train(trainer, iterator, *, total_steps, checkpoint_every, checkpoint_manager,
           summary_writer=None, learning_rate_fn=None, stop_requested=None, on_progress=None,
-          on_started=None):
+          on_started=None, eval_every=0, on_eval=None):
   """The outer loop: bookkeeping at loop boundaries, the steps inside `trainer.run_steps`.
 
   Never overshoots `total_steps`; checkpoints every `checkpoint_every` steps and at the end;
@@ -336,24 +357,30 @@ def train(trainer, iterator, *, total_steps, checkpoint_every, checkpoint_manage
   next loop boundary and raises Preempted (with the event's `signal_number`, if it has one).
   After every call, `on_progress(Progress)` (e.g. a ProgressLogger). `on_started()` runs once,
   after the first call (the data and the step work), before anything is written: a run stopped
-  by bad data in its first batch changes nothing. Returns the seconds spent.
+  by bad data in its first batch changes nothing. With SogCLR, u/ summaries
+  (write_u_summaries: the histogram at the first call and at each checkpoint). With eval_every
+  > 0, calls stop at its multiples, where (after any checkpoint) `on_eval(step,
+  training_seconds_so_far)` runs, and at the last step. Returns the seconds spent training, the
+  time in on_eval excluded.
   """
   step = start_step = int(trainer.optimizer.iterations.numpy())
   saved_step = None  # the step of this loop's last save
   sizer = StepsPerCall()
   train_started = time.time()
+  eval_seconds = 0.0
   while step < total_steps:
-    num_steps, next_checkpoint = call_steps(step, sizer.steps, total_steps, checkpoint_every)
+    num_steps, next_checkpoint = call_steps(step, sizer.steps, total_steps, checkpoint_every,
+                                            eval_every if on_eval is not None else 0)
     started = time.time()
     means, first_loss = trainer.run_steps(iterator, num_steps)
     metrics = {k: float(v) for k, v in means.items()}
     elapsed = time.time() - started
     previous, step = step, int(trainer.optimizer.iterations.numpy())
     assert step == previous + num_steps, (previous, num_steps, step)
-    if previous == start_step and on_started is not None:
-      on_started()
     _check_metrics_finite(metrics, float(first_loss), previous, step, checkpoint_manager,
                           saved_step)
+    if previous == start_step and on_started is not None:
+      on_started()
     # The first call includes tracing.
     sizer.update(elapsed, num_steps, includes_tracing=previous == start_step and
                  sizer.steps == 1)
@@ -367,7 +394,11 @@ def train(trainer, iterator, *, total_steps, checkpoint_every, checkpoint_manage
     if learning_rate_fn is not None:
       metrics['learning_rate'] = float(learning_rate_fn(step))
     _write_summaries(summary_writer, step, metrics)
-    if step == next_checkpoint or step == total_steps or preempted:
+    saving = step == next_checkpoint or step == total_steps or preempted
+    if summary_writer is not None and trainer.sogclr is not None:
+      write_u_summaries(summary_writer, step, trainer.sogclr.log_u,
+                        histogram=saving or previous == start_step)
+    if saving:
       _save(trainer, checkpoint_manager, previous, step)
       saved_step = step
     if preempted:
@@ -380,9 +411,13 @@ def train(trainer, iterator, *, total_steps, checkpoint_every, checkpoint_manage
                       else signal.SIGTERM)
     if on_progress is not None:
       on_progress(Progress(step, total_steps, metrics, sizer.seconds_per_step))
+    if on_eval is not None and eval_every and (step % eval_every == 0 or step == total_steps):
+      eval_started = time.time()
+      on_eval(step, eval_started - train_started - eval_seconds)
+      eval_seconds += time.time() - eval_started
   if summary_writer is not None:
     summary_writer.flush()
-  return time.time() - train_started
+  return time.time() - train_started - eval_seconds
 
 
 def format_duration(seconds):

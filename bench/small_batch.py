@@ -129,9 +129,9 @@ def measure(model, builder, info, views, settings):
   strategy = tf.distribute.get_strategy()
 
   def split_data(split):
-    config = data_lib.InputConfig(split=split, global_batch_size=512,
-                                  image_size=settings.image_size, is_training=False, num_views=1)
-    return data_lib.build_distributed_dataset(strategy, builder, info, config, info.num_classes)
+    return evaluation.eval_dataset(
+        strategy, builder, info, split, global_batch_size=512, image_size=settings.image_size,
+        num_examples=int(builder.info.splits[split].num_examples))
 
   global_objective = objective.global_nt_xent(
       projections(model, views[0]), projections(model, views[1]), settings.temperature)

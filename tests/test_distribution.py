@@ -16,7 +16,10 @@ import pytest
 import tensorflow as tf
 
 import checkpoints
+import data as data_lib
 import distribution
+import model as model_lib
+import probe
 
 TPU_NAME = 'my-tpu'
 TPU_ADDRESS = 'grpc://10.0.0.2:8470'
@@ -341,3 +344,40 @@ def test_workers_of_unequal_speed_agree_on_every_call_and_finish(tmp_path, worke
   assert steps[0][-1] == 60 and len(steps[0]) > 9  # many calls, every checkpoint a boundary
   assert {7, 14, 21, 28, 35, 42, 49, 56} <= set(steps[0])
   assert final_state(outputs[0], 60) == final_state(outputs[1], 60)
+
+
+def eager_features(model, data_dir, split):
+  """(trunk features, labels) of a digits split, computed eagerly on one pipeline here."""
+  builder = data_lib.get_builder('digits', data_dir)
+  info = data_lib.describe(builder, 'train', 'test')
+  config = data_lib.InputConfig(split=split, global_batch_size=100, image_size=16,
+                                is_training=False, num_views=1)
+  features, labels = [], []
+  for views, one_hot, _ in data_lib.build_input_fn(builder, info, config, 10)(
+      tf.distribute.InputContext()):
+    features.append(model(views[0], training=False)['features'].numpy())
+    labels.append(np.argmax(one_hot.numpy(), 1))
+  return np.concatenate(features), np.concatenate(labels)
+
+
+@pytest.mark.slow
+def test_two_workers_evaluate_while_training_and_their_knn_equals_one_host(
+    tmp_path, workers, data_dir, tiny_model_config):
+  model_dir = str(tmp_path / 'run')
+  outputs = finish(workers(model_dir, str(tmp_path), '--train_steps=4', '--eval_every_steps=2',
+                           '--knn_monitor', '--knn_k=20', '--keep_hub_module_max=0'))
+  for index, output in enumerate(outputs):
+    assert 'Result:' in output, f'worker {index} failed:\n{output[-3000:]}'
+    assert 'knn_monitor skipped' not in output
+    assert re.search(r'Eval at step 2 .*kNN top-1 0\.\d{4}', output), output[-3000:]
+  results = json.load(open(os.path.join(model_dir, 'result_4.json')))
+  assert [r['global_step'] for r in results['monitor']] == [2, 4]
+  # The workers' shards of the eval split make it whole, each image once.
+  assert results['eval/num_examples'] == 360
+  # The kNN of the two workers (each streaming its shard of the train split) is the one of
+  # NumPy on one host, on the final checkpoint's features.
+  model = model_lib.build_model(tiny_model_config(), 16)
+  tf.train.Checkpoint(model=model).restore(tf.train.latest_checkpoint(model_dir)).expect_partial()
+  expected = probe.knn_accuracy(*eager_features(model, data_dir, 'train'),
+                                *eager_features(model, data_dir, 'test'), k=20, temperature=0.1)
+  assert results['eval/knn_top_1'] == expected

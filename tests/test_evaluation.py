@@ -100,8 +100,9 @@ def test_knn_monitor_equals_knn_on_the_checkpoint_features(pretraining, final_fe
   assert 'eval/knn_top_1' in summary_tags(pretrained)
 
 
-def test_knn_monitor_and_probe_extract_each_split_once(pretraining, final_features):
-  # One extraction of the train split and one of the eval split serve both ...
+def test_the_probe_extracts_each_split_once_and_the_knn_monitor_agrees(pretraining, final_features):
+  # The probe extracts the train split once and the eval split once (the kNN monitor streams
+  # its own) ...
   assert [len(x) for x, _ in pretraining.extracted] == [1437, 360]
   (train_x, train_y), (test_x, test_y) = pretraining.extracted
   # ... and are the final model's features (to float32 round-off).
@@ -113,33 +114,113 @@ def test_knn_monitor_and_probe_extract_each_split_once(pretraining, final_featur
       train_x, train_y, test_x, test_y)
 
 
-def test_eval_covers_the_whole_split_including_the_partial_last_batch(two_replicas, digits,
-                                                                      tiny_model_config):
+def padded_test_split(strategy, digits, global_batch_size=112):
   builder, info = digits
-  assert info.num_eval_examples == 360
-  # 112 images a step, 56 per replica: 360 = 6 x 56 + 24, so 7 per-replica batches; the 4th step
-  # gives replica 0 the partial batch and replica 1 an empty one.
-  config = data_lib.InputConfig(split='test', global_batch_size=112, image_size=16,
-                                is_training=False, num_views=1)
-  dataset = data_lib.build_distributed_dataset(two_replicas, builder, info, config, 10)
+  return evaluation.eval_dataset(strategy, builder, info, 'test',
+                                 global_batch_size=global_batch_size, image_size=16,
+                                 num_examples=info.num_eval_examples)
+
+
+def test_eval_batches_have_a_static_shape_and_cover_the_split_once(two_replicas, digits,
+                                                                   tiny_model_config):
+  assert digits[1].num_eval_examples == 360
+  # 112 images a step, 56 per replica: 360 = 6 x 56 + 24. Every replica gets 4 full batches;
+  # the padding (mask False) fills replica 0's last one and all of replica 1's.
+  dataset = padded_test_split(two_replicas, digits)
+  specs = tf.nest.flatten(dataset.element_spec, expand_composites=True)
+  assert specs and all(spec.shape[0] == 56 for spec in specs), specs
   counts, seen = [], []
-  for _, _, ids in dataset:
-    local = [t.numpy() for t in two_replicas.experimental_local_results(ids)]
-    counts.append([len(t) for t in local])
-    seen += [i for t in local for i in t.tolist()]
+  for _, _, ids, mask in dataset:
+    local = [(i.numpy(), m.numpy()) for i, m in zip(
+        two_replicas.experimental_local_results(ids),
+        two_replicas.experimental_local_results(mask))]
+    assert [len(i) for i, _ in local] == [56, 56]
+    counts.append([int(m.sum()) for _, m in local])
+    seen += [x for i, m in local for x in i[m].tolist()]
   assert counts == [[56, 56], [56, 56], [56, 56], [24, 0]]
   assert sorted(seen) == list(range(360))  # every image once
 
-  # Evaluation and the probe's features count exactly those images: the replica with the empty
-  # batch skips the model (oneDNN's CPU convolution mis-shapes an empty batch).
   with two_replicas.scope():
     model = model_lib.build_model(tiny_model_config(train_mode='pretrain'), 16)
-  metrics = evaluation.HeadMetrics(two_replicas, model)(dataset)
+  head = evaluation.HeadMetrics(two_replicas, model)
+  metrics = head(dataset)
   assert metrics['num_examples'] == 360
   assert 0 <= metrics['top_1'] <= metrics['top_5'] <= 1
+  # One trace for the whole split, the padded last step included: the step's input signature
+  # has a static batch dimension.
+  assert head._sums.experimental_get_tracing_count() == 1
+  (signature,) = [f.structured_input_signature for f in
+                  head._sums._list_all_concrete_functions_for_serialization()]
+  inputs = tf.nest.flatten(signature, expand_composites=True)
+  assert inputs and all(spec.shape.rank == 0 or spec.shape[0] == 56 for spec in inputs), inputs
   features, labels = evaluation.FeatureExtractor(two_replicas, model)(dataset)
   assert features.shape == (360, model.trunk.output_dim) and labels.shape == (360,)
   assert np.all(np.isfinite(features))
+
+
+@pytest.mark.parametrize('replicas', [1, 2])
+def test_padded_eval_equals_unpadded_eager_eval(replicas, one_replica, two_replicas, digits,
+                                                tiny_model_config):
+  # 360 test images in steps of 112 (1 replica: 3 full batches and one of 24 real images and
+  # 88 of padding): the head's top-1, the features and the streaming kNN are those of the
+  # unpadded split computed eagerly.
+  strategy = two_replicas if replicas == 2 else one_replica
+  with strategy.scope():
+    model = model_lib.build_model(tiny_model_config(), 16)
+  dataset = padded_test_split(strategy, digits)
+  test_x, logits, test_y = eager_outputs(model, digits, 'test')
+  metrics = evaluation.HeadMetrics(strategy, model)(dataset)
+  assert metrics['num_examples'] == 360
+  assert metrics['top_1'] == pytest.approx(np.mean(logits.argmax(1) == test_y), abs=1e-9)
+  features, labels = evaluation.FeatureExtractor(strategy, model)(dataset)
+  np.testing.assert_allclose(features, test_x, rtol=1e-4, atol=1e-5)
+  np.testing.assert_array_equal(labels, test_y)
+  knn = evaluation.StreamingKNN(strategy, lambda views: model(views[0])['features'], k=20,
+                                temperature=0.1, num_classes=10)
+  # The test split against itself: a split of 360 in steps of 112 on both sides.
+  assert knn(dataset, dataset) == probe.knn_accuracy(test_x, test_y, test_x, test_y, k=20,
+                                                     temperature=0.1)
+
+
+def test_merge_top_k_keeps_the_k_largest_with_their_labels():
+  values = tf.constant([[0.9, 0.5, -np.inf]])
+  labels = tf.constant([[1, 2, 0]], tf.int64)
+  merged = evaluation.merge_top_k(values, labels, tf.constant([[0.7, -np.inf, 0.95, 0.1]]),
+                                  tf.constant([3, 4, 5, 6], tf.int64), 3)
+  np.testing.assert_allclose(merged[0].numpy(), [[0.95, 0.9, 0.7]])
+  np.testing.assert_array_equal(merged[1].numpy(), [[5, 1, 3]])
+
+
+def test_streaming_knn_equals_numpy_knn_on_random_features(one_replica, two_replicas):
+  # Clustered random features, train split of 300 in batches of 64 (a padded last batch), 70
+  # eval rows in batches of 32; k larger than a batch, so the running top-k is really merged.
+  rng = np.random.default_rng(0)
+  centers = rng.normal(size=(5, 8))
+
+  def split(n):
+    y = rng.integers(0, 5, n)
+    return (centers[y] + rng.normal(size=(n, 8))).astype(np.float32), y
+
+  train, test = split(300), split(70)
+
+  def dataset(strategy, x, y, batch):
+    def input_fn(context):
+      per_replica = context.get_per_replica_batch_size(batch)
+      steps = -(-len(x) // batch)
+      padded = steps * batch - len(x)
+      d = tf.data.Dataset.from_tensor_slices((
+          (np.concatenate([x, np.zeros((padded, 8), np.float32)]),),
+          np.eye(5, dtype=np.float32)[np.concatenate([y, np.zeros(padded, int)])],
+          np.arange(steps * batch), np.arange(steps * batch) < len(x)))
+      return d.batch(per_replica, drop_remainder=True)
+    return strategy.distribute_datasets_from_function(input_fn)
+
+  expected = probe.knn_accuracy(*train, *test, k=100, temperature=0.1)
+  assert 0.3 < expected < 1.0
+  for strategy in (one_replica, two_replicas):
+    knn = evaluation.StreamingKNN(strategy, lambda views: views[0], k=100, temperature=0.1,
+                                  num_classes=5)
+    assert knn(dataset(strategy, *train, 64), dataset(strategy, *test, 32)) == expected
 
 
 def test_evaluator_traces_once_for_the_whole_run_and_follows_the_weights(
@@ -170,18 +251,21 @@ def test_evaluator_traces_once_for_the_whole_run_and_follows_the_weights(
   evaluator.extract_features = counted
 
   def tracing_counts():
+    knn = evaluator.streaming_knn
     return (evaluator.head_metrics._sums.experimental_get_tracing_count(),
-            extract._run.experimental_get_tracing_count())
+            extract._run.experimental_get_tracing_count(),
+            knn._eval_step.experimental_get_tracing_count(),
+            knn._train_step.experimental_get_tracing_count())
 
   results, traces = [], []
   for step, weights in zip((1, 2, 3), [None, *later_weights]):
     if weights is not None:
       model.set_weights(weights)
     results.append(evaluator.evaluate(step))
-    traces.append(tracing_counts())
     if step == 3:  # The probe of the same step reuses the kNN monitor's features of both splits.
       assert 0 <= evaluator.probe(step)['probe/top_1'] <= 1
-    assert len(extractions) == 2 * step  # each split once per step
+    # The kNN monitor streams on the replicas: no host extraction (the probe's are below).
+    assert len(extractions) == (2 * step if step == 3 else 2 * (step - 1))
 
     # The results are those of the weights of this step (the eval split, computed eagerly).
     test_x, logits, test_y = eager_outputs(model, digits, 'test')
@@ -189,6 +273,7 @@ def test_evaluator_traces_once_for_the_whole_run_and_follows_the_weights(
     np.testing.assert_allclose(x, test_x, rtol=1e-4, atol=1e-5)
     np.testing.assert_array_equal(y, test_y)
     assert evaluator.features(step, 'train')[0].shape == (1437, 64)
+    assert len(extractions) == 2 * step  # each split once per step
     assert results[-1]['global_step'] == step
     assert results[-1]['eval/num_examples'] == 360
     assert results[-1]['eval/top_1'] == pytest.approx(np.mean(logits.argmax(1) == test_y))
@@ -199,10 +284,11 @@ def test_evaluator_traces_once_for_the_whole_run_and_follows_the_weights(
                if v.name not in ('gamma', 'beta', 'bias')]
     assert results[-1]['eval/regularization_loss'] == pytest.approx(
         1e-3 * sum(np.sum(k ** 2) for k in kernels) / 2, rel=1e-5)
+    traces.append(tracing_counts())
 
-  # The first evaluation traced each function once, plus at most once more for the smaller
-  # last batch; the next two evaluations (other weights, other steps) traced nothing.
-  assert all(1 <= count <= 2 for count in traces[0]), traces
+  # The first evaluation traced each function once (static batches: the padded last batch
+  # too); the next two evaluations (other weights, other steps) traced nothing.
+  assert traces[0] == (1, 1, 1, 1), traces
   assert traces[1] == traces[2] == traces[0], traces
   # Three sets of weights, three sets of results.
   assert len({r['eval/regularization_loss'] for r in results}) == 3

@@ -537,3 +537,110 @@ def test_official_linear_evaluation_command_runs_as_written(tmp_path, not_archit
   assert after.supervised_head.kernel.shape == (after.trunk.output_dim, 10)
   for a, b in zip(after.trunk.variables, before.trunk.variables, strict=True):
     np.testing.assert_array_equal(a.numpy(), b.numpy())
+
+
+def events(model_dir):
+  """[(step, tag, summary value)] of the events files directly in model_dir."""
+  found = []
+  for event_file in sorted(glob.glob(os.path.join(model_dir, 'events.out.tfevents.*'))):
+    for event in tf.compat.v1.train.summary_iterator(event_file):
+      found += [(event.step, v.tag, v) for v in event.summary.value]
+  return found
+
+
+def scalars(model_dir, tag):
+  """([steps], [values]) of the scalar `tag` in model_dir's events."""
+  found = [(step, float(tf.make_ndarray(v.tensor))) for step, t, v in events(model_dir)
+           if t == tag]
+  return [step for step, _ in found], [value for _, value in found]
+
+
+# Monitoring while pretraining: an evaluation every 2 steps, deterministic (compared below with
+# the same run without it).
+MONITORED = ['--train_steps=4', '--probe_baselines=False', '--DCL_mode=True', '--deterministic']
+
+
+@pytest.fixture(scope='module')
+def monitored_run(tmp_path_factory, tiny, run_main):
+  """(model_dir, results) of 4 SogCLR steps evaluated every 2 steps, with the kNN monitor."""
+  model_dir = str(tmp_path_factory.mktemp('monitored'))
+  return model_dir, run_main(*tiny, *MONITORS, *MONITORED, f'--model_dir={model_dir}',
+                             '--eval_every_steps=2')
+
+
+def test_eval_every_steps_logs_head_and_knn_top_1_at_each_evaluation(monitored_run):
+  model_dir, results = monitored_run
+  monitor = results['monitor']
+  assert [r['global_step'] for r in monitor] == [2, 4]
+  assert [r['epoch'] for r in monitor] == [2 / 89, 4 / 89]  # 1437 // 16 = 89 steps an epoch
+  for record in monitor:
+    assert 0 <= record['eval/top_1'] <= 1 and 0 < record['eval/knn_top_1'] <= 1
+    assert record['eval_seconds'] > 0 and record['train_seconds'] > 0
+  assert monitor[0]['train_seconds'] < monitor[1]['train_seconds'] <= results['train_seconds']
+  assert results['monitor_seconds'] == pytest.approx(
+      sum(r['eval_seconds'] for r in monitor), abs=0.1)
+  # The last one evaluated the final weights, as the final evaluation does.
+  assert monitor[1]['eval/top_1'] == results['eval/top_1']
+  assert monitor[1]['eval/knn_top_1'] == results['eval/knn_top_1']
+  saved = json.load(open(os.path.join(model_dir, 'result_2.json')))
+  assert saved['global_step'] == 2 and saved['eval/knn_top_1'] == monitor[0]['eval/knn_top_1']
+  assert saved['eval/top_1'] == monitor[0]['eval/top_1']
+  assert json.load(open(os.path.join(model_dir, 'result_4.json')))['monitor'] == monitor
+  # TensorBoard: each evaluation at its step (the final evaluation repeats step 4).
+  steps, values = scalars(model_dir, 'eval/knn_top_1')
+  assert steps == [2, 4, 4]
+  assert values == pytest.approx([monitor[0]['eval/knn_top_1'], monitor[1]['eval/knn_top_1'],
+                                  results['eval/knn_top_1']])
+  assert scalars(model_dir, 'eval/label_top_1_accuracy')[0] == [2, 4, 4]
+
+
+def test_summaries_hold_the_u_table_the_augmented_views_and_the_hparams(monitored_run):
+  from tensorboard.plugins.hparams import plugin_data_pb2  # noqa: PLC0415
+
+  model_dir, results = monitored_run
+  found = events(model_dir)
+  # After every call (the first runs 1 step; the others stop at the evaluation at step 2 and
+  # run 1 or 2 steps by the machine's speed), the fraction of the 1,437 images visited: one
+  # batch of 16 more a step.
+  steps, values = scalars(model_dir, 'u/visited_fraction')
+  assert steps == scalars(model_dir, 'train/total_loss')[0] and {1, 2, 4} <= set(steps)
+  assert values == pytest.approx([16 * step / 1437 for step in steps])
+  # log u of the visited images: a histogram at the first call and at the (final) checkpoint.
+  histograms = [(step, tf.make_ndarray(v.tensor)) for step, tag, v in found if tag == 'u/log_u']
+  assert [step for step, _ in histograms] == [1, 4]
+  for (_, buckets), visited in zip(histograms, (16, 64)):
+    assert buckets.shape[1] == 3 and buckets[:, 2].sum() == visited
+    assert np.all(np.isfinite(buckets[:, :2])) and buckets[0, 0] > 0  # log u > 0 at tau = 0.1
+  # Once, at the start: 4 images of the two augmented 16x16 views side by side.
+  (images,) = [tf.make_ndarray(v.tensor) for step, tag, v in found
+               if tag == 'train/augmented_views' and step == 0]
+  assert images[:2].tolist() == [b'32', b'16'] and len(images) == 2 + 4
+  pair = tf.io.decode_png(images[2]).numpy()
+  assert pair.shape == (16, 32, 3) and not np.array_equal(pair[:, :16], pair[:, 16:])
+  # The run-defining flags as hparams, with the final metrics next to them.
+  (start,) = [v for _, tag, v in found if tag == '_hparams_/session_start_info']
+  info = plugin_data_pb2.HParamsPluginData.FromString(
+      start.metadata.plugin_data.content).session_start_info
+  assert info.hparams['resolved_loss'].string_value == 'sogclr'
+  assert info.hparams['train_batch_size'].number_value == 16
+  assert info.hparams['temperature'].number_value == pytest.approx(0.1)
+  for tag, key in experiment.HPARAMS_METRICS.items():
+    steps, values = scalars(model_dir, key)
+    assert steps == [4] and values == pytest.approx([results[tag]])
+
+
+@pytest.mark.slow
+def test_evaluating_while_training_leaves_training_unchanged(monitored_run, tmp_path, tiny,
+                                                             run_main):
+  model_dir = str(tmp_path / 'plain')
+  results = run_main(*tiny, *MONITORS, *MONITORED, f'--model_dir={model_dir}')
+  assert 'monitor' not in results
+  monitored, _ = monitored_run
+  expected = tf.train.load_checkpoint(tf.train.latest_checkpoint(model_dir))
+  actual = tf.train.load_checkpoint(tf.train.latest_checkpoint(monitored))
+  names = [n for n in expected.get_variable_to_shape_map() if 'OBJECT_GRAPH' not in n]
+  assert any('log_u' in n for n in names) and len(names) > 50
+  for name in names:
+    np.testing.assert_array_equal(actual.get_tensor(name), expected.get_tensor(name), name)
+  assert results['eval/knn_top_1'] == monitored_run[1]['eval/knn_top_1']
+  assert results['probe/top_1'] == monitored_run[1]['probe/top_1']

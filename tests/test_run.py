@@ -280,6 +280,7 @@ INVALID_VALUES = [
     (['--temperature=0'], '--temperature must be positive'),
     (['--DCL_mode=True', '--BI_mode=False'], 'Conflicting loss flags'),
     (['--DCL_mode=False', '--GCL_mode=True'], 'Conflicting loss flags'),
+    (['--eval_every_epochs=-1'], '--eval_every_epochs must be >= 0'),
 ]
 
 BAD_INPUT = [
@@ -782,3 +783,29 @@ def test_eval_mode_evaluates_a_saved_model_export_or_one_checkpoint(trained, tmp
                        f'--model_dir={tmp_path / "none"}', *data_flags)
   assert result.returncode == 1
   assert re.search(r"^error: --checkpoint='.*nothing' does not exist", result.stderr, re.M)
+
+
+@pytest.mark.slow
+def test_eval_every_epochs_logs_head_and_knn_top_1_each_epoch_with_its_cost(run_command, tiny,
+                                                                            tmp_path):
+  model_dir = str(tmp_path / 'run')
+  # 1,437 images in steps of 128: 11 steps an epoch.
+  result = run_command(*tiny, f'--model_dir={model_dir}', '--train_batch_size=128',
+                       '--train_epochs=2', '--eval_every_epochs=1', '--knn_k=20',
+                       '--probe_max_examples=0', '--keep_hub_module_max=0')
+  assert result.returncode == 0, result.stderr[-3000:]
+  for step, epoch in ((11, 1), (22, 2)):
+    assert re.search(rf'Eval at step {step} \(epoch {epoch}\): head top-1 [01]\.\d{{4}}, kNN '
+                     r'top-1 [01]\.\d{4} \(took \d+\.\d s, training so far \d+\.\d s\)$',
+                     result.stderr, re.M), result.stderr[-3000:]
+    saved = json.load(open(os.path.join(model_dir, f'result_{step}.json')))
+    assert 0 < saved['eval/knn_top_1'] <= 1 and saved['eval_seconds'] > 0
+  monitor = json.load(open(os.path.join(model_dir, 'result_22.json')))['monitor']
+  assert [r['global_step'] for r in monitor] == [11, 22]
+  # Without --knn_monitor the final evaluation has no kNN: the HParams dashboard gets the one
+  # evaluated while training at the final step.
+  knn = [float(tf.make_ndarray(v.tensor))
+         for path in glob.glob(os.path.join(model_dir, 'events.out.tfevents.*'))
+         for event in tf.compat.v1.train.summary_iterator(path)
+         for v in event.summary.value if v.tag == 'hparams/knn_top_1']
+  assert knn == [pytest.approx(monitor[-1]['eval/knn_top_1'])]

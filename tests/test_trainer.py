@@ -273,6 +273,46 @@ def test_train_checkpoints_every_boundary_and_the_end_and_no_call_crosses_one(
   assert written_steps(str(tmp_path / 'run')) == [3, 6, 9, 10]
 
 
+def test_call_steps_stops_at_evaluations_too():
+  assert trainer_lib.call_steps(0, 100, 10, 6, eval_every=4) == (4, 6)
+  assert trainer_lib.call_steps(4, 100, 10, 6, eval_every=4) == (2, 6)
+  assert trainer_lib.call_steps(6, 100, 10, 6, eval_every=4) == (2, 12)
+  assert trainer_lib.call_steps(8, 100, 10, 6, eval_every=4) == (2, 12)
+  for step in range(10):
+    num_steps, _ = trainer_lib.call_steps(step, 100, 10, 100, eval_every=3)
+    assert step + num_steps == min(10, (step // 3 + 1) * 3)
+
+
+def test_train_evaluates_at_every_multiple_and_the_end_without_changing_training(
+    tmp_path, tiny_training):
+  probe_images = uniform_images(8)
+  evaluations = []
+
+  def on_eval(step, train_seconds):
+    # An evaluation reads the model (inference) between calls, never the training iterator.
+    outputs = trainer.model(probe_images, training=False)
+    evaluations.append((step, train_seconds, float(tf.reduce_sum(outputs['features']))))
+
+  trainer, iterator, _ = tiny_training(uniform_images(80))
+  progress = []
+  seconds = trainer_lib.train(
+      trainer, iterator, total_steps=10, checkpoint_every=3,
+      checkpoint_manager=checkpoint_manager(trainer, str(tmp_path / 'evaluated')),
+      on_progress=progress.append, eval_every=4, on_eval=on_eval)
+  assert [e[0] for e in evaluations] == [4, 8, 10]
+  assert {3, 4, 6, 8, 9, 10} <= {p.step for p in progress}  # no call crosses either boundary
+  # The training seconds reported to each evaluation grow and exclude the evaluations.
+  assert 0 < evaluations[0][1] < evaluations[1][1] < evaluations[2][1] <= seconds
+  evaluated = [v.numpy() for v in trainer.model.variables]
+
+  trainer, iterator, _ = tiny_training(uniform_images(80))
+  trainer_lib.train(trainer, iterator, total_steps=10, checkpoint_every=3,
+                    checkpoint_manager=checkpoint_manager(trainer, str(tmp_path / 'plain')))
+  for with_eval, without in zip(evaluated, (v.numpy() for v in trainer.model.variables),
+                                strict=True):
+    np.testing.assert_array_equal(with_eval, without)
+
+
 def test_stop_request_saves_at_the_next_loop_boundary_and_raises_preempted(
     tmp_path, tiny_training):
   trainer, iterator, _ = tiny_training(uniform_images(80))
