@@ -4,6 +4,9 @@ Contract: every element is `(views, labels, ids)` per replica. `views` is a tupl
 float32 images in [0, 1]: two augmented views of the same images when pretraining, one view
 otherwise; the train step concatenates views on the batch axis. `labels` is [b, num_classes]
 one-hot, `ids` [b] int32 dense dataset ids in [0, N) (the index into SogCLR's `u` table).
+With `augment_on='device'` (training) the views are only cropped and resized (uint8 scale), and
+a 4th member, a tuple of [b, data_util.NUM_PARAMS] float32 per view, carries the parameters of
+their flip, color distortion and blur, which the train step applies (`data_util.distort_batch`).
 
 Ids come from the records' `image/ID`, from a numeric `id` proved dense, or else from TFDS's record
 ids (shard offset + index in the shard). Ids, labels and image decoding are checked on the host:
@@ -130,6 +133,18 @@ class InputConfig:
   initial_step: int = 0        # resume: the global step the pipeline starts at
   labels_required: bool = True  # False: a dataset without labels yields all-zero labels
   shuffle_buffer: int = 50_000  # encoded records held by the per-epoch shuffle
+  # 'host': every augmentation in the pipeline; 'device': the pipeline crops and resizes, and
+  # flips, color distortion and blur run batched in the train step (`pixel_augment`), from
+  # parameters drawn here from the same seeds (elements gain a 4th member, their pixel_params).
+  augment_on: str = 'host'
+
+  def pixel_augment(self):
+    """The PixelAugment the train step applies, or None when the host applies everything."""
+    if not (self.is_training and self.augment_on == 'device'):
+      return None
+    return data_util.PixelAugment(
+        height=self.image_size, color_jitter_strength=self.color_jitter_strength,
+        flip=self.random_flip, color_distort=self.color_distort, blur=self.use_blur)
 
 
 def _parse_name(name):
@@ -435,11 +450,25 @@ class _RecordStages:
     return dataset
 
   def to_views(self, example, seed):
-    """Returns `(views, one-hot label, id)` of a decoded record; `seed` augments it in training."""
+    """Returns `(views, one-hot label, id)` of a decoded record; `seed` augments it in training.
+
+    With the pixel augmentations on the device: `(views, label, id, pixel params per view)`.
+    """
     config = self.config
-    image = tf.image.convert_image_dtype(example['image'], tf.float32)
+    # The training views convert only their crops to float (the same values, fewer pixels).
+    image = example['image']
     if image.shape[-1] == 1:
       image = tf.image.grayscale_to_rgb(image)
+    pixel_augment = config.pixel_augment()
+    if config.is_training and pixel_augment is not None:
+      seeds = tf.random.experimental.stateless_split(seed, config.num_views)
+      views = tuple(
+          data_util.resized_crop(image, seeds[v], config.image_size, config.image_size,
+                                 crop_area_min=config.crop_area_min)
+          for v in range(config.num_views))
+      params = tuple(data_util.pixel_params(seeds[v], pixel_augment)
+                     for v in range(config.num_views))
+      return (views, tf.one_hot(example['label'], self.num_classes), example['id'], params)
     if config.is_training:
       seeds = tf.random.experimental.stateless_split(seed, config.num_views)
       views = tuple(
