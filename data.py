@@ -35,6 +35,8 @@ NUMERIC_ID_KEY = 'id'
 MAX_ID_SCAN = 200_000
 # Records decoded per nested dataset: the price of naming an undecodable record, amortized.
 DECODE_CHUNK = 32
+# Shard files read at once, interleaved record by record (as TFDS reads: 16).
+READ_CYCLE = 16
 # Images at most this size use the CIFAR stem and no centre crop at evaluation.
 SMALL_IMAGE_SIZE = 32
 
@@ -100,6 +102,7 @@ class DataConfig:
   crop_area_min: float = 0.08
   random_flip: bool = True
   use_blur: bool = True
+  augment_on: str = 'auto'  # where flips, color distortion and blur run: auto | host | device
 
 
 @dataclasses.dataclass(frozen=True)
@@ -443,6 +446,44 @@ class _RecordStages:
                           deterministic=deterministic)
     return dataset.cache() if self.config.cache_dataset else dataset
 
+  def read_epoch(self, split, seed):
+    """Returns the checked records of (sub-)split `split` for one epoch: its shard files in an
+    order drawn from `seed` ([2] int64), READ_CYCLE at a time, interleaved record by record.
+
+    Every epoch starts in other shards and mixes other ones, so over the epochs an image meets
+    the whole split, not only its neighbours in the files (a shuffle buffer mixes only what it
+    holds). The order is a function of `seed` (never of timing), so a resumed run skips exactly
+    the records it consumed. Images stay encoded.
+    """
+    instructions = self.builder.info.splits[split].file_instructions
+    if self.builder.info.file_format != tfds.core.FileFormat.TFRECORD:
+      return self.read(split, True)
+    filenames = [os.fspath(i.filename) for i in instructions]
+    columns = (filenames, [os.path.basename(f) for f in filenames],
+               [i.skip for i in instructions], [i.take for i in instructions])
+    order = tf.argsort(tf.random.stateless_uniform([len(filenames)], seed=seed))
+    shards = tf.data.Dataset.from_tensor_slices(
+        tuple(tf.gather(tf.constant(c, dtype), order)
+              for c, dtype in zip(columns, (tf.string, tf.string, tf.int64, tf.int64),
+                                  strict=True)))
+
+    def shard_records(filename, prefix, skip, take):
+      # tfds_id as TFDS makes it: the shard's basename and the index in the shard file.
+      indices = tf.data.Dataset.counter(skip).map(
+          lambda i: tf.strings.join([prefix, tf.strings.as_string(i)], separator='__'))
+      return tf.data.Dataset.zip(indices, tf.data.TFRecordDataset(filename).skip(skip).take(take))
+
+    features = self.builder.info.features
+    decoders = {self.info.image_key: tfds.decode.SkipDecoding()} if self.encoded else None
+    dataset = shards.interleave(shard_records, cycle_length=min(READ_CYCLE, len(filenames)),
+                                block_length=1, num_parallel_calls=tf.data.AUTOTUNE,
+                                deterministic=True)
+    dataset = dataset.map(
+        lambda record, serialized: {**features.deserialize_example(serialized, decoders=decoders),
+                                    'tfds_id': record},
+        num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    return dataset.map(self.select, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+
   def decode(self, dataset, deterministic):
     """Returns `dataset` with its images decoded (an undecodable one stops it, named)."""
     if self.encoded:
@@ -514,6 +555,7 @@ def resume_position(initial_step, batches_per_epoch, replicas_per_pipeline):
 @dataclasses.dataclass(frozen=True)
 class _EpochPlan:
   """How one training pipeline walks its epochs."""
+  split: str                   # this pipeline's (sub-)split
   pipeline_size: int           # records of this pipeline's sub-split
   per_replica_batch_size: int
   batches_per_epoch: int       # per-replica batches per epoch, whole steps only
@@ -522,12 +564,16 @@ class _EpochPlan:
 
 
 def _epoch_dataset(stages, records, plan, base_seed, epoch):
-  """Returns the batches of epoch `epoch` (a scalar tensor) from the undecoded `records`."""
+  """Returns the batches of epoch `epoch` (a scalar tensor) from the undecoded `records`, or
+  (None) from the split's shards in this epoch's order."""
   config = stages.config
   # Shuffle order and augmentations are functions of (seed, epoch, position): a run can be
   # repeated exactly, and resumed mid-epoch by skipping records before any decoding.
   epoch_seed = tf.random.experimental.stateless_fold_in(base_seed, epoch)
   shuffle_seed = tf.random.stateless_uniform([], epoch_seed, maxval=2**62, dtype=tf.int64)
+  if records is None:  # not cached: this epoch's shard order
+    records = stages.read_epoch(
+        plan.split, tf.random.experimental.stateless_split(epoch_seed, 1)[0])
   # A shuffle's seed pair is (graph seed, op seed). Fixing this traced function's graph seed
   # makes the order a function of config.seed alone, whatever global seed the caller set
   # (and a global seed of 0 would make tf.data reject a tensor op seed).
@@ -549,8 +595,9 @@ def _epoch_dataset(stages, records, plan, base_seed, epoch):
 def _train_dataset(stages, split, input_context, per_replica_batch_size, replicas_per_pipeline):
   """Returns the endless, shuffled, augmented batches of this pipeline's (sub-)split `split`."""
   config = stages.config
-  # Reading is deterministic: the per-epoch shuffle must see the same order every time.
-  records = stages.read(split, True)
+  # Reading is deterministic: the per-epoch shuffle must see the same order every time. A cached
+  # split is read once, in file order; otherwise each epoch reads the shards in its own order.
+  records = stages.read(split, True) if config.cache_dataset else None
   pipeline_size = int(stages.builder.info.splits[split].num_examples)
   batches_per_epoch = epoch_batches(pipeline_size, per_replica_batch_size, replicas_per_pipeline)
   if batches_per_epoch == 0:
@@ -560,7 +607,8 @@ def _train_dataset(stages, split, input_context, per_replica_batch_size, replica
   base_seed = tf.constant([config.seed, input_context.input_pipeline_id], tf.int64)
   start_epoch, skipped_batches = resume_position(config.initial_step, batches_per_epoch,
                                                  replicas_per_pipeline)
-  plan = _EpochPlan(pipeline_size=pipeline_size, per_replica_batch_size=per_replica_batch_size,
+  plan = _EpochPlan(split=split, pipeline_size=pipeline_size,
+                    per_replica_batch_size=per_replica_batch_size,
                     batches_per_epoch=batches_per_epoch, start_epoch=start_epoch,
                     skipped_batches=skipped_batches)
   return tf.data.Dataset.range(start_epoch, 2**62).flat_map(

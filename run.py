@@ -58,6 +58,12 @@ flags.DEFINE_bool('random_flip', True,
                   'where a mirror image is another class or none (digits, text).')
 flags.DEFINE_bool('use_blur', True,
                   'Gaussian blur of views when pretraining (skipped for images under 32 px).')
+flags.DEFINE_enum('augment_on', 'auto', ['auto', 'host', 'device'],
+                  'Where training flips, color distortion and blur run. host: in the input '
+                  'pipeline; device: batched in the train step, from parameters the pipeline '
+                  'draws from the same seeds (the same pixels within float round-off; the host '
+                  'only decodes, crops and resizes: 2.5x its images/s at 224 px); auto: device on '
+                  'TPUs and GPUs, host on a CPU (whose results stay those of earlier runs).')
 
 # -- Model -----------------------------------------------------------------------------------------
 flags.DEFINE_integer('resnet_depth', 50, 'ResNet depth: 18, 34, 50, 101, 152 or 200.')
@@ -323,7 +329,7 @@ def build_config(values):
           eval_split=v.eval_split, num_classes=v.num_classes, image_size=v.image_size,
           shuffle_buffer=v.shuffle_buffer, cache_dataset=v.cache_dataset,
           color_jitter_strength=v.color_jitter_strength, crop_area_min=v.crop_area_min,
-          random_flip=v.random_flip, use_blur=v.use_blur),
+          random_flip=v.random_flip, use_blur=v.use_blur, augment_on=v.augment_on),
       model=model_lib.ModelConfig(
           resnet_depth=v.resnet_depth, width_multiplier=v.width_multiplier,
           cifar_stem=v.image_size <= data_lib.SMALL_IMAGE_SIZE, sk_ratio=v.sk_ratio,
