@@ -72,15 +72,27 @@ def child(args):
   import tensorflow as tf  # noqa: PLC0415
 
   import data as data_lib  # noqa: PLC0415
+  if args.lever == 'no decode check':
+    # The undecodable-record check (nested datasets of DECODE_CHUNK records) replaced by a
+    # plain parallel decode, to price it.
+    data_lib._decode_naming_failures = lambda dataset, _name, _split, deterministic: dataset.map(
+        lambda ex: {**ex, 'image': data_lib._decode_image(ex['image'])},
+        num_parallel_calls=tf.data.AUTOTUNE, deterministic=deterministic)
   builder = data_lib.get_builder(DATASET, args.data_dir)
   info = data_lib.describe(builder, 'train', 'train')
   fields = {f.name for f in dataclasses.fields(data_lib.InputConfig)}
   extra = {'augment_on': args.augment_on} if 'augment_on' in fields else {}
   config = data_lib.InputConfig(
       split='train', global_batch_size=args.batch_size, image_size=224, is_training=True,
-      use_blur=True, deterministic=args.deterministic, **extra)
+      use_blur=True, deterministic=args.deterministic or args.lever == 'deterministic', **extra)
   dataset = data_lib.build_input_fn(builder, info, config, info.num_classes)(
       tf.distribute.InputContext())
+  options = tf.data.Options()
+  if args.lever == 'one thread per op':
+    options.threading.max_intra_op_parallelism = 1
+  if args.lever == 'autotune off':
+    options.autotune.enabled = False  # tf.data's fixed defaults for parallelism and buffers
+  dataset = dataset.with_options(options)
   batches = iter(dataset)
   for _ in range(5):
     next(batches)
@@ -93,9 +105,9 @@ def child(args):
                     'per_core': images / (time.process_time() - cpu_started)}))
 
 
-def measure(code, augment_on, args):
+def measure(code, augment_on, args, lever=''):
   command = [sys.executable, os.path.abspath(__file__), f'--child={code}',
-             f'--augment_on={augment_on}', f'--data_dir={args.data_dir}',
+             f'--augment_on={augment_on}', f'--lever={lever}', f'--data_dir={args.data_dir}',
              f'--batches={args.batches}', f'--batch_size={args.batch_size}']
   if args.deterministic:
     command.append('--deterministic')
@@ -161,6 +173,28 @@ def _spread(values):
   return f'{_median(values):.0f} [{min(values):.0f}-{max(values):.0f}]'
 
 
+LEVERS = ('no decode check', 'deterministic', 'one thread per op', 'autotune off')
+
+
+def compare_levers(args):
+  """Ours (augment_on=device) and, in the same rounds, with each lever changed."""
+  names = ('as it is', *LEVERS)
+  per_core = {name: [] for name in names}
+  ratios = {name: [] for name in names}
+  for _ in range(args.rounds):
+    measured = {name: measure(REPO, 'device', args, '' if name == 'as it is' else name)
+                for name in names}
+    for name, result in measured.items():
+      per_core[name].append(result['per_core'])
+      ratios[name].append(result['per_core'] / measured['as it is']['per_core'])
+  print(f'{DATASET}, 224 px, augment_on=device, batch {args.batch_size}, {args.rounds} rounds, '
+        f'load average {os.getloadavg()[0]:.1f} at the end')
+  print(f'{"lever":22s} {"images per CPU-second":>22s} {"x as it is [min-max]":>22s}')
+  for name in names:
+    print(f'{name:22s} {_spread(per_core[name]):>22s} {_median(ratios[name]):9.2f} '
+          f'[{min(ratios[name]):.2f}-{max(ratios[name]):.2f}]')
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -178,12 +212,18 @@ def main():
   parser.add_argument('--resnet_depth', type=int, default=18)
   parser.add_argument('--width_multiplier', type=float, default=0.25)
   parser.add_argument('--skip_step', action='store_true')
+  parser.add_argument('--levers', action='store_true',
+                      help='Instead: ours (augment_on=device) against itself with one lever '
+                           'changed at a time: ' + ', '.join(LEVERS))
   parser.add_argument('--child', help=argparse.SUPPRESS)
   parser.add_argument('--augment_on', default='host', help=argparse.SUPPRESS)
+  parser.add_argument('--lever', default='', help=argparse.SUPPRESS)
   args = parser.parse_args()
   if args.child:
     return child(args)
   prepare(args.data_dir)
+  if args.levers:
+    return compare_levers(args)
   contenders = [('ours, augment_on=host', REPO, 'host'),
                 ('ours, augment_on=device', REPO, 'device')]
   if os.path.isfile(os.path.join(args.baseline, 'data.py')):
