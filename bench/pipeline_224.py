@@ -165,6 +165,12 @@ def _rate(fn, steps, batch, warmup=2):
   return steps * batch / (time.perf_counter() - started)
 
 
+def _rotated(items, shift):
+  """items started at position `shift`: each contender takes every place in the rounds' order."""
+  shift %= len(items)
+  return [*items[shift:], *items[:shift]]
+
+
 def _median(values):
   return sorted(values)[len(values) // 2]
 
@@ -181,9 +187,9 @@ def compare_levers(args):
   names = ('as it is', *LEVERS)
   per_core = {name: [] for name in names}
   ratios = {name: [] for name in names}
-  for _ in range(args.rounds):
+  for round_index in range(args.rounds):
     measured = {name: measure(REPO, 'device', args, '' if name == 'as it is' else name)
-                for name in names}
+                for name in _rotated(names, round_index)}
     for name, result in measured.items():
       per_core[name].append(result['per_core'])
       ratios[name].append(result['per_core'] / measured['as it is']['per_core'])
@@ -234,8 +240,9 @@ def main():
   per_core = {name: [] for name, _, _ in contenders}
   ratios = {name: [] for name, _, _ in contenders}
   baseline = contenders[0][0] if contenders[0][1] != REPO else None
-  for _ in range(args.rounds):
-    measured = {name: measure(code, augment_on, args) for name, code, augment_on in contenders}
+  for round_index in range(args.rounds):
+    measured = {name: measure(code, augment_on, args)
+                for name, code, augment_on in _rotated(contenders, round_index)}
     for name, result in measured.items():
       rates[name].append(result['rate'])
       per_core[name].append(result['per_core'])
