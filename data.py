@@ -4,6 +4,9 @@ Contract: every element is `(views, labels, ids)` per replica. `views` is a tupl
 float32 images in [0, 1]: two augmented views of the same images when pretraining, one view
 otherwise; the train step concatenates views on the batch axis. `labels` is [b, num_classes]
 one-hot, `ids` [b] int32 dense dataset ids in [0, N) (the index into SogCLR's `u` table).
+With `augment_on='device'` (training) the views are only cropped and resized (uint8 scale), and
+a 4th member, a tuple of [b, data_util.NUM_PARAMS] float32 per view, carries the parameters of
+their flip, color distortion and blur, which the train step applies (`data_util.distort_batch`).
 
 Ids come from the records' `image/ID`, from a numeric `id` proved dense, or else from TFDS's record
 ids (shard offset + index in the shard). Ids, labels and image decoding are checked on the host:
@@ -32,6 +35,8 @@ NUMERIC_ID_KEY = 'id'
 MAX_ID_SCAN = 200_000
 # Records decoded per nested dataset: the price of naming an undecodable record, amortized.
 DECODE_CHUNK = 32
+# Shard files read at once, interleaved record by record (as TFDS reads: 16).
+READ_CYCLE = 16
 # Images at most this size use the CIFAR stem and no centre crop at evaluation.
 SMALL_IMAGE_SIZE = 32
 
@@ -98,6 +103,7 @@ class DataConfig:
   crop_area_min: float = 0.08
   random_flip: bool = True
   use_blur: bool = True
+  augment_on: str = 'auto'  # where flips, color distortion and blur run: auto | host | device
 
 
 @dataclasses.dataclass(frozen=True)
@@ -138,6 +144,18 @@ class InputConfig:
   labels_required: bool = True  # False: a dataset without labels yields all-zero labels
   unique_ids: bool = False     # training: an id seen twice in one epoch stops the pipeline
   shuffle_buffer: int = 50_000  # encoded records held by the per-epoch shuffle
+  # 'host': every augmentation in the pipeline; 'device': the pipeline crops and resizes, and
+  # flips, color distortion and blur run batched in the train step (`pixel_augment`), from
+  # parameters drawn here from the same seeds (elements gain a 4th member, their pixel_params).
+  augment_on: str = 'host'
+
+  def pixel_augment(self):
+    """The PixelAugment the train step applies, or None when the host applies everything."""
+    if not (self.is_training and self.augment_on == 'device'):
+      return None
+    return data_util.PixelAugment(
+        height=self.image_size, color_jitter_strength=self.color_jitter_strength,
+        flip=self.random_flip, color_distort=self.color_distort, blur=self.use_blur)
 
 
 def _parse_name(name):
@@ -470,6 +488,44 @@ class _RecordStages:
                           deterministic=deterministic)
     return dataset.cache() if self.config.cache_dataset else dataset
 
+  def read_epoch(self, split, seed):
+    """Returns the checked records of (sub-)split `split` for one epoch: its shard files in an
+    order drawn from `seed` ([2] int64), READ_CYCLE at a time, interleaved record by record.
+
+    Every epoch starts in other shards and mixes other ones, so over the epochs an image meets
+    the whole split, not only its neighbours in the files (a shuffle buffer mixes only what it
+    holds). The order is a function of `seed` (never of timing), so a resumed run skips exactly
+    the records it consumed. Images stay encoded.
+    """
+    instructions = self.builder.info.splits[split].file_instructions
+    if self.builder.info.file_format != tfds.core.FileFormat.TFRECORD:
+      return self.read(split, True)
+    filenames = [os.fspath(i.filename) for i in instructions]
+    columns = (filenames, [os.path.basename(f) for f in filenames],
+               [i.skip for i in instructions], [i.take for i in instructions])
+    order = tf.argsort(tf.random.stateless_uniform([len(filenames)], seed=seed))
+    shards = tf.data.Dataset.from_tensor_slices(
+        tuple(tf.gather(tf.constant(c, dtype), order)
+              for c, dtype in zip(columns, (tf.string, tf.string, tf.int64, tf.int64),
+                                  strict=True)))
+
+    def shard_records(filename, prefix, skip, take):
+      # tfds_id as TFDS makes it: the shard's basename and the index in the shard file.
+      indices = tf.data.Dataset.counter(skip).map(
+          lambda i: tf.strings.join([prefix, tf.strings.as_string(i)], separator='__'))
+      return tf.data.Dataset.zip(indices, tf.data.TFRecordDataset(filename).skip(skip).take(take))
+
+    features = self.builder.info.features
+    decoders = {self.info.image_key: tfds.decode.SkipDecoding()} if self.encoded else None
+    dataset = shards.interleave(shard_records, cycle_length=min(READ_CYCLE, len(filenames)),
+                                block_length=1, num_parallel_calls=tf.data.AUTOTUNE,
+                                deterministic=True)
+    dataset = dataset.map(
+        lambda record, serialized: {**features.deserialize_example(serialized, decoders=decoders),
+                                    'tfds_id': record},
+        num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    return dataset.map(self.select, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+
   def decode(self, dataset, deterministic):
     """Returns `dataset` with its images decoded (an undecodable one stops it, named)."""
     if self.encoded:
@@ -477,11 +533,25 @@ class _RecordStages:
     return dataset
 
   def to_views(self, example, seed):
-    """Returns `(views, one-hot label, id)` of a decoded record; `seed` augments it in training."""
+    """Returns `(views, one-hot label, id)` of a decoded record; `seed` augments it in training.
+
+    With the pixel augmentations on the device: `(views, label, id, pixel params per view)`.
+    """
     config = self.config
-    image = tf.image.convert_image_dtype(example['image'], tf.float32)
+    # The training views convert only their crops to float (the same values, fewer pixels).
+    image = example['image']
     if image.shape[-1] == 1:
       image = tf.image.grayscale_to_rgb(image)
+    pixel_augment = config.pixel_augment()
+    if config.is_training and pixel_augment is not None:
+      seeds = tf.random.experimental.stateless_split(seed, config.num_views)
+      views = tuple(
+          data_util.resized_crop(image, seeds[v], config.image_size, config.image_size,
+                                 crop_area_min=config.crop_area_min)
+          for v in range(config.num_views))
+      params = tuple(data_util.pixel_params(seeds[v], pixel_augment)
+                     for v in range(config.num_views))
+      return (views, tf.one_hot(example['label'], self.num_classes), example['id'], params)
     if config.is_training:
       seeds = tf.random.experimental.stateless_split(seed, config.num_views)
       views = tuple(
@@ -527,6 +597,7 @@ def resume_position(initial_step, batches_per_epoch, replicas_per_pipeline):
 @dataclasses.dataclass(frozen=True)
 class _EpochPlan:
   """How one training pipeline walks its epochs."""
+  split: str                   # this pipeline's (sub-)split
   pipeline_size: int           # records of this pipeline's sub-split
   per_replica_batch_size: int
   batches_per_epoch: int       # per-replica batches per epoch, whole steps only
@@ -578,12 +649,16 @@ class _EpochVisits:
 
 
 def _epoch_dataset(stages, records, plan, base_seed, epoch):
-  """Returns the batches of epoch `epoch` (a scalar tensor) from the undecoded `records`."""
+  """Returns the batches of epoch `epoch` (a scalar tensor) from the undecoded `records`, or
+  (None) from the split's shards in this epoch's order."""
   config = stages.config
   # Shuffle order and augmentations are functions of (seed, epoch, position): a run can be
   # repeated exactly, and resumed mid-epoch by skipping records before any decoding.
   epoch_seed = tf.random.experimental.stateless_fold_in(base_seed, epoch)
   shuffle_seed = tf.random.stateless_uniform([], epoch_seed, maxval=2**62, dtype=tf.int64)
+  if records is None:  # not cached: this epoch's shard order
+    records = stages.read_epoch(
+        plan.split, tf.random.experimental.stateless_split(epoch_seed, 1)[0])
   # A shuffle's seed pair is (graph seed, op seed). Fixing this traced function's graph seed
   # makes the order a function of config.seed alone, whatever global seed the caller set
   # (and a global seed of 0 would make tf.data reject a tensor op seed).
@@ -607,8 +682,9 @@ def _epoch_dataset(stages, records, plan, base_seed, epoch):
 def _train_dataset(stages, split, input_context, per_replica_batch_size, replicas_per_pipeline):
   """Returns the endless, shuffled, augmented batches of this pipeline's (sub-)split `split`."""
   config = stages.config
-  # Reading is deterministic: the per-epoch shuffle must see the same order every time.
-  records = stages.read(split, True)
+  # Reading is deterministic: the per-epoch shuffle must see the same order every time. A cached
+  # split is read once, in file order; otherwise each epoch reads the shards in its own order.
+  records = stages.read(split, True) if config.cache_dataset else None
   pipeline_size = int(stages.builder.info.splits[split].num_examples)
   batches_per_epoch = epoch_batches(pipeline_size, per_replica_batch_size, replicas_per_pipeline)
   if batches_per_epoch == 0:
@@ -621,7 +697,8 @@ def _train_dataset(stages, split, input_context, per_replica_batch_size, replica
   visits = None
   if config.unique_ids:
     visits = _EpochVisits(f'Dataset {stages.info.name} split {config.split}:')
-  plan = _EpochPlan(pipeline_size=pipeline_size, per_replica_batch_size=per_replica_batch_size,
+  plan = _EpochPlan(split=split, pipeline_size=pipeline_size,
+                    per_replica_batch_size=per_replica_batch_size,
                     batches_per_epoch=batches_per_epoch, start_epoch=start_epoch,
                     skipped_batches=skipped_batches, visits=visits)
   return tf.data.Dataset.range(start_epoch, 2**62).flat_map(

@@ -3,6 +3,8 @@
 Images are [H, W, 3] float32 in [0, 1] in and out; the same (image, seed) gives the same output
 eagerly, inside `tf.data.Dataset.map`, and after a resume.
 """
+import dataclasses
+
 import tensorflow as tf
 
 CROP_PROPORTION = 0.875  # Standard ImageNet eval: resize the central 87.5% of the image.
@@ -106,10 +108,11 @@ def random_blur(image, seed, height, p=0.5):
   return _random_apply(blur, p, image, coin_seed)
 
 
-def _random_crop_and_resize(image, seed, height, width, area_min):
+def _random_crop_and_resize(image, seed, height, width, area_min, to_float=True):
   """Crops a random box (SimCLR's Inception-style crop) and resizes it bicubically.
 
-  Returns [height, width, C].
+  image: uint8, or float in [0, 1]. Returns [height, width, C] float32, in [0, 1] (about: the
+  resize overshoots) when to_float, else in the input's scale.
   """
   aspect_ratio = width / height
   # bbox covering the whole image; min_object_covered=0.1 as in SimCLR, so the effective minimum
@@ -124,6 +127,9 @@ def _random_crop_and_resize(image, seed, height, width, area_min):
       max_attempts=100,
       use_image_if_no_bounding_boxes=True)
   image = tf.slice(image, begin, size)
+  if to_float:
+    # Converted after the slice: the same values (the conversion is per pixel), on fewer pixels.
+    image = tf.image.convert_image_dtype(image, tf.float32)
   return tf.image.resize(image, [height, width], method=tf.image.ResizeMethod.BICUBIC)
 
 
@@ -147,6 +153,22 @@ def _center_crop(image, height, width, crop_proportion):
   return tf.image.resize(image, [height, width], method=tf.image.ResizeMethod.BICUBIC)
 
 
+def resized_crop(image, seed, height, width, *, crop_area_min=0.08):
+  """The host's part of a training view when the step does the rest (`distort_batch`): the
+  random crop of preprocess_for_train, resized bicubically, in uint8 scale.
+
+  image: [H, W, 3] uint8 (or float in [0, 1]). Returns [height, width, 3] float32 in about
+  [0, 255] (bicubic overshoot is clipped later), not yet flipped: the step scales, clips and
+  flips the batch. Resizing the uint8 crop skips a float copy of it; the result differs from
+  preprocess_for_train's resize of the float crop only by float round-off.
+  """
+  crop_seed, _, _, _ = _split(seed, 4)
+  if image.dtype != tf.uint8:
+    image = tf.image.convert_image_dtype(image, tf.float32) * 255.0
+  return tf.ensure_shape(_random_crop_and_resize(image, crop_seed, height, width, crop_area_min,
+                                                 to_float=False), [height, width, 3])
+
+
 def preprocess_for_train(image, seed, height, width, *, color_jitter_strength=1.0,
                          crop_area_min=0.08, flip=True, color_distort=True, blur=False):
   """Returns one SimCLR training view of image: [height, width, 3] float32 in [0, 1].
@@ -154,7 +176,6 @@ def preprocess_for_train(image, seed, height, width, *, color_jitter_strength=1.
   image: [H, W, 3] uint8 or float in [0, 1]. seed: int32/int64 [2]; each augmentation draws from
   its own sub-seed, so switching one off leaves the others' randomness unchanged.
   """
-  image = tf.image.convert_image_dtype(image, tf.float32)
   crop_seed, flip_seed, color_seed, blur_seed = _split(seed, 4)
   image = _random_crop_and_resize(image, crop_seed, height, width, crop_area_min)
   image = tf.ensure_shape(image, [height, width, 3])
@@ -167,6 +188,144 @@ def preprocess_for_train(image, seed, height, width, *, color_jitter_strength=1.
   if blur:
     image = random_blur(image, blur_seed, height)
   return tf.clip_by_value(image, 0.0, 1.0)
+
+
+# The per-view parameters of the pixel augmentations, in the order `pixel_params` packs them.
+PARAM_NAMES = ('flip', 'jitter', 'brightness', 'contrast', 'saturation', 'hue', 'order_0',
+               'order_1', 'order_2', 'order_3', 'grayscale', 'blur', 'sigma')
+NUM_PARAMS = len(PARAM_NAMES)
+
+
+@dataclasses.dataclass(frozen=True)
+class PixelAugment:
+  """The per-pixel part of the training augmentations (flip, color distortion, blur), run
+  batched where the step runs (`distort_batch`) from parameters the host draws
+  (`pixel_params`) on the host's `resized_crop`s."""
+  height: int
+  color_jitter_strength: float = 1.0
+  flip: bool = True
+  color_distort: bool = True
+  blur: bool = True
+
+
+def pixel_params(seed, augment):
+  """Returns the [NUM_PARAMS] float32 parameters of one view's flip, color distortion and blur.
+
+  They are drawn from the same sub-seeds of the view's `seed`, with the same calls, as
+  preprocess_for_train draws them, so `distort_batch` of resized_crop's output gives the
+  pixels preprocess_for_train gives (within float round-off).
+  """
+  _, flip_seed, color_seed, blur_seed = _split(seed, 4)
+  jitter_coin_seed, jitter_seed, gray_coin_seed = _split(color_seed, 3)
+  order_seed, brightness_seed, contrast_seed, saturation_seed, hue_seed = _split(jitter_seed, 5)
+  strength = augment.color_jitter_strength
+  brightness = contrast = saturation = 0.8 * strength
+  hue = 0.2 * strength
+
+  def uniform(seed, minval=0.0, maxval=1.0):
+    return tf.random.stateless_uniform([], seed=seed, minval=minval, maxval=maxval)
+
+  order = tf.cast(tf.argsort(tf.random.stateless_uniform([4], seed=order_seed)), tf.float32)
+  coin_seed, sigma_seed = _split(blur_seed, 2)
+  params = {
+      # As tf.image.stateless_random_flip_left_right draws it.
+      'flip': tf.cast(uniform(flip_seed) < 0.5, tf.float32) if augment.flip else 0.0,
+      'jitter': tf.cast(uniform(jitter_coin_seed) < 0.8, tf.float32),
+      'brightness': uniform(brightness_seed, max(1.0 - brightness, 0.0), 1.0 + brightness),
+      'contrast': uniform(contrast_seed, 1.0 - contrast, 1.0 + contrast),
+      'saturation': uniform(saturation_seed, 1.0 - saturation, 1.0 + saturation),
+      'hue': uniform(hue_seed, -hue, hue),
+      'grayscale': tf.cast(uniform(gray_coin_seed) < 0.2, tf.float32),
+      'blur': tf.cast(uniform(coin_seed) < 0.5, tf.float32),
+      'sigma': uniform(sigma_seed, 0.1, 2.0),
+  }
+  params.update({f'order_{i}': order[i] for i in range(4)})
+  return tf.stack([params[name] for name in PARAM_NAMES])
+
+
+def _per_image(values):
+  return values[:, tf.newaxis, tf.newaxis, tf.newaxis]
+
+
+def _adjust_hsv(images, saturation=None, hue=None):
+  """tf.image.adjust_saturation / adjust_hue with a factor / delta per image ([B])."""
+  h, s, v = tf.unstack(tf.image.rgb_to_hsv(images), axis=-1)
+  if saturation is not None:
+    s = tf.clip_by_value(s * saturation[:, tf.newaxis, tf.newaxis], 0.0, 1.0)
+  if hue is not None:
+    h = tf.math.floormod(h + hue[:, tf.newaxis, tf.newaxis], 1.0)
+  return tf.image.hsv_to_rgb(tf.stack([h, s, v], axis=-1))
+
+
+def _color_jitter_batch(images, params, strength):
+  """color_jitter of every image [B, H, W, 3] with its own parameters and order."""
+  brightness = contrast = saturation = 0.8 * strength
+  hue = 0.2 * strength
+  p = dict(zip(PARAM_NAMES, tf.unstack(params, axis=1)))
+  for i in range(4):
+    # Every image takes the transform (0-3: brightness, contrast, saturation, hue) its own
+    # permutation puts at position i.
+    position = p[f'order_{i}']
+    out = images
+    if brightness:
+      out = tf.where(_per_image(position) == 0.0, images * _per_image(p['brightness']), out)
+    if contrast:
+      mean = tf.reduce_mean(images, axis=[1, 2], keepdims=True)
+      out = tf.where(_per_image(position) == 1.0,
+                     (images - mean) * _per_image(p['contrast']) + mean, out)
+    if saturation or hue:
+      # One HSV round trip for both: the images at neither position get factor 1 and delta 0.
+      adjusted = _adjust_hsv(
+          images,
+          saturation=tf.where(position == 2.0, p['saturation'], 1.0) if saturation else None,
+          hue=tf.where(position == 3.0, p['hue'], 0.0) if hue else None)
+      selected = (position == 2.0) & bool(saturation) | (position == 3.0) & bool(hue)
+      out = tf.where(_per_image(selected), adjusted, out)
+    images = tf.clip_by_value(out, 0.0, 1.0)
+  return images
+
+
+def _gaussian_blur_batch(images, kernel_size, sigma):
+  """_gaussian_blur of every image [B, H, W, C] with its own sigma ([B])."""
+  radius = kernel_size // 2
+  x = tf.range(-radius, radius + 1, dtype=tf.float32)
+  kernel = tf.exp(-tf.square(x)[tf.newaxis] / (2.0 * tf.square(sigma)[:, tf.newaxis]))
+  kernel /= tf.reduce_sum(kernel, axis=1, keepdims=True)  # [B, K]
+  batch, height, width, channels = (tf.shape(images)[i] for i in range(4))
+  # The images side by side as channels of one image: one depthwise convolution blurs each
+  # with its own kernel.
+  kernel = tf.reshape(tf.repeat(tf.transpose(kernel), channels, axis=1), [-1, batch * channels])
+  stacked = tf.reshape(tf.transpose(images, [1, 2, 0, 3]), [1, height, width, batch * channels])
+  padded = tf.pad(stacked, [[0, 0], [radius, radius], [radius, radius], [0, 0]], mode='REFLECT')
+  blurred = tf.nn.depthwise_conv2d(padded, kernel[tf.newaxis, :, :, tf.newaxis],
+                                   strides=[1, 1, 1, 1], padding='VALID')
+  blurred = tf.nn.depthwise_conv2d(blurred, kernel[:, tf.newaxis, :, tf.newaxis],
+                                   strides=[1, 1, 1, 1], padding='VALID')
+  blurred = tf.reshape(blurred, [height, width, batch, channels])
+  return tf.transpose(blurred, [2, 0, 1, 3])
+
+
+def distort_batch(images, params, augment):
+  """The rest of preprocess_for_train, batched: resized_crop's views [B, H, W, 3] (uint8
+  scale) and their [B, NUM_PARAMS] pixel_params -> [B, H, W, 3] float32 views in [0, 1].
+
+  Scaling, clipping, flips, color distortion and blur: per-pixel arithmetic, cheap on an
+  accelerator and dear on the host. It runs in the train step (it compiles under XLA: no random
+  ops, no data-dependent shapes).
+  """
+  images = tf.clip_by_value(tf.cast(images, tf.float32) * (1.0 / 255.0), 0.0, 1.0)
+  p = dict(zip(PARAM_NAMES, tf.unstack(params, axis=1)))
+  if augment.flip:
+    images = tf.where(_per_image(p['flip']) > 0.5, tf.reverse(images, [2]), images)
+  if augment.color_distort:
+    jittered = _color_jitter_batch(images, params, augment.color_jitter_strength)
+    images = tf.where(_per_image(p['jitter']) > 0.5, jittered, images)
+    gray = tf.tile(tf.image.rgb_to_grayscale(images), [1, 1, 1, 3])
+    images = tf.where(_per_image(p['grayscale']) > 0.5, gray, images)
+  if augment.blur and augment.height >= 32:
+    blurred = _gaussian_blur_batch(images, augment.height // 10, p['sigma'])
+    images = tf.where(_per_image(p['blur']) > 0.5, blurred, images)
+  return tf.clip_by_value(images, 0.0, 1.0)
 
 
 def preprocess_for_eval(image, height, width, *, crop=True):

@@ -140,6 +140,15 @@ def device_kind(strategy):
   return 'GPU' if tf.config.list_logical_devices('GPU') else 'CPU'
 
 
+def resolve_augment_on(strategy, augment_on='auto'):
+  """'host' or 'device' for --augment_on: `auto` is the device on TPUs and GPUs, where the host's
+  cores run out first and per-pixel arithmetic is cheap, and the host on a CPU, where both are
+  the same cores and the host path keeps the pixels of the runs the README reports."""
+  if augment_on == 'auto':
+    return 'host' if device_kind(strategy) == 'CPU' else 'device'
+  return augment_on
+
+
 def cpu_supports_bfloat16(cpuinfo_path='/proc/cpuinfo'):
   """True when the CPU computes bfloat16 dot products natively (AVX512_BF16 or AMX); without
   them TensorFlow emulates bfloat16 and it is slower than float32."""

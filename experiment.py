@@ -62,6 +62,7 @@ class Setup:
   total_steps: int
   warmup_steps: int
   jit_compile: bool
+  augment_on: str = 'host'  # --augment_on resolved for the device: 'host' or 'device'
 
 
 def check_batch_size(global_batch_size, num_replicas, num_examples, split):
@@ -139,8 +140,10 @@ def prepare(config):
       strategy, config.distribution.mixed_precision, config.distribution.jit_compile)
   tf.keras.mixed_precision.set_global_policy(policy)
   logging.info('Compute dtype policy %s; XLA %s.', policy, 'on' if jit_compile else 'off')
+  augment_on = distribution_lib.resolve_augment_on(strategy, config.data.augment_on)
+  logging.info('Flips, color distortion and blur run on the %s.', augment_on)
   return Setup(strategy, builder, info, chief, write_dir, steps_per_epoch, total_steps,
-               warmup_steps, jit_compile)
+               warmup_steps, jit_compile, augment_on)
 
 
 def _log_setup(config, strategy, info):
@@ -221,7 +224,8 @@ def train_and_evaluate(config, setup, model):
   trainer = trainer_lib.Trainer(
       strategy, model, optimizer, loss=objective.loss, temperature=objective.temperature,
       hidden_norm=objective.hidden_norm, weight_decay=config.optimizer.weight_decay,
-      optimizer_name=config.optimizer.name, sogclr=sogclr, jit_compile=setup.jit_compile)
+      optimizer_name=config.optimizer.name, sogclr=sogclr, jit_compile=setup.jit_compile,
+      pixel_augment=train_input_config(config, initial_step, setup.augment_on).pixel_augment())
   results = {}
   evaluator = _evaluator(config, setup, model, summary_writer)
   if initial_step < setup.total_steps:
@@ -314,8 +318,8 @@ def _train(config, setup, trainer, manager, summary_writer, learning_rate, on_ev
   if setup.chief:
     write_view_pairs(config, setup, summary_writer, initial_step)
   dataset = data_lib.build_distributed_dataset(
-      setup.strategy, setup.builder, setup.info, train_input_config(config, initial_step),
-      setup.info.num_classes)
+      setup.strategy, setup.builder, setup.info,
+      train_input_config(config, initial_step, setup.augment_on), setup.info.num_classes)
   logging.info('Training %s from step %d to %d (%d steps/epoch, warm-up %d steps).',
                config.train_mode, initial_step, setup.total_steps, setup.steps_per_epoch,
                setup.warmup_steps)
@@ -422,8 +426,9 @@ def _naming_the_data(config):
         'prepare the dataset again (README "Datasets")') from None
 
 
-def train_input_config(config, initial_step):
-  """The training pipeline's InputConfig, resuming at `initial_step`."""
+def train_input_config(config, initial_step, augment_on='host'):
+  """The training pipeline's InputConfig, resuming at `initial_step`; augment_on: 'host' or
+  'device' (where flips, color distortion and blur run)."""
   data, loop = config.data, config.loop
   return data_lib.InputConfig(
       split=data.train_split, global_batch_size=loop.train_batch_size,
@@ -433,7 +438,7 @@ def train_input_config(config, initial_step):
       crop_area_min=data.crop_area_min, random_flip=data.random_flip,
       use_blur=data.use_blur and config.pretrain,
       cache_dataset=data.cache_dataset, seed=loop.seed, deterministic=loop.deterministic,
-      initial_step=initial_step, shuffle_buffer=data.shuffle_buffer,
+      initial_step=initial_step, shuffle_buffer=data.shuffle_buffer, augment_on=augment_on,
       labels_required=not config.pretrain or config.model.lineareval_while_pretraining,
       # Ids index the per-image tables: two records with one id would share a slot.
       unique_ids=config.pretrain and config.objective.loss == 'sogclr')

@@ -48,8 +48,12 @@ flags.DEFINE_integer('label_offset', 0,
                      '(the official SogCLR build_imagenet_data.py writes 1..1000).')
 flags.DEFINE_integer('image_size', 224, 'Side of the square input images, in pixels.')
 flags.DEFINE_integer('shuffle_buffer', 50_000,
-                     'Encoded training images held by the per-epoch shuffle; lower it for large '
-                     'images (ImageNet JPEGs are about 110 KB each).')
+                     'Encoded training images held by the per-epoch shuffle. It holds the records '
+                     'as stored, so it takes this many times the mean encoded image: at 50,000 '
+                     'about 5.5 GB for ImageNet JPEGs (110 KB, about 400x350 px), 2.7 GB for '
+                     '333-500 px JPEGs (55 KB), 400 MB for 64 px PNGs (8 KB), 115 MB for 32 px '
+                     'PNGs (2.3 KB). Lower it when that does not fit: each epoch also reads the '
+                     'shards in its own order, so a smaller buffer still mixes the whole split.')
 flags.DEFINE_bool('cache_dataset', False,
                   'Cache the encoded split in memory (good for small datasets, not ImageNet).')
 flags.DEFINE_float('color_jitter_strength', 1.0,
@@ -61,6 +65,12 @@ flags.DEFINE_bool('random_flip', True,
                   'where a mirror image is another class or none (digits, text).')
 flags.DEFINE_bool('use_blur', True,
                   'Gaussian blur of views when pretraining (skipped for images under 32 px).')
+flags.DEFINE_enum('augment_on', 'auto', ['auto', 'host', 'device'],
+                  'Where training flips, color distortion and blur run. host: in the input '
+                  'pipeline; device: batched in the train step, from parameters the pipeline '
+                  'draws from the same seeds (the same pixels within float round-off; the host '
+                  'only decodes, crops and resizes: 2.5x its images/s at 224 px); auto: device on '
+                  'TPUs and GPUs, host on a CPU (whose results stay those of earlier runs).')
 
 # -- Model -----------------------------------------------------------------------------------------
 flags.DEFINE_integer('resnet_depth', 50, 'ResNet depth: 18, 34, 50, 101, 152 or 200.')
@@ -335,7 +345,7 @@ def build_config(values):
           image_size=v.image_size,
           shuffle_buffer=v.shuffle_buffer, cache_dataset=v.cache_dataset,
           color_jitter_strength=v.color_jitter_strength, crop_area_min=v.crop_area_min,
-          random_flip=v.random_flip, use_blur=v.use_blur),
+          random_flip=v.random_flip, use_blur=v.use_blur, augment_on=v.augment_on),
       model=model_lib.ModelConfig(
           resnet_depth=v.resnet_depth, width_multiplier=v.width_multiplier,
           cifar_stem=v.image_size <= data_lib.SMALL_IMAGE_SIZE, sk_ratio=v.sk_ratio,

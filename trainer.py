@@ -16,6 +16,7 @@ import numpy as np
 import tensorflow as tf
 
 import checkpoints
+import data_util
 import lars_optimizer
 import objective as obj_lib
 
@@ -99,7 +100,7 @@ class Trainer:
   """Owns the train step and the many-steps-per-call loop; `train` does the bookkeeping."""
 
   def __init__(self, strategy, model, optimizer, *, loss, temperature, hidden_norm,
-               weight_decay, optimizer_name, sogclr=None, jit_compile=False):
+               weight_decay, optimizer_name, sogclr=None, jit_compile=False, pixel_augment=None):
     self.strategy = strategy
     self.model = model
     self.optimizer = optimizer
@@ -109,6 +110,8 @@ class Trainer:
     self.weight_decay = weight_decay
     self.decay_in_loss = not lars_optimizer.decays_inside(optimizer_name)
     self.sogclr = sogclr
+    # data_util.PixelAugment: color distortion and blur of the views, batched in the step.
+    self.pixel_augment = pixel_augment
     self.pretrain = model.config.train_mode == 'pretrain'
     self.loss_scaling = isinstance(optimizer, tf.keras.optimizers.LossScaleOptimizer)
     # XLA compiles the per-replica step; the loop around it stays a plain tf.function.
@@ -146,9 +149,15 @@ class Trainer:
         tf.argmax(logits, 1), tf.argmax(repeated_labels, 1)), tf.float32))
     return supervised
 
-  def train_step(self, views, labels, ids):
-    """One per-replica step; returns a dict of scalar metrics (means over the local batch)."""
+  def train_step(self, views, labels, ids, pixel_params=None):
+    """One per-replica step; returns a dict of scalar metrics (means over the local batch).
+
+    pixel_params: per view [b, NUM_PARAMS], when the pipeline leaves color distortion and blur
+    to the step (`pixel_augment`).
+    """
     images = tf.concat(views, 0)
+    if self.pixel_augment is not None:
+      images = data_util.distort_batch(images, tf.concat(pixel_params, 0), self.pixel_augment)
     metrics = {}
     with tf.GradientTape() as tape:
       outputs = self.model(images, training=True)

@@ -7,6 +7,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 import data
+import data_util
 import imagenet
 
 NUM_TRAIN = 37  # not a multiple of the shard count or the batch size
@@ -49,6 +50,28 @@ def read_eval(builder, info, split='train', pipelines=1):
       seen += list(zip(ids.numpy().tolist(), pixels.tolist(), np.argmax(labels, 1).tolist(),
                     strict=True))
   return seen
+
+
+def noise_dataset(data_dir, num_shards=1):
+  """12 records of 40x48 noise PNGs (a fixed RandomState), 3 classes, in `num_shards` shards."""
+  rng = np.random.RandomState(7)
+  examples = [{'image': tf.io.encode_png(rng.randint(0, 256, [40, 48, 3]).astype(np.uint8))
+               .numpy(), 'label': i % 3} for i in range(12)]
+  features = {'image': tfds.features.Image(shape=(40, 48, 3), encoding_format='png'),
+              'label': tfds.features.ClassLabel(num_classes=3)}
+  return write_dataset(data_dir, f'noise{num_shards}', features, examples,
+                       num_shards=num_shards)
+
+
+def training_batches(builder, num_batches=2, **overrides):
+  """The first batches of the deterministic training pipeline at 32 px (blur on), as numpy."""
+  info = data.describe(builder, 'train', 'test')
+  config = data.InputConfig(**{
+      'split': 'train', 'global_batch_size': 4, 'image_size': 32, 'is_training': True,
+      'use_blur': True, 'deterministic': True, **overrides})
+  dataset = data.build_input_fn(builder, info, config, 3)(tf.distribute.InputContext())
+  return [tf.nest.map_structure(lambda t: t.numpy(), batch)
+          for batch in dataset.take(num_batches)]
 
 
 @pytest.fixture(scope='module')
@@ -371,3 +394,89 @@ def test_the_distinct_id_check_finds_a_repeat_within_and_across_chunks(batched, 
     assert out == list(range(100))
   with pytest.raises(tf.errors.InvalidArgumentError, match='read twice in one epoch'):
     list(visits.checked(distinct.take(1), tf.constant(1, tf.int64), batched))
+
+
+# The host path's views of `noise_dataset` as the code before device augmentation and per-epoch
+# shard orders (commit 03926d6) gives them: (ids, sum of each view) of the epoch's 3 batches.
+HOST_VIEWS_BEFORE_ISSUE_16 = [
+    ([3, 6, 4, 9], [8081.026777789928, 5085.336152813339]),
+    ([0, 1, 11, 10], [7654.39497012645, 4195.847243779403]),
+    ([5, 8, 2, 7], [6623.839654592026, 3931.7021126057953]),
+]
+
+
+def test_host_augmentation_keeps_the_views_of_the_code_before_it_could_run_on_the_device(
+    tmp_path):
+  # One shard: its order is that of before, so the published runs (the demo) stay valid.
+  batches = training_batches(noise_dataset(str(tmp_path)), 3)
+  for batch, (ids, sums) in zip(batches, HOST_VIEWS_BEFORE_ISSUE_16, strict=True):
+    assert batch[2].tolist() == ids
+    np.testing.assert_allclose([np.sum(v, dtype=np.float64) for v in batch[0]], sums, rtol=1e-6)
+
+
+@pytest.mark.parametrize('overrides', [{}, {'color_jitter_strength': 0.5, 'random_flip': False}])
+def test_device_augmentation_gives_the_host_views_within_round_off(tmp_path, overrides):
+  builder = noise_dataset(str(tmp_path), num_shards=2)
+  host = training_batches(builder, 3, **overrides)
+  device = training_batches(builder, 3, augment_on='device', **overrides)
+  augment = data.InputConfig(split='train', global_batch_size=4, image_size=32,
+                             is_training=True, augment_on='device', **overrides).pixel_augment()
+  assert augment.blur and augment.color_distort
+  for host_batch, device_batch in zip(host, device, strict=True):
+    views, labels, ids, params = device_batch
+    np.testing.assert_array_equal(ids, host_batch[2])
+    np.testing.assert_array_equal(labels, host_batch[1])
+    assert len(params) == 2 and params[0].shape == (4, data_util.NUM_PARAMS)
+    assert views[0].max() > 2  # uint8 scale: the step scales
+    for host_view, view, view_params in zip(host_batch[0], views, params, strict=True):
+      np.testing.assert_allclose(data_util.distort_batch(view, view_params, augment), host_view,
+                                 atol=1e-4)
+
+
+def test_evaluation_views_are_the_same_unaugmented_ones_with_augment_on_device(tmp_path):
+  builder = noise_dataset(str(tmp_path))
+  info = data.describe(builder, 'train', 'test')
+  elements = []
+  for augment_on in ('host', 'device'):
+    config = data.InputConfig(split='test', global_batch_size=5, image_size=32,
+                              is_training=False, num_views=1, augment_on=augment_on)
+    assert config.pixel_augment() is None
+    elements.append(next(iter(data.build_input_fn(builder, info, config, 3)(
+        tf.distribute.InputContext()))))
+  assert len(elements[1]) == 3  # no pixel parameters: nothing left for the step to do
+  np.testing.assert_array_equal(elements[0][0][0], elements[1][0][0])
+  images = [tf.io.decode_png(ex['image']) for ex in
+            builder.as_dataset(split='test', shuffle_files=False,
+                               decoders={'image': tfds.decode.SkipDecoding()}).take(5)]
+  expected = np.stack([data_util.preprocess_for_eval(im, 32, 32, crop=False) for im in images])
+  np.testing.assert_array_equal(elements[1][0][0], expected)
+
+
+def test_each_epoch_reads_the_shards_in_an_order_drawn_from_seed_and_epoch(plain):
+  # A one-record shuffle buffer passes the read order through.
+  info = data.describe(plain, 'train', 'test')
+  shard_ends = np.cumsum(plain.info.splits['train'].shard_lengths)
+  assert len(shard_ends) == 4
+
+  def epochs(seed, initial_step=0):
+    config = data.InputConfig(split='train', global_batch_size=1, image_size=4,
+                              is_training=True, use_blur=False, deterministic=True, seed=seed,
+                              shuffle_buffer=1, initial_step=initial_step)
+    dataset = data.build_input_fn(plain, info, config, 3)(tf.distribute.InputContext())
+    ids = [int(batch[2][0]) for batch in dataset.take(4 * NUM_TRAIN - initial_step)]
+    return [ids[max(0, e * NUM_TRAIN - initial_step):(e + 1) * NUM_TRAIN - initial_step]
+            for e in range(4)]
+
+  orders = epochs(seed=0)
+  for order in orders:
+    assert sorted(order) == list(range(NUM_TRAIN))
+    shards = np.searchsorted(shard_ends, order, side='right')
+    # Read interleaved, record by record: the first four records come from the four shards.
+    assert sorted(shards[:4]) == [0, 1, 2, 3]
+  first_shards = [np.searchsorted(shard_ends, order[0], side='right') for order in orders]
+  assert len(set(first_shards)) > 1, first_shards  # not the same shard opening every epoch
+  assert len({tuple(order) for order in orders}) == 4
+  assert epochs(seed=0) == orders
+  assert epochs(seed=1) != orders
+  # A run resumed mid-epoch 1 continues exactly where the uninterrupted one was.
+  assert epochs(seed=0, initial_step=NUM_TRAIN + 5)[1:] == [orders[1][5:], *orders[2:]]

@@ -155,3 +155,33 @@ def test_color_jitter_is_identity_at_zero_strength_and_distorts_within_range(ran
     out = data_util.color_jitter(image, _seed(s), 1.0, random_order).numpy()
     assert out.shape == (16, 16, 3) and 0.0 <= out.min() and out.max() <= 1.0
     assert np.abs(out - image.numpy()).max() > 1e-2
+
+
+@pytest.mark.parametrize('augment', [
+    data_util.PixelAugment(height=64),
+    data_util.PixelAugment(height=64, color_jitter_strength=0.5, flip=False),
+    data_util.PixelAugment(height=64, color_jitter_strength=0.0, blur=False),
+    data_util.PixelAugment(height=16, color_distort=False),  # flips only (no blur below 32 px)
+])
+def test_device_augmentations_of_resized_crops_give_the_host_views(augment):
+  # The same per-view seeds: batched in the step (eagerly and under XLA) = preprocess_for_train.
+  image = tf.image.convert_image_dtype(_image(80), tf.uint8)
+  seeds = [_seed(i, 3) for i in range(24)]
+  size = augment.height
+  host = np.stack([data_util.preprocess_for_train(
+      image, s, size, size, color_jitter_strength=augment.color_jitter_strength,
+      flip=augment.flip, color_distort=augment.color_distort, blur=augment.blur).numpy()
+      for s in seeds])
+  crops = tf.stack([data_util.resized_crop(image, s, size, size) for s in seeds])
+  params = tf.stack([data_util.pixel_params(s, augment) for s in seeds])
+  eager = data_util.distort_batch(crops, params, augment).numpy()
+  compiled = tf.function(lambda c, p: data_util.distort_batch(c, p, augment),
+                         jit_compile=True)(crops, params).numpy()
+  np.testing.assert_allclose(eager, host, atol=1e-4)
+  np.testing.assert_allclose(compiled, host, atol=1e-4)
+  # The seeds drew both outcomes of every coin that is on, so every branch was compared.
+  p = dict(zip(data_util.PARAM_NAMES, params.numpy().T, strict=True))
+  coins = ['flip'] * augment.flip + ['jitter', 'grayscale'] * augment.color_distort
+  coins += ['blur'] * (augment.blur and size >= 32)
+  for coin in coins:
+    assert 0 < p[coin].mean() < 1, coin

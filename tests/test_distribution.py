@@ -160,6 +160,13 @@ def test_cpu_precision_default_follows_native_bfloat16(monkeypatch, one_replica,
   assert distribution.resolve_precision_and_jit(one_replica, flag) == (expected, False)
 
 
+@pytest.mark.parametrize('flag, expected', [('auto', 'host'), ('host', 'host'),
+                                            ('device', 'device')])
+def test_augment_on_auto_keeps_the_pixel_augmentations_on_the_host_of_a_cpu(one_replica, flag,
+                                                                            expected):
+  assert distribution.resolve_augment_on(one_replica, flag) == expected
+
+
 # Two worker processes on localhost (MultiWorkerMirroredStrategy from TF_CONFIG).
 
 

@@ -15,13 +15,15 @@ import pytest
 import tensorflow as tf
 
 import checkpoints
+import data_util
 import lars_optimizer
 import model as model_lib
 import objective
 import trainer as trainer_lib
 
 
-def lars_trainer(strategy, config, mode, initial_weights=None, jit_compile=False):
+def lars_trainer(strategy, config, mode, initial_weights=None, jit_compile=False,
+                 pixel_augment=None):
   """(Trainer of a tiny model under LARS for loss `mode` with a 20-image u table, the initial
   weights): the model starts from `initial_weights` when given, else from its own."""
   with strategy.scope():
@@ -34,7 +36,8 @@ def lars_trainer(strategy, config, mode, initial_weights=None, jit_compile=False
     sogclr = objective.SogCLRLoss(20, 0.1, 0.9) if mode == 'sogclr' else None
   trainer = trainer_lib.Trainer(strategy, model, optimizer, loss=mode, temperature=0.1,
                                 hidden_norm=True, weight_decay=1e-4, optimizer_name='lars',
-                                sogclr=sogclr, jit_compile=jit_compile)
+                                sogclr=sogclr, jit_compile=jit_compile,
+                                pixel_augment=pixel_augment)
   return trainer, initial_weights
 
 
@@ -413,6 +416,7 @@ import numpy as np
 import tensorflow as tf
 
 import checkpoints
+import data_util
 import data
 import evaluation
 import model as model_lib
@@ -511,3 +515,37 @@ def test_xla_compiled_train_step_equals_the_plain_step(loss, one_replica, tiny_m
   if loss == 'sogclr':
     np.testing.assert_allclose(final[True][2], final[False][2], rtol=1e-4)
     assert np.isfinite(final[True][2]).sum() == 16
+
+
+@pytest.mark.slow  # 2 minutes on 2 busy cores
+def test_xla_compiled_step_with_device_augmentations_equals_the_plain_step_and_the_host_views(
+    one_replica, tiny_model_config):
+  # The pipeline's augment_on='device' elements: uint8-scale crops and per-view parameters.
+  tf.keras.utils.set_random_seed(1)
+  augment = data_util.PixelAugment(height=16)
+  rng = np.random.default_rng(3)
+  crops = tuple(rng.uniform(0, 255, size=(16, 16, 16, 3)).astype(np.float32) for _ in range(2))
+  params = tuple(np.stack([data_util.pixel_params(tf.constant([i, v], tf.int64), augment)
+                           for i in range(16)]) for v in range(2))
+  labels = np.eye(10, dtype=np.float32)[rng.integers(0, 10, 16)]
+  ids = rng.permutation(20)[:16].astype(np.int32)
+  # The same batch augmented beforehand, as the host path hands it to the step.
+  views = tuple(data_util.distort_batch(c, p, augment).numpy()
+                for c, p in zip(crops, params, strict=True))
+  runs = {'host': (views, labels, ids), 'device': (crops, labels, ids, params),
+          'device, XLA': (crops, labels, ids, params)}
+  initial_weights, final = None, {}
+  for name, element in runs.items():
+    trainer, initial_weights = lars_trainer(
+        one_replica, tiny_model_config(), 'sogclr', initial_weights,
+        jit_compile=name.endswith('XLA'), pixel_augment=None if name == 'host' else augment)
+    dataset = tf.data.Dataset.from_tensor_slices(element).batch(8)
+    metrics = trainer.train_loop(iter(one_replica.experimental_distribute_dataset(dataset)), 2)
+    final[name] = ({k: float(v) for k, v in metrics.items()},
+                   [v.numpy() for v in trainer.model.variables])
+  for name in ('device', 'device, XLA'):
+    for key, value in final['host'][0].items():
+      np.testing.assert_allclose(final[name][0][key], value, rtol=1e-4, atol=1e-5,
+                                 err_msg=f'{name} {key}')
+    for a, b in zip(final[name][1], final['host'][1], strict=True):
+      np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4)
