@@ -7,7 +7,8 @@ Writes bench/results/.
 
 The full grid can be split over processes sharing --work_dir (--batch_sizes=16,256 and
 --batch_sizes=32,128, or --methods=...); a last run without them collects the cached runs into
-the table. --reuse_runs=results.json takes the runs of an earlier table as measured (marked so).
+the table (--collect: only the runs already measured, training none). --reuse_runs=results.json
+takes the runs of an earlier table as measured (marked so).
 """
 import argparse
 import dataclasses
@@ -157,17 +158,26 @@ def measure(model, builder, info, views, settings):
   }
 
 
+def cached_record(settings, method, batch_size, seed, work_dir):
+  """The record of a finished run in work_dir, or None; another run's settings are an error."""
+  record_path = os.path.join(work_dir, f'{method}_b{batch_size}_s{seed}.json')
+  if not os.path.exists(record_path):
+    return None
+  record = json.load(open(record_path))
+  if record['settings'] != run_settings(settings, method):
+    raise ValueError(f'{record_path} was measured with other settings ({record["settings"]}); '
+                     'pass another --work_dir, or delete it to measure again')
+  return record
+
+
 def pretrain_and_measure(settings, method, batch_size, seed, work_dir, data_dir, builder, info,
                          views):
   """One run of run.py in-process, then its measurements; cached in work_dir (resumable)."""
   name = f'{method}_b{batch_size}_s{seed}'
-  record_path = os.path.join(work_dir, f'{name}.json')
-  if os.path.exists(record_path):
-    record = json.load(open(record_path))
-    if record['settings'] != run_settings(settings, method):
-      raise ValueError(f'{record_path} was measured with other settings ({record["settings"]}); '
-                       'pass another --work_dir, or delete it to measure again')
+  record = cached_record(settings, method, batch_size, seed, work_dir)
+  if record is not None:
     return record
+  record_path = os.path.join(work_dir, f'{name}.json')
   model_dir = os.path.join(work_dir, name)
   # A run without a record was interrupted: start it afresh rather than resume mid-way.
   if tf.io.gfile.exists(model_dir):
@@ -350,6 +360,9 @@ def parse_args(argv):
   parser.add_argument('--seeds', default=None, help='Comma-separated subset of the seeds.')
   parser.add_argument('--methods', default=None,
                       help=f'Comma-separated subset of the methods {",".join(METHODS)}.')
+  parser.add_argument('--collect', action='store_true',
+                      help='Train nothing: the table of the runs already in --work_dir (a row '
+                      'has the seeds every method of it has).')
   parser.add_argument('--reuse_runs', default=None,
                       help='results.json of an earlier run of this script: its runs with the same '
                       'settings are taken as measured (copied into --work_dir, marked '
@@ -409,6 +422,11 @@ def main(argv):
   for seed in settings.seeds:
     for batch_size in settings.batch_sizes:
       for method in settings.methods:
+        if args.collect:
+          record = cached_record(settings, method, batch_size, seed, work_dir)
+          if record is not None:
+            records.append(record)
+          continue
         record = pretrain_and_measure(settings, method, batch_size, seed, work_dir,
                                       args.data_dir, builder, info, views)
         records.append(record)

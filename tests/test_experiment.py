@@ -537,3 +537,35 @@ def test_official_linear_evaluation_command_runs_as_written(tmp_path, not_archit
   assert after.supervised_head.kernel.shape == (after.trunk.output_dim, 10)
   for a, b in zip(after.trunk.variables, before.trunk.variables, strict=True):
     np.testing.assert_array_equal(a.numpy(), b.numpy())
+
+
+@pytest.mark.slow
+def test_isogclr_run_summarizes_the_visited_images_temperatures(tmp_path, tiny, run_main):
+  model_dir = str(tmp_path / 'run')
+  run_main(*tiny, f'--model_dir={model_dir}', '--train_steps=4', '--checkpoint_steps=2',
+           '--loss=isogclr', '--isogclr_eta=0.5', '--probe_max_examples=0',
+           '--keep_hub_module_max=0')
+  latest = tf.train.latest_checkpoint(model_dir)
+  tau = tf.train.load_variable(latest, checkpoints.TAU_KEY)
+  visited = np.isfinite(tf.train.load_variable(latest, checkpoints.LOG_U_KEY))
+  assert visited.sum() == 4 * 16
+  assert np.all(tau[~visited] == np.float32(0.1))  # never visited: the initial temperature
+  scalars, histograms = {}, {}
+  for event_file in glob.glob(os.path.join(model_dir, 'events.out.tfevents.*')):
+    for event in tf.compat.v1.train.summary_iterator(event_file):
+      for value in event.summary.value:
+        if value.metadata.plugin_data.plugin_name == 'histograms':
+          histograms[event.step] = tf.make_ndarray(value.tensor)
+        elif value.tag.startswith('train/tau'):
+          scalars.setdefault(value.tag, {})[event.step] = float(tf.make_ndarray(value.tensor))
+  assert set(scalars) == {'train/tau_mean', 'train/tau_min', 'train/tau_max',
+                          'train/tau_batch_mean'}
+  # The last call's statistics are those of the visited images' temperatures in ckpt-4.
+  assert scalars['train/tau_mean'][4] == pytest.approx(np.mean(tau[visited]), rel=1e-5)
+  assert scalars['train/tau_min'][4] == pytest.approx(np.min(tau[visited]))
+  assert scalars['train/tau_max'][4] == pytest.approx(np.max(tau[visited]))
+  assert scalars['train/tau_min'][4] < scalars['train/tau_max'][4]
+  # A histogram at each checkpoint: [left edge, right edge, count] rows over the visited ones.
+  assert sorted(histograms) == [2, 4]
+  assert histograms[4][:, 2].sum() == visited.sum()
+  assert histograms[4][0, 0] == pytest.approx(np.min(tau[visited]))
