@@ -272,13 +272,16 @@ def check_same_run(config, total_steps):
   recorded, flags_file = checkpoints.read_flags(config.model_dir)
   if recorded is None:
     return
+  # A run recorded before the gamma schedule and iSogCLR existed ran with their defaults.
+  defaults = dataclasses.asdict(trainer_lib.ObjectiveConfig())
+  recorded = {name: defaults[name] for name in GAMMA_FLAGS + ISOGCLR_FLAGS} | recorded
   current = dict(config.flags) | {'resolved_loss': _resolved_loss(config)}
   changed = {name: (recorded[name], value) for name, value in current.items()
              if name in recorded and recorded[name] != value}
   if current['resolved_loss'] not in GLOBAL_LOSSES:
     for name in GAMMA_FLAGS:  # only SogCLR and iSogCLR have a gamma
       changed.pop(name, None)
-  if current.get('gamma_schedule') == recorded.get('gamma_schedule', 'constant') == 'constant':
+  if current.get('gamma_schedule') == recorded['gamma_schedule'] == 'constant':
     changed.pop('gamma_decay_epochs', None)  # unused by a constant gamma
   if current['resolved_loss'] != 'isogclr':
     for name in ISOGCLR_FLAGS:

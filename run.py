@@ -108,7 +108,8 @@ flags.DEFINE_integer('gamma_decay_epochs', 0,
                      'Epochs of the cosine gamma schedule (> 0 with --gamma_schedule=cosine; '
                      'LibAUC suggests half the training epochs).')
 flags.DEFINE_float('isogclr_rho', 0.3,
-                   'iSogCLR: the DRO radius rho (>= 0); larger drives temperatures up.')
+                   'iSogCLR: the KL radius rho of its DRO (>= 0); larger gives lower '
+                   'temperatures.')
 flags.DEFINE_float('isogclr_eta', 0.01, 'iSogCLR: step size of the temperature updates (> 0).')
 flags.DEFINE_float('isogclr_beta', 0.9,
                    'iSogCLR: weight of the new temperature gradient in its moving average, '

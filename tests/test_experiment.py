@@ -569,3 +569,47 @@ def test_isogclr_run_summarizes_the_visited_images_temperatures(tmp_path, tiny, 
   assert sorted(histograms) == [2, 4]
   assert histograms[4][:, 2].sum() == visited.sum()
   assert histograms[4][0, 0] == pytest.approx(np.min(tau[visited]))
+
+
+def _recorded_run(tmp_path, flags):
+  model_dir = tmp_path / 'run'
+  model_dir.mkdir(parents=True)
+  (model_dir / 'ckpt-5.index').write_bytes(b'')  # listed; never read by the identity check
+  checkpoints.write_flags(str(model_dir), flags)
+  return str(model_dir)
+
+
+def _config(model_dir, **objective):
+  objective = trainer_lib.ObjectiveConfig(**objective)
+  flags = {f: getattr(objective, f) for f in experiment.GAMMA_FLAGS + experiment.ISOGCLR_FLAGS}
+  return experiment.Config(model_dir=model_dir, objective=objective,
+                           flags={**flags, 'temperature': objective.temperature})
+
+
+def test_resume_identity_covers_the_gamma_schedule_and_isogclr_flags(tmp_path):
+  before = {'resolved_loss': 'isogclr', 'temperature': 0.1, 'gamma': 0.9,
+            'gamma_schedule': 'cosine', 'gamma_decay_epochs': 10, 'isogclr_rho': 0.3,
+            'isogclr_eta': 0.01, 'isogclr_beta': 0.9, 'isogclr_tau_min': 0.05,
+            'isogclr_tau_max': 0.7}
+  model_dir = _recorded_run(tmp_path, before)
+  same = dict(loss='isogclr', gamma_schedule='cosine', gamma_decay_epochs=10)
+  experiment.check_same_run(_config(model_dir, **same), 100)
+  for change, flag in ((dict(isogclr_rho=0.5), 'isogclr_rho'),
+                       (dict(gamma_decay_epochs=20), 'gamma_decay_epochs'),
+                       (dict(loss='sogclr'), 'loss')):
+    with pytest.raises(ValueError, match=f'--{flag}='):
+      experiment.check_same_run(_config(model_dir, **(same | change)), 100)
+
+
+def test_a_run_recorded_before_the_gamma_schedule_ran_with_a_constant_gamma(tmp_path):
+  model_dir = _recorded_run(tmp_path, {'resolved_loss': 'sogclr', 'temperature': 0.1,
+                                       'gamma': 0.9})
+  experiment.check_same_run(_config(model_dir, loss='sogclr'), 100)
+  with pytest.raises(ValueError, match="--gamma_schedule='cosine' \\(was 'constant'\\)"):
+    experiment.check_same_run(_config(model_dir, loss='sogclr', gamma_schedule='cosine',
+                                      gamma_decay_epochs=5), 100)
+  # SimCLR has no gamma: its schedule flags never make another run.
+  simclr_dir = _recorded_run(tmp_path / 'simclr', {'resolved_loss': 'simclr', 'gamma': 0.9,
+                                                   'temperature': 0.1})
+  experiment.check_same_run(_config(simclr_dir, loss='simclr', gamma=0.5,
+                                    gamma_schedule='cosine', isogclr_rho=1.0), 100)
