@@ -1,4 +1,5 @@
 """bench/small_batch.py: its summary arithmetic on made-up runs, and `--quick` end to end (CI)."""
+import dataclasses
 import importlib.util
 import json
 import math
@@ -84,6 +85,13 @@ def test_reused_runs_are_copied_once_with_their_source(small_batch, tmp_path):
   assert record['global_objective'] == 8.3 and record['reused_from'] == str(earlier)
   assert not (work_dir / 'sogclr_b16_s0.json').exists()
   assert small_batch.reuse_runs(str(earlier), str(work_dir), settings) == 0  # already there
+  # --collect reads the records there (the copied ones too) and trains nothing.
+  assert small_batch.cached_record(settings, 'simclr', 256, 0, str(work_dir))['global_objective'] \
+      == 8.5
+  assert small_batch.cached_record(settings, 'isogclr', 256, 0, str(work_dir)) is None
+  with pytest.raises(ValueError, match='other settings'):
+    small_batch.cached_record(dataclasses.replace(settings, gamma=0.5), 'sogclr', 256, 0,
+                              str(work_dir))
   # An iSogCLR run depends on its temperature updates too.
   assert small_batch.run_settings(settings, 'isogclr')['isogclr'] == small_batch.ISOGCLR
   assert '--isogclr_eta=0.01' in small_batch.run_flags(settings, 'isogclr', 16, 0, 'm', None)
