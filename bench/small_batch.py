@@ -436,6 +436,8 @@ def main(argv):
               f"({record['train_seconds']:.0f} s training, {record['seconds']:.0f} s in all)",
               flush=True)
   summary = summarize(records, settings)
+  if args.collect:  # batch sizes no seed has finished for every method yet are left out
+    summary = [row for row in summary if row['seeds']]
   table = markdown_table(summary)
   results = {
       'settings': dataclasses.asdict(settings) | {'view_seed': VIEW_SEED, 'quick': args.quick},
