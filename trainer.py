@@ -256,8 +256,12 @@ class Trainer:
 
   @tf.function
   def _temperature_stats(self):
-    tau = self.sogclr.temperature_table()
-    return tf.reduce_mean(tau), tf.reduce_min(tau), tf.reduce_max(tau)
+    # Masked reductions, not the visited subset: no dynamic shape (TPUs) on every call.
+    tau, visited = self.sogclr.tau, tf.math.is_finite(self.sogclr.log_u)
+    count = tf.reduce_sum(tf.cast(visited, tf.float32))
+    return (tf.reduce_sum(tf.where(visited, tau, 0.0)) / count,
+            tf.reduce_min(tf.where(visited, tau, math.inf)),
+            tf.reduce_max(tf.where(visited, tau, -math.inf)))
 
   def temperature_stats(self):
     """{'tau_mean', 'tau_min', 'tau_max'} over the images visited so far (iSogCLR after a
