@@ -325,7 +325,9 @@ def np_isogclr(za, zb, ids, u, tau, momentum, gamma, rho, eta, beta, tau_min, ta
   step's update); the weights and the gradient of tau use the new u of the view; the gradient is
   log u + rho - mean_k(w_ik s_ik / tau_i), averaged over the two views; the momentum is
   m <- (1 - beta) m + beta grad, then tau <- clip(tau - eta m). A first visit takes gamma = 1
-  per image (LibAUC: for the whole first epoch, every image's first visit).
+  per image, as SogCLRLoss does. LibAUC decides per batch instead: gamma = 1 while the whole
+  batch is unvisited in epoch 0 (constant schedule) or throughout epoch 0 (cosine: gamma(0) = 1),
+  which is the same when every image is first seen in epoch 0, as an epoch-wise shuffle does.
   """
   b = len(za)
   z = np.concatenate([za, zb])
