@@ -490,3 +490,16 @@ def test_isogclr_tables_survive_checkpoint_save_and_restore(tmp_path):
   second = tf_sogclr_step(restored, za, zb, np.array([2, 3, 4], np.int32))[0]['loss'].numpy()
   assert first == second
   np.testing.assert_array_equal(restored.tau.numpy(), isogclr.tau.numpy())
+
+
+def test_isogclr_tables_are_created_as_the_u_table_is(two_replicas):
+  # The same synchronization and aggregation as log_u: every replica's scatter of the gathered
+  # ids keeps the copies equal, and the TPU on-write policy (tested above for log_u) accepts it.
+  with two_replicas.scope():
+    isogclr = objective.ISogCLRLoss(5, 0.1, 0.9)
+  for table in (isogclr.log_u, isogclr.tau, isogclr.tau_momentum):
+    assert table.synchronization == tf.VariableSynchronization.ON_WRITE
+    assert table.aggregation == objective.log_u_aggregation(two_replicas)
+    assert not table.trainable
+  np.testing.assert_array_equal(isogclr.tau.numpy(), np.full(5, 0.1, np.float32))
+  np.testing.assert_array_equal(isogclr.tau_momentum.numpy(), np.zeros(5, np.float32))
