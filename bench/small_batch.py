@@ -3,7 +3,7 @@ objective, linear and kNN top-1 against batch size (the paper's batch-size figur
 Writes bench/results/.
 
   python bench/small_batch.py            # the full grid: 36 runs, about 1.5 h on 2 shared cores
-  python bench/small_batch.py --quick    # a smoke test of this script (about 3 min)
+  python bench/small_batch.py --quick    # a smoke test of this script (a few minutes)
 
 The full grid can be split over processes sharing --work_dir (--batch_sizes=16,256 and
 --batch_sizes=32,128, or --methods=...); a last run without them collects the cached runs into
