@@ -2,7 +2,8 @@
 checkpoint or export, SavedModel export, result_<step>.json and flags.json.
 
 A checkpoint holds `model`, `optimizer` (whose iteration count is the step) and, for SogCLR,
-`sogclr` (the u table, `sogclr/log_u`); checkpoints are numbered by their step (`ckpt-<step>`).
+`sogclr` (the u table, `sogclr/log_u`; iSogCLR adds `sogclr/tau` and `sogclr/tau_momentum`);
+checkpoints are numbered by their step (`ckpt-<step>`).
 """
 import collections
 import json
@@ -294,6 +295,9 @@ def restore_pretrained(model, path):
 
 # Where a pretraining checkpoint keeps SogCLR's u table (log domain, one float per image).
 LOG_U_KEY = 'sogclr/log_u/.ATTRIBUTES/VARIABLE_VALUE'
+# iSogCLR's per-image temperatures and the moving average of their gradients.
+TAU_KEY = 'sogclr/tau/.ATTRIBUTES/VARIABLE_VALUE'
+TAU_MOMENTUM_KEY = 'sogclr/tau_momentum/.ATTRIBUTES/VARIABLE_VALUE'
 
 # Where a checkpoint of run.py keeps the step: the optimizer's iteration count (a
 # LossScaleOptimizer's own counter stays 0; its inner optimizer's counts).
@@ -404,6 +408,9 @@ def state_fingerprint(model, sogclr=None):
     visited = np.isfinite(log_u)
     text += (f', u visited {int(visited.sum())}, '
              f'log u sum {np.sum(log_u[visited], dtype=np.float64):.10e}')
+    if hasattr(sogclr, 'tau'):
+      text += (f', tau sum {np.sum(sogclr.tau.numpy(), dtype=np.float64):.10e}, tau momentum '
+               f'sum {np.sum(sogclr.tau_momentum.numpy(), dtype=np.float64):.10e}')
   return text
 
 

@@ -19,7 +19,6 @@ import data as data_lib
 import distribution as distribution_lib
 import evaluation as evaluation_lib
 import model as model_lib
-import objective as obj_lib
 import trainer as trainer_lib
 
 
@@ -207,9 +206,9 @@ def train_and_evaluate(config, setup, model):
         warmup_steps=setup.warmup_steps, total_steps=setup.total_steps,
         loss_scaling=tf.keras.mixed_precision.global_policy().name == 'mixed_float16')
     sogclr = None
-    if config.pretrain and objective.loss == 'sogclr':
-      sogclr = obj_lib.SogCLRLoss(setup.info.num_ids, objective.temperature,
-                                  objective.gamma, objective.hidden_norm)
+    if config.pretrain and objective.global_contrastive:
+      sogclr = trainer_lib.build_global_loss(objective, setup.info.num_ids,
+                                             setup.steps_per_epoch)
     manager = checkpoints.restore_or_initialize(
         model, optimizer, sogclr, model_dir=config.model_dir, write_dir=setup.write_dir,
         keep_checkpoint_max=config.loop.keep_checkpoint_max, checkpoint=config.checkpoint,
@@ -362,11 +361,19 @@ def write_view_pairs(config, setup, summary_writer, step, num_images=VIEW_PAIRS)
 # Flags whose change makes a resumed run another run (its data order, objective or network);
 # changing one on resume is an error unless allowed by name (allow_flag_changes).
 RUN_DEFINING_FLAGS = (
-    'resolved_loss', 'temperature', 'gamma', 'hidden_norm', 'train_mode', 'train_batch_size',
+    'resolved_loss', 'temperature', 'gamma', 'gamma_schedule', 'gamma_decay_epochs',
+    'isogclr_rho', 'isogclr_eta', 'isogclr_beta', 'isogclr_tau_min', 'isogclr_tau_max',
+    'hidden_norm', 'train_mode', 'train_batch_size',
     'seed', 'dataset', 'train_split', 'num_classes', 'image_size', 'resnet_depth',
     'width_multiplier', 'sk_ratio', 'se_ratio', 'proj_head_mode', 'num_proj_layers',
     'proj_out_dim', 'lineareval_while_pretraining', 'ft_proj_selector', 'fine_tune_after_block',
     'supervised_head_bn', 'optimizer', 'learning_rate_scaling')
+
+
+GLOBAL_LOSSES = ('sogclr', 'isogclr')
+GAMMA_FLAGS = ('gamma', 'gamma_schedule', 'gamma_decay_epochs')
+ISOGCLR_FLAGS = ('isogclr_rho', 'isogclr_eta', 'isogclr_beta', 'isogclr_tau_min',
+                 'isogclr_tau_max')
 
 
 def _resolved_loss(config):
@@ -383,11 +390,20 @@ def check_same_run(config, total_steps):
   recorded, flags_file = checkpoints.read_flags(config.model_dir)
   if recorded is None:
     return
+  # A run recorded before the gamma schedule and iSogCLR existed ran with their defaults.
+  defaults = dataclasses.asdict(trainer_lib.ObjectiveConfig())
+  recorded = {name: defaults[name] for name in GAMMA_FLAGS + ISOGCLR_FLAGS} | recorded
   current = dict(config.flags) | {'resolved_loss': _resolved_loss(config)}
   changed = {name: (recorded[name], value) for name, value in current.items()
              if name in recorded and recorded[name] != value}
-  if current['resolved_loss'] != 'sogclr':
-    changed.pop('gamma', None)  # only SogCLR has a gamma
+  if current['resolved_loss'] not in GLOBAL_LOSSES:
+    for name in GAMMA_FLAGS:  # only SogCLR and iSogCLR have a gamma
+      changed.pop(name, None)
+  if current.get('gamma_schedule') == recorded['gamma_schedule'] == 'constant':
+    changed.pop('gamma_decay_epochs', None)  # unused by a constant gamma
+  if current['resolved_loss'] != 'isogclr':
+    for name in ISOGCLR_FLAGS:
+      changed.pop(name, None)
   allowed = set(config.allow_flag_changes)
   if 'loss' in allowed:
     allowed.add('resolved_loss')
@@ -441,7 +457,7 @@ def train_input_config(config, initial_step, augment_on='host'):
       initial_step=initial_step, shuffle_buffer=data.shuffle_buffer, augment_on=augment_on,
       labels_required=not config.pretrain or config.model.lineareval_while_pretraining,
       # Ids index the per-image tables: two records with one id would share a slot.
-      unique_ids=config.pretrain and config.objective.loss == 'sogclr')
+      unique_ids=config.pretrain and config.objective.global_contrastive)
 
 
 def evaluate_checkpoints(config, setup, model):

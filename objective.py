@@ -1,4 +1,5 @@
-"""Contrastive objectives: SimCLR's NT-Xent and SogCLR's global contrastive loss with its `u` table.
+"""Contrastive objectives: SimCLR's NT-Xent, SogCLR's global contrastive loss with its `u` table,
+and iSogCLR's individualized temperatures.
 
 Both gather negatives from every replica (gradients flow back through the gather), so one device
 and many devices give the same answer on the same global batch.
@@ -116,6 +117,27 @@ def log_u_aggregation(strategy):
   return tf.VariableAggregation.ONLY_FIRST_REPLICA
 
 
+def _per_image_table(num_examples, value, name):
+  """A non-trainable [num_examples] float32 table filled with `value`, updated by scatter from
+  the replicated step: every replica scatters the same all-gathered ids and values, so the
+  copies stay identical (log_u_aggregation) and the checkpoint holds one."""
+  return tf.Variable(
+      tf.fill([num_examples], value), trainable=False, name=name,
+      synchronization=tf.VariableSynchronization.ON_WRITE,
+      aggregation=log_u_aggregation(tf.distribute.get_strategy()))
+
+
+def cosine_gamma(epoch, gamma, decay_epochs):
+  """LibAUC's 'cosine' gamma schedule: 1 at epoch 0, down to `gamma` along a half cosine over
+  `decay_epochs` (whole epochs), then `gamma`. epoch: an integer (or an integer tensor)."""
+  epoch = tf.cast(epoch, tf.float32)
+  decaying = (1.0 - gamma) * 0.5 * (1.0 + tf.cos(math.pi * epoch / decay_epochs)) + gamma
+  return tf.where(epoch < decay_epochs, decaying, tf.constant(gamma, tf.float32))
+
+
+GAMMA_SCHEDULES = ('constant', 'cosine')
+
+
 class SogCLRLoss(tf.Module):
   """SogCLR's global contrastive loss and its moving-average denominators `u`, one per image.
 
@@ -123,73 +145,96 @@ class SogCLRLoss(tf.Module):
   below temperature ~0.011, and an underflowed u of 0 would read as a first visit. A never-visited
   image holds -inf, which no real u (always > 0) can take. The table is a non-trainable variable
   of length `num_examples` and is saved in checkpoints with the model.
+
+  gamma_schedule: 'constant' (`gamma` throughout) or 'cosine' (`cosine_gamma` of the epoch, the
+  step passed to `__call__` // `steps_per_epoch`). Either way an image's first visit takes its
+  estimate whole (gamma = 1).
   """
 
-  def __init__(self, num_examples, temperature, gamma, hidden_norm=True, name='sogclr'):
+  def __init__(self, num_examples, temperature, gamma, hidden_norm=True, name='sogclr', *,
+               gamma_schedule='constant', gamma_decay_epochs=0, steps_per_epoch=None):
     super().__init__(name=name)
     if not 0.0 < gamma <= 1.0:
       raise ValueError(f'gamma must be in (0, 1], got {gamma}')
     if temperature <= 0:
       raise ValueError(f'temperature must be positive, got {temperature}')
+    if gamma_schedule not in GAMMA_SCHEDULES:
+      raise ValueError(f'Unknown gamma_schedule {gamma_schedule!r}; expected one of '
+                       f'{GAMMA_SCHEDULES}')
+    if gamma_schedule == 'cosine' and not (gamma_decay_epochs > 0 and steps_per_epoch):
+      raise ValueError('the cosine gamma schedule needs gamma_decay_epochs > 0 and '
+                       f'steps_per_epoch, got {gamma_decay_epochs} and {steps_per_epoch}')
     self.num_examples = int(num_examples)
     self.temperature = float(temperature)
     self.gamma = float(gamma)
+    self.gamma_schedule = gamma_schedule
+    self.gamma_decay_epochs = gamma_decay_epochs
+    self.steps_per_epoch = steps_per_epoch
     self.hidden_norm = hidden_norm
-    self.log_u = tf.Variable(
-        tf.fill([self.num_examples], -math.inf), trainable=False, name='log_u',
-        synchronization=tf.VariableSynchronization.ON_WRITE,
-        aggregation=log_u_aggregation(tf.distribute.get_strategy()))
+    self.log_u = _per_image_table(self.num_examples, -math.inf, 'log_u')
 
-  def _moving_average(self, log_u_stored, sims, positive_mask, self_mask):
-    """log of u_i(view) = (1-gamma) u_i(stored) + gamma g_i; gamma = 1 on a first visit."""
-    negatives_logits = sims / self.temperature - LARGE_NUM * (positive_mask + self_mask)
+  def gamma_at(self, step):
+    """gamma of revisits at training step `step` (0-based; a Python float when constant)."""
+    if self.gamma_schedule == 'constant':
+      return self.gamma
+    if step is None:
+      raise ValueError('the cosine gamma schedule needs the step')
+    epoch = tf.cast(step, tf.int64) // self.steps_per_epoch
+    return cosine_gamma(epoch, self.gamma, self.gamma_decay_epochs)
+
+  @staticmethod
+  def _moving_average(log_u_stored, sims, positive_mask, self_mask, temperature, gamma):
+    """log of u_i(view) = (1-gamma) u_i(stored) + gamma g_i; gamma = 1 on a first visit.
+
+    temperature: a float or per-anchor [b, 1]; gamma: a float or a scalar tensor.
+    """
+    negatives_logits = sims / temperature - LARGE_NUM * (positive_mask + self_mask)
     num_negatives = tf.cast(tf.shape(sims)[1] - 2, tf.float32)
     log_g = tf.reduce_logsumexp(negatives_logits, axis=1) - tf.math.log(num_negatives)
-    if self.gamma == 1.0:
-      return log_g, negatives_logits
-    log_u = _log_add_exp(math.log1p(-self.gamma) + log_u_stored, math.log(self.gamma) + log_g)
+    if isinstance(gamma, float):
+      if gamma == 1.0:
+        return log_g, negatives_logits
+      log_keep, log_gamma = math.log1p(-gamma), math.log(gamma)
+    else:
+      # A scheduled gamma of 1 gives log_keep = -inf: the stored u drops out, as it should.
+      log_keep, log_gamma = tf.math.log1p(-gamma), tf.math.log(gamma)
+    log_u = _log_add_exp(log_keep + log_u_stored, log_gamma + log_g)
     return tf.where(tf.math.is_inf(log_u_stored), log_g, log_u), negatives_logits
 
-  def _surrogate(self, sims, positive_mask, negatives_logits, log_u):
+  @staticmethod
+  def _surrogate(sims, positive_mask, negatives_logits, log_u):
     """Per-anchor -<z_i, z'_i> + 1/(2(B-1)) sum_k sg(exp(<z_i,z_k>/tau) / u_i) <z_i, z_k>."""
     weights = tf.stop_gradient(tf.exp(negatives_logits - log_u[:, None]))
     num_negatives = tf.cast(tf.shape(sims)[1] - 2, tf.float32)
     positive = tf.reduce_sum(positive_mask * sims, axis=1)
     return -positive + tf.reduce_sum(weights * sims, axis=1) / num_negatives
 
-  def __call__(self, projection_a, projection_b, ids):
-    """SogCLR loss of the local batch; updates `log_u` for the whole global batch.
-
-    Args:
-      projection_a, projection_b: [b, D] projections of the two views.
-      ids: [b] integer dataset ids in [0, num_examples), distinct across the global batch.
-
-    Returns:
-      dict with 'loss' (the surrogate: mean over anchors of view a plus view b, whose gradient
-      SogCLR follows), 'nt_xent' (the batch NT-Xent, for comparison with SimCLR), 'logits_a' and
-      'positive_mask' (for contrastive metrics) and 'log_u_mean' (log of the mean of the new u
-      over the global batch).
-    """
+  def _views(self, projection_a, projection_b, ids, temperature, step):
+    """Both views' similarities, new log u and surrogate loss, with `temperature` (a float or
+    the anchors' [b, 1])."""
     sims_a, sims_b, positive_mask, self_mask = contrastive_similarities(
         projection_a, projection_b, self.hidden_norm)
-    ids = tf.cast(ids, tf.int32)
     log_u_stored = tf.gather(self.log_u, ids)
-    log_u_a, negatives_a = self._moving_average(
-        log_u_stored, tf.stop_gradient(sims_a), positive_mask, self_mask)
-    log_u_b, negatives_b = self._moving_average(
-        log_u_stored, tf.stop_gradient(sims_b), positive_mask, self_mask)
-    loss = (tf.reduce_mean(self._surrogate(sims_a, positive_mask, negatives_a, log_u_a)) +
-            tf.reduce_mean(self._surrogate(sims_b, positive_mask, negatives_b, log_u_b)))
+    gamma = self.gamma_at(step)
+    views = []
+    for sims in (sims_a, sims_b):
+      log_u, negatives = self._moving_average(
+          log_u_stored, tf.stop_gradient(sims), positive_mask, self_mask, temperature, gamma)
+      views.append({'sims': sims, 'log_u': log_u, 'negatives_logits': negatives,
+                    'loss': self._surrogate(sims, positive_mask, negatives, log_u)})
+    return views, positive_mask, self_mask
 
-    log_u_new = _log_add_exp(log_u_a, log_u_b) - math.log(2.0)
+  def _results(self, views, positive_mask, self_mask, ids):
+    """Scatters the new log u of the global batch; the dict `__call__` returns."""
+    log_u_new = _log_add_exp(views[0]['log_u'], views[1]['log_u']) - math.log(2.0)
     all_ids = cross_replica_concat(ids)
     all_log_u_new = cross_replica_concat(log_u_new)
     self.log_u.scatter_update(tf.IndexedSlices(all_log_u_new, all_ids))
-
+    loss = tf.reduce_mean(views[0]['loss']) + tf.reduce_mean(views[1]['loss'])
     nt_xent_a, logits_a = nt_xent_from_similarities(
-        tf.stop_gradient(sims_a), positive_mask, self_mask, self.temperature)
+        tf.stop_gradient(views[0]['sims']), positive_mask, self_mask, self.temperature)
     nt_xent_b, _ = nt_xent_from_similarities(
-        tf.stop_gradient(sims_b), positive_mask, self_mask, self.temperature)
+        tf.stop_gradient(views[1]['sims']), positive_mask, self_mask, self.temperature)
     global_batch_size = tf.cast(tf.shape(all_ids)[0], tf.float32)
     return {
         'loss': loss,
@@ -197,7 +242,92 @@ class SogCLRLoss(tf.Module):
         'logits_a': logits_a,
         'positive_mask': positive_mask,
         'log_u_mean': tf.reduce_logsumexp(all_log_u_new) - tf.math.log(global_batch_size),
-    }
+    }, all_ids
+
+  def __call__(self, projection_a, projection_b, ids, step=None):
+    """SogCLR loss of the local batch; updates `log_u` for the whole global batch.
+
+    Args:
+      projection_a, projection_b: [b, D] projections of the two views.
+      ids: [b] integer dataset ids in [0, num_examples), distinct across the global batch.
+      step: the 0-based training step (a scalar tensor); needed by the cosine gamma schedule.
+
+    Returns:
+      dict with 'loss' (the surrogate: mean over anchors of view a plus view b, whose gradient
+      SogCLR follows), 'nt_xent' (the batch NT-Xent, for comparison with SimCLR), 'logits_a' and
+      'positive_mask' (for contrastive metrics) and 'log_u_mean' (log of the mean of the new u
+      over the global batch).
+    """
+    ids = tf.cast(ids, tf.int32)
+    views, positive_mask, self_mask = self._views(
+        projection_a, projection_b, ids, self.temperature, step)
+    return self._results(views, positive_mask, self_mask, ids)[0]
+
+
+class ISogCLRLoss(SogCLRLoss):
+  """iSogCLR (Qiu et al., ICML 2023): SogCLR with one learned temperature per image.
+
+  Beside `log_u`, two tables of length `num_examples`: `tau` (each image's temperature, starting
+  at `temperature`) and `tau_momentum` (a moving average of its gradient, starting at 0). Per
+  anchor i, with its stored tau_i, the moving average of u and the surrogate are SogCLR's; then,
+  as LibAUC's GCLoss_v1(enable_isogclr=True) defines them, with u_i(view) the new moving average
+  and w_ik = exp(s_ik / tau_i) / u_i(view):
+
+      grad_i = mean over views of (log u_i(view) + rho - mean_k(w_ik s_ik / tau_i))
+      m_i   <- (1 - beta) m_i + beta grad_i
+      tau_i <- clip(tau_i - eta m_i, tau_min, tau_max)
+
+  `nt_xent` and `logits_a` stay at the fixed `temperature` (comparable with SimCLR's).
+  """
+
+  def __init__(self, num_examples, temperature, gamma, hidden_norm=True, name='sogclr', *,
+               rho=0.3, eta=0.01, beta=0.9, tau_min=0.05, tau_max=0.7, **schedule):
+    super().__init__(num_examples, temperature, gamma, hidden_norm, name, **schedule)
+    if rho < 0:
+      raise ValueError(f'rho must be >= 0, got {rho}')
+    if eta <= 0:
+      raise ValueError(f'eta must be positive, got {eta}')
+    if not 0.0 < beta <= 1.0:
+      raise ValueError(f'beta must be in (0, 1], got {beta}')
+    if not 0.0 < tau_min <= temperature <= tau_max:
+      raise ValueError(f'need 0 < tau_min <= temperature <= tau_max, got {tau_min}, '
+                       f'{temperature}, {tau_max}')
+    self.rho, self.eta, self.beta = float(rho), float(eta), float(beta)
+    self.tau_min, self.tau_max = float(tau_min), float(tau_max)
+    self.tau = _per_image_table(self.num_examples, self.temperature, 'tau')
+    self.tau_momentum = _per_image_table(self.num_examples, 0.0, 'tau_momentum')
+
+  def _tau_gradient(self, view, tau):
+    """log u_i(view) + rho - mean_k(w_ik s_ik / tau_i) of each anchor [b]."""
+    weights = tf.exp(view['negatives_logits'] - view['log_u'][:, None])
+    num_negatives = tf.cast(tf.shape(view['sims'])[1] - 2, tf.float32)
+    # Masked columns have weight exactly 0; s / tau stays finite there.
+    scaled_sims = tf.stop_gradient(view['sims']) / tau
+    return (view['log_u'] + self.rho -
+            tf.reduce_sum(weights * scaled_sims, axis=1) / num_negatives)
+
+  def __call__(self, projection_a, projection_b, ids, step=None):
+    """As SogCLRLoss, at each anchor's temperature; also updates `tau` and `tau_momentum` for
+    the global batch. The dict also holds 'tau_mean' (the new temperatures' mean over the
+    global batch)."""
+    ids = tf.cast(ids, tf.int32)
+    tau = tf.gather(self.tau, ids)[:, None]
+    views, positive_mask, self_mask = self._views(projection_a, projection_b, ids, tau, step)
+    gradient = tf.stop_gradient(
+        0.5 * (self._tau_gradient(views[0], tau) + self._tau_gradient(views[1], tau)))
+    momentum = (1.0 - self.beta) * tf.gather(self.tau_momentum, ids) + self.beta * gradient
+    new_tau = tf.clip_by_value(tau[:, 0] - self.eta * momentum, self.tau_min, self.tau_max)
+    results, all_ids = self._results(views, positive_mask, self_mask, ids)
+    all_new_tau = cross_replica_concat(new_tau)
+    self.tau_momentum.scatter_update(
+        tf.IndexedSlices(cross_replica_concat(momentum), all_ids))
+    self.tau.scatter_update(tf.IndexedSlices(all_new_tau, all_ids))
+    results['tau_mean'] = tf.reduce_mean(all_new_tau)
+    return results
+
+  def temperature_table(self):
+    """The temperatures of the images visited so far (a 1-D tensor; empty before any)."""
+    return tf.boolean_mask(self.tau, tf.math.is_finite(self.log_u))
 
 
 def global_nt_xent(projection_a, projection_b, temperature, hidden_norm=True, chunk_size=1024):

@@ -101,15 +101,34 @@ flags.DEFINE_bool('supervised_head_bn', True,
                   'and MoCo v3 do for linear probing; still a linear classifier at inference.')
 
 # -- Objective -------------------------------------------------------------------------------------
-flags.DEFINE_enum('loss', None, ['simclr', 'sogclr'],
-                  'Contrastive loss; unset = SogCLR unless an alias below says otherwise.')
+flags.DEFINE_enum('loss', None, ['simclr', 'sogclr', 'isogclr'],
+                  'Contrastive loss; unset = SogCLR unless an alias below says otherwise. '
+                  'isogclr: SogCLR with a learned temperature per image (README "iSogCLR").')
 flags.DEFINE_bool('DCL_mode', None, 'Alias of --loss: True = sogclr, False = simclr.')
 flags.DEFINE_bool('GCL_mode', None, 'Alias of --loss: True = sogclr, False = simclr.')
 flags.DEFINE_bool('BI_mode', None,
                   'Alias of --loss ("batch-independent"): True = sogclr, False = simclr.')
-flags.DEFINE_float('temperature', 0.1, 'Temperature tau of the contrastive loss (> 0).')
+flags.DEFINE_float('temperature', 0.1,
+                   'Temperature tau of the contrastive loss (> 0); iSogCLR: every image\'s '
+                   'initial temperature.')
 flags.DEFINE_float('gamma', 0.9,
                    "SogCLR's moving-average weight of the new estimate of u, in (0, 1].")
+flags.DEFINE_enum('gamma_schedule', 'constant', ['constant', 'cosine'],
+                  'constant: --gamma throughout; cosine: from 1 down to --gamma along a half '
+                  'cosine over --gamma_decay_epochs (whole epochs), then --gamma (LibAUC\'s). '
+                  'A first visit of an image always takes gamma = 1.')
+flags.DEFINE_integer('gamma_decay_epochs', 0,
+                     'Epochs of the cosine gamma schedule (> 0 with --gamma_schedule=cosine; '
+                     'LibAUC suggests half the training epochs).')
+flags.DEFINE_float('isogclr_rho', 0.3,
+                   'iSogCLR: the KL radius rho of its DRO (>= 0); larger gives lower '
+                   'temperatures.')
+flags.DEFINE_float('isogclr_eta', 0.01, 'iSogCLR: step size of the temperature updates (> 0).')
+flags.DEFINE_float('isogclr_beta', 0.9,
+                   'iSogCLR: weight of the new temperature gradient in its moving average, '
+                   'in (0, 1].')
+flags.DEFINE_float('isogclr_tau_min', 0.05, 'iSogCLR: lowest temperature (> 0).')
+flags.DEFINE_float('isogclr_tau_max', 0.7, 'iSogCLR: highest temperature.')
 flags.DEFINE_bool('hidden_norm', True, 'L2-normalise projections (cosine similarity).')
 
 # -- Optimization ----------------------------------------------------------------------------------
@@ -241,6 +260,7 @@ def validate_flags(values):
     raise ValueError(f'--temperature must be positive, got {v.temperature}')
   if not 0 < v.gamma <= 1:
     raise ValueError(f'--gamma must be in (0, 1], got {v.gamma}')
+  _check_objective(values)
   if not 0 < v.crop_area_min <= 1:
     raise ValueError(f'--crop_area_min must be in (0, 1], got {v.crop_area_min}')
   if v.width_multiplier <= 0:
@@ -262,6 +282,33 @@ def validate_flags(values):
   if v.image_size < min_size:
     raise ValueError(f'--image_size={v.image_size} is too small for the ResNet '
                      f'(at least {min_size} px)')
+
+
+def _check_objective(values):
+  """The gamma schedule's and iSogCLR's flags."""
+  v = types.SimpleNamespace(**values)
+  if v.gamma_schedule == 'cosine' and v.gamma_decay_epochs <= 0:
+    raise ValueError('--gamma_decay_epochs must be > 0 with --gamma_schedule=cosine, got '
+                     f'{v.gamma_decay_epochs}')
+  if v.gamma_decay_epochs < 0:
+    raise ValueError(f'--gamma_decay_epochs must be >= 0, got {v.gamma_decay_epochs}')
+  if v.isogclr_rho < 0:
+    raise ValueError(f'--isogclr_rho must be >= 0, got {v.isogclr_rho}')
+  if v.isogclr_eta <= 0:
+    raise ValueError(f'--isogclr_eta must be > 0, got {v.isogclr_eta}')
+  if not 0 < v.isogclr_beta <= 1:
+    raise ValueError(f'--isogclr_beta must be in (0, 1], got {v.isogclr_beta}')
+  if v.isogclr_tau_min <= 0:
+    raise ValueError(f'--isogclr_tau_min must be > 0, got {v.isogclr_tau_min}')
+  if v.isogclr_tau_max < v.isogclr_tau_min:
+    raise ValueError(f'--isogclr_tau_max={v.isogclr_tau_max} is below '
+                     f'--isogclr_tau_min={v.isogclr_tau_min}')
+  loss = resolve_loss(v.loss, {'DCL_mode': v.DCL_mode, 'GCL_mode': v.GCL_mode,
+                               'BI_mode': v.BI_mode})
+  if loss == 'isogclr' and not v.isogclr_tau_min <= v.temperature <= v.isogclr_tau_max:
+    raise ValueError(f'--temperature={v.temperature} (the initial temperature of iSogCLR) must '
+                     f'be within [--isogclr_tau_min, --isogclr_tau_max] = '
+                     f'[{v.isogclr_tau_min}, {v.isogclr_tau_max}]')
 
 
 # (flag, lowest allowed, whether the lowest is excluded): numbers outside make no sense.
@@ -356,8 +403,11 @@ def build_config(values):
           ft_proj_selector=v.ft_proj_selector, fine_tune_after_block=v.fine_tune_after_block,
           zero_init_logits_layer=v.zero_init_logits_layer,
           supervised_head_bn=v.supervised_head_bn),
-      objective=trainer_lib.ObjectiveConfig(loss=loss, temperature=v.temperature,
-                                            gamma=v.gamma, hidden_norm=v.hidden_norm),
+      objective=trainer_lib.ObjectiveConfig(
+          loss=loss, temperature=v.temperature, gamma=v.gamma, gamma_schedule=v.gamma_schedule,
+          gamma_decay_epochs=v.gamma_decay_epochs, hidden_norm=v.hidden_norm,
+          isogclr_rho=v.isogclr_rho, isogclr_eta=v.isogclr_eta, isogclr_beta=v.isogclr_beta,
+          isogclr_tau_min=v.isogclr_tau_min, isogclr_tau_max=v.isogclr_tau_max),
       optimizer=trainer_lib.OptimizerConfig(
           name=v.optimizer, learning_rate=v.learning_rate,
           learning_rate_scaling=v.learning_rate_scaling, warmup_epochs=v.warmup_epochs,

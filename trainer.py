@@ -24,10 +24,38 @@ import objective as obj_lib
 @dataclasses.dataclass(frozen=True)
 class ObjectiveConfig:
   """The contrastive objective of pretraining."""
-  loss: str = 'sogclr'  # 'sogclr' | 'simclr'
-  temperature: float = 0.1
+  loss: str = 'sogclr'  # 'sogclr' | 'isogclr' | 'simclr'
+  temperature: float = 0.1  # iSogCLR: every image's initial temperature
   gamma: float = 0.9
+  gamma_schedule: str = 'constant'  # 'constant' | 'cosine' (SogCLR and iSogCLR)
+  gamma_decay_epochs: int = 0  # cosine: epochs from gamma 1 down to `gamma`
   hidden_norm: bool = True
+  # iSogCLR's temperature updates (LibAUC's unimodal defaults).
+  isogclr_rho: float = 0.3
+  isogclr_eta: float = 0.01
+  isogclr_beta: float = 0.9
+  isogclr_tau_min: float = 0.05
+  isogclr_tau_max: float = 0.7
+
+  @property
+  def global_contrastive(self):
+    """Whether the loss keeps per-image tables (SogCLR, iSogCLR)."""
+    return self.loss in ('sogclr', 'isogclr')
+
+
+def build_global_loss(config, num_examples, steps_per_epoch):
+  """The SogCLRLoss (or ISogCLRLoss) of `config` (an ObjectiveConfig) for a split of
+  `num_examples` images; call under the strategy's scope."""
+  schedule = dict(gamma_schedule=config.gamma_schedule,
+                  gamma_decay_epochs=config.gamma_decay_epochs, steps_per_epoch=steps_per_epoch)
+  if config.loss == 'isogclr':
+    return obj_lib.ISogCLRLoss(
+        num_examples, config.temperature, config.gamma, config.hidden_norm,
+        rho=config.isogclr_rho, eta=config.isogclr_eta, beta=config.isogclr_beta,
+        tau_min=config.isogclr_tau_min, tau_max=config.isogclr_tau_max, **schedule)
+  assert config.loss == 'sogclr', config.loss
+  return obj_lib.SogCLRLoss(num_examples, config.temperature, config.gamma, config.hidden_norm,
+                            **schedule)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -123,12 +151,15 @@ class Trainer:
   def _contrastive_loss(self, projection, ids, metrics):
     """The contrastive loss of the two views' projections [2b, D]; fills its metrics."""
     projection_a, projection_b = tf.split(projection, 2, 0)
-    if self.loss == 'sogclr':
-      result = self.sogclr(projection_a, projection_b, ids)
+    if self.loss in ('sogclr', 'isogclr'):
+      # The step before this update, 0-based: the gamma schedule's clock.
+      result = self.sogclr(projection_a, projection_b, ids, step=self.optimizer.iterations)
       contrastive, logits_a = result['loss'], result['logits_a']
       positive_mask = result['positive_mask']
       metrics['contrast_loss'] = result['nt_xent']
       metrics['log_u_mean'] = result['log_u_mean']
+      if 'tau_mean' in result:
+        metrics['tau_batch_mean'] = result['tau_mean']
     else:
       contrastive, logits_a, positive_mask = obj_lib.nt_xent_loss(
           projection_a, projection_b, self.temperature, self.hidden_norm)
@@ -239,6 +270,29 @@ class Trainer:
     return self.run_steps(iterator, num_steps)[0]
 
   @tf.function
+  def _temperature_stats(self):
+    # Masked reductions, not the visited subset: no dynamic shape (TPUs) on every call.
+    tau, visited = self.sogclr.tau, tf.math.is_finite(self.sogclr.log_u)
+    count = tf.reduce_sum(tf.cast(visited, tf.float32))
+    return (tf.reduce_sum(tf.where(visited, tau, 0.0)) / count,
+            tf.reduce_min(tf.where(visited, tau, math.inf)),
+            tf.reduce_max(tf.where(visited, tau, -math.inf)))
+
+  def temperature_stats(self):
+    """{'tau_mean', 'tau_min', 'tau_max'} over the images visited so far (iSogCLR after a
+    step); {} for other losses."""
+    if not hasattr(self.sogclr, 'temperature_table'):
+      return {}
+    return dict(zip(('tau_mean', 'tau_min', 'tau_max'),
+                    (float(x) for x in self._temperature_stats())))
+
+  def temperature_table(self):
+    """The visited images' temperatures (iSogCLR), or None."""
+    if not hasattr(self.sogclr, 'temperature_table'):
+      return None
+    return self.sogclr.temperature_table()
+
+  @tf.function
   def _all_finite(self):
     variables = self.model.trainable_variables
     finite = tf.reduce_all([tf.reduce_all(tf.math.is_finite(v)) for v in variables])
@@ -328,11 +382,13 @@ def _kept(latest):
 
 
 
-def _write_summaries(summary_writer, step, metrics):
+def _write_summaries(summary_writer, step, metrics, temperatures=None):
   if summary_writer is not None:
     with summary_writer.as_default(step=step):
       for name, value in metrics.items():
         tf.summary.scalar(f'train/{name}', value)
+      if temperatures is not None:
+        tf.summary.histogram('train/tau', temperatures)
 
 
 def write_u_summaries(summary_writer, step, log_u, histogram):
@@ -402,8 +458,12 @@ def train(trainer, iterator, *, total_steps, checkpoint_every, checkpoint_manage
       metrics['u_mean'] = math.exp(metrics['log_u_mean'])
     if learning_rate_fn is not None:
       metrics['learning_rate'] = float(learning_rate_fn(step))
-    _write_summaries(summary_writer, step, metrics)
+    metrics.update(trainer.temperature_stats())
     saving = step == next_checkpoint or step == total_steps or preempted
+    # iSogCLR's temperature histogram at checkpoints only: one per call would grow the event
+    # file by a histogram a second.
+    _write_summaries(summary_writer, step, metrics,
+                     trainer.temperature_table() if saving else None)
     if summary_writer is not None and trainer.sogclr is not None:
       write_u_summaries(summary_writer, step, trainer.sogclr.log_u,
                         histogram=saving or previous == start_step)
@@ -441,7 +501,7 @@ class ProgressLogger:
   `every_seconds` and at the last step."""
 
   LABELS = (('contrast_loss', 'nt_xent'), ('contrast_acc', 'contrast_acc'),
-            ('supervised_acc', 'sup_acc'), ('log_u_mean', 'log_u_mean'))
+            ('supervised_acc', 'sup_acc'), ('log_u_mean', 'log_u_mean'), ('tau_mean', 'tau_mean'))
 
   def __init__(self, global_batch_size, every_seconds=5.0):
     self.global_batch_size = global_batch_size

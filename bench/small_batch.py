@@ -1,11 +1,14 @@
-r"""Small-batch SogCLR against SimCLR on the demo digits: the global contrastive objective, linear
-and kNN top-1 against batch size (the paper's batch-size figure, on a CPU). Writes bench/results/.
+r"""Small-batch SogCLR and iSogCLR against SimCLR on the demo digits: the global contrastive
+objective, linear and kNN top-1 against batch size (the paper's batch-size figure, on a CPU).
+Writes bench/results/.
 
-  python bench/small_batch.py            # the full grid: 24 runs, about 1 h on 2 shared cores
-  python bench/small_batch.py --quick    # a smoke test of this script (about 2 min)
+  python bench/small_batch.py            # the full grid: 36 runs, about 1.5 h on 2 shared cores
+  python bench/small_batch.py --quick    # a smoke test of this script (a few minutes)
 
 The full grid can be split over processes sharing --work_dir (--batch_sizes=16,256 and
---batch_sizes=32,128); a last run without --batch_sizes collects the cached runs into the table.
+--batch_sizes=32,128, or --methods=...); a last run without them collects the cached runs into
+the table (--collect: only the runs already measured, training none). --reuse_runs=results.json
+takes the runs of an earlier table as measured (marked so).
 """
 import argparse
 import dataclasses
@@ -37,7 +40,12 @@ import objective  # noqa: E402
 import probe  # noqa: E402
 import run  # noqa: E402  (parse_config: the benchmark's runs are run.py command lines)
 
-METHODS = ('simclr', 'sogclr')
+METHODS = ('simclr', 'sogclr', 'isogclr')
+LABELS = {'simclr': 'SimCLR', 'sogclr': 'SogCLR', 'isogclr': 'iSogCLR'}
+# iSogCLR's temperature updates: LibAUC's unimodal defaults (run.py's), given explicitly so a
+# cached run is reused only with the same ones. --temperature is every image's initial one.
+ISOGCLR = {'isogclr_rho': 0.3, 'isogclr_eta': 0.01, 'isogclr_beta': 0.9, 'isogclr_tau_min': 0.05,
+           'isogclr_tau_max': 0.7}
 # The fixed views of the global objective: one seed for every run, so a pair of runs (and every
 # batch size) is scored on exactly the same 2N images; distinct from the training seeds.
 VIEW_SEED = 2022
@@ -50,6 +58,7 @@ class Settings:
   seeds: tuple
   train_epochs: int
   width_multiplier: float
+  methods: tuple = METHODS
   image_size: int = 16
   temperature: float = 0.1
   gamma: float = 0.9
@@ -75,12 +84,13 @@ FULL = Settings(batch_sizes=(16, 32, 128, 256), seeds=(0, 1, 2), train_epochs=30
 QUICK = Settings(batch_sizes=(16, 128), seeds=(0,), train_epochs=1, width_multiplier=0.125,
                  warmup_epochs=0)
 # Fields that choose which runs make up a benchmark, not how each run trains.
-GRID_FIELDS = ('batch_sizes', 'seeds')
+GRID_FIELDS = ('batch_sizes', 'seeds', 'methods')
 
 
-def run_settings(settings):
+def run_settings(settings, method='simclr'):
   """What one run depends on: a cached run is reused only when all of it matches."""
-  return {k: v for k, v in dataclasses.asdict(settings).items() if k not in GRID_FIELDS}
+  fields = {k: v for k, v in dataclasses.asdict(settings).items() if k not in GRID_FIELDS}
+  return fields | ({'isogclr': ISOGCLR} if method == 'isogclr' else {})
 
 
 def run_flags(settings, method, batch_size, seed, model_dir, data_dir):
@@ -100,6 +110,8 @@ def run_flags(settings, method, batch_size, seed, model_dir, data_dir):
       f'--checkpoint_epochs={settings.train_epochs}', '--keep_checkpoint_max=1',
       # Same data order and augmentations for both methods of a pair (parallel map in order).
       '--deterministic']
+  if method == 'isogclr':
+    flags += [f'--{name}={value}' for name, value in ISOGCLR.items()]
   if data_dir:
     flags.append(f'--data_dir={data_dir}')
   return flags
@@ -146,17 +158,26 @@ def measure(model, builder, info, views, settings):
   }
 
 
+def cached_record(settings, method, batch_size, seed, work_dir):
+  """The record of a finished run in work_dir, or None; another run's settings are an error."""
+  record_path = os.path.join(work_dir, f'{method}_b{batch_size}_s{seed}.json')
+  if not os.path.exists(record_path):
+    return None
+  record = json.load(open(record_path))
+  if record['settings'] != run_settings(settings, method):
+    raise ValueError(f'{record_path} was measured with other settings ({record["settings"]}); '
+                     'pass another --work_dir, or delete it to measure again')
+  return record
+
+
 def pretrain_and_measure(settings, method, batch_size, seed, work_dir, data_dir, builder, info,
                          views):
   """One run of run.py in-process, then its measurements; cached in work_dir (resumable)."""
   name = f'{method}_b{batch_size}_s{seed}'
-  record_path = os.path.join(work_dir, f'{name}.json')
-  if os.path.exists(record_path):
-    record = json.load(open(record_path))
-    if record['settings'] != run_settings(settings):
-      raise ValueError(f'{record_path} was measured with other settings ({record["settings"]}); '
-                       'pass another --work_dir, or delete it to measure again')
+  record = cached_record(settings, method, batch_size, seed, work_dir)
+  if record is not None:
     return record
+  record_path = os.path.join(work_dir, f'{name}.json')
   model_dir = os.path.join(work_dir, name)
   # A run without a record was interrupted: start it afresh rather than resume mid-way.
   if tf.io.gfile.exists(model_dir):
@@ -177,11 +198,31 @@ def pretrain_and_measure(settings, method, batch_size, seed, work_dir, data_dir,
       'linear_head_top_1': results['eval/top_1'],
       **measure(model, builder, info, views, settings),
       'seconds': round(time.time() - started, 1),
-      'settings': run_settings(settings),
+      'settings': run_settings(settings, method),
   }
   with open(record_path, 'w') as f:
     json.dump(record, f, indent=2)
   return record
+
+
+def reuse_runs(path, work_dir, settings):
+  """Copies the runs of results.json `path` measured with `settings` (and not already in
+  `work_dir`) into `work_dir` as cached records marked 'reused_from'; returns how many."""
+  with open(path) as f:
+    earlier = json.load(f)
+  copied = 0
+  for record in earlier['runs']:
+    if record['settings'] != run_settings(settings, record['method']):
+      continue
+    name = f"{record['method']}_b{record['batch_size']}_s{record['seed']}"
+    record_path = os.path.join(work_dir, f'{name}.json')
+    if os.path.exists(record_path):
+      continue
+    with open(record_path, 'w') as f:
+      json.dump(record | {'reused_from': record.get('reused_from', os.path.abspath(path))}, f,
+                indent=2)
+    copied += 1
+  return copied
 
 
 def mean_and_spread(values):
@@ -195,24 +236,31 @@ METRICS = ('global_objective', 'linear_top_1', 'knn_top_1', 'linear_head_top_1')
 
 
 def summarize(records, settings):
-  """Per batch size: each method's mean and spread, and the paired SogCLR - SimCLR difference."""
+  """Per batch size: each method's mean and spread, and each other method's paired difference
+  from SimCLR (the same seed), over the seeds every method has."""
   by_key = {(r['method'], r['batch_size'], r['seed']): r for r in records}
+  methods = settings.methods
   summary = []
   for batch_size in settings.batch_sizes:
     seeds = [s for s in settings.seeds
-             if all((m, batch_size, s) in by_key for m in METHODS)]
+             if all((m, batch_size, s) in by_key for m in methods)]
     row = {'batch_size': batch_size, 'seeds': seeds,
-           'steps': by_key[(METHODS[0], batch_size, seeds[0])]['steps'] if seeds else 0,
+           'steps': by_key[(methods[0], batch_size, seeds[0])]['steps'] if seeds else 0,
            'peak_learning_rate': settings.peak_learning_rate(batch_size)}
     for metric in METRICS:
-      values = {m: [by_key[(m, batch_size, s)][metric] for s in seeds] for m in METHODS}
-      differences = np.subtract(values['sogclr'], values['simclr'])
+      values = {m: [by_key[(m, batch_size, s)][metric] for s in seeds] for m in methods}
       row[metric] = {m: dict(zip(('mean', 'sd'), mean_and_spread(v))) for m, v in values.items()}
-      row[metric]['difference'] = dict(zip(('mean', 'sd'), mean_and_spread(differences)))
-      row[metric]['difference']['per_seed'] = differences.tolist()
-      # Lower is better for the objective, higher for accuracies.
-      better = differences < 0 if metric == 'global_objective' else differences > 0
-      row[metric]['sogclr_better'] = int(better.sum())
+      row[metric]['difference'] = {}
+      for method in methods:
+        if method == 'simclr' or 'simclr' not in methods:
+          continue
+        differences = np.subtract(values[method], values['simclr'])
+        stats = dict(zip(('mean', 'sd'), mean_and_spread(differences)))
+        stats['per_seed'] = differences.tolist()
+        # Lower is better for the objective, higher for accuracies.
+        better = differences < 0 if metric == 'global_objective' else differences > 0
+        stats['better'] = int(better.sum())
+        row[metric]['difference'][method] = stats
     summary.append(row)
   return summary
 
@@ -229,23 +277,30 @@ def _signed_cell(stats, scale, digits):
 
 
 def markdown_table(summary):
-  """Mean ± sample sd over seeds; Δ = SogCLR - SimCLR of the same seed; 'better' counts seeds."""
+  """A row per batch size and method: mean ± sample sd over seeds; Δ = the method - SimCLR of
+  the same seed; 'lower in' counts the seeds where the method's objective is lower."""
   lines = [
-      '| batch | steps | global objective SimCLR | SogCLR | Δ (SogCLR lower in) '
-      '| linear top-1 % SimCLR | SogCLR | Δ | kNN top-1 % SimCLR | SogCLR | Δ |',
-      '| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |']
+      '| batch | steps | method | global objective | Δ vs SimCLR (lower in) '
+      '| linear top-1 % | Δ | kNN top-1 % | Δ |',
+      '| ---: | ---: | :--- | ---: | ---: | ---: | ---: | ---: | ---: |']
   for row in summary:
     n = len(row['seeds'])
-    cells = [str(row['batch_size']), str(row['steps'])]
-    objective_stats = row['global_objective']
-    cells += [_cell(objective_stats['simclr'], 1, 3), _cell(objective_stats['sogclr'], 1, 3),
-              f"{_signed_cell(objective_stats['difference'], 1, 3)} "
-              f"({objective_stats['sogclr_better']}/{n})"]
-    for metric in ('linear_top_1', 'knn_top_1'):
-      stats = row[metric]
-      cells += [_cell(stats['simclr'], 100, 1), _cell(stats['sogclr'], 100, 1),
-                _signed_cell(stats['difference'], 100, 1)]
-    lines.append('| ' + ' | '.join(cells) + ' |')
+    for method in row['global_objective']:
+      if method == 'difference':
+        continue
+      cells = [str(row['batch_size']), str(row['steps']), LABELS[method]]
+      for metric, scale, digits in (('global_objective', 1, 3), ('linear_top_1', 100, 1),
+                                    ('knn_top_1', 100, 1)):
+        stats = row[metric]
+        cells.append(_cell(stats[method], scale, digits))
+        difference = stats['difference'].get(method)
+        if difference is None:
+          cells.append('')
+        elif metric == 'global_objective':
+          cells.append(f"{_signed_cell(difference, scale, digits)} ({difference['better']}/{n})")
+        else:
+          cells.append(_signed_cell(difference, scale, digits))
+      lines.append('| ' + ' | '.join(cells) + ' |')
   return '\n'.join(lines) + '\n'
 
 
@@ -256,33 +311,34 @@ def plot(summary, records, settings, path):
   import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
 
   batch_sizes = [row['batch_size'] for row in summary]
-  colors = {'simclr': 'tab:blue', 'sogclr': 'tab:red'}
-  labels = {'simclr': 'SimCLR', 'sogclr': 'SogCLR'}
+  colors = {'simclr': 'tab:blue', 'sogclr': 'tab:red', 'isogclr': 'tab:green'}
   figure, axes = plt.subplots(2, 2, figsize=(10, 7.5))
   panels = (('global_objective', 1,
              f'global contrastive objective, tau={settings.temperature} (lower is better)'),
             ('linear_top_1', 100, 'linear-probe top-1 % (held-out)'),
             ('knn_top_1', 100, f'kNN top-1 % (held-out, k={settings.knn_k})'))
   for axis, (metric, scale, title) in zip((axes[0, 0], axes[1, 0], axes[1, 1]), panels):
-    for method in METHODS:
+    for method in settings.methods:
       means = [row[metric][method]['mean'] * scale for row in summary]
       sds = [np.nan_to_num(row[metric][method]['sd']) * scale for row in summary]
       axis.errorbar(batch_sizes, means, yerr=sds, color=colors[method], marker='o', capsize=3,
-                    label=labels[method])
+                    label=LABELS[method])
     axis.set_title(title)
   # Same-seed differences cancel seed-to-seed noise, which may exceed the gap; a dot per seed.
   axis = axes[0, 1]
   axis.axhline(0, color='gray', linewidth=0.8)
-  for record_seed in sorted({r['seed'] for r in records}):
-    points = [(row['batch_size'], row['global_objective']['difference']['per_seed'][i])
-              for row in summary for i, s in enumerate(row['seeds']) if s == record_seed]
+  for method in settings.methods:
+    if method == 'simclr' or 'simclr' not in settings.methods:
+      continue
+    points = [(row['batch_size'], value) for row in summary
+              for value in row['global_objective']['difference'][method]['per_seed']]
     if points:
-      axis.plot(*zip(*points), linestyle='none', marker='.', color='gray', alpha=0.7)
-  means = [row['global_objective']['difference']['mean'] for row in summary]
-  sds = [np.nan_to_num(row['global_objective']['difference']['sd']) for row in summary]
-  axis.errorbar(batch_sizes, means, yerr=sds, color='black', marker='o', capsize=3,
-                label='mean ± sd over seeds (dots: seeds)')
-  axis.set_title('global objective: SogCLR − SimCLR, same seed')
+      axis.plot(*zip(*points), linestyle='none', marker='.', color=colors[method], alpha=0.5)
+    means = [row['global_objective']['difference'][method]['mean'] for row in summary]
+    sds = [np.nan_to_num(row['global_objective']['difference'][method]['sd']) for row in summary]
+    axis.errorbar(batch_sizes, means, yerr=sds, color=colors[method], marker='o', capsize=3,
+                  label=f'{LABELS[method]} − SimCLR: mean ± sd (dots: seeds)')
+  axis.set_title('global objective minus SimCLR\'s, same seed')
   for axis in axes.flat:
     axis.set_xscale('log', base=2)
     axis.set_xticks(batch_sizes, [str(b) for b in batch_sizes])
@@ -302,6 +358,15 @@ def parse_args(argv):
                       help='Comma-separated subset of the batch sizes (e.g. to split the grid '
                       'over two processes sharing --work_dir; a last run without it collects).')
   parser.add_argument('--seeds', default=None, help='Comma-separated subset of the seeds.')
+  parser.add_argument('--methods', default=None,
+                      help=f'Comma-separated subset of the methods {",".join(METHODS)}.')
+  parser.add_argument('--collect', action='store_true',
+                      help='Train nothing: the table of the runs already in --work_dir (a row '
+                      'has the seeds every method of it has).')
+  parser.add_argument('--reuse_runs', default=None,
+                      help='results.json of an earlier run of this script: its runs with the same '
+                      'settings are taken as measured (copied into --work_dir, marked '
+                      '"reused_from") instead of being run again.')
   parser.add_argument('--train_epochs', type=int, default=None,
                       help='Override the epochs (ablations; use another --work_dir).')
   parser.add_argument('--gamma', type=float, default=None,
@@ -324,6 +389,12 @@ def main(argv):
         settings, batch_sizes=tuple(int(b) for b in args.batch_sizes.split(',')))
   if args.seeds:
     settings = dataclasses.replace(settings, seeds=tuple(int(s) for s in args.seeds.split(',')))
+  if args.methods:
+    methods = tuple(args.methods.split(','))
+    unknown = set(methods) - set(METHODS)
+    if unknown:
+      raise SystemExit(f'error: --methods: unknown {sorted(unknown)}; expected some of {METHODS}')
+    settings = dataclasses.replace(settings, methods=methods)
   if args.train_epochs:
     settings = dataclasses.replace(settings, train_epochs=args.train_epochs)
   if args.gamma:
@@ -338,6 +409,9 @@ def main(argv):
                                os.path.join(REPO, 'runs', 'small_batch'))
   os.makedirs(out_dir, exist_ok=True)
   os.makedirs(work_dir, exist_ok=True)
+  if args.reuse_runs:
+    reused = reuse_runs(args.reuse_runs, work_dir, settings)
+    print(f'Reusing {reused} runs of {args.reuse_runs}', flush=True)
   started = time.time()
   load_before = os.getloadavg()
   builder = data_lib.get_builder('digits', args.data_dir)
@@ -347,7 +421,12 @@ def main(argv):
   # Seed-major: an interrupted run has whole seeds; the two methods of a pair run back to back.
   for seed in settings.seeds:
     for batch_size in settings.batch_sizes:
-      for method in METHODS:
+      for method in settings.methods:
+        if args.collect:
+          record = cached_record(settings, method, batch_size, seed, work_dir)
+          if record is not None:
+            records.append(record)
+          continue
         record = pretrain_and_measure(settings, method, batch_size, seed, work_dir,
                                       args.data_dir, builder, info, views)
         records.append(record)
@@ -357,6 +436,8 @@ def main(argv):
               f"({record['train_seconds']:.0f} s training, {record['seconds']:.0f} s in all)",
               flush=True)
   summary = summarize(records, settings)
+  if args.collect:  # batch sizes no seed has finished for every method yet are left out
+    summary = [row for row in summary if row['seeds']]
   table = markdown_table(summary)
   results = {
       'settings': dataclasses.asdict(settings) | {'view_seed': VIEW_SEED, 'quick': args.quick},

@@ -1,4 +1,5 @@
 """bench/small_batch.py: its summary arithmetic on made-up runs, and `--quick` end to end (CI)."""
+import dataclasses
 import importlib.util
 import json
 import math
@@ -25,7 +26,9 @@ def test_summary_pairs_methods_by_seed(small_batch):
   settings = small_batch.Settings(batch_sizes=(16, 64), seeds=(0, 1, 2), train_epochs=1,
                                   width_multiplier=0.125)
   objectives = {('simclr', 16): [5.0, 5.4, 4.9], ('sogclr', 16): [4.9, 5.2, 4.9],
-                ('simclr', 64): [5.1, 5.0, 5.3], ('sogclr', 64): [5.2, 4.9, 5.3]}
+                ('isogclr', 16): [4.8, 5.5, 4.7],
+                ('simclr', 64): [5.1, 5.0, 5.3], ('sogclr', 64): [5.2, 4.9, 5.3],
+                ('isogclr', 64): [5.0, 5.0, 5.0]}
   records = [{'method': method, 'batch_size': batch, 'seed': seed, 'steps': 89,
               'global_objective': value, 'linear_top_1': 0.9 + 0.01 * seed,
               'knn_top_1': 0.8, 'linear_head_top_1': 0.7}
@@ -36,16 +39,62 @@ def test_summary_pairs_methods_by_seed(small_batch):
   assert row['simclr']['mean'] == pytest.approx(np.mean([5.0, 5.4, 4.9]))
   assert row['simclr']['sd'] == pytest.approx(np.std([5.0, 5.4, 4.9], ddof=1))
   # Paired: differences per seed, not the difference of the means with pooled noise.
-  assert row['difference']['per_seed'] == pytest.approx([-0.1, -0.2, 0.0], abs=1e-12)
-  assert row['difference']['sd'] == pytest.approx(np.std([-0.1, -0.2, 0.0], ddof=1))
-  assert row['sogclr_better'] == 1 + 1  # lower objective in seeds 0 and 1; a tie is not better
-  assert summary[1]['global_objective']['sogclr_better'] == 1
-  assert summary[0]['linear_top_1']['difference']['mean'] == pytest.approx(0.0)
+  sogclr = row['difference']['sogclr']
+  assert sogclr['per_seed'] == pytest.approx([-0.1, -0.2, 0.0], abs=1e-12)
+  assert sogclr['sd'] == pytest.approx(np.std([-0.1, -0.2, 0.0], ddof=1))
+  assert sogclr['better'] == 1 + 1  # lower objective in seeds 0 and 1; a tie is not better
+  assert row['difference']['isogclr']['per_seed'] == pytest.approx([-0.2, 0.1, -0.2], abs=1e-12)
+  assert row['difference']['isogclr']['better'] == 2
+  assert 'simclr' not in row['difference']
+  assert summary[1]['global_objective']['difference']['sogclr']['better'] == 1
+  assert summary[1]['global_objective']['difference']['isogclr']['better'] == 2
+  assert summary[0]['linear_top_1']['difference']['sogclr']['mean'] == pytest.approx(0.0)
   table = small_batch.markdown_table(summary)
   lines = table.strip().splitlines()
-  assert len(lines) == 2 + 2
-  assert lines[2].startswith(
-      '| 16 | 89 | 5.100 ± 0.265 | 5.000 ± 0.173 | -0.100 ± 0.100 (2/3) |')
+  assert len(lines) == 2 + 2 * 3  # a row per batch size and method
+  assert lines[2].startswith('| 16 | 89 | SimCLR | 5.100 ± 0.265 |  | 91.0 ± 1.0 |  |')
+  assert lines[3].startswith('| 16 | 89 | SogCLR | 5.000 ± 0.173 | -0.100 ± 0.100 (2/3) |')
+  assert lines[4].startswith('| 16 | 89 | iSogCLR | 5.000 ± 0.436 | -0.100 ± 0.173 (2/3) |')
+
+
+def test_a_method_subset_summarizes_without_simclr_differences(small_batch):
+  settings = small_batch.Settings(batch_sizes=(16,), seeds=(0,), train_epochs=1,
+                                  width_multiplier=0.125, methods=('isogclr',))
+  record = {'method': 'isogclr', 'batch_size': 16, 'seed': 0, 'steps': 89,
+            'global_objective': 5.0, 'linear_top_1': 0.9, 'knn_top_1': 0.8,
+            'linear_head_top_1': 0.7}
+  summary = small_batch.summarize([record], settings)
+  assert summary[0]['global_objective']['difference'] == {}
+  assert small_batch.markdown_table(summary).splitlines()[2] == (
+      '| 16 | 89 | iSogCLR | 5.000 |  | 90.0 |  | 80.0 |  |')
+
+
+def test_reused_runs_are_copied_once_with_their_source(small_batch, tmp_path):
+  settings = small_batch.FULL
+  runs = [{'method': method, 'batch_size': 256, 'seed': 0, 'global_objective': value,
+           'settings': small_batch.run_settings(settings, method)}
+          for method, value in (('simclr', 8.5), ('sogclr', 8.3))]
+  runs.append({'method': 'sogclr', 'batch_size': 16, 'seed': 0, 'global_objective': 1.0,
+               'settings': small_batch.run_settings(settings) | {'gamma': 1.0}})
+  earlier = tmp_path / 'results.json'
+  earlier.write_text(json.dumps({'runs': runs}))
+  work_dir = tmp_path / 'work'
+  work_dir.mkdir()
+  assert small_batch.reuse_runs(str(earlier), str(work_dir), settings) == 2  # not other settings
+  record = json.loads((work_dir / 'sogclr_b256_s0.json').read_text())
+  assert record['global_objective'] == 8.3 and record['reused_from'] == str(earlier)
+  assert not (work_dir / 'sogclr_b16_s0.json').exists()
+  assert small_batch.reuse_runs(str(earlier), str(work_dir), settings) == 0  # already there
+  # --collect reads the records there (the copied ones too) and trains nothing.
+  assert small_batch.cached_record(settings, 'simclr', 256, 0, str(work_dir))['global_objective'] \
+      == 8.5
+  assert small_batch.cached_record(settings, 'isogclr', 256, 0, str(work_dir)) is None
+  with pytest.raises(ValueError, match='other settings'):
+    small_batch.cached_record(dataclasses.replace(settings, gamma=0.5), 'sogclr', 256, 0,
+                              str(work_dir))
+  # An iSogCLR run depends on its temperature updates too.
+  assert small_batch.run_settings(settings, 'isogclr')['isogclr'] == small_batch.ISOGCLR
+  assert '--isogclr_eta=0.01' in small_batch.run_flags(settings, 'isogclr', 16, 0, 'm', None)
 
 
 @pytest.mark.slow
@@ -56,7 +105,7 @@ def test_quick_run_writes_table_plot_and_json(tmp_path):
   subprocess.run(command, check=True, timeout=600, cwd=REPO)
   results = json.load(open(os.path.join(out_dir, 'results.json')))
   assert results['settings']['quick'] is True
-  assert len(results['runs']) == 2 * 2  # two methods at two batch sizes, one seed
+  assert len(results['runs']) == 3 * 2  # three methods at two batch sizes, one seed
   assert [row['batch_size'] for row in results['summary']] == [16, 128]
   # 1,437 training digits: 89 steps of 16, 11 steps of 128 in one epoch.
   assert [row['steps'] for row in results['summary']] == [89, 11]
@@ -66,11 +115,12 @@ def test_quick_run_writes_table_plot_and_json(tmp_path):
     assert 0 <= run['linear_top_1'] <= 1 and 0 <= run['knn_top_1'] <= 1
     # Features of even one epoch beat chance (10%) on the held-out digits.
     assert run['linear_top_1'] > 0.3
-  difference = results['summary'][0]['global_objective']['difference']
-  assert math.isfinite(difference['mean']) and math.isnan(difference['sd'])  # one seed
+  for method in ('sogclr', 'isogclr'):
+    difference = results['summary'][0]['global_objective']['difference'][method]
+    assert math.isfinite(difference['mean']) and math.isnan(difference['sd'])  # one seed
   table = open(os.path.join(out_dir, 'results.md')).read()
-  assert table.startswith('| batch | steps | global objective SimCLR |')
-  assert '\n| 16 | 89 |' in table and '\n| 128 | 11 |' in table
+  assert table.startswith('| batch | steps | method | global objective |')
+  assert '\n| 16 | 89 | iSogCLR |' in table and '\n| 128 | 11 | SimCLR |' in table
   with open(os.path.join(out_dir, 'small_batch.png'), 'rb') as f:
     assert f.read(8) == b'\x89PNG\r\n\x1a\n'
   # A second invocation reuses the finished runs (resuming an interrupted benchmark).

@@ -644,3 +644,79 @@ def test_evaluating_while_training_leaves_training_unchanged(monitored_run, tmp_
     np.testing.assert_array_equal(actual.get_tensor(name), expected.get_tensor(name), name)
   assert results['eval/knn_top_1'] == monitored_run[1]['eval/knn_top_1']
   assert results['probe/top_1'] == monitored_run[1]['probe/top_1']
+
+
+@pytest.mark.slow
+def test_isogclr_run_summarizes_the_visited_images_temperatures(tmp_path, tiny, run_main):
+  model_dir = str(tmp_path / 'run')
+  run_main(*tiny, f'--model_dir={model_dir}', '--train_steps=4', '--checkpoint_steps=2',
+           '--loss=isogclr', '--isogclr_eta=0.5', '--probe_max_examples=0',
+           '--keep_hub_module_max=0')
+  latest = tf.train.latest_checkpoint(model_dir)
+  tau = tf.train.load_variable(latest, checkpoints.TAU_KEY)
+  visited = np.isfinite(tf.train.load_variable(latest, checkpoints.LOG_U_KEY))
+  assert visited.sum() == 4 * 16
+  assert np.all(tau[~visited] == np.float32(0.1))  # never visited: the initial temperature
+  scalars, histograms = {}, {}
+  for event_file in glob.glob(os.path.join(model_dir, 'events.out.tfevents.*')):
+    for event in tf.compat.v1.train.summary_iterator(event_file):
+      for value in event.summary.value:
+        if value.metadata.plugin_data.plugin_name == 'histograms':
+          histograms[event.step] = tf.make_ndarray(value.tensor)
+        elif value.tag.startswith('train/tau'):
+          scalars.setdefault(value.tag, {})[event.step] = float(tf.make_ndarray(value.tensor))
+  assert set(scalars) == {'train/tau_mean', 'train/tau_min', 'train/tau_max',
+                          'train/tau_batch_mean'}
+  # The last call's statistics are those of the visited images' temperatures in ckpt-4.
+  assert scalars['train/tau_mean'][4] == pytest.approx(np.mean(tau[visited]), rel=1e-5)
+  assert scalars['train/tau_min'][4] == pytest.approx(np.min(tau[visited]))
+  assert scalars['train/tau_max'][4] == pytest.approx(np.max(tau[visited]))
+  assert scalars['train/tau_min'][4] < scalars['train/tau_max'][4]
+  # A histogram at each checkpoint: [left edge, right edge, count] rows over the visited ones.
+  assert sorted(histograms) == [2, 4]
+  assert histograms[4][:, 2].sum() == visited.sum()
+  assert histograms[4][0, 0] == pytest.approx(np.min(tau[visited]))
+
+
+def _recorded_run(tmp_path, flags):
+  model_dir = tmp_path / 'run'
+  model_dir.mkdir(parents=True)
+  (model_dir / 'ckpt-5.index').write_bytes(b'')  # listed; never read by the identity check
+  checkpoints.write_flags(str(model_dir), flags)
+  return str(model_dir)
+
+
+def _config(model_dir, **objective):
+  objective = trainer_lib.ObjectiveConfig(**objective)
+  flags = {f: getattr(objective, f) for f in experiment.GAMMA_FLAGS + experiment.ISOGCLR_FLAGS}
+  return experiment.Config(model_dir=model_dir, objective=objective,
+                           flags={**flags, 'temperature': objective.temperature})
+
+
+def test_resume_identity_covers_the_gamma_schedule_and_isogclr_flags(tmp_path):
+  before = {'resolved_loss': 'isogclr', 'temperature': 0.1, 'gamma': 0.9,
+            'gamma_schedule': 'cosine', 'gamma_decay_epochs': 10, 'isogclr_rho': 0.3,
+            'isogclr_eta': 0.01, 'isogclr_beta': 0.9, 'isogclr_tau_min': 0.05,
+            'isogclr_tau_max': 0.7}
+  model_dir = _recorded_run(tmp_path, before)
+  same = dict(loss='isogclr', gamma_schedule='cosine', gamma_decay_epochs=10)
+  experiment.check_same_run(_config(model_dir, **same), 100)
+  for change, flag in ((dict(isogclr_rho=0.5), 'isogclr_rho'),
+                       (dict(gamma_decay_epochs=20), 'gamma_decay_epochs'),
+                       (dict(loss='sogclr'), 'loss')):
+    with pytest.raises(ValueError, match=f'--{flag}='):
+      experiment.check_same_run(_config(model_dir, **(same | change)), 100)
+
+
+def test_a_run_recorded_before_the_gamma_schedule_ran_with_a_constant_gamma(tmp_path):
+  model_dir = _recorded_run(tmp_path, {'resolved_loss': 'sogclr', 'temperature': 0.1,
+                                       'gamma': 0.9})
+  experiment.check_same_run(_config(model_dir, loss='sogclr'), 100)
+  with pytest.raises(ValueError, match="--gamma_schedule='cosine' \\(was 'constant'\\)"):
+    experiment.check_same_run(_config(model_dir, loss='sogclr', gamma_schedule='cosine',
+                                      gamma_decay_epochs=5), 100)
+  # SimCLR has no gamma: its schedule flags never make another run.
+  simclr_dir = _recorded_run(tmp_path / 'simclr', {'resolved_loss': 'simclr', 'gamma': 0.9,
+                                                   'temperature': 0.1})
+  experiment.check_same_run(_config(simclr_dir, loss='simclr', gamma=0.5,
+                                    gamma_schedule='cosine', isogclr_rho=1.0), 100)

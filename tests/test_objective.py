@@ -195,7 +195,7 @@ def _run_split(strategy, fn, *global_arrays):
   return strategy.run(fn, args=tuple(split(a) for a in global_arrays))
 
 
-@pytest.mark.parametrize('loss_name', ['simclr', 'sogclr'])
+@pytest.mark.parametrize('loss_name', ['simclr', 'sogclr', 'isogclr'])
 def test_two_replicas_equal_one_on_the_same_global_batch(loss_name, one_replica, two_replicas):
   rng = np.random.default_rng(6)
   za = rng.normal(size=(8, 5)).astype(np.float32)
@@ -205,13 +205,17 @@ def test_two_replicas_equal_one_on_the_same_global_batch(loss_name, one_replica,
   results = {}
   for replicas, strategy in strategies.items():
     with strategy.scope():
-      sogclr = objective.SogCLRLoss(12, 0.1, 0.9)
+      if loss_name == 'isogclr':
+        # Large temperature steps, so the tables differ clearly from their initial values.
+        sogclr = objective.ISogCLRLoss(12, 0.1, 0.9, eta=0.5, tau_min=0.05, tau_max=0.5)
+      else:
+        sogclr = objective.SogCLRLoss(12, 0.1, 0.9)
 
     # Traced and run within this iteration, so `step` always sees this iteration's `sogclr`.
     def step(a, b, i):
       with tf.GradientTape() as tape:
         tape.watch([a, b])
-        if loss_name == 'sogclr':
+        if loss_name != 'simclr':
           loss = sogclr(a, b, i)['loss']  # noqa: B023
         else:
           loss = objective.nt_xent_loss(a, b, 0.1)[0]
@@ -225,14 +229,20 @@ def test_two_replicas_equal_one_on_the_same_global_batch(loss_name, one_replica,
       losses.append(np.mean([x.numpy() for x in loss]))
       grads[0].append(np.concatenate([x.numpy() for x in grad_a]))
       grads[1].append(np.concatenate([x.numpy() for x in grad_b]))
-    tables = [v.numpy() for v in strategy.experimental_local_results(sogclr.log_u)]
+    names = ('log_u', 'tau', 'tau_momentum') if loss_name == 'isogclr' else ('log_u',)
+    tables = {name: [v.numpy() for v in strategy.experimental_local_results(
+        getattr(sogclr, name))] for name in names}
     results[replicas] = (losses, grads, tables)
   np.testing.assert_allclose(results[2][0], results[1][0], rtol=1e-5)
   for view in range(2):
     np.testing.assert_allclose(results[2][1][view], results[1][1][view], rtol=1e-4, atol=1e-6)
-  if loss_name == 'sogclr':
-    for table in results[2][2]:  # every replica's copy
-      np.testing.assert_allclose(table, results[1][2][0], rtol=1e-6)
+  if loss_name != 'simclr':
+    for name, copies in results[2][2].items():
+      assert len(copies) == 2
+      for table in copies:  # every replica's copy
+        np.testing.assert_allclose(table, results[1][2][name][0], rtol=1e-5, atol=1e-6)
+    if loss_name == 'isogclr':
+      assert not np.allclose(results[1][2]['tau'][0][ids], 0.1)
 
 
 def np_global_nt_xent(za, zb, temperature):
@@ -305,3 +315,191 @@ def test_log_u_updates_in_the_replicated_step_under_tensorflows_tpu_policy(monke
   with pytest.raises(NotImplementedError, match='scatter_update is only supported'):
     tpu_values.TPUOnWritePolicy(
         aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA).scatter_update(table, update)
+
+
+def np_isogclr(za, zb, ids, u, tau, momentum, gamma, rho, eta, beta, tau_min, tau_max):
+  """iSogCLR in the linear domain (u == 0: never visited): loss, d loss / d z, new u, tau, m.
+
+  Pinned to LibAUC's GCLoss_v1(enable_isogclr=True) (libauc/losses/contrastive.py, v2.0.1):
+  u is the moving average of exp(s / tau_i) with the image's stored tau_i (the one before this
+  step's update); the weights and the gradient of tau use the new u of the view; the gradient is
+  log u + rho - mean_k(w_ik s_ik / tau_i), averaged over the two views; the momentum is
+  m <- (1 - beta) m + beta grad, then tau <- clip(tau - eta m). A first visit takes gamma = 1
+  per image, as SogCLRLoss does. LibAUC decides per batch instead: gamma = 1 while the whole
+  batch is unvisited in epoch 0 (constant schedule) or throughout epoch 0 (cosine: gamma(0) = 1),
+  which is the same when every image is first seen in epoch 0, as an epoch-wise shuffle does.
+  """
+  b = len(za)
+  z = np.concatenate([za, zb])
+  c = 1.0 / (2 * (b - 1))
+  loss = 0.0
+  grad = np.zeros_like(z)
+  u_views, tau_grads = [], []
+  for view in range(2):
+    u_view, tau_grad, losses = np.zeros(b), np.zeros(b), []
+    for i in range(b):
+      anchor, positive = view * b + i, (1 - view) * b + i
+      negatives = [k for k in range(2 * b) if k not in (anchor, positive)]
+      t = tau[ids[i]]
+      sims = z[negatives] @ z[anchor]
+      g = np.mean(np.exp(sims / t))
+      stored = u[ids[i]]
+      step = 1.0 if stored == 0 else gamma
+      u_view[i] = (1 - step) * stored + step * g
+      weights = np.exp(sims / t) / u_view[i]
+      losses.append(-z[anchor] @ z[positive] + c * np.sum(weights * sims))
+      tau_grad[i] = np.log(u_view[i]) + rho - c * np.sum(weights * sims / t)
+      grad[anchor] += (-z[positive] + c * weights @ z[negatives]) / b
+      grad[positive] += -z[anchor] / b
+      grad[negatives] += c * weights[:, None] * z[anchor][None, :] / b
+    loss += np.mean(losses)
+    u_views.append(u_view)
+    tau_grads.append(tau_grad)
+  new_u, new_tau, new_momentum = u.copy(), tau.copy(), momentum.copy()
+  new_u[ids] = (u_views[0] + u_views[1]) / 2
+  new_momentum[ids] = (1 - beta) * momentum[ids] + beta * (tau_grads[0] + tau_grads[1]) / 2
+  new_tau[ids] = np.clip(tau[ids] - eta * new_momentum[ids], tau_min, tau_max)
+  return loss, grad[:b], grad[b:], new_u, new_tau, new_momentum
+
+
+ISOGCLR_DEFAULTS = dict(rho=0.3, eta=0.01, beta=0.9, tau_min=0.05, tau_max=0.7)
+
+
+@pytest.mark.parametrize('gamma, hyper', [
+    (0.9, ISOGCLR_DEFAULTS),
+    (1.0, ISOGCLR_DEFAULTS),
+    # Large steps: temperatures hit both bounds within the few steps.
+    (0.5, dict(rho=0.3, eta=2.0, beta=0.5, tau_min=0.1, tau_max=0.3)),
+    (0.9, dict(rho=3.0, eta=0.5, beta=1.0, tau_min=0.05, tau_max=0.25))])
+def test_isogclr_loss_gradients_u_tau_and_momentum_over_steps_match_numpy(gamma, hyper):
+  rng = np.random.default_rng(10)
+  num_examples, temperature = 10, 0.2
+  isogclr = objective.ISogCLRLoss(num_examples, temperature, gamma, hidden_norm=False, **hyper)
+  u, tau, momentum = np.zeros(num_examples), np.full(num_examples, temperature), np.zeros(10)
+  # First visits, revisits and a mix of both in one batch; ids 6 never visited.
+  for ids in ([0, 1, 2, 3], [2, 3, 4, 5], [0, 5, 7, 9], [1, 2, 7, 8], [0, 1, 2, 3]):
+    ids = np.array(ids)
+    za, zb = normalized(rng, 4, 6), normalized(rng, 4, 6)
+    loss, grad_a, grad_b, u, tau, momentum = np_isogclr(za, zb, ids, u, tau, momentum, gamma,
+                                                        **hyper)
+    result, tf_grad_a, tf_grad_b = tf_sogclr_step(isogclr, za, zb, ids.astype(np.int32))
+    np.testing.assert_allclose(result['loss'].numpy(), loss, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(tf_grad_a, grad_a, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(tf_grad_b, grad_b, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(np.exp(isogclr.log_u.numpy()), u, rtol=1e-5)
+    # The gradient of tau is a difference of terms of size s / tau (up to 1 / tau_min = 20):
+    # float32 leaves about 1e-5 of it.
+    np.testing.assert_allclose(isogclr.tau_momentum.numpy(), momentum, rtol=1e-5, atol=5e-5)
+    np.testing.assert_allclose(isogclr.tau.numpy(), tau, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(result['tau_mean'].numpy(), np.mean(tau[ids]), rtol=1e-5)
+    # The batch NT-Xent stays at the fixed temperature (comparable with SimCLR's).
+    np.testing.assert_allclose(result['nt_xent'].numpy(), np_nt_xent(za, zb, temperature),
+                               rtol=1e-5)
+  tau_now = isogclr.tau.numpy()
+  assert np.all((tau_now >= hyper['tau_min']) & (tau_now <= hyper['tau_max']))
+  assert tau_now[6] == np.float32(temperature) and isogclr.tau_momentum.numpy()[6] == 0
+  np.testing.assert_allclose(np.sort(isogclr.temperature_table().numpy()),
+                             np.sort(tau[u > 0]), rtol=1e-6)
+  if hyper['eta'] >= 0.5:  # the large steps reach a bound
+    assert np.any(np.isclose(tau_now, hyper['tau_min']) | np.isclose(tau_now, hyper['tau_max']))
+
+
+def test_isogclr_stable_at_small_temperatures():
+  # tau_i = 0.01: exp(1/tau) overflows float32; u, the gradient of tau and the loss must not.
+  rng = np.random.default_rng(11)
+  hyper = dict(rho=0.3, eta=0.001, beta=0.9, tau_min=0.005, tau_max=0.05)
+  isogclr = objective.ISogCLRLoss(8, 0.01, 0.9, hidden_norm=False, **hyper)
+  u, tau, momentum = np.zeros(8), np.full(8, 0.01), np.zeros(8)
+  for ids in ([0, 1, 2, 3], [2, 3, 4, 5]):
+    ids = np.array(ids)
+    za = normalized(rng, 4, 3)
+    zb = za + 0.05 * normalized(rng, 4, 3)
+    zb /= np.linalg.norm(zb, axis=1, keepdims=True)
+    with np.errstate(over='ignore'):  # float64 holds exp(100); the reference is fine
+      loss, grad_a, _, u, tau, momentum = np_isogclr(za, zb, ids, u, tau, momentum, 0.9,
+                                                     **hyper)
+    result, tf_grad_a, _ = tf_sogclr_step(isogclr, za, zb, ids.astype(np.int32))
+    assert np.isfinite(result['loss'].numpy()) and np.all(np.isfinite(tf_grad_a))
+    np.testing.assert_allclose(result['loss'].numpy(), loss, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(tf_grad_a, grad_a, rtol=1e-3, atol=1e-5)
+    np.testing.assert_allclose(isogclr.tau.numpy(), tau, rtol=1e-5)
+    np.testing.assert_allclose(isogclr.tau_momentum.numpy(), momentum, rtol=1e-4, atol=1e-4)
+  visited = u > 0
+  np.testing.assert_allclose(isogclr.log_u.numpy()[visited], np.log(u[visited]), rtol=1e-5)
+
+
+def test_isogclr_rejects_bad_hyperparameters():
+  for bad, match in ((dict(rho=-0.1), 'rho'), (dict(eta=0.0), 'eta'), (dict(beta=0.0), 'beta'),
+                     (dict(beta=1.5), 'beta'), (dict(tau_min=0.2), 'tau_min'),
+                     (dict(tau_max=0.05), 'tau_max')):
+    with pytest.raises(ValueError, match=match):
+      objective.ISogCLRLoss(4, 0.1, 0.9, **bad)
+
+
+def test_cosine_gamma_schedule_matches_libauc_formula():
+  # LibAUC adjust_gamma: (1 - gamma) * 0.5 * (1 + cos(pi * epoch / E)) + gamma for epoch < E.
+  epochs = np.arange(8)
+  expected = np.where(epochs < 5, 0.1 + 0.9 * 0.5 * (1 + np.cos(np.pi * epochs / 5)), 0.1)
+  np.testing.assert_allclose(objective.cosine_gamma(epochs, 0.1, 5).numpy(), expected, rtol=1e-6)
+  assert objective.cosine_gamma(0, 0.1, 5).numpy() == 1.0
+
+
+@pytest.mark.parametrize('loss_class', [objective.SogCLRLoss, objective.ISogCLRLoss])
+def test_cosine_gamma_schedule_drives_the_u_update_of_sogclr_and_isogclr(loss_class):
+  rng = np.random.default_rng(12)
+  steps_per_epoch, decay_epochs, gamma_min = 2, 3, 0.2
+  loss = loss_class(6, 0.2, gamma_min, hidden_norm=False, gamma_schedule='cosine',
+                    gamma_decay_epochs=decay_epochs, steps_per_epoch=steps_per_epoch)
+  u, tau, momentum = np.zeros(6), np.full(6, 0.2), np.zeros(6)
+  for step in range(8):
+    ids = np.array([0, 1, 2]) if step % 2 == 0 else np.array([3, 4, 5])
+    epoch = step // steps_per_epoch
+    gamma = (gamma_min + (1 - gamma_min) * 0.5 * (1 + np.cos(np.pi * epoch / decay_epochs))
+             if epoch < decay_epochs else gamma_min)
+    za, zb = normalized(rng, 3, 4), normalized(rng, 3, 4)
+    if loss_class is objective.ISogCLRLoss:
+      expected, _, _, u, tau, momentum = np_isogclr(za, zb, ids, u, tau, momentum, gamma,
+                                                    **ISOGCLR_DEFAULTS)
+    else:
+      expected, _, _, u = np_sogclr(za, zb, ids, u, 0.2, gamma)
+    result = loss(tf.constant(za, tf.float32), tf.constant(zb, tf.float32),
+                  tf.constant(ids, tf.int32), step=tf.constant(step, tf.int64))
+    np.testing.assert_allclose(result['loss'].numpy(), expected, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.exp(loss.log_u.numpy()), u, rtol=1e-5)
+  with pytest.raises(ValueError, match='gamma_decay_epochs'):
+    loss_class(6, 0.2, 0.5, gamma_schedule='cosine')
+
+
+def test_isogclr_tables_survive_checkpoint_save_and_restore(tmp_path):
+  rng = np.random.default_rng(13)
+  isogclr = objective.ISogCLRLoss(7, 0.1, 0.9)
+  for ids in ([4, 0, 6], [0, 1, 2]):
+    tf_sogclr_step(isogclr, normalized(rng, 3, 4), normalized(rng, 3, 4), np.array(ids, np.int32))
+  path = tf.train.Checkpoint(sogclr=isogclr).save(str(tmp_path / 'ckpt'))
+  shapes = dict(tf.train.list_variables(path))
+  for key in ('log_u', 'tau', 'tau_momentum'):
+    assert shapes[f'sogclr/{key}/.ATTRIBUTES/VARIABLE_VALUE'] == [7]
+  restored = objective.ISogCLRLoss(7, 0.1, 0.9)
+  tf.train.Checkpoint(sogclr=restored).restore(path).assert_consumed()
+  for name in ('log_u', 'tau', 'tau_momentum'):
+    np.testing.assert_array_equal(getattr(restored, name).numpy(), getattr(isogclr, name).numpy())
+  assert not np.all(restored.tau.numpy() == np.float32(0.1))  # the updates were restored
+  # A restored run continues exactly as the original.
+  za, zb = normalized(rng, 3, 4), normalized(rng, 3, 4)
+  first = tf_sogclr_step(isogclr, za, zb, np.array([2, 3, 4], np.int32))[0]['loss'].numpy()
+  second = tf_sogclr_step(restored, za, zb, np.array([2, 3, 4], np.int32))[0]['loss'].numpy()
+  assert first == second
+  np.testing.assert_array_equal(restored.tau.numpy(), isogclr.tau.numpy())
+
+
+def test_isogclr_tables_are_created_as_the_u_table_is(two_replicas):
+  # The same synchronization and aggregation as log_u: every replica's scatter of the gathered
+  # ids keeps the copies equal, and the TPU on-write policy (tested above for log_u) accepts it.
+  with two_replicas.scope():
+    isogclr = objective.ISogCLRLoss(5, 0.1, 0.9)
+  for table in (isogclr.log_u, isogclr.tau, isogclr.tau_momentum):
+    assert table.synchronization == tf.VariableSynchronization.ON_WRITE
+    assert table.aggregation == objective.log_u_aggregation(two_replicas)
+    assert not table.trainable
+  np.testing.assert_array_equal(isogclr.tau.numpy(), np.full(5, 0.1, np.float32))
+  np.testing.assert_array_equal(isogclr.tau_momentum.numpy(), np.zeros(5, np.float32))

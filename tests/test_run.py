@@ -281,6 +281,17 @@ INVALID_VALUES = [
     (['--DCL_mode=True', '--BI_mode=False'], 'Conflicting loss flags'),
     (['--DCL_mode=False', '--GCL_mode=True'], 'Conflicting loss flags'),
     (['--eval_every_epochs=-1'], '--eval_every_epochs must be >= 0'),
+    (['--gamma_schedule=cosine'],
+     '--gamma_decay_epochs must be > 0 with --gamma_schedule=cosine, got 0'),
+    (['--gamma_decay_epochs=-1'], '--gamma_decay_epochs must be >= 0, got -1'),
+    (['--loss=isogclr', '--temperature=0.01'],
+     '--temperature=0.01 (the initial temperature of iSogCLR) must be within '
+     '[--isogclr_tau_min, --isogclr_tau_max] = [0.05, 0.7]'),
+    (['--isogclr_rho=-1'], '--isogclr_rho must be >= 0, got -1.0'),
+    (['--isogclr_eta=0'], '--isogclr_eta must be > 0, got 0.0'),
+    (['--isogclr_beta=1.5'], '--isogclr_beta must be in (0, 1], got 1.5'),
+    (['--isogclr_tau_min=0'], '--isogclr_tau_min must be > 0, got 0.0'),
+    (['--isogclr_tau_max=0.01'], '--isogclr_tau_max=0.01 is below --isogclr_tau_min=0.05'),
 ]
 
 BAD_INPUT = [
@@ -431,6 +442,57 @@ def test_sigkilled_deterministic_run_ends_equal_to_an_uninterrupted_one(repo, tm
                                err_msg=name)
 
 
+# The README's demo command line (its data and its model), with a short training.
+DEMO = ('--train_mode=pretrain', '--dataset=digits', '--eval_split=test', '--image_size=16',
+        '--resnet_depth=18', '--width_multiplier=0.25', '--train_batch_size=32',
+        '--optimizer=adam', '--learning_rate=0.008', '--warmup_epochs=2', '--crop_area_min=0.5',
+        '--color_jitter_strength=0.5', '--use_blur=False', '--random_flip=False')
+ISOGCLR_TABLES = (checkpoints.LOG_U_KEY, checkpoints.TAU_KEY, checkpoints.TAU_MOMENTUM_KEY)
+
+
+@pytest.mark.slow
+def test_isogclr_demo_trains_saves_its_temperatures_and_resumes_them_exactly(
+    repo, tmp_path, data_dir, run_command):
+  # 100 steps of 32 are 2.3 epochs of the 1,437 digits: revisits update u, tau and momentum.
+  common = [*DEMO, '--loss=isogclr', '--gamma_schedule=cosine', '--gamma_decay_epochs=2',
+            f'--data_dir={data_dir}', '--train_steps=100', '--checkpoint_steps=25',
+            '--deterministic', '--probe_max_examples=0', '--keep_hub_module_max=0',
+            '--log_every_seconds=0']
+  straight = str(tmp_path / 'straight')
+  result = run_command(*common, f'--model_dir={straight}')
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert 'Result: trained in' in result.stdout
+  expected = tf.train.latest_checkpoint(straight)
+  assert expected.endswith('ckpt-100')
+  shapes = dict(tf.train.list_variables(expected))
+  for key in ISOGCLR_TABLES:
+    assert shapes[key] == [1437], key
+  tau = tf.train.load_variable(expected, checkpoints.TAU_KEY)
+  assert np.all((tau >= 0.05) & (tau <= 0.7))
+  assert np.sum(tau != np.float32(0.1)) > 1000  # the visited images' temperatures moved
+
+  # The same run stopped (SIGTERM: a checkpoint at the next step boundary), then rerun.
+  stopped = str(tmp_path / 'stopped')
+  process = _start(repo, *common, f'--model_dir={stopped}')
+  try:
+    _wait_for_progress(process)
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=120)
+  finally:
+    process.kill()
+  assert process.returncode == run.PREEMPTED_EXIT_CODE, err[-2000:]
+  step = int(tf.train.latest_checkpoint(stopped).rsplit('-', 1)[1])
+  assert 0 < step < 100
+  resumed = run_command(*common, f'--model_dir={stopped}')
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  assert re.search(rf'Resumed from \S+ckpt-{step} at step {step}: .*tau sum', resumed.stderr)
+  final = tf.train.latest_checkpoint(stopped)
+  assert final.endswith('ckpt-100')
+  for key in ISOGCLR_TABLES:
+    np.testing.assert_array_equal(tf.train.load_variable(final, key),
+                                  tf.train.load_variable(expected, key), err_msg=key)
+
+
 # -- Reliability through the command line (each a real `python run.py`, as a user meets it) ----
 
 
@@ -537,6 +599,9 @@ def test_resuming_with_run_defining_flags_changed_is_an_error_unless_allowed(
        r"--temperature=0.2 \(was 0.1\), --seed=3 \(was 0\); recorded in .*flags\.json.*"
        r'--allow_flag_changes=temperature,seed'),
       (['--train_steps=30', '--loss=simclr'], r"--loss='simclr' \(was 'sogclr'\)"),
+      (['--train_steps=30', '--loss=isogclr'], r"--loss='isogclr' \(was 'sogclr'\)"),
+      (['--train_steps=30', '--gamma_schedule=cosine', '--gamma_decay_epochs=2'],
+       r"--gamma_schedule='cosine' \(was 'constant'\), --gamma_decay_epochs=2 \(was 0\)"),
       (['--train_steps=10'], r'give 10 steps, fewer than the 20 this run'),
   ]:
     result = run_command(*common, *extra)
