@@ -516,7 +516,8 @@ def cli(argv):
     if debug:
       raise
     line = one_line_error(e)
-    if isinstance(e, tf.errors.UnavailableError) and 'task' in line:
+    if isinstance(e, tf.errors.UnavailableError) and (
+        'task' in line or 'Collective ops is aborted' in line):
       line += ('; a worker of this job stopped: restart every worker with the same command '
                '(each resumes from the newest checkpoint)')
     logging.error('%s', line)
