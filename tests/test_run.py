@@ -372,6 +372,18 @@ def _start(repo, *args):
                           cwd=repo, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2'))
 
 
+def _stopped_by_sigterm(repo, *args):
+  """(process, stderr) of `python run.py *args` sent SIGTERM once training is under way."""
+  process = _start(repo, *args)
+  try:
+    _wait_for_progress(process)
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=120)
+  finally:
+    process.kill()
+  return process, err
+
+
 def _wait_for_progress(process, timeout=120):
   """Reads the process' stderr until a progress line appears (training is under way)."""
   deadline = time.time() + timeout
@@ -390,13 +402,7 @@ def test_sigterm_saves_a_checkpoint_and_exits_then_resumes(repo, tmp_path, tiny,
   model_dir = str(tmp_path / 'run')
   common = [*tiny, f'--model_dir={model_dir}', '--probe_max_examples=0', '--DCL_mode=True',
             '--checkpoint_steps=100000']
-  process = _start(repo, *common, '--train_steps=100000')
-  try:
-    _wait_for_progress(process)
-    process.send_signal(signal.SIGTERM)
-    _, err = process.communicate(timeout=120)
-  finally:
-    process.kill()
+  process, err = _stopped_by_sigterm(repo, *common, '--train_steps=100000')
   assert process.returncode == run.PREEMPTED_EXIT_CODE, err[-2000:]
   assert 'preempted: Stopped at step' in err
   latest = tf.train.latest_checkpoint(model_dir)
@@ -473,13 +479,7 @@ def test_isogclr_demo_trains_saves_its_temperatures_and_resumes_them_exactly(
 
   # The same run stopped (SIGTERM: a checkpoint at the next step boundary), then rerun.
   stopped = str(tmp_path / 'stopped')
-  process = _start(repo, *common, f'--model_dir={stopped}')
-  try:
-    _wait_for_progress(process)
-    process.send_signal(signal.SIGTERM)
-    _, err = process.communicate(timeout=120)
-  finally:
-    process.kill()
+  process, err = _stopped_by_sigterm(repo, *common, f'--model_dir={stopped}')
   assert process.returncode == run.PREEMPTED_EXIT_CODE, err[-2000:]
   step = int(tf.train.latest_checkpoint(stopped).rsplit('-', 1)[1])
   assert 0 < step < 100
