@@ -100,7 +100,8 @@ def list_checkpoints(model_dir):
   return ordered
 
 
-def _unreadable_reason(error):
+def short_reason(error):
+  """An error in one line: its type and the first line of its message (paths shortened)."""
   message = getattr(error, 'message', None) or str(error) or repr(error)
   message = re.sub(r'\{\{function_node [^}]*\}\}\s*', '', message.strip().splitlines()[0])
   if len(message) > 320:  # long paths: keep the start and the cause at the end
@@ -116,7 +117,7 @@ def _unreadable(path):
     for key in reader.get_variable_to_shape_map():
       reader.get_tensor(key)
   except (tf.errors.OpError, IndexError, OSError, ValueError) as e:
-    return _unreadable_reason(e)
+    return short_reason(e)
   return None
 
 
@@ -235,7 +236,7 @@ def save(manager, step):
     for path in tf.io.gfile.glob(os.path.join(manager.directory, f'ckpt-{step}_temp*')):
       tf.io.gfile.rmtree(path) if tf.io.gfile.isdir(path) else tf.io.gfile.remove(path)
     raise ValueError(f'could not save checkpoint ckpt-{step} in {manager.directory} '
-                     f'({_unreadable_reason(e)}); the last complete checkpoint '
+                     f'({short_reason(e)}); the last complete checkpoint '
                      f'({manager.latest_checkpoint}) is kept') from None
 
 

@@ -423,8 +423,9 @@ def train(trainer, iterator, *, total_steps, checkpoint_every, checkpoint_manage
   After every call, `on_progress(Progress)` (e.g. a ProgressLogger). `on_started()` runs once,
   after the first call (the data and the step work), before anything is written: a run stopped
   by bad data in its first batch changes nothing. With SogCLR, u/ summaries
-  (write_u_summaries: the histogram at the first call and at each checkpoint). With eval_every
-  > 0, calls stop at its multiples, where (after any checkpoint) `on_eval(step,
+  (write_u_summaries: the histogram at the first call and at each checkpoint). A summary that
+  cannot be written (a full disk) saves a checkpoint of the step reached, then raises OSError.
+  With eval_every > 0, calls stop at its multiples, where (after any checkpoint) `on_eval(step,
   training_seconds_so_far)` runs, and at the last step. Returns the seconds spent training, the
   time in on_eval excluded.
   """
@@ -444,49 +445,80 @@ def train(trainer, iterator, *, total_steps, checkpoint_every, checkpoint_manage
     assert step == previous + num_steps, (previous, num_steps, step)
     _check_metrics_finite(metrics, float(first_loss), previous, step, checkpoint_manager,
                           saved_step)
-    if previous == start_step and on_started is not None:
+    first_call = previous == start_step
+    if first_call and on_started is not None:
       on_started()
     # The first call includes tracing.
-    sizer.update(elapsed, num_steps, includes_tracing=previous == start_step and
-                 sizer.steps == 1)
+    sizer.update(elapsed, num_steps, includes_tracing=first_call and sizer.steps == 1)
     # Each worker sizes calls by its own clock: all run the smallest size any proposes.
-    sizer.steps, preempted = trainer.agree(
-        sizer.steps, stop_requested is not None and stop_requested.is_set())
-    # Summaries are float32: u itself is logged while it fits (u ~ exp(1/temperature)); its
-    # log always.
-    if metrics.get('log_u_mean', math.inf) < math.log(np.finfo(np.float32).max):
-      metrics['u_mean'] = math.exp(metrics['log_u_mean'])
-    if learning_rate_fn is not None:
-      metrics['learning_rate'] = float(learning_rate_fn(step))
-    metrics.update(trainer.temperature_stats())
+    sizer.steps, preempted = trainer.agree(sizer.steps, _is_set(stop_requested))
     saving = step == next_checkpoint or step == total_steps or preempted
-    # iSogCLR's temperature histogram at checkpoints only: one per call would grow the event
-    # file by a histogram a second.
-    _write_summaries(summary_writer, step, metrics,
-                     trainer.temperature_table() if saving else None)
-    if summary_writer is not None and trainer.sogclr is not None:
-      write_u_summaries(summary_writer, step, trainer.sogclr.log_u,
-                        histogram=saving or previous == start_step)
+    metrics = _call_metrics(trainer, metrics, learning_rate_fn, step)
+    try:
+      _write_call_summaries(summary_writer, trainer, step, metrics, saving, first_call)
+    except (tf.errors.OpError, OSError) as e:
+      raise _summaries_failed(e, trainer, checkpoint_manager, previous, step) from None
     if saving:
       _save(trainer, checkpoint_manager, previous, step)
       saved_step = step
     if preempted:
-      if summary_writer is not None:
-        summary_writer.flush()
-      raise Preempted(f'Stopped at step {step}/{total_steps} on request; checkpoint saved to '
-                      f'{checkpoint_manager.latest_checkpoint}. Rerun the same command to resume.',
-                      getattr(stop_requested, 'signal_number', signal.SIGTERM)
-                      if stop_requested is not None and stop_requested.is_set()
-                      else signal.SIGTERM)
+      _flush(summary_writer)
+      raise _preempted(step, total_steps, checkpoint_manager, stop_requested)
     if on_progress is not None:
       on_progress(Progress(step, total_steps, metrics, sizer.seconds_per_step))
     if on_eval is not None and eval_every and (step % eval_every == 0 or step == total_steps):
       eval_started = time.time()
       on_eval(step, eval_started - train_started - eval_seconds)
       eval_seconds += time.time() - eval_started
+  _flush(summary_writer)
+  return time.time() - train_started - eval_seconds
+
+
+def _is_set(stop_requested):
+  return stop_requested is not None and stop_requested.is_set()
+
+
+def _flush(summary_writer):
   if summary_writer is not None:
     summary_writer.flush()
-  return time.time() - train_started - eval_seconds
+
+
+def _call_metrics(trainer, metrics, learning_rate_fn, step):
+  """A call's metrics with what is derived from them and from the state: u (while it fits a
+  float32; its log always), the learning rate, iSogCLR's temperature stats."""
+  metrics = dict(metrics)
+  if metrics.get('log_u_mean', math.inf) < math.log(np.finfo(np.float32).max):
+    metrics['u_mean'] = math.exp(metrics['log_u_mean'])
+  if learning_rate_fn is not None:
+    metrics['learning_rate'] = float(learning_rate_fn(step))
+  metrics.update(trainer.temperature_stats())
+  return metrics
+
+
+def _write_call_summaries(summary_writer, trainer, step, metrics, saving, first_call):
+  # iSogCLR's temperature histogram at checkpoints only: one per call would grow the event file
+  # by a histogram a second.
+  _write_summaries(summary_writer, step, metrics, trainer.temperature_table() if saving else None)
+  if summary_writer is not None and trainer.sogclr is not None:
+    write_u_summaries(summary_writer, step, trainer.sogclr.log_u,
+                      histogram=saving or first_call)
+
+
+def _summaries_failed(error, trainer, checkpoint_manager, previous, step):
+  """The OSError of a summary write that failed (a full disk), after saving the step reached (a
+  failed save raises its own error instead)."""
+  _save(trainer, checkpoint_manager, previous, step)
+  return OSError(f'could not write summaries in {checkpoint_manager.directory} '
+                 f'({checkpoints.short_reason(error)}); step {step} is saved '
+                 f'({checkpoint_manager.latest_checkpoint}): make room and rerun the same '
+                 'command to resume')
+
+
+def _preempted(step, total_steps, checkpoint_manager, stop_requested):
+  return Preempted(f'Stopped at step {step}/{total_steps} on request; checkpoint saved to '
+                   f'{checkpoint_manager.latest_checkpoint}. Rerun the same command to resume.',
+                   getattr(stop_requested, 'signal_number', signal.SIGTERM)
+                   if _is_set(stop_requested) else signal.SIGTERM)
 
 
 def format_duration(seconds):

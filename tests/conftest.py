@@ -163,3 +163,41 @@ def official_layout():
     return str(data_dir)
 
   return write
+
+
+def _tmpfs(mount_point, size):
+  """Mounts a tmpfs of `size` at `mount_point` (a new directory), or skips the test where this
+  machine gives no mount rights."""
+  os.mkdir(mount_point)
+  mounted = subprocess.run(['mount', '-t', 'tmpfs', '-o', f'size={size}', 'tmpfs', mount_point],
+                           capture_output=True, text=True)
+  if mounted.returncode:
+    pytest.skip(f'cannot mount a tmpfs here: {mounted.stderr.strip()}')
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+  """A 3 MB tmpfs (a disk that fills at the tiny run's second checkpoint); needs mount rights."""
+  mount_point = str(tmp_path / 'small')
+  _tmpfs(mount_point, '3M')
+  yield mount_point
+  subprocess.run(['umount', mount_point], check=True)
+
+
+@pytest.fixture
+def filling_disk(tmp_path):
+  """(directory on a 64 KB tmpfs, fill()): fill() writes a file there until no byte is left (a
+  disk that fills while a run writes to it); needs mount rights."""
+  mount_point = str(tmp_path / 'filling')
+  _tmpfs(mount_point, '64k')
+
+  def fill():
+    with open(os.path.join(mount_point, 'filler'), 'wb', buffering=0) as f:
+      try:
+        while True:
+          f.write(b'x' * 512)
+      except OSError:  # No space left on device
+        pass
+
+  yield mount_point, fill
+  subprocess.run(['umount', '--lazy', mount_point], check=True)  # a writer may hold a file

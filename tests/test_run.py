@@ -29,6 +29,7 @@ import evaluation
 import experiment
 import model as model_lib
 import run
+import settings
 import trainer as trainer_lib
 
 
@@ -53,36 +54,13 @@ def trained(tmp_path_factory, tiny, run_main):
   return types.SimpleNamespace(model_dir=model_dir, args=args)
 
 
-# -- Loss aliases ----------------------------------------------------------------------------------
-
-@pytest.mark.parametrize('aliases, expected', [
-    ({}, 'sogclr'),
-    ({'DCL_mode': True}, 'sogclr'),
-    ({'DCL_mode': True, 'GCL_mode': True}, 'sogclr'),
-    ({'BI_mode': False}, 'simclr'),
-    ({'DCL_mode': False, 'GCL_mode': None, 'BI_mode': False}, 'simclr'),
-])
-def test_loss_aliases_agreeing(aliases, expected):
-  assert run.resolve_loss(None, aliases) == expected
-
-
-@pytest.mark.parametrize('loss, aliases', [
-    (None, {'DCL_mode': True, 'BI_mode': False}),
-    (None, {'DCL_mode': False, 'GCL_mode': True}),
-    ('simclr', {'GCL_mode': True}),
-])
-def test_loss_aliases_conflicting_is_an_error(loss, aliases):
-  with pytest.raises(ValueError, match='Conflicting loss flags'):
-    run.resolve_loss(loss, aliases)
-
-
 # -- The config built from the flags ---------------------------------------------------------------
 
 def test_default_flags_build_the_library_default_config():
   parse('--model_dir=/tmp/unused')
   values, given = run.flag_values()
   assert given == {'model_dir'}
-  config = run.build_config(values)
+  config = settings.build_config(values)
   default = experiment.Config(model_dir='/tmp/unused')
   # A notebook building Config() gets what the command line does without flags ...
   assert config.objective == trainer_lib.ObjectiveConfig()
@@ -118,14 +96,14 @@ def test_every_flag_reaches_the_config():
   """build_config passes every flag on: changing one changes the config beyond config.flags."""
   parse('--model_dir=/tmp/unused')
   values, _ = run.flag_values()
-  default = run.build_config(values)
+  default = settings.build_config(values)
   ignored = []
   for name in set(values) - CLI_FLAGS:
     changed = dict(values)
     # An alias set to its default loss (True = sogclr) would change nothing.
     changed[name] = False if name in ('DCL_mode', 'GCL_mode', 'BI_mode') else _other_value(
         run.FLAGS[name])
-    config = run.build_config(changed)
+    config = settings.build_config(changed)
     if dataclasses.replace(config, flags=default.flags) == default:
       ignored.append(name)
   assert len(values) > 60
@@ -146,8 +124,8 @@ def test_eval_mode_inherits_into_the_config_and_never_assigns_to_flags(trained):
   parsed = all_flag_values()
   values, given = run.flag_values()
   as_parsed = dict(values)
-  inherited = run.inherit_flags(values, given, trained.model_dir,
-                                run.ARCHITECTURE_FLAGS + run.EVAL_FLAGS)
+  inherited = settings.inherit_flags(values, given, trained.model_dir,
+                                settings.ARCHITECTURE_FLAGS + settings.EVAL_FLAGS)
   assert values == as_parsed  # a new dict; the argument is left as it was
   assert inherited['resnet_depth'] == 18 and inherited['proj_out_dim'] == 32
 
@@ -701,19 +679,6 @@ def test_a_file_as_data_dir_is_a_one_line_error(run_cli, tiny, tmp_path):
                                           'directory of prepared datasets')
 
 
-@pytest.fixture
-def small_disk(tmp_path):
-  """A 3 MB tmpfs (a disk that fills at the tiny run's second checkpoint); needs mount rights."""
-  mount_point = tmp_path / 'small'
-  mount_point.mkdir()
-  mounted = subprocess.run(['mount', '-t', 'tmpfs', '-o', 'size=3M', 'tmpfs', str(mount_point)],
-                           capture_output=True, text=True)
-  if mounted.returncode:
-    pytest.skip(f'cannot mount a tmpfs here: {mounted.stderr.strip()}')
-  yield str(mount_point)
-  subprocess.run(['umount', str(mount_point)], check=True)
-
-
 @pytest.mark.slow
 def test_a_full_disk_is_a_one_line_error_keeping_the_last_complete_checkpoint(
     small_disk, tiny, run_command):
@@ -802,24 +767,6 @@ def test_sogclr_pretrains_on_a_slice_of_an_image_id_split(official_layout, tmp_p
   slice_ids = sorted(int(ex['image/ID']) for ex in sliced)
   assert log_u.shape == (24,) and len(slice_ids) == 12 and slice_ids != list(range(12))
   assert np.flatnonzero(np.isfinite(log_u)).tolist() == slice_ids
-
-
-def test_one_line_error_of_a_graph_error_is_its_cause_not_the_stack():
-  import run  # noqa: PLC0415
-  # TF's layout of an error raised inside a tf.function: header, the node's definition (indented
-  # frames), then the cause, here a dead peer's (UnavailableError in a two-worker run).
-  message = ('Graph execution error:\n\nDetected at node CollectiveGatherV2 defined at (most '
-             'recent call last):\n  File "/work/main/run.py", line 448, in <module>\n\n  File '
-             '"/work/main/trainer.py", line 210, in _fewest_steps\n\nCollective ops is aborted '
-             'by: Error reported from /job:worker/task:1: The following tasks are unhealthy '
-             '(stopped sending heartbeats):\n/job:worker/replica:0/task:1\nThe tasks have '
-             'crashed. Check the task logs.\n\t [[{{node CollectiveGatherV2}}]] '
-             '[Op:__inference__fewest_steps_123]')
-  error = tf.errors.UnavailableError(None, None, message)
-  assert run.one_line_error(error) == (
-      'UnavailableError: Collective ops is aborted by: Error reported from /job:worker/task:1: '
-      'The following tasks are unhealthy (stopped sending heartbeats): '
-      '/job:worker/replica:0/task:1')
 
 
 @pytest.mark.slow

@@ -357,6 +357,32 @@ def test_stop_request_saves_at_the_next_loop_boundary_and_raises_preempted(
   assert written_steps(model_dir) == [1, stopped]
 
 
+def test_a_summary_that_cannot_be_written_saves_the_step_reached_then_stops(
+    tmp_path, tiny_training, filling_disk):
+  # Finding: a full disk at a summary write lost everything since the last checkpoint. The
+  # checkpoints go elsewhere here, so the save of the step reached can be seen to work.
+  trainer, iterator, _ = tiny_training(uniform_images(80))
+  model_dir = str(tmp_path / 'run')
+  manager = checkpoint_manager(trainer, model_dir)
+  events_dir, fill = filling_disk
+  writer = tf.summary.create_file_writer(events_dir, max_queue=1)
+  # The events file to the end of its last 4 KB page (tmpfs allocates pages), then no room at all.
+  events_file, = glob.glob(os.path.join(events_dir, 'events.out.tfevents.*'))
+  while os.path.getsize(events_file) % 4096 < 3950:
+    with writer.as_default(step=0):
+      tf.summary.scalar('padding', 0.0)
+    writer.flush()
+  fill()
+  with pytest.raises(OSError,
+                     match=rf'^could not write summaries in {re.escape(model_dir)} '
+                           r'\(ResourceExhaustedError: .*No space left on device.*\); step (\d+) '
+                           rf'is saved \({re.escape(model_dir)}/ckpt-\1\): make room and rerun'):
+    trainer_lib.train(trainer, iterator, total_steps=10, checkpoint_every=10,
+                      checkpoint_manager=manager, summary_writer=writer)
+  stopped = int(trainer.optimizer.iterations.numpy())
+  assert 0 < stopped < 10 and written_steps(model_dir) == [stopped]
+
+
 def test_non_finite_loss_names_the_step_range_and_writes_no_checkpoint_for_it(
     tmp_path, tiny_training):
   images = uniform_images(80)

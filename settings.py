@@ -1,0 +1,223 @@
+"""Flag values to one frozen experiment config: the checks, the inheritance of a training run's
+flags from its flags.json, and the build.
+
+Takes a plain dict {flag name: value} (run.py passes the parsed flags), so a notebook can build a
+config the command line would, without absl:
+
+  config = settings.config_of(values, given=set(values))   # ValueError names the flag
+"""
+import types
+
+from absl import logging
+
+import checkpoints
+import data as data_lib
+import distribution
+import evaluation
+import experiment
+import model as model_lib
+import trainer as trainer_lib
+
+
+def resolve_loss(loss, aliases):
+  """The canonical loss from --loss and the alias flags; disagreeing flags are an error.
+
+  aliases: {flag name: True/False/None}, True meaning SogCLR.
+  """
+  chosen = {}
+  if loss is not None:
+    chosen['loss'] = loss
+  for name, value in aliases.items():
+    if value is not None:
+      chosen[name] = 'sogclr' if value else 'simclr'
+  if len(set(chosen.values())) > 1:
+    given = ', '.join(f'--{k}={v}' for k, v in chosen.items())
+    raise ValueError(f'Conflicting loss flags ({given}); set them to agree or keep only one')
+  return next(iter(chosen.values()), 'sogclr')
+
+
+def validate_flags(values):
+  """Cross-flag checks of the flag values (a dict), before anything is built."""
+  v = types.SimpleNamespace(**values)
+  if not v.model_dir:
+    raise ValueError('--model_dir is required (checkpoints, summaries and flags.json go there)')
+  if v.temperature <= 0:
+    raise ValueError(f'--temperature must be positive, got {v.temperature}')
+  if not 0 < v.gamma <= 1:
+    raise ValueError(f'--gamma must be in (0, 1], got {v.gamma}')
+  _check_objective(values)
+  if not 0 < v.crop_area_min <= 1:
+    raise ValueError(f'--crop_area_min must be in (0, 1], got {v.crop_area_min}')
+  if v.width_multiplier <= 0:
+    raise ValueError(f'--width_multiplier must be positive, got {v.width_multiplier}')
+  for name in ('train_batch_size', 'eval_batch_size', 'image_size', 'keep_checkpoint_max',
+               'knn_k'):
+    if values[name] <= 0:
+      raise ValueError(f'--{name} must be positive, got {values[name]}')
+  _check_ranges(values)
+  if v.knn_temperature <= 0:
+    raise ValueError(f'--knn_temperature must be positive, got {v.knn_temperature}')
+  if v.keep_hub_module_max < 0:
+    raise ValueError(f'--keep_hub_module_max must be >= 0 (0 = no export), got '
+                     f'{v.keep_hub_module_max}')
+  if v.train_mode == 'finetune' and v.mode != 'eval' and not v.checkpoint:
+    logging.warning('--train_mode=finetune without --checkpoint trains from scratch.')
+  # The standard stem divides the image by 32, the CIFAR stem by 8.
+  min_size = 8 if v.image_size <= data_lib.SMALL_IMAGE_SIZE else 32
+  if v.image_size < min_size:
+    raise ValueError(f'--image_size={v.image_size} is too small for the ResNet '
+                     f'(at least {min_size} px)')
+
+
+def _check_objective(values):
+  """The gamma schedule's and iSogCLR's flags."""
+  v = types.SimpleNamespace(**values)
+  if v.gamma_schedule == 'cosine' and v.gamma_decay_epochs <= 0:
+    raise ValueError('--gamma_decay_epochs must be > 0 with --gamma_schedule=cosine, got '
+                     f'{v.gamma_decay_epochs}')
+  if v.gamma_decay_epochs < 0:
+    raise ValueError(f'--gamma_decay_epochs must be >= 0, got {v.gamma_decay_epochs}')
+  if v.isogclr_rho < 0:
+    raise ValueError(f'--isogclr_rho must be >= 0, got {v.isogclr_rho}')
+  if v.isogclr_eta <= 0:
+    raise ValueError(f'--isogclr_eta must be > 0, got {v.isogclr_eta}')
+  if not 0 < v.isogclr_beta <= 1:
+    raise ValueError(f'--isogclr_beta must be in (0, 1], got {v.isogclr_beta}')
+  if v.isogclr_tau_min <= 0:
+    raise ValueError(f'--isogclr_tau_min must be > 0, got {v.isogclr_tau_min}')
+  if v.isogclr_tau_max < v.isogclr_tau_min:
+    raise ValueError(f'--isogclr_tau_max={v.isogclr_tau_max} is below '
+                     f'--isogclr_tau_min={v.isogclr_tau_min}')
+  loss = resolve_loss(v.loss, {'DCL_mode': v.DCL_mode, 'GCL_mode': v.GCL_mode,
+                               'BI_mode': v.BI_mode})
+  if loss == 'isogclr' and not v.isogclr_tau_min <= v.temperature <= v.isogclr_tau_max:
+    raise ValueError(f'--temperature={v.temperature} (the initial temperature of iSogCLR) must '
+                     f'be within [--isogclr_tau_min, --isogclr_tau_max] = '
+                     f'[{v.isogclr_tau_min}, {v.isogclr_tau_max}]')
+
+
+# (flag, lowest allowed, whether the lowest is excluded): numbers outside make no sense.
+RANGES = (
+    ('learning_rate', 0, True), ('weight_decay', 0, False), ('momentum', 0, False),
+    ('warmup_epochs', 0, False), ('train_epochs', 0, False), ('train_steps', 0, False),
+    ('eval_steps', 0, False), ('eval_timeout_seconds', 0, False), ('checkpoint_steps', 0, False),
+    ('checkpoint_epochs', 1, False), ('num_classes', 0, False), ('label_offset', 0, False),
+    ('shuffle_buffer', 1, False),
+    ('color_jitter_strength', 0, False), ('sk_ratio', 0, False), ('se_ratio', 0, False),
+    ('proj_out_dim', 1, False), ('num_proj_layers', 0, False), ('log_every_seconds', 0, False),
+    ('probe_max_examples', 0, False), ('batch_norm_decay', 0, False),
+    ('eval_every_epochs', 0, False), ('eval_every_steps', 0, False),
+    ('fine_tune_after_block', -1, False))
+
+
+def _check_ranges(values):
+  for name, lowest, excluded in RANGES:
+    value = values[name]
+    if value < lowest or (excluded and value == lowest):
+      bound = f'> {lowest}' if excluded else f'>= {lowest}'
+      raise ValueError(f'--{name} must be {bound}, got {value}')
+  for name in ('momentum', 'batch_norm_decay'):
+    if values[name] >= 1:
+      raise ValueError(f'--{name} must be < 1, got {values[name]}')
+  if values['fine_tune_after_block'] > 4:
+    raise ValueError(f'--fine_tune_after_block must be in [-1, 4], got '
+                     f'{values["fine_tune_after_block"]}')
+  if not values['train_steps'] and not values['train_epochs'] and values['mode'] != 'eval':
+    raise ValueError('--train_epochs=0 trains nothing; give --train_epochs or --train_steps > 0')
+
+
+# Flags that define the network (and so the checkpoint's variables).
+ARCHITECTURE_FLAGS = ('resnet_depth', 'width_multiplier', 'sk_ratio', 'se_ratio', 'image_size',
+                      'proj_head_mode', 'num_proj_layers', 'proj_out_dim')
+
+
+# Further flags an evaluation depends on: which heads the model has and which variables train
+# (so eval/regularization_loss), the data, the weight decay and the training length (the final
+# step, after which --mode=eval exits).
+EVAL_FLAGS = ('train_mode', 'lineareval_while_pretraining', 'ft_proj_selector',
+              'fine_tune_after_block', 'num_classes', 'label_offset', 'dataset', 'data_dir',
+              'train_split', 'eval_split', 'weight_decay', 'train_batch_size', 'train_epochs',
+              'train_steps', 'mixed_precision', 'supervised_head_bn')
+
+
+def inherit_flags(values, given, path, names=ARCHITECTURE_FLAGS):
+  """The flag values (a dict) with the flags `names` not `given` on the command line taken
+  from the training run's flags.json in directory `path` (or next to checkpoint prefix `path`;
+  an export holds one), so fine-tuning needs only --checkpoint and --mode=eval only --model_dir.
+  """
+  trained, flags_file = checkpoints.read_flags(path)
+  if trained is None:
+    return values
+  values = dict(values)
+  for name in names:
+    if name not in given and name in trained and values[name] != trained[name]:
+      logging.info('--%s=%s from %s', name, trained[name], flags_file)
+      values[name] = trained[name]
+  return values
+
+
+def build_config(values):
+  """The frozen experiment config of the (validated) flag values."""
+  v = types.SimpleNamespace(**values)
+  loss = resolve_loss(v.loss, {'DCL_mode': v.DCL_mode, 'GCL_mode': v.GCL_mode,
+                               'BI_mode': v.BI_mode})
+  return experiment.Config(
+      model_dir=v.model_dir, mode=v.mode, train_mode=v.train_mode, checkpoint=v.checkpoint,
+      start_over=v.start_over, allow_flag_changes=tuple(v.allow_flag_changes),
+      data=data_lib.DataConfig(
+          dataset=v.dataset, data_dir=v.data_dir, train_split=v.train_split,
+          eval_split=v.eval_split, num_classes=v.num_classes, label_offset=v.label_offset,
+          image_size=v.image_size,
+          shuffle_buffer=v.shuffle_buffer, cache_dataset=v.cache_dataset,
+          color_jitter_strength=v.color_jitter_strength, crop_area_min=v.crop_area_min,
+          random_flip=v.random_flip, use_blur=v.use_blur, augment_on=v.augment_on),
+      model=model_lib.ModelConfig(
+          resnet_depth=v.resnet_depth, width_multiplier=v.width_multiplier,
+          cifar_stem=v.image_size <= data_lib.SMALL_IMAGE_SIZE, sk_ratio=v.sk_ratio,
+          se_ratio=v.se_ratio, batch_norm_decay=v.batch_norm_decay, global_bn=v.global_bn,
+          proj_head_mode=v.proj_head_mode, num_proj_layers=v.num_proj_layers,
+          proj_out_dim=v.proj_out_dim, num_classes=v.num_classes, train_mode=v.train_mode,
+          lineareval_while_pretraining=v.lineareval_while_pretraining,
+          ft_proj_selector=v.ft_proj_selector, fine_tune_after_block=v.fine_tune_after_block,
+          zero_init_logits_layer=v.zero_init_logits_layer,
+          supervised_head_bn=v.supervised_head_bn),
+      objective=trainer_lib.ObjectiveConfig(
+          loss=loss, temperature=v.temperature, gamma=v.gamma, gamma_schedule=v.gamma_schedule,
+          gamma_decay_epochs=v.gamma_decay_epochs, hidden_norm=v.hidden_norm,
+          isogclr_rho=v.isogclr_rho, isogclr_eta=v.isogclr_eta, isogclr_beta=v.isogclr_beta,
+          isogclr_tau_min=v.isogclr_tau_min, isogclr_tau_max=v.isogclr_tau_max),
+      optimizer=trainer_lib.OptimizerConfig(
+          name=v.optimizer, learning_rate=v.learning_rate,
+          learning_rate_scaling=v.learning_rate_scaling, warmup_epochs=v.warmup_epochs,
+          weight_decay=v.weight_decay, momentum=v.momentum),
+      loop=trainer_lib.LoopConfig(
+          train_batch_size=v.train_batch_size, train_epochs=v.train_epochs,
+          train_steps=v.train_steps, checkpoint_epochs=v.checkpoint_epochs,
+          checkpoint_steps=v.checkpoint_steps, keep_checkpoint_max=v.keep_checkpoint_max,
+          keep_hub_module_max=v.keep_hub_module_max, seed=v.seed,
+          deterministic=v.deterministic, log_every_seconds=v.log_every_seconds,
+          eval_every_epochs=v.eval_every_epochs, eval_every_steps=v.eval_every_steps),
+      eval=evaluation.EvalConfig(
+          eval_batch_size=v.eval_batch_size, eval_steps=v.eval_steps, eval_name=v.eval_name,
+          eval_timeout_seconds=v.eval_timeout_seconds,
+          probe_max_examples=v.probe_max_examples, probe_baselines=v.probe_baselines,
+          knn_monitor=v.knn_monitor, knn_k=v.knn_k, knn_temperature=v.knn_temperature),
+      distribution=distribution.DistributionConfig(
+          use_tpu=v.use_tpu, tpu_name=v.tpu_name, tpu_zone=v.tpu_zone,
+          gcp_project=v.gcp_project, master=v.master, mixed_precision=v.mixed_precision,
+          jit_compile=v.jit_compile),
+      flags=types.MappingProxyType(dict(values)))
+
+
+def config_of(values, given):
+  """The config of flag values `values` (names `given` on the command line), with the flags a
+  training run defines taken from its flags.json when not given (--mode=eval: from model_dir;
+  fine-tuning: from --checkpoint); ValueError names a bad flag."""
+  if values['mode'] == 'eval' and values['checkpoint']:  # one checkpoint or export
+    values = inherit_flags(values, given, values['checkpoint'], ARCHITECTURE_FLAGS + EVAL_FLAGS)
+  elif values['mode'] == 'eval' and values['model_dir']:
+    values = inherit_flags(values, given, values['model_dir'], ARCHITECTURE_FLAGS + EVAL_FLAGS)
+  elif values['checkpoint'] and values['train_mode'] == 'finetune':
+    values = inherit_flags(values, given, values['checkpoint'])
+  validate_flags(values)
+  return build_config(values)
