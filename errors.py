@@ -30,6 +30,8 @@ def one_line_error(error):
         cause = f'{cause} {causes[1]}'
       lines = [re.sub(r'^Error in user-defined function.*?transformation with iterator: \S+: ',
                       '', cause)]
+  if lines[0].endswith(':') and len(lines) > 1:  # what it is about is on the next line
+    lines = [f'{lines[0]} {lines[1]}']
   # TF prefixes errors raised inside functions with the function's name.
   line = re.sub(r'\{\{function_node [^}]*\}\}\s*', '', lines[0])
   if isinstance(error, tf.errors.OpError):

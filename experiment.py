@@ -334,7 +334,9 @@ def _train(config, setup, trainer, manager, summary_writer, learning_rate, on_ev
         on_started=(lambda: _record_flags(config, initial_step)) if setup.chief else None,
         on_progress=trainer_lib.ProgressLogger(config.loop.train_batch_size,
                                                config.loop.log_every_seconds),
-        eval_every=config.loop.eval_every(setup.steps_per_epoch), on_eval=on_eval)
+        eval_every=config.loop.eval_every(setup.steps_per_epoch), on_eval=on_eval,
+        watchdog=(trainer_lib.CallWatchdog(config.loop.step_timeout_seconds)
+                  if distribution_lib.num_workers(setup.strategy) > 1 else None))
 
 
 VIEW_PAIRS = 4  # images shown by write_view_pairs

@@ -228,6 +228,11 @@ flags.DEFINE_string('gcp_project', None,
                     'GCP project of the Cloud TPU named by --tpu_name (default: detected).')
 flags.DEFINE_string('master', None,
                     'TensorFlow master address (a TPU grpc:// address), when --tpu_name is unset.')
+flags.DEFINE_float('step_timeout_seconds', 600,
+                   'Multi-worker runs: a call of the train loop (about a second of steps; the '
+                   'first, which traces, excepted) that takes longer ends the job with an error '
+                   'and exit 1 (a worker hung while alive would otherwise block every worker '
+                   'forever). 0 = never.')
 
 
 def flag_values():

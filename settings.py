@@ -107,6 +107,7 @@ RANGES = (
     ('proj_out_dim', 1, False), ('num_proj_layers', 0, False), ('log_every_seconds', 0, False),
     ('probe_max_examples', 0, False), ('batch_norm_decay', 0, False),
     ('eval_every_epochs', 0, False), ('eval_every_steps', 0, False),
+    ('step_timeout_seconds', 0, False),
     ('fine_tune_after_block', -1, False))
 
 
@@ -196,7 +197,8 @@ def build_config(values):
           checkpoint_steps=v.checkpoint_steps, keep_checkpoint_max=v.keep_checkpoint_max,
           keep_hub_module_max=v.keep_hub_module_max, seed=v.seed,
           deterministic=v.deterministic, log_every_seconds=v.log_every_seconds,
-          eval_every_epochs=v.eval_every_epochs, eval_every_steps=v.eval_every_steps),
+          eval_every_epochs=v.eval_every_epochs, eval_every_steps=v.eval_every_steps,
+          step_timeout_seconds=v.step_timeout_seconds),
       eval=evaluation.EvalConfig(
           eval_batch_size=v.eval_batch_size, eval_steps=v.eval_steps, eval_name=v.eval_name,
           eval_timeout_seconds=v.eval_timeout_seconds,

@@ -5,9 +5,12 @@ checkpoints, writes summaries, stops on request and reports progress through a c
 objects (a strategy, a model, an optimizer, a CheckpointManager), so a test or a notebook can
 drive them without flags.
 """
+import contextlib
 import dataclasses
 import math
+import os
 import signal
+import sys
 import threading
 import time
 
@@ -84,6 +87,8 @@ class LoopConfig:
   log_every_seconds: float = 5.0
   eval_every_epochs: int = 0  # evaluate while training (head top-1, kNN); 0 = only at the end
   eval_every_steps: int = 0  # > 0 overrides eval_every_epochs
+  # Multi-worker runs: a call of the train loop (after the first) longer than this ends the job.
+  step_timeout_seconds: float = 600.0
 
   def total_steps(self, steps_per_epoch):
     return self.train_steps or self.train_epochs * steps_per_epoch
@@ -411,9 +416,51 @@ def _save(trainer, checkpoint_manager, previous, step):
   checkpoints.save(checkpoint_manager, step)
 
 
+class CallWatchdog:
+  """Ends the process with one `error:` line when a call of the train loop outlasts
+  `timeout_seconds` (0: never).
+
+  In a multi-worker job a peer that hangs while alive (its heartbeats go on, so the coordination
+  service sees nothing wrong) leaves every other worker waiting inside a collective, where no
+  Python code runs and signal handlers wait: without this the job blocks forever and ignores
+  SIGTERM. Nothing can be saved from inside the stuck step; the newest checkpoint stays, and a
+  restart of every worker resumes from it. `on_timeout(line)` (default: print, exit 1) is for
+  tests.
+  """
+
+  def __init__(self, timeout_seconds, on_timeout=None):
+    self.timeout_seconds = timeout_seconds
+    self.on_timeout = on_timeout or _exit_now
+
+  @contextlib.contextmanager
+  def watching(self, first_step, num_steps):
+    """Steps first_step .. first_step + num_steps - 1 run inside this block."""
+    if not self.timeout_seconds:
+      yield
+      return
+    line = (f'no train step of steps {first_step}-{first_step + num_steps - 1} finished within '
+            f'--step_timeout_seconds={self.timeout_seconds:g}: a worker of this job is hung or '
+            'far slower than the others; restart every worker with the same command (each '
+            'resumes from the newest checkpoint)')
+    timer = threading.Timer(self.timeout_seconds, self.on_timeout, (line,))
+    timer.daemon = True
+    timer.start()
+    try:
+      yield
+    finally:
+      timer.cancel()
+
+
+def _exit_now(line):
+  """From a thread, while the main thread is blocked inside TensorFlow: nothing else can end it."""
+  logging.error('%s', line)
+  print(f'error: {line}', file=sys.stderr, flush=True)
+  os._exit(1)
+
+
 def train(trainer, iterator, *, total_steps, checkpoint_every, checkpoint_manager,
           summary_writer=None, learning_rate_fn=None, stop_requested=None, on_progress=None,
-          on_started=None, eval_every=0, on_eval=None):
+          on_started=None, eval_every=0, on_eval=None, watchdog=None):
   """The outer loop: bookkeeping at loop boundaries, the steps inside `trainer.run_steps`.
 
   Never overshoots `total_steps`; checkpoints every `checkpoint_every` steps and at the end;
@@ -426,8 +473,9 @@ def train(trainer, iterator, *, total_steps, checkpoint_every, checkpoint_manage
   (write_u_summaries: the histogram at the first call and at each checkpoint). A summary that
   cannot be written (a full disk) saves a checkpoint of the step reached, then raises OSError.
   With eval_every > 0, calls stop at its multiples, where (after any checkpoint) `on_eval(step,
-  training_seconds_so_far)` runs, and at the last step. Returns the seconds spent training, the
-  time in on_eval excluded.
+  training_seconds_so_far)` runs, and at the last step. Every call but the first (it traces) runs
+  under `watchdog` (a CallWatchdog), if given. Returns the seconds spent training, the time in
+  on_eval excluded.
   """
   step = start_step = int(trainer.optimizer.iterations.numpy())
   saved_step = None  # the step of this loop's last save
@@ -438,7 +486,9 @@ def train(trainer, iterator, *, total_steps, checkpoint_every, checkpoint_manage
     num_steps, next_checkpoint = call_steps(step, sizer.steps, total_steps, checkpoint_every,
                                             eval_every if on_eval is not None else 0)
     started = time.time()
-    means, first_loss = trainer.run_steps(iterator, num_steps)
+    with (watchdog.watching(step + 1, num_steps) if watchdog is not None and step > start_step
+          else contextlib.nullcontext()):
+      means, first_loss = trainer.run_steps(iterator, num_steps)
     metrics = {k: float(v) for k, v in means.items()}
     elapsed = time.time() - started
     previous, step = step, int(trainer.optimizer.iterations.numpy())

@@ -1,6 +1,7 @@
 """distribution.py: the strategy plan (TPU flags, TF_CONFIG, GPUs), the TPU resolver for an
 address, the CPU's bfloat16 default, and two worker processes on localhost (TF_CONFIG) that
-train as one and resume together after a worker is killed."""
+train as one, resume together after a worker is killed, and stop with one line when a worker
+stalls while alive."""
 import glob
 import json
 import os
@@ -180,10 +181,10 @@ def free_ports(count):
   return ports
 
 
-def start_workers(repo, flags, model_dir, log_dir, *extra, prefixes=((), ())):
+def start_workers(repo, flags, model_dir, log_dir, *extra, prefixes=((), ()), own=((), ())):
   """Starts two workers of run.py with `flags` (worker i's command after prefixes[i], e.g.
-  `nice`); each writes its log to a file (a pipe read only after the other worker ends would
-  fill up and block the collectives of both)."""
+  `nice`, and with its own flags own[i] last); each writes its log to a file (a pipe read only
+  after the other worker ends would fill up and block the collectives of both)."""
   ports = free_ports(2)
   cluster = {'worker': [f'localhost:{p}' for p in ports]}
   processes = []
@@ -194,7 +195,7 @@ def start_workers(repo, flags, model_dir, log_dir, *extra, prefixes=((), ())):
     processes.append((subprocess.Popen(
         [*prefixes[index], sys.executable, os.path.join(repo, 'run.py'), *flags,
          f'--model_dir={model_dir}',
-         '--DCL_mode=True', *extra],
+         '--DCL_mode=True', *extra, *own[index]],
         env=env, stdout=log, stderr=subprocess.STDOUT), log))
   return processes
 
@@ -354,6 +355,48 @@ def test_workers_of_unequal_speed_agree_on_every_call_and_finish(tmp_path, worke
   assert steps[0][-1] == 60 and len(steps[0]) > 9  # many calls, every checkpoint a boundary
   assert {7, 14, 21, 28, 35, 42, 49, 56} <= set(steps[0])
   assert final_state(outputs[0], 60) == final_state(outputs[1], 60)
+
+
+@pytest.mark.slow
+def test_a_worker_stalled_while_alive_ends_the_job_with_one_line_within_the_step_timeout(
+    tmp_path, workers):
+  # Worker 1 is stopped but for 5 ms every 2 s: its heartbeats go on (the coordination service
+  # sees it alive) and it makes no progress, as a host swapping or stuck on a network disk. The
+  # chief waits inside a collective, where before --step_timeout_seconds it waited for as long
+  # as the stall lasted (150 s seen, no line, SIGTERM ignored).
+  model_dir = str(tmp_path / 'run')
+  processes = workers(model_dir, str(tmp_path), '--train_steps=400', '--checkpoint_steps=10',
+                      '--probe_max_examples=0', '--keep_hub_module_max=0',
+                      '--step_timeout_seconds=8')
+  (chief, _), (worker, _) = processes
+  try:
+    deadline = time.time() + 600
+    while tf.train.latest_checkpoint(model_dir) is None:
+      assert chief.poll() is None and worker.poll() is None, 'a worker ended before ckpt-10'
+      assert time.time() < deadline, 'no checkpoint in time'
+      time.sleep(0.02)
+    stalled = time.time()
+    while chief.poll() is None and time.time() < stalled + 120:
+      worker.send_signal(signal.SIGSTOP)
+      time.sleep(2)
+      worker.send_signal(signal.SIGCONT)
+      time.sleep(0.005)
+    worker.send_signal(signal.SIGSTOP)
+    stall_seconds = time.time() - stalled
+  finally:
+    for process, log in processes:
+      process.kill()
+      log.close()
+  chief_output = open(processes[0][1].name).read()
+  assert chief.returncode == 1 and stall_seconds < 60, chief_output[-3000:]
+  error_lines = [x for x in chief_output.splitlines() if x.startswith('error:')]
+  assert len(error_lines) == 1, chief_output[-3000:]
+  assert re.fullmatch(r'error: no train step of steps (\d+)-\d+ finished within '
+                      r'--step_timeout_seconds=8: a worker of this job is hung or far slower '
+                      r'than the others; restart every worker with the same command \(each '
+                      r'resumes from the newest checkpoint\)', error_lines[0]), error_lines[0]
+  assert int(re.search(r'steps (\d+)-', error_lines[0]).group(1)) > 10
+  assert tf.train.latest_checkpoint(model_dir).endswith('ckpt-10')
 
 
 def eager_features(model, data_dir, split):

@@ -22,6 +22,18 @@ def test_one_line_error_of_a_graph_error_is_its_cause_not_the_stack():
       '/job:worker/replica:0/task:1')
 
 
+def test_one_line_error_of_an_eager_error_keeps_the_line_its_first_line_announces():
+  # As a chief saw it outside a tf.function when its peer stopped sending heartbeats.
+  message = ('Collective ops is aborted by: Error reported from /job:worker/task:1: The '
+             'following tasks are unhealthy (stopped sending heartbeats):\n'
+             '/job:worker/replica:0/task:1\nThe tasks have crashed. Check the task logs.')
+  error = tf.errors.UnavailableError(None, None, message)
+  assert errors.one_line_error(error) == (
+      'UnavailableError: Collective ops is aborted by: Error reported from /job:worker/task:1: '
+      'The following tasks are unhealthy (stopped sending heartbeats): '
+      '/job:worker/replica:0/task:1')
+
+
 @pytest.mark.parametrize('message, expected', [
     # data.py's checks: [what] [record] [key] [value]
     ('assertion failed: [label outside [0, K)] [record 17 of shard-00001] [image/class/label] [12]',

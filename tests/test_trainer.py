@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -381,6 +382,46 @@ def test_a_summary_that_cannot_be_written_saves_the_step_reached_then_stops(
                       checkpoint_manager=manager, summary_writer=writer)
   stopped = int(trainer.optimizer.iterations.numpy())
   assert 0 < stopped < 10 and written_steps(model_dir) == [stopped]
+
+
+def test_call_watchdog_fires_once_for_a_call_that_outlasts_its_timeout_and_never_otherwise():
+  fired = []
+  watchdog = trainer_lib.CallWatchdog(0.2, on_timeout=fired.append)
+  with watchdog.watching(5, 3):
+    pass  # a call that ends in time: its timer is cancelled
+  time.sleep(0.4)
+  assert fired == []
+  with watchdog.watching(8, 4):
+    time.sleep(0.6)  # a hung call (the main thread blocked inside TensorFlow)
+  assert fired == ['no train step of steps 8-11 finished within --step_timeout_seconds=0.2: a '
+                   'worker of this job is hung or far slower than the others; restart every '
+                   'worker with the same command (each resumes from the newest checkpoint)']
+  with trainer_lib.CallWatchdog(0, on_timeout=fired.append).watching(1, 1):
+    time.sleep(0.1)  # 0: never
+  assert len(fired) == 1
+
+
+class RecordingWatchdog(trainer_lib.CallWatchdog):
+  def __init__(self):
+    super().__init__(600)
+    self.watched = []
+
+  def watching(self, first_step, num_steps):
+    self.watched.append((first_step, num_steps))
+    return super().watching(first_step, num_steps)
+
+
+def test_train_watches_every_call_but_the_first_which_traces(tmp_path, tiny_training):
+  trainer, iterator, _ = tiny_training(uniform_images(80))
+  watchdog = RecordingWatchdog()
+  progress = []
+  trainer_lib.train(trainer, iterator, total_steps=10, checkpoint_every=4,
+                    checkpoint_manager=checkpoint_manager(trainer, str(tmp_path / 'run')),
+                    on_progress=progress.append, watchdog=watchdog)
+  steps = [p.step for p in progress]
+  assert steps[0] == 1 and len(steps) > 2
+  assert watchdog.watched == [(previous + 1, step - previous)
+                              for previous, step in zip(steps, steps[1:])]
 
 
 def test_non_finite_loss_names_the_step_range_and_writes_no_checkpoint_for_it(
