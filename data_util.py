@@ -108,17 +108,14 @@ def random_blur(image, seed, height, p=0.5):
   return _random_apply(blur, p, image, coin_seed)
 
 
-def _random_crop_and_resize(image, seed, height, width, area_min, to_float=True):
-  """Crops a random box (SimCLR's Inception-style crop) and resizes it bicubically.
-
-  image: uint8, or float in [0, 1]. Returns [height, width, C] float32, in [0, 1] (about: the
-  resize overshoots) when to_float, else in the input's scale.
-  """
+def crop_window(image_shape, seed, height, width, area_min):
+  """(begin, size) of the random crop of an image of `image_shape` [H, W, C] (SimCLR's
+  Inception-style box, at the aspect ratio of height x width)."""
   aspect_ratio = width / height
   # bbox covering the whole image; min_object_covered=0.1 as in SimCLR, so the effective minimum
   # area is max(area_min, 0.1). After 100 failed attempts the op returns the whole image.
   begin, size, _ = tf.image.stateless_sample_distorted_bounding_box(
-      tf.shape(image),
+      image_shape,
       bounding_boxes=tf.constant([[[0.0, 0.0, 1.0, 1.0]]]),
       seed=seed,
       min_object_covered=0.1,
@@ -126,6 +123,16 @@ def _random_crop_and_resize(image, seed, height, width, area_min, to_float=True)
       area_range=(area_min, 1.0),
       max_attempts=100,
       use_image_if_no_bounding_boxes=True)
+  return begin, size
+
+
+def _random_crop_and_resize(image, seed, height, width, area_min, to_float=True):
+  """Crops a random box (SimCLR's Inception-style crop) and resizes it bicubically.
+
+  image: uint8, or float in [0, 1]. Returns [height, width, C] float32, in [0, 1] (about: the
+  resize overshoots) when to_float, else in the input's scale.
+  """
+  begin, size = crop_window(tf.shape(image), seed, height, width, area_min)
   image = tf.slice(image, begin, size)
   if to_float:
     # Converted after the slice: the same values (the conversion is per pixel), on fewer pixels.
