@@ -381,8 +381,8 @@ def parse_args(argv):
   return parser.parse_args(argv)
 
 
-def main(argv):
-  args = parse_args(argv)
+def settings_of(args):
+  """The experiment's settings: QUICK or FULL with the command line's changes."""
   settings = QUICK if args.quick else FULL
   if args.batch_sizes:
     settings = dataclasses.replace(
@@ -399,21 +399,12 @@ def main(argv):
     settings = dataclasses.replace(settings, train_epochs=args.train_epochs)
   if args.gamma:
     settings = dataclasses.replace(settings, gamma=args.gamma)
-  # run.py's progress lines (every minute) in absl's format, without app.run's set-up.
-  logging.use_absl_handler()
-  # extract_features builds a tf.function per call: expected retracing, not worth a warning.
-  tf.get_logger().setLevel('ERROR')
-  out_dir = args.out_dir or (tempfile.mkdtemp(prefix='small_batch_quick_') if args.quick else
-                             os.path.join(REPO, 'bench', 'results'))
-  work_dir = args.work_dir or (tempfile.mkdtemp(prefix='small_batch_runs_') if args.quick else
-                               os.path.join(REPO, 'runs', 'small_batch'))
-  os.makedirs(out_dir, exist_ok=True)
-  os.makedirs(work_dir, exist_ok=True)
-  if args.reuse_runs:
-    reused = reuse_runs(args.reuse_runs, work_dir, settings)
-    print(f'Reusing {reused} runs of {args.reuse_runs}', flush=True)
-  started = time.time()
-  load_before = os.getloadavg()
+  return settings
+
+
+def run_grid(args, settings, work_dir, started):
+  """The records of every (seed, batch size, method) run: trained here, or with --collect read
+  from work_dir."""
   builder = data_lib.get_builder('digits', args.data_dir)
   info = data_lib.describe(builder, 'train', 'test')
   views = fixed_views(builder, info, settings)
@@ -435,6 +426,11 @@ def main(argv):
               f"{record['linear_top_1']:.4f}, kNN top-1 {record['knn_top_1']:.4f} "
               f"({record['train_seconds']:.0f} s training, {record['seconds']:.0f} s in all)",
               flush=True)
+  return records
+
+
+def write_results(records, settings, args, out_dir, started, load_before):
+  """results.json, results.md and small_batch.png in out_dir; returns the results."""
   summary = summarize(records, settings)
   if args.collect:  # batch sizes no seed has finished for every method yet are left out
     summary = [row for row in summary if row['seeds']]
@@ -458,6 +454,28 @@ def main(argv):
   print(table)
   print(f'Wrote {out_dir}/results.json, results.md, small_batch.png in {results["seconds"]:.0f} s')
   return results
+
+
+def main(argv):
+  args = parse_args(argv)
+  settings = settings_of(args)
+  # run.py's progress lines (every minute) in absl's format, without app.run's set-up.
+  logging.use_absl_handler()
+  # Each run extracts features of a new model (its own trace): expected, not worth a warning.
+  tf.get_logger().setLevel('ERROR')
+  out_dir = args.out_dir or (tempfile.mkdtemp(prefix='small_batch_quick_') if args.quick else
+                             os.path.join(REPO, 'bench', 'results'))
+  work_dir = args.work_dir or (tempfile.mkdtemp(prefix='small_batch_runs_') if args.quick else
+                               os.path.join(REPO, 'runs', 'small_batch'))
+  os.makedirs(out_dir, exist_ok=True)
+  os.makedirs(work_dir, exist_ok=True)
+  if args.reuse_runs:
+    reused = reuse_runs(args.reuse_runs, work_dir, settings)
+    print(f'Reusing {reused} runs of {args.reuse_runs}', flush=True)
+  started = time.time()
+  load_before = os.getloadavg()
+  records = run_grid(args, settings, work_dir, started)
+  return write_results(records, settings, args, out_dir, started, load_before)
 
 
 if __name__ == '__main__':

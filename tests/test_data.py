@@ -325,6 +325,7 @@ def test_labels_are_checked_only_when_something_needs_them(tmp_path):
   assert labels.shape == (4, 3) and not labels.numpy().any() and len(set(ids.numpy())) == 4
 
 
+@pytest.mark.slow
 def test_an_id_shared_by_two_records_stops_training_naming_it_and_a_record(tmp_path, plain):
   ids = list(range(NUM_TRAIN))
   ids[20] = 7  # records 7 and 20 share id 7; id 20 is missing

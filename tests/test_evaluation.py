@@ -88,6 +88,7 @@ def final_features(digits, pretraining, tiny_model_config):
   return (*split_features(model, digits, 'train'), *split_features(model, digits, 'test'))
 
 
+@pytest.mark.slow
 def test_knn_monitor_equals_knn_on_the_checkpoint_features(pretraining, final_features):
   pretrained, results = pretraining.model_dir, pretraining.results
   train_x, train_y, test_x, test_y = final_features
@@ -100,6 +101,7 @@ def test_knn_monitor_equals_knn_on_the_checkpoint_features(pretraining, final_fe
   assert 'eval/knn_top_1' in summary_tags(pretrained)
 
 
+@pytest.mark.slow
 def test_the_probe_extracts_each_split_once_and_the_knn_monitor_agrees(pretraining, final_features):
   # The probe extracts the train split once and the eval split once (the kNN monitor streams
   # its own) ...
@@ -223,6 +225,7 @@ def test_streaming_knn_equals_numpy_knn_on_random_features(one_replica, two_repl
     assert knn(dataset(strategy, *train, 64), dataset(strategy, *test, 32)) == expected
 
 
+@pytest.mark.slow
 def test_evaluator_traces_once_for_the_whole_run_and_follows_the_weights(
     two_replicas, digits, data_dir, tiny_model_config):
   builder, info = digits

@@ -568,6 +568,7 @@ def monitored_run(tmp_path_factory, tiny, run_main):
                              '--eval_every_steps=2')
 
 
+@pytest.mark.slow
 def test_eval_every_steps_logs_head_and_knn_top_1_at_each_evaluation(monitored_run):
   model_dir, results = monitored_run
   monitor = results['monitor']
@@ -594,6 +595,7 @@ def test_eval_every_steps_logs_head_and_knn_top_1_at_each_evaluation(monitored_r
   assert scalars(model_dir, 'eval/label_top_1_accuracy')[0] == [2, 4, 4]
 
 
+@pytest.mark.slow
 def test_summaries_hold_the_u_table_the_augmented_views_and_the_hparams(monitored_run):
   from tensorboard.plugins.hparams import plugin_data_pb2  # noqa: PLC0415
 

@@ -660,6 +660,7 @@ def test_eval_of_a_missing_model_dir_is_an_error_and_creates_nothing(tiny, tmp_p
     ('--train_steps=-5', '--train_steps must be >= 0, got -5'),
     ('--momentum=1', '--momentum must be < 1, got 1.0'),
     ('--fine_tune_after_block=5', '--fine_tune_after_block must be in [-1, 4], got 5'),
+    ('--step_timeout_seconds=-1', '--step_timeout_seconds must be >= 0, got -1.0'),
 ])
 def test_numbers_that_cannot_be_right_are_one_line_errors(flag, message, run_cli, tiny,
                                                           tmp_path):

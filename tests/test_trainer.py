@@ -122,6 +122,7 @@ def test_host_call_detector_finds_a_py_function_inside_the_replicated_loop(two_r
   assert found == ['EagerPyFunc']
 
 
+@pytest.mark.slow
 def test_traced_train_loop_has_no_host_calls(two_replicas, tiny_model_config):
   # SogCLR's step computes SimCLR's similarities and logits plus the u table, and pretraining
   # traces the supervised head too: one trace covers the ops of every mode.
