@@ -262,7 +262,7 @@ HPARAMS_METRICS = {'eval/top_1': 'hparams/head_top_1', 'eval/knn_top_1': 'hparam
 def hparams_of(config):
   """{name: value} of the run-defining flags (and the length and learning rate), as TensorBoard's
   HParams plugin takes them: bool, int, float or str."""
-  record = dict(config.flags) | {'resolved_loss': _resolved_loss(config)}
+  record = recorded_values(config)
   names = (*RUN_DEFINING_FLAGS, 'learning_rate', 'weight_decay', 'train_epochs', 'train_steps')
   return {name: record[name] if isinstance(record[name], (bool, int, float, str))
           else str(record[name]) for name in names if name in record}
@@ -378,6 +378,31 @@ ISOGCLR_FLAGS = ('isogclr_rho', 'isogclr_eta', 'isogclr_beta', 'isogclr_tau_min'
                  'isogclr_tau_max')
 
 
+# Where each run-defining flag's value lives in the config (resolved_loss is derived).
+_DEFINING_FIELDS = {
+    **{name: ('objective', name) for name in (*GAMMA_FLAGS, *ISOGCLR_FLAGS, 'temperature',
+                                              'hidden_norm')},
+    'train_mode': (None, 'train_mode'),
+    'train_batch_size': ('loop', 'train_batch_size'), 'seed': ('loop', 'seed'),
+    **{name: ('data', name) for name in ('dataset', 'train_split', 'num_classes', 'image_size')},
+    **{name: ('model', name) for name in (
+        'resnet_depth', 'width_multiplier', 'sk_ratio', 'se_ratio', 'proj_head_mode',
+        'num_proj_layers', 'proj_out_dim', 'lineareval_while_pretraining', 'ft_proj_selector',
+        'fine_tune_after_block', 'supervised_head_bn')},
+    'optimizer': ('optimizer', 'name'),
+    'learning_rate_scaling': ('optimizer', 'learning_rate_scaling'),
+}
+
+
+def recorded_values(config):
+  """What flags.json records of a run: its flag values (config.flags) and, from the config
+  itself, every run-defining value and the resolved loss, so a Config built in a notebook
+  (no flags) is recorded and checked on resume like a command line's."""
+  values = {name: getattr(config if section is None else getattr(config, section), field)
+            for name, (section, field) in _DEFINING_FIELDS.items()}
+  return dict(config.flags) | values | {'resolved_loss': _resolved_loss(config)}
+
+
 def _resolved_loss(config):
   # The contrastive loss the aliases resolved to; fine-tuning trains cross-entropy only.
   return config.objective.loss if config.pretrain else 'cross_entropy'
@@ -395,7 +420,7 @@ def check_same_run(config, total_steps):
   # A run recorded before the gamma schedule and iSogCLR existed ran with their defaults.
   defaults = dataclasses.asdict(trainer_lib.ObjectiveConfig())
   recorded = {name: defaults[name] for name in GAMMA_FLAGS + ISOGCLR_FLAGS} | recorded
-  current = dict(config.flags) | {'resolved_loss': _resolved_loss(config)}
+  current = recorded_values(config)
   changed = {name: (recorded[name], value) for name, value in current.items()
              if name in recorded and recorded[name] != value}
   if current['resolved_loss'] not in GLOBAL_LOSSES:
@@ -423,7 +448,7 @@ def check_same_run(config, total_steps):
 
 def _record_flags(config, initial_step):
   """flags.json (the flags of this start) and one more line of flags_history.jsonl."""
-  record = dict(config.flags) | {'resolved_loss': _resolved_loss(config)}
+  record = recorded_values(config)
   checkpoints.append_flags_history(config.model_dir, {
       'started_utc': time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime()),
       'host': socket.gethostname(), 'pid': os.getpid(), 'from_step': initial_step,

@@ -1,5 +1,6 @@
 """experiment.run end to end on the demo data with tiny models: pretraining, resume, divergence,
 fine-tuning, evaluation jobs, and a run configured without flags (as from a notebook)."""
+import dataclasses
 import glob
 import json
 import os
@@ -17,7 +18,7 @@ import data as data_lib
 import evaluation
 import experiment
 import model as model_lib
-import run
+import settings
 import trainer as trainer_lib
 
 # Monitors of the pretraining run; a real weight decay makes the regularization loss visible.
@@ -27,7 +28,7 @@ MONITORS = ['--knn_monitor', '--knn_k=20', '--weight_decay=1e-3']
 @pytest.fixture(scope='module')
 def not_architecture(tiny):
   """The tiny run's flags without the architecture ones (a run reads those from flags.json)."""
-  return [f for f in tiny if f.split('=')[0].lstrip('-') not in run.ARCHITECTURE_FLAGS]
+  return [f for f in tiny if f.split('=')[0].lstrip('-') not in settings.ARCHITECTURE_FLAGS]
 
 
 @pytest.fixture(scope='module')
@@ -709,6 +710,26 @@ def test_resume_identity_covers_the_gamma_schedule_and_isogclr_flags(tmp_path):
                        (dict(loss='sogclr'), 'loss')):
     with pytest.raises(ValueError, match=f'--{flag}='):
       experiment.check_same_run(_config(model_dir, **(same | change)), 100)
+
+
+def test_a_notebook_run_is_recorded_and_its_identity_checked_on_resume(tmp_path):
+  # Finding: a Config built without flags recorded only its resolved loss, so a resume with
+  # another temperature or seed went unnoticed.
+  config = experiment.Config(model_dir=str(tmp_path / 'run'),
+                             objective=trainer_lib.ObjectiveConfig(temperature=0.2),
+                             loop=trainer_lib.LoopConfig(seed=3))
+  os.makedirs(config.model_dir)
+  experiment._record_flags(config, initial_step=0)
+  recorded = json.load(open(os.path.join(config.model_dir, 'flags.json')))
+  assert set(recorded) == set(experiment.RUN_DEFINING_FLAGS)
+  assert (recorded['temperature'], recorded['seed'], recorded['resolved_loss'],
+          recorded['resnet_depth'], recorded['optimizer']) == (0.2, 3, 'sogclr', 50, 'lars')
+  (tmp_path / 'run' / 'ckpt-5.index').write_bytes(b'')  # a checkpoint to resume
+  experiment.check_same_run(config, 100)
+  changed = dataclasses.replace(config, objective=trainer_lib.ObjectiveConfig(temperature=0.5),
+                                loop=trainer_lib.LoopConfig(seed=4))
+  with pytest.raises(ValueError, match=r'--temperature=0\.5 \(was 0\.2\), --seed=4 \(was 3\)'):
+    experiment.check_same_run(changed, 100)
 
 
 def test_a_run_recorded_before_the_gamma_schedule_ran_with_a_constant_gamma(tmp_path):

@@ -1,6 +1,7 @@
 """settings.py: the checks of the flag values and the config built from them."""
 import pytest
 
+import experiment
 import run
 import settings
 
@@ -51,3 +52,18 @@ def test_config_of_leaves_its_values_alone_and_records_them():
   assert config.objective.temperature == 0.2 and dict(config.flags) == values
   with pytest.raises(ValueError, match='^--temperature must be positive, got 0'):
     settings.config_of(default_values(temperature=0.0), given=set())
+
+
+def test_what_flags_json_records_of_a_command_line_config_is_its_flags():
+  # experiment.recorded_values reads the run-defining values from the config: for a config of
+  # flags they are the flags' own, so flags.json stays the flag values.
+  for changes in ({}, dict(temperature=0.2, optimizer='adam', width_multiplier=0.5, seed=7,
+                           train_split='train[:10%]', num_proj_layers=0, ft_proj_selector=-1,
+                           loss='simclr', train_mode='finetune', checkpoint='/tmp/c')):
+    values = default_values(**changes)
+    config = settings.build_config(values)
+    recorded = experiment.recorded_values(config)
+    assert recorded.pop('resolved_loss') == ('cross_entropy' if changes else 'sogclr')
+    assert recorded == values
+  assert set(experiment._DEFINING_FIELDS) | {'resolved_loss'} == set(
+      experiment.RUN_DEFINING_FLAGS)
