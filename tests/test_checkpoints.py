@@ -290,39 +290,62 @@ def test_list_checkpoints_prefers_the_state_file_then_the_highest_step(tmp_path)
   assert names() == ['ckpt-20']
 
 
-def test_run_lock_refuses_a_live_holder_and_takes_over_a_dead_one(tmp_path):
-  model_dir = str(tmp_path)
+def _lock_dir(where, tmp_path):
+  """A model_dir on this disk, or on TensorFlow's in-memory file system (ram://), a URL path
+  as gs:// is: no exclusive create, the lock's write-then-read-back path."""
+  if where == 'local':
+    return str(tmp_path)
+  model_dir = f'ram://{tmp_path.name}/run'
+  tf.io.gfile.makedirs(model_dir)
+  return model_dir
+
+
+def _read_json(path):
+  with tf.io.gfile.GFile(path) as f:
+    return json.loads(f.read())
+
+
+def _write_json(path, value):
+  with tf.io.gfile.GFile(path, 'w') as f:
+    f.write(json.dumps(value))
+
+
+@pytest.mark.parametrize('where', ['local', 'url'])
+def test_run_lock_refuses_a_live_holder_and_takes_over_a_dead_one(tmp_path, where):
+  model_dir = _lock_dir(where, tmp_path)
+  lock_file = os.path.join(model_dir, checkpoints.LOCK_FILE)
   with checkpoints.RunLock(model_dir):
-    record = json.load(open(os.path.join(model_dir, checkpoints.LOCK_FILE)))
+    record = _read_json(lock_file)
     assert record['pid'] == os.getpid()
     with pytest.raises(ValueError, match=rf'in use by another run \(host \S+, pid '
                                          rf'{os.getpid()}, since .* UTC; lock file'):
       checkpoints.RunLock(model_dir).acquire()
-  assert not os.path.exists(os.path.join(model_dir, checkpoints.LOCK_FILE))
+  assert not tf.io.gfile.exists(lock_file)
   # A holder on this host that no longer runs (an exited child), or a holder on another host
   # whose heartbeat stopped: stale, taken over.
   child = subprocess.run([sys.executable, '-c', 'import os; print(os.getpid())'],
                          capture_output=True, text=True, check=True)
   for holder in ({'host': socket.gethostname(), 'pid': int(child.stdout), 'since': 0},
                  {'host': 'elsewhere', 'pid': 1, 'since': 0, 'heartbeat': time.time() - 3600}):
-    with open(os.path.join(model_dir, checkpoints.LOCK_FILE), 'w') as f:
-      json.dump(holder, f)
+    _write_json(lock_file, holder)
     lock = checkpoints.RunLock(model_dir).acquire()
-    assert json.load(open(lock.path))['pid'] == os.getpid()
+    assert _read_json(lock.path)['pid'] == os.getpid()
     lock.release()
   # Another host's fresh heartbeat is a live run.
-  with open(os.path.join(model_dir, checkpoints.LOCK_FILE), 'w') as f:
-    json.dump({'host': 'elsewhere', 'pid': 1, 'since_utc': 'then', 'heartbeat': time.time()}, f)
+  _write_json(lock_file, {'host': 'elsewhere', 'pid': 1, 'since_utc': 'then',
+                          'heartbeat': time.time()})
   with pytest.raises(ValueError, match='host elsewhere, pid 1, since then'):
     checkpoints.RunLock(model_dir).acquire()
 
 
-def test_run_lock_heartbeat_refreshes_the_file(tmp_path):
-  lock = checkpoints.RunLock(str(tmp_path), heartbeat_seconds=0.05).acquire()
-  first = json.load(open(lock.path))['heartbeat']
+@pytest.mark.parametrize('where', ['local', 'url'])
+def test_run_lock_heartbeat_refreshes_the_file(tmp_path, where):
+  lock = checkpoints.RunLock(_lock_dir(where, tmp_path), heartbeat_seconds=0.05).acquire()
+  first = _read_json(lock.path)['heartbeat']
   time.sleep(0.5)
-  assert json.load(open(lock.path))['heartbeat'] > first
+  assert _read_json(lock.path)['heartbeat'] > first
   lock.release()
+  assert not tf.io.gfile.exists(lock.path)
 
 
 def test_discard_removes_a_checkpoint_and_points_the_state_file_at_the_previous(tmp_path):
