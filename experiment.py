@@ -76,7 +76,7 @@ def check_batch_size(global_batch_size, num_replicas, num_examples, split):
 
 def run(config):
   """Runs the job `config` describes; returns its results dict."""
-  lock = None
+  lock = setup = None
   try:
     setup = prepare(config)
     if config.mode != 'eval' and setup.chief:
@@ -93,6 +93,10 @@ def run(config):
   finally:
     if lock is not None:
       lock.release()
+    # A non-chief worker's own save directory, also when the job stopped early (preempted, a
+    # dead peer): only the chief's checkpoints are resumed from.
+    if setup is not None and not setup.chief and tf.io.gfile.exists(setup.write_dir):
+      tf.io.gfile.rmtree(setup.write_dir)
     # The compute policy is process-global: a caller (a notebook, the tests) gets float32 back.
     tf.keras.mixed_precision.set_global_policy('float32')
 

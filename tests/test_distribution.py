@@ -358,6 +358,39 @@ def test_workers_of_unequal_speed_agree_on_every_call_and_finish(tmp_path, worke
 
 
 @pytest.mark.slow
+def test_sigterm_to_one_worker_stops_every_worker_at_one_step_with_a_checkpoint(tmp_path,
+                                                                               workers):
+  # A preemption notice reaches one VM of the job: worker 1, not the chief, which saves.
+  model_dir = str(tmp_path / 'run')
+  processes = workers(model_dir, str(tmp_path), '--train_steps=400', '--checkpoint_steps=20',
+                      '--probe_max_examples=0', '--keep_hub_module_max=0')
+  (chief, _), (worker, _) = processes
+  try:
+    deadline = time.time() + 600
+    while tf.train.latest_checkpoint(model_dir) is None:
+      assert chief.poll() is None and worker.poll() is None, 'a worker ended before ckpt-20'
+      assert time.time() < deadline, 'no checkpoint in time'
+      time.sleep(0.02)
+    worker.send_signal(signal.SIGTERM)
+    chief.wait(timeout=300)
+    worker.wait(timeout=300)
+  finally:
+    for process, log in processes:
+      process.kill()
+      log.close()
+  outputs = [open(log.name).read() for _, log in processes]
+  stopped = []
+  for process, output in zip((chief, worker), outputs):
+    assert process.returncode == 128 + signal.SIGTERM, output[-3000:]
+    match = re.search(r'^preempted: Stopped at step (\d+)/400 on request', output, re.M)
+    assert match, output[-3000:]
+    stopped.append(int(match.group(1)))
+  assert stopped[0] == stopped[1] and 20 < stopped[0] < 400  # the same step on both
+  assert tf.train.latest_checkpoint(model_dir).endswith(f'ckpt-{stopped[0]}')
+  assert not glob.glob(os.path.join(model_dir, '.worker_*'))
+
+
+@pytest.mark.slow
 def test_a_worker_stalled_while_alive_ends_the_job_with_one_line_within_the_step_timeout(
     tmp_path, workers):
   # Worker 1 is stopped but for 5 ms every 2 s: its heartbeats go on (the coordination service

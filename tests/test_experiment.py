@@ -506,8 +506,11 @@ def test_a_run_configured_without_flags_trains_evaluates_and_restores(repo, tmp_
   assert report['num_variables'] > 100 and all(report['equal_to_checkpoint'])
   assert report['changed_by_restore'] > report['num_variables'] // 2
   assert report['export_difference'] < 1e-5
-  # The run's flags.json records no flag: the config came from no command line.
-  assert json.load(open(os.path.join(model_dir, 'flags.json'))) == {'resolved_loss': 'sogclr'}
+  # No command line, yet flags.json records what defines the run, from the config itself.
+  recorded = json.load(open(os.path.join(model_dir, 'flags.json')))
+  assert set(recorded) == set(experiment.RUN_DEFINING_FLAGS)
+  assert (recorded['resolved_loss'], recorded['dataset'], recorded['image_size'],
+          recorded['resnet_depth']) == ('sogclr', 'digits', 16, 18)
 
 
 @pytest.mark.slow
