@@ -1,8 +1,8 @@
 """One experiment from one frozen `Config`: builds the strategy, data, model, optimizer and loss,
 then trains (evaluating at the end) or evaluates a run's checkpoints as they appear.
 
-`run.py` turns flags into a Config; a notebook can build one directly (every field has the
-flag's default) and call `run(config)`.
+`settings.config_of` turns flag values into a Config; a notebook can build one directly (every
+field has the flag's default) and call `run(config)`.
 """
 import contextlib
 import dataclasses

@@ -1,7 +1,8 @@
 """Training: the per-replica train step, the many-steps-per-call loop and the outer loop that
 checkpoints, writes summaries, stops on request and reports progress through a callback.
 
-`Trainer` owns what runs on the devices; `train` the bookkeeping between calls. Both take plain
+`Trainer` owns what runs on the devices; `train` the bookkeeping between calls (and, in
+multi-worker runs, a `CallWatchdog` ends a call that a stalled peer blocks). Both take plain
 objects (a strategy, a model, an optimizer, a CheckpointManager), so a test or a notebook can
 drive them without flags.
 """
