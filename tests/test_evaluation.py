@@ -283,9 +283,13 @@ def test_evaluator_traces_once_for_the_whole_run_and_follows_the_weights(
     assert results[-1]['global_step'] == step
     assert results[-1]['eval/num_examples'] == 360
     assert results[-1]['eval/top_1'] == pytest.approx(np.mean(logits.argmax(1) == test_y))
-    assert results[-1]['eval/knn_top_1'] == probe.knn_accuracy(
+    # Within one image of the float64 reference: these random-scaled weights give near-tied
+    # 20th neighbours, which the replicas' float32 similarities may order differently (seen
+    # once in a full run: 0.5028 against 0.5000); test_knn_monitor_equals_knn_on_the_checkpoint_
+    # features pins exact equality on trained features.
+    assert results[-1]['eval/knn_top_1'] == pytest.approx(probe.knn_accuracy(
         *evaluator.features(step, 'train'), *evaluator.features(step, 'test'), k=20,
-        temperature=0.1)
+        temperature=0.1), abs=1.5 / 360)
     kernels = [v.numpy().astype(np.float64) for v in model.trainable_variables
                if v.name not in ('gamma', 'beta', 'bias')]
     assert results[-1]['eval/regularization_loss'] == pytest.approx(
