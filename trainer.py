@@ -434,15 +434,14 @@ class CallWatchdog:
     self.on_timeout = on_timeout or _exit_now
 
   @contextlib.contextmanager
-  def watching(self, first_step, num_steps):
-    """Steps first_step .. first_step + num_steps - 1 run inside this block."""
+  def watching(self, what):
+    """`what` (e.g. 'train steps 11-13') runs inside this block."""
     if not self.timeout_seconds:
       yield
       return
-    line = (f'no train step of steps {first_step}-{first_step + num_steps - 1} finished within '
-            f'--step_timeout_seconds={self.timeout_seconds:g}: a worker of this job is hung or '
-            'far slower than the others; restart every worker with the same command (each '
-            'resumes from the newest checkpoint)')
+    line = (f'{what} did not finish within --step_timeout_seconds={self.timeout_seconds:g}: a '
+            'worker of this job is hung or far slower than the others; restart every worker '
+            'with the same command (each resumes from the newest checkpoint)')
     timer = threading.Timer(self.timeout_seconds, self.on_timeout, (line,))
     timer.daemon = True
     timer.start()
@@ -474,9 +473,9 @@ def train(trainer, iterator, *, total_steps, checkpoint_every, checkpoint_manage
   (write_u_summaries: the histogram at the first call and at each checkpoint). A summary that
   cannot be written (a full disk) saves a checkpoint of the step reached, then raises OSError.
   With eval_every > 0, calls stop at its multiples, where (after any checkpoint) `on_eval(step,
-  training_seconds_so_far)` runs, and at the last step. Every call but the first (it traces) runs
-  under `watchdog` (a CallWatchdog), if given. Returns the seconds spent training, the time in
-  on_eval excluded.
+  training_seconds_so_far)` runs, and at the last step. Every call but the first (it traces) and
+  the workers' agreement after it run under `watchdog` (a CallWatchdog), if given. Returns the
+  seconds spent training, the time in on_eval excluded.
   """
   step = start_step = int(trainer.optimizer.iterations.numpy())
   saved_step = None  # the step of this loop's last save
@@ -487,8 +486,9 @@ def train(trainer, iterator, *, total_steps, checkpoint_every, checkpoint_manage
     num_steps, next_checkpoint = call_steps(step, sizer.steps, total_steps, checkpoint_every,
                                             eval_every if on_eval is not None else 0)
     started = time.time()
-    with (watchdog.watching(step + 1, num_steps) if watchdog is not None and step > start_step
-          else contextlib.nullcontext()):
+    # The first call traces (and compiles): its length says nothing about the other workers.
+    watched = watchdog is not None and step > start_step
+    with _watching(watched and watchdog, f'train steps {step + 1}-{step + num_steps}'):
       means, first_loss = trainer.run_steps(iterator, num_steps)
     metrics = {k: float(v) for k, v in means.items()}
     elapsed = time.time() - started
@@ -502,7 +502,8 @@ def train(trainer, iterator, *, total_steps, checkpoint_every, checkpoint_manage
     # The first call includes tracing.
     sizer.update(elapsed, num_steps, includes_tracing=first_call and sizer.steps == 1)
     # Each worker sizes calls by its own clock: all run the smallest size any proposes.
-    sizer.steps, preempted = trainer.agree(sizer.steps, _is_set(stop_requested))
+    with _watching(watched and watchdog, f"the workers' agreement after step {step}"):
+      sizer.steps, preempted = trainer.agree(sizer.steps, _is_set(stop_requested))
     saving = step == next_checkpoint or step == total_steps or preempted
     metrics = _call_metrics(trainer, metrics, learning_rate_fn, step)
     try:
@@ -523,6 +524,10 @@ def train(trainer, iterator, *, total_steps, checkpoint_every, checkpoint_manage
       eval_seconds += time.time() - eval_started
   _flush(summary_writer)
   return time.time() - train_started - eval_seconds
+
+
+def _watching(watchdog, what):
+  return watchdog.watching(what) if watchdog else contextlib.nullcontext()
 
 
 def _is_set(stop_requested):

@@ -388,16 +388,16 @@ def test_a_summary_that_cannot_be_written_saves_the_step_reached_then_stops(
 def test_call_watchdog_fires_once_for_a_call_that_outlasts_its_timeout_and_never_otherwise():
   fired = []
   watchdog = trainer_lib.CallWatchdog(0.2, on_timeout=fired.append)
-  with watchdog.watching(5, 3):
+  with watchdog.watching('train steps 5-7'):
     pass  # a call that ends in time: its timer is cancelled
   time.sleep(0.4)
   assert fired == []
-  with watchdog.watching(8, 4):
+  with watchdog.watching('train steps 8-11'):
     time.sleep(0.6)  # a hung call (the main thread blocked inside TensorFlow)
-  assert fired == ['no train step of steps 8-11 finished within --step_timeout_seconds=0.2: a '
+  assert fired == ['train steps 8-11 did not finish within --step_timeout_seconds=0.2: a '
                    'worker of this job is hung or far slower than the others; restart every '
                    'worker with the same command (each resumes from the newest checkpoint)']
-  with trainer_lib.CallWatchdog(0, on_timeout=fired.append).watching(1, 1):
+  with trainer_lib.CallWatchdog(0, on_timeout=fired.append).watching('train steps 1-1'):
     time.sleep(0.1)  # 0: never
   assert len(fired) == 1
 
@@ -407,12 +407,13 @@ class RecordingWatchdog(trainer_lib.CallWatchdog):
     super().__init__(600)
     self.watched = []
 
-  def watching(self, first_step, num_steps):
-    self.watched.append((first_step, num_steps))
-    return super().watching(first_step, num_steps)
+  def watching(self, what):
+    self.watched.append(what)
+    return super().watching(what)
 
 
-def test_train_watches_every_call_but_the_first_which_traces(tmp_path, tiny_training):
+def test_train_watches_every_call_and_agreement_but_the_first_which_traces(tmp_path,
+                                                                          tiny_training):
   trainer, iterator, _ = tiny_training(uniform_images(80))
   watchdog = RecordingWatchdog()
   progress = []
@@ -421,8 +422,10 @@ def test_train_watches_every_call_but_the_first_which_traces(tmp_path, tiny_trai
                     on_progress=progress.append, watchdog=watchdog)
   steps = [p.step for p in progress]
   assert steps[0] == 1 and len(steps) > 2
-  assert watchdog.watched == [(previous + 1, step - previous)
-                              for previous, step in zip(steps, steps[1:])]
+  expected = []
+  for previous, step in zip(steps, steps[1:]):
+    expected += [f'train steps {previous + 1}-{step}', f"the workers' agreement after step {step}"]
+  assert watchdog.watched == expected
 
 
 def test_non_finite_loss_names_the_step_range_and_writes_no_checkpoint_for_it(
