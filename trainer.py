@@ -487,8 +487,8 @@ def train(trainer, iterator, *, total_steps, checkpoint_every, checkpoint_manage
                                             eval_every if on_eval is not None else 0)
     started = time.time()
     # The first call traces (and compiles): its length says nothing about the other workers.
-    watched = watchdog is not None and step > start_step
-    with _watching(watched and watchdog, f'train steps {step + 1}-{step + num_steps}'):
+    guard = watchdog if step > start_step else None
+    with _watching(guard, f'train steps {step + 1}-{step + num_steps}'):
       means, first_loss = trainer.run_steps(iterator, num_steps)
     metrics = {k: float(v) for k, v in means.items()}
     elapsed = time.time() - started
@@ -502,7 +502,7 @@ def train(trainer, iterator, *, total_steps, checkpoint_every, checkpoint_manage
     # The first call includes tracing.
     sizer.update(elapsed, num_steps, includes_tracing=first_call and sizer.steps == 1)
     # Each worker sizes calls by its own clock: all run the smallest size any proposes.
-    with _watching(watched and watchdog, f"the workers' agreement after step {step}"):
+    with _watching(guard, f"the workers' agreement after step {step}"):
       sizer.steps, preempted = trainer.agree(sizer.steps, _is_set(stop_requested))
     saving = step == next_checkpoint or step == total_steps or preempted
     metrics = _call_metrics(trainer, metrics, learning_rate_fn, step)
@@ -527,7 +527,7 @@ def train(trainer, iterator, *, total_steps, checkpoint_every, checkpoint_manage
 
 
 def _watching(watchdog, what):
-  return watchdog.watching(what) if watchdog else contextlib.nullcontext()
+  return contextlib.nullcontext() if watchdog is None else watchdog.watching(what)
 
 
 def _is_set(stop_requested):

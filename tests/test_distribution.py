@@ -213,6 +213,16 @@ def finish(processes, timeout=900):
   return outputs
 
 
+def wait_for_a_checkpoint(model_dir, *processes, timeout=600):
+  """Returns once model_dir's checkpoint state file names a checkpoint (it is written after the
+  checkpoint itself: that checkpoint is complete); every process must still run."""
+  deadline = time.time() + timeout
+  while tf.train.latest_checkpoint(model_dir) is None:
+    assert all(p.poll() is None for p in processes), 'a worker ended before the checkpoint'
+    assert time.time() < deadline, 'no checkpoint in time'
+    time.sleep(0.02)
+
+
 # One command for the uninterrupted run and the killed-and-restarted one; --deterministic makes
 # them comparable bit for bit.
 COMMAND = ('--train_steps=6', '--checkpoint_steps=2', '--deterministic')
@@ -283,13 +293,7 @@ def test_job_restarted_after_a_worker_is_killed_resumes_every_worker_with_the_sa
   (chief, chief_log), (worker, worker_log) = workers(model_dir, str(tmp_path / 'killed'),
                                                      *COMMAND)
   try:
-    # The checkpoint state file is written after the checkpoint itself: once it names one,
-    # that checkpoint is complete.
-    deadline = time.time() + 600
-    while tf.train.latest_checkpoint(model_dir) is None:
-      assert chief.poll() is None and worker.poll() is None, 'a worker ended before ckpt-2'
-      assert time.time() < deadline, 'no checkpoint in time'
-      time.sleep(0.02)
+    wait_for_a_checkpoint(model_dir, chief, worker)
     worker.send_signal(signal.SIGKILL)
     # The coordination service misses the dead worker's heartbeats and aborts the chief's
     # collectives: the chief ends by itself, with one line saying what to do.
@@ -366,11 +370,7 @@ def test_sigterm_to_one_worker_stops_every_worker_at_one_step_with_a_checkpoint(
                       '--probe_max_examples=0', '--keep_hub_module_max=0')
   (chief, _), (worker, _) = processes
   try:
-    deadline = time.time() + 600
-    while tf.train.latest_checkpoint(model_dir) is None:
-      assert chief.poll() is None and worker.poll() is None, 'a worker ended before ckpt-20'
-      assert time.time() < deadline, 'no checkpoint in time'
-      time.sleep(0.02)
+    wait_for_a_checkpoint(model_dir, chief, worker)
     worker.send_signal(signal.SIGTERM)
     chief.wait(timeout=300)
     worker.wait(timeout=300)
@@ -403,11 +403,7 @@ def test_a_worker_stalled_while_alive_ends_the_job_with_one_line_within_the_step
                       '--step_timeout_seconds=8')
   (chief, _), (worker, _) = processes
   try:
-    deadline = time.time() + 600
-    while tf.train.latest_checkpoint(model_dir) is None:
-      assert chief.poll() is None and worker.poll() is None, 'a worker ended before ckpt-10'
-      assert time.time() < deadline, 'no checkpoint in time'
-      time.sleep(0.02)
+    wait_for_a_checkpoint(model_dir, chief, worker)
     stalled = time.time()
     while chief.poll() is None and time.time() < stalled + 120:
       worker.send_signal(signal.SIGSTOP)
