@@ -22,6 +22,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 import data_util
+import fashion_mnist
 import imagenet  # noqa: F401  (registers the imagenet1k_ids and imagenet_s builders)
 
 DEMO_DATASET = 'digits'
@@ -96,6 +97,7 @@ class DataConfig:
   eval_split: str = 'validation'
   num_classes: int = 0           # 0: read from the dataset
   label_offset: int = 0          # subtracted from the records' labels (1: labels 1..K)
+  fashion_mnist_dir: str | None = None  # idx files of fashion_mnist (None: Debian's folder)
   image_size: int = 224
   shuffle_buffer: int = 50_000
   cache_dataset: bool = False
@@ -118,6 +120,7 @@ class DatasetInfo:
   id_key: str     # '' when ids are derived from TFDS's record ids (tfds_id)
   num_ids: int = 0  # size of the per-image tables (SogCLR's u): ids lie in [0, num_ids)
   label_offset: int = 0  # subtracted from every record's label (1: labels 1..K become 0..K-1)
+  grey: bool = False  # the images are stored with one channel (decoded to R = G = B)
 
   def __post_init__(self):
     if not self.num_ids:
@@ -137,6 +140,7 @@ class InputConfig:
   crop_area_min: float = 0.08
   random_flip: bool = True       # horizontal flips in training
   use_blur: bool = True
+  grey: bool = False           # grey images: color distortion is brightness and contrast only
   cache_dataset: bool = False
   seed: int = 0
   deterministic: bool = False
@@ -155,7 +159,8 @@ class InputConfig:
       return None
     return data_util.PixelAugment(
         height=self.image_size, color_jitter_strength=self.color_jitter_strength,
-        flip=self.random_flip, color_distort=self.color_distort, blur=self.use_blur)
+        flip=self.random_flip, color_distort=self.color_distort, blur=self.use_blur,
+        grey=self.grey)
 
 
 def _parse_name(name):
@@ -220,12 +225,14 @@ def find_prepared_dir(name, data_dir):
   return versions[max(versions, key=_version_key)]
 
 
-def get_builder(name, data_dir):
+def get_builder(name, data_dir, fashion_mnist_dir=None):
   """The builder of dataset `name` ('name[/config][:version]') prepared under `data_dir`.
 
   A prepared directory is read from its own metadata, without the code that wrote it (so the
   official SogCLR `imagenet2012` with `image/ID`, imagenet.py's builders and image folders all
-  read the same way). The demo dataset is prepared on first use.
+  read the same way). The demo dataset is prepared on first use, and so is `fashion_mnist`
+  (from the idx files in `fashion_mnist_dir`, default Debian's folder) when no version of it
+  is prepared under `data_dir`.
   """
   data_dir = data_dir or tfds.core.constants.DATA_DIR
   if tf.io.gfile.exists(data_dir) and not tf.io.gfile.isdir(data_dir):
@@ -240,6 +247,11 @@ def get_builder(name, data_dir):
     builder.download_and_prepare()
     return builder
   prepared = find_prepared_dir(name, data_dir)
+  if prepared is None and name == fashion_mnist.NAME:
+    logging.info('Preparing %s in %s from the idx files in %s (once; about a minute).', name,
+                 data_dir, fashion_mnist_dir or fashion_mnist.DEFAULT_SOURCE_DIR)
+    fashion_mnist.prepare(data_dir, fashion_mnist_dir)
+    prepared = find_prepared_dir(name, data_dir)
   if prepared is not None:
     logging.info('Reading dataset %r from %s', name, prepared)
     return tfds.builder_from_directory(prepared)
@@ -340,8 +352,10 @@ def describe(builder, train_split, eval_split, num_classes=0, label_offset=0):
     logging.info('Dataset %r: --train_split=%r holds %d of the %d images of %r; the per-image '
                  'tables are indexed by the ids of all %d.', name, train_split,
                  splits[train_split].num_examples, num_ids, train_base, num_ids)
+  shape = getattr(features[image_key], 'shape', None)
   return DatasetInfo(
       name=name,
+      grey=bool(shape) and shape[-1] == 1,
       num_train_examples=splits[train_split].num_examples,
       num_eval_examples=splits[eval_split].num_examples,
       num_classes=num_classes,
@@ -557,7 +571,7 @@ class _RecordStages:
       views = tuple(
           data_util.preprocess_for_train(
               image, seeds[v], config.image_size, config.image_size,
-              color_distort=config.color_distort,
+              color_distort=config.color_distort, grey=config.grey,
               color_jitter_strength=config.color_jitter_strength,
               crop_area_min=config.crop_area_min, flip=config.random_flip,
               blur=config.use_blur)

@@ -36,14 +36,16 @@ def _random_brightness(image, seed, max_delta):
   return image * factor
 
 
-def color_jitter(image, seed, strength, random_order=True):
+def color_jitter(image, seed, strength, random_order=True, grey=False):
   """Distorts brightness, contrast and saturation (by 0.8 * strength) and hue (by 0.2 * strength).
 
   Each of the four ops is followed by a clip to [0, 1]; with random_order they run in a random
-  permutation. `strength` is a Python float; ops with zero strength are skipped.
+  permutation. `strength` is a Python float; ops with zero strength are skipped, and so are
+  saturation and hue on `grey` images (R = G = B), where they change nothing.
   """
-  brightness = contrast = saturation = 0.8 * strength
-  hue = 0.2 * strength
+  brightness = contrast = 0.8 * strength
+  saturation = 0.0 if grey else 0.8 * strength
+  hue = 0.0 if grey else 0.2 * strength
   order_seed, brightness_seed, contrast_seed, saturation_seed, hue_seed = _split(seed, 5)
   # Each op keeps its own seed wherever it lands in the order, so its parameter depends only on
   # `seed`, not on the permutation.
@@ -67,11 +69,17 @@ def color_jitter(image, seed, strength, random_order=True):
   return image
 
 
-def _random_color_distortion(image, seed, strength):
-  """SimCLR v2 color distortion: color_jitter with p=0.8, then grayscale with p=0.2."""
+def _random_color_distortion(image, seed, strength, grey=False):
+  """SimCLR v2 color distortion: color_jitter with p=0.8, then grayscale with p=0.2.
+
+  On `grey` images it is brightness and contrast jitter with p=0.8, drawn as for colour images:
+  saturation, hue and the grayscale conversion leave a grey image as it is, so they are skipped.
+  """
   jitter_coin_seed, jitter_seed, gray_coin_seed = _split(seed, 3)
-  image = _random_apply(lambda x: color_jitter(x, jitter_seed, strength), 0.8, image,
+  image = _random_apply(lambda x: color_jitter(x, jitter_seed, strength, grey=grey), 0.8, image,
                         jitter_coin_seed)
+  if grey:
+    return image
   return _random_apply(to_grayscale, 0.2, image, gray_coin_seed)
 
 
@@ -177,11 +185,13 @@ def resized_crop(image, seed, height, width, *, crop_area_min=0.08):
 
 
 def preprocess_for_train(image, seed, height, width, *, color_jitter_strength=1.0,
-                         crop_area_min=0.08, flip=True, color_distort=True, blur=False):
+                         crop_area_min=0.08, flip=True, color_distort=True, blur=False,
+                         grey=False):
   """Returns one SimCLR training view of image: [height, width, 3] float32 in [0, 1].
 
   image: [H, W, 3] uint8 or float in [0, 1]. seed: int32/int64 [2]; each augmentation draws from
-  its own sub-seed, so switching one off leaves the others' randomness unchanged.
+  its own sub-seed, so switching one off leaves the others' randomness unchanged. grey: the
+  image is grey (R = G = B): the color distortion reduces to brightness and contrast.
   """
   crop_seed, flip_seed, color_seed, blur_seed = _split(seed, 4)
   image = _random_crop_and_resize(image, crop_seed, height, width, crop_area_min)
@@ -191,7 +201,7 @@ def preprocess_for_train(image, seed, height, width, *, color_jitter_strength=1.
   if flip:
     image = tf.image.stateless_random_flip_left_right(image, flip_seed)
   if color_distort:
-    image = _random_color_distortion(image, color_seed, color_jitter_strength)
+    image = _random_color_distortion(image, color_seed, color_jitter_strength, grey)
   if blur:
     image = random_blur(image, blur_seed, height)
   return tf.clip_by_value(image, 0.0, 1.0)
@@ -213,6 +223,7 @@ class PixelAugment:
   flip: bool = True
   color_distort: bool = True
   blur: bool = True
+  grey: bool = False  # R = G = B: color distortion is brightness and contrast only
 
 
 def pixel_params(seed, augment):
@@ -264,10 +275,11 @@ def _adjust_hsv(images, saturation=None, hue=None):
   return tf.image.hsv_to_rgb(tf.stack([h, s, v], axis=-1))
 
 
-def _color_jitter_batch(images, params, strength):
+def _color_jitter_batch(images, params, strength, grey=False):
   """color_jitter of every image [B, H, W, 3] with its own parameters and order."""
-  brightness = contrast = saturation = 0.8 * strength
-  hue = 0.2 * strength
+  brightness = contrast = 0.8 * strength
+  saturation = 0.0 if grey else 0.8 * strength
+  hue = 0.0 if grey else 0.2 * strength
   p = dict(zip(PARAM_NAMES, tf.unstack(params, axis=1)))
   for i in range(4):
     # Every image takes the transform (0-3: brightness, contrast, saturation, hue) its own
@@ -325,10 +337,11 @@ def distort_batch(images, params, augment):
   if augment.flip:
     images = tf.where(_per_image(p['flip']) > 0.5, tf.reverse(images, [2]), images)
   if augment.color_distort:
-    jittered = _color_jitter_batch(images, params, augment.color_jitter_strength)
+    jittered = _color_jitter_batch(images, params, augment.color_jitter_strength, augment.grey)
     images = tf.where(_per_image(p['jitter']) > 0.5, jittered, images)
-    gray = tf.tile(tf.image.rgb_to_grayscale(images), [1, 1, 1, 3])
-    images = tf.where(_per_image(p['grayscale']) > 0.5, gray, images)
+    if not augment.grey:
+      gray = tf.tile(tf.image.rgb_to_grayscale(images), [1, 1, 1, 3])
+      images = tf.where(_per_image(p['grayscale']) > 0.5, gray, images)
   if augment.blur and augment.height >= 32:
     blurred = _gaussian_blur_batch(images, augment.height // 10, p['sigma'])
     images = tf.where(_per_image(p['blur']) > 0.5, blurred, images)

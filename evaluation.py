@@ -23,7 +23,7 @@ class EvalConfig:
   eval_steps: int = 0  # 0 = the whole eval split
   eval_name: str | None = None  # names the evaluation in its results and summary folder
   eval_timeout_seconds: int = 3600
-  probe_max_examples: int = 20_000
+  probe_max_examples: int = 100_000
   probe_baselines: bool = True
   knn_monitor: bool = False
   knn_k: int = 200
@@ -246,6 +246,7 @@ class Evaluator:
         strategy, lambda views: model(views[0], training=False)['features'], k=config.knn_k,
         temperature=config.knn_temperature, num_classes=info.num_classes)
     self._features = {}  # {(step, split): (features, labels)} of the current step only
+    self._evaluated = {}  # {step: results} of the latest step evaluated
 
   def dataset(self, split):
     """A non-repeating eval_dataset of `split` (no augmentation, static padded batches)."""
@@ -269,6 +270,15 @@ class Evaluator:
     Returns {'global_step', 'eval/regularization_loss', 'eval/top_1', ..., 'eval/knn_top_1'}.
     """
     config = self.config
+    knn = config.knn_monitor if knn is None else knn
+    evaluated = self._evaluated.get(step)
+    if evaluated is not None and (not knn or 'eval/knn_top_1' in evaluated):
+      # A step evaluated while training (the last --eval_every_epochs one) is not evaluated
+      # again: the weights are the same. Its summaries are written.
+      if log:
+        logging.info('Eval at step %d on %s: as evaluated while training.', step,
+                     self.data.eval_split)
+      return dict(evaluated)
     # The quantity the train step logs as train/weight_decay.
     results = {'eval_name': config.eval_name} if config.eval_name else {}
     results |= {'global_step': step, 'eval/regularization_loss': float(
@@ -279,12 +289,13 @@ class Evaluator:
       results.update({f'eval/{k}': v for k, v in metrics.items()})
       parts.append(f"{metrics['num_examples']} images: top-1 {metrics['top_1']:.4f}, "
                    f"top-5 {metrics['top_5']:.4f}")
-    if config.knn_monitor if knn is None else knn:
+    if knn:
       results.update(self.knn())
       parts.append(f"kNN top-1 {results['eval/knn_top_1']:.4f} (k={config.knn_k})")
     if log:
       logging.info('Eval at step %d on %s: %s', step, self.data.eval_split, '; '.join(parts))
     self._write_summaries(step, results)
+    self._evaluated = {step: dict(results)}
     return results
 
   def _write_summaries(self, step, results):
@@ -310,7 +321,12 @@ class Evaluator:
     """A logistic-regression probe on frozen trunk features, beside raw-pixel and
     random-network baselines, when the train split is small enough."""
     config, info = self.config, self.info
-    if not 0 < info.num_train_examples <= config.probe_max_examples:
+    if not config.probe_max_examples:
+      return {}
+    if info.num_train_examples > config.probe_max_examples:
+      logging.warning('Linear probe skipped: --train_split=%s has %d images, more than '
+                      '--probe_max_examples=%d (the probe uses the whole split or none).',
+                      self.data.train_split, info.num_train_examples, config.probe_max_examples)
       return {}
     train_x, train_y = self.features(step, self.data.train_split)
     test_x, test_y = self.features(step, self.data.eval_split)

@@ -109,7 +109,8 @@ def prepare(config):
   strategy = distribution_lib.build_strategy(config.distribution)
   if config.mode == 'eval' and config.checkpoint:
     checkpoints.resolve_evaluated(config.checkpoint)  # names a missing one before the data
-  builder = data_lib.get_builder(config.data.dataset, config.data.data_dir)
+  builder = data_lib.get_builder(config.data.dataset, config.data.data_dir,
+                                  config.data.fashion_mnist_dir)
   with _naming_the_data(config):  # describe may scan the ids of the training split
     info = data_lib.describe(builder, config.data.train_split, config.data.eval_split,
                              config.data.num_classes, config.data.label_offset)
@@ -228,7 +229,8 @@ def train_and_evaluate(config, setup, model):
       strategy, model, optimizer, loss=objective.loss, temperature=objective.temperature,
       hidden_norm=objective.hidden_norm, weight_decay=config.optimizer.weight_decay,
       optimizer_name=config.optimizer.name, sogclr=sogclr, jit_compile=setup.jit_compile,
-      pixel_augment=train_input_config(config, initial_step, setup.augment_on).pixel_augment())
+      pixel_augment=train_input_config(config, initial_step, setup.augment_on,
+                                       setup.info.grey).pixel_augment())
   results = {}
   evaluator = _evaluator(config, setup, model, summary_writer)
   if initial_step < setup.total_steps:
@@ -322,7 +324,8 @@ def _train(config, setup, trainer, manager, summary_writer, learning_rate, on_ev
     write_view_pairs(config, setup, summary_writer, initial_step)
   dataset = data_lib.build_distributed_dataset(
       setup.strategy, setup.builder, setup.info,
-      train_input_config(config, initial_step, setup.augment_on), setup.info.num_classes)
+      train_input_config(config, initial_step, setup.augment_on, setup.info.grey),
+      setup.info.num_classes)
   logging.info('Training %s from step %d to %d (%d steps/epoch, warm-up %d steps).',
                config.train_mode, initial_step, setup.total_steps, setup.steps_per_epoch,
                setup.warmup_steps)
@@ -354,7 +357,7 @@ def write_view_pairs(config, setup, summary_writer, step, num_images=VIEW_PAIRS)
   the training data and every later random draw unchanged.
   """
   # No shuffle buffer to fill, no cache filled only in part: a few records read, no more.
-  input_config = dataclasses.replace(train_input_config(config, step),
+  input_config = dataclasses.replace(train_input_config(config, step, grey=setup.info.grey),
                                      global_batch_size=num_images, shuffle_buffer=1,
                                      cache_dataset=False)
   dataset = data_lib.build_input_fn(setup.builder, setup.info, input_config,
@@ -473,9 +476,9 @@ def _naming_the_data(config):
         'prepare the dataset again (README "Datasets")') from None
 
 
-def train_input_config(config, initial_step, augment_on='host'):
+def train_input_config(config, initial_step, augment_on='host', grey=False):
   """The training pipeline's InputConfig, resuming at `initial_step`; augment_on: 'host' or
-  'device' (where flips, color distortion and blur run)."""
+  'device' (where flips, color distortion and blur run); grey: the dataset's images are grey."""
   data, loop = config.data, config.loop
   return data_lib.InputConfig(
       split=data.train_split, global_batch_size=loop.train_batch_size,
@@ -483,7 +486,7 @@ def train_input_config(config, initial_step, augment_on='host'):
       # SimCLR fine-tunes with crops and flips only.
       color_distort=config.pretrain, color_jitter_strength=data.color_jitter_strength,
       crop_area_min=data.crop_area_min, random_flip=data.random_flip,
-      use_blur=data.use_blur and config.pretrain,
+      use_blur=data.use_blur and config.pretrain, grey=grey,
       cache_dataset=data.cache_dataset, seed=loop.seed, deterministic=loop.deterministic,
       initial_step=initial_step, shuffle_buffer=data.shuffle_buffer, augment_on=augment_on,
       labels_required=not config.pretrain or config.model.lineareval_while_pretraining,

@@ -1,4 +1,4 @@
-"""Probes of frozen features on small datasets: logistic regression (scikit-learn), weighted kNN."""
+"""Probes of frozen features: multinomial logistic regression (L-BFGS), weighted kNN."""
 import numpy as np
 import tensorflow_datasets as tfds
 
@@ -9,17 +9,55 @@ def _normalised(x):
   return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
 
-def linear_probe_accuracy(train_x, train_y, test_x, test_y, inverse_regularization=100.0):
-  """Top-1 on the test set of a logistic regression fitted on L2-normalised train features.
+def linear_probe_accuracy(train_x, train_y, test_x, test_y, l2=1e-4, max_iterations=1000):
+  """Top-1 on the test set of a multinomial logistic regression on frozen features.
 
-  Normalised features have a small scale, so the probe must be weakly regularised (C = 100,
-  not scikit-learn's 1) to reach what the features allow.
+  Features are L2-normalised, then standardised with the train set's per-dimension mean and
+  standard deviation (so the problem is well conditioned: a few hundred L-BFGS iterations on
+  60,000 x 128 features, under a minute on 2 cores); the regression minimises the mean
+  cross-entropy plus l2/2 |W|^2 (bias not penalised) by full-batch L-BFGS in float32.
   """
-  from sklearn.linear_model import LogisticRegression  # pylint: disable=import-outside-toplevel
+  train_x, test_x = _standardised(_normalised(train_x), _normalised(test_x))
+  weights, bias = fit_logistic_regression(train_x, np.asarray(train_y, np.int64), l2=l2,
+                                          max_iterations=max_iterations)
+  predictions = np.argmax(test_x @ weights + bias, axis=1)
+  return float(np.mean(predictions == np.asarray(test_y, np.int64)))
 
-  classifier = LogisticRegression(C=inverse_regularization, max_iter=5000)
-  classifier.fit(_normalised(train_x), train_y)
-  return float(classifier.score(_normalised(test_x), test_y))
+
+def _standardised(train_x, test_x):
+  """Both sets centred and scaled by the train set's per-dimension mean and deviation; float32."""
+  mean = train_x.mean(0)
+  scale = 1.0 / np.maximum(train_x.std(0), 1e-6)
+  return (((train_x - mean) * scale).astype(np.float32),
+          ((test_x - mean) * scale).astype(np.float32))
+
+
+def fit_logistic_regression(x, y, *, l2, max_iterations=1000, num_classes=None):
+  """(weights [C, K], bias [K]) minimising mean softmax cross-entropy + l2/2 |weights|^2 over
+  x [N, C] and integer labels y [N], by L-BFGS from zeros."""
+  import scipy.optimize  # pylint: disable=import-outside-toplevel  (scikit-learn's dependency)
+  num_classes = num_classes or int(y.max()) + 1
+  n, dim = x.shape
+  one_hot = np.eye(num_classes, dtype=np.float32)[y]
+
+  def loss_and_gradient(flat):
+    weights = flat[:dim * num_classes].reshape(dim, num_classes).astype(np.float32)
+    bias = flat[dim * num_classes:].astype(np.float32)
+    logits = x @ weights + bias
+    logits -= logits.max(1, keepdims=True)
+    exp = np.exp(logits)
+    total = exp.sum(1, keepdims=True)
+    loss = np.mean(np.log(total[:, 0]) - np.sum(logits * one_hot, axis=1), dtype=np.float64)
+    residual = (exp / total - one_hot) / n
+    gradient = np.concatenate([(x.T @ residual + l2 * weights).ravel(), residual.sum(0)])
+    loss += 0.5 * l2 * float(np.sum(np.square(weights), dtype=np.float64))
+    return loss, gradient.astype(np.float64)
+
+  result = scipy.optimize.minimize(
+      loss_and_gradient, np.zeros(dim * num_classes + num_classes), jac=True, method='L-BFGS-B',
+      options={'maxiter': max_iterations})
+  flat = result.x.astype(np.float32)
+  return flat[:dim * num_classes].reshape(dim, num_classes), flat[dim * num_classes:]
 
 
 def knn_accuracy(train_features, train_labels, test_features, test_labels, k=200,

@@ -168,7 +168,7 @@ def build_config(values):
       data=data_lib.DataConfig(
           dataset=v.dataset, data_dir=v.data_dir, train_split=v.train_split,
           eval_split=v.eval_split, num_classes=v.num_classes, label_offset=v.label_offset,
-          image_size=v.image_size,
+          fashion_mnist_dir=v.fashion_mnist_dir, image_size=v.image_size,
           shuffle_buffer=v.shuffle_buffer, cache_dataset=v.cache_dataset,
           color_jitter_strength=v.color_jitter_strength, crop_area_min=v.crop_area_min,
           random_flip=v.random_flip, use_blur=v.use_blur, augment_on=v.augment_on),
