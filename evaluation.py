@@ -14,6 +14,7 @@ import data as data_lib
 import lars_optimizer
 import model as model_lib
 import probe
+import projector
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,6 +29,7 @@ class EvalConfig:
   knn_monitor: bool = False
   knn_k: int = 200
   knn_temperature: float = 0.1
+  projector_max_points: int = 10_000  # eval images whose features go to the Projector; 0: none
 
 
 def eval_dataset(strategy, builder, info, split, *, global_batch_size, image_size,
@@ -107,21 +109,23 @@ class FeatureExtractor:
     self._run = tf.function(self._replicated)
 
   def _replica_features(self, views, labels, ids, mask):
-    del ids
-    return self.model(views[0], training=False)['features'], tf.argmax(labels, 1), mask
+    return self.model(views[0], training=False)['features'], tf.argmax(labels, 1), ids, mask
 
   def _replicated(self, inputs):
     return self.strategy.run(self._replica_features, args=inputs)
 
-  def __call__(self, dataset):
-    features, labels = [], []
+  def __call__(self, dataset, with_ids=False):
+    """(features, labels), and their ids with `with_ids`."""
+    features, labels, ids = [], [], []
     local = self.strategy.experimental_local_results
     for inputs in dataset:
-      for x, y, mask in zip(*(local(t) for t in self._run(inputs))):
+      for x, y, i, mask in zip(*(local(t) for t in self._run(inputs))):
         mask = mask.numpy()
         features.append(x.numpy()[mask])
         labels.append(y.numpy()[mask])
-    return np.concatenate(features), np.concatenate(labels)
+        ids.append(i.numpy()[mask])
+    outputs = np.concatenate(features), np.concatenate(labels)
+    return (*outputs, np.concatenate(ids)) if with_ids else outputs
 
 
 def merge_top_k(values, labels, similarities, chunk_labels, k):
@@ -227,11 +231,12 @@ class Evaluator:
   """Evaluates one model (whose weights change between calls: pass the step) on a run's data.
 
   config: an EvalConfig; data: the run's data.DataConfig (splits, image size); weight_decay: the
-  factor of eval/regularization_loss; summary_writer: where eval/ scalars go (None: nowhere).
+  factor of eval/regularization_loss; summary_writer: where eval/ scalars go (None: nowhere);
+  projector_dir: where each evaluation writes the Projector's embedding (None: nowhere).
   """
 
   def __init__(self, strategy, model, builder, info, config, *, data, weight_decay=0.0,
-               summary_writer=None):
+               summary_writer=None, projector_dir=None):
     self.strategy = strategy
     self.model = model
     self.builder = builder
@@ -240,6 +245,7 @@ class Evaluator:
     self.data = data
     self.weight_decay = weight_decay
     self.summary_writer = summary_writer
+    self.projector_dir = projector_dir if config.projector_max_points else None
     self.head_metrics = HeadMetrics(strategy, model)
     self.extract_features = FeatureExtractor(strategy, model)
     self.streaming_knn = StreamingKNN(
@@ -255,12 +261,13 @@ class Evaluator:
                         image_size=self.data.image_size,
                         num_examples=int(self.builder.info.splits[split].num_examples))
 
-  def features(self, step, split):
-    """Trunk features and labels of `split` at `step`, extracted once per step."""
+  def features(self, step, split, with_ids=False):
+    """Trunk features and labels (and ids) of `split` at `step`, extracted once per step."""
     if (step, split) not in self._features:
       self._features = {key: value for key, value in self._features.items() if key[0] == step}
-      self._features[step, split] = self.extract_features(self.dataset(split))
-    return self._features[step, split]
+      self._features[step, split] = self.extract_features(self.dataset(split), with_ids=True)
+    features = self._features[step, split]
+    return features if with_ids else features[:2]
 
   def evaluate(self, step, knn=None, log=True):
     """Evaluates the model at `step`: its weight-decay loss, the supervised head's top-1/top-5
@@ -295,8 +302,25 @@ class Evaluator:
     if log:
       logging.info('Eval at step %d on %s: %s', step, self.data.eval_split, '; '.join(parts))
     self._write_summaries(step, results)
+    if self.projector_dir:
+      self.project(step)
     self._evaluated = {step: dict(results)}
     return results
+
+  def project(self, step):
+    """Writes the eval split's features at `step` (a fixed sample) for TensorBoard's Projector,
+    with the sample's labels and thumbnails (projector.py)."""
+    split = self.data.eval_split
+    features, _, ids = self.features(step, split, with_ids=True)
+    if len(np.unique(ids)) != len(ids):
+      logging.warning('Projector skipped: --eval_split=%s repeats ids (a union of splits).',
+                      split)
+      return
+    # The same images at every step: a fixed sample of the split's ids in increasing order.
+    rows = np.argsort(ids)[projector.sample_ids(len(ids), self.config.projector_max_points)]
+    thumbnail = projector.write_sample(self.projector_dir, self.builder, self.info, split,
+                                       ids[rows], self.data.image_size)
+    projector.write_embedding(self.projector_dir, step, features[rows], thumbnail)
 
   def _write_summaries(self, step, results):
     if self.summary_writer is None:

@@ -186,12 +186,16 @@ def _summary_writer(config, setup):
 
 
 def _evaluator(config, setup, model, summary_writer):
+  logdir = config.model_dir
   if config.eval.eval_name and setup.chief:
-    summary_writer = tf.summary.create_file_writer(
-        os.path.join(config.model_dir, f'eval_{config.eval.eval_name}'))
+    logdir = os.path.join(config.model_dir, f'eval_{config.eval.eval_name}')
+    summary_writer = tf.summary.create_file_writer(logdir)
+  # The projector's sample is this host's features: one host writes it, for the whole split.
+  single_host = setup.chief and distribution_lib.num_workers(setup.strategy) == 1
   return evaluation_lib.Evaluator(setup.strategy, model, setup.builder, setup.info, config.eval,
                               data=config.data, weight_decay=config.optimizer.weight_decay,
-                              summary_writer=summary_writer)
+                              summary_writer=summary_writer,
+                              projector_dir=logdir if single_host else None)
 
 
 def _export(config, setup, model, step):

@@ -209,6 +209,11 @@ flags.DEFINE_integer('eval_every_epochs', 0,
 flags.DEFINE_integer('eval_every_steps', 0,
                      'As --eval_every_epochs, in steps; > 0 overrides it.')
 flags.DEFINE_integer('knn_k', 200, 'Neighbours voting in the kNN monitor.')
+flags.DEFINE_integer('projector_max_points', 10_000,
+                     'Every evaluation writes the trunk features of a fixed sample of this many '
+                     'eval images (all when fewer) for TensorBoard\'s Projector, with their '
+                     'labels and thumbnails (model_dir/projector_config.pbtxt, projector/); '
+                     '0 = none.')
 flags.DEFINE_float('knn_temperature', 0.1,
                    'Temperature T of the kNN monitor: votes weigh exp(cosine similarity / T).')
 

@@ -105,7 +105,8 @@ RANGES = (
     ('shuffle_buffer', 1, False),
     ('color_jitter_strength', 0, False), ('sk_ratio', 0, False), ('se_ratio', 0, False),
     ('proj_out_dim', 1, False), ('num_proj_layers', 0, False), ('log_every_seconds', 0, False),
-    ('probe_max_examples', 0, False), ('batch_norm_decay', 0, False),
+    ('probe_max_examples', 0, False), ('projector_max_points', 0, False),
+    ('batch_norm_decay', 0, False),
     ('eval_every_epochs', 0, False), ('eval_every_steps', 0, False),
     ('step_timeout_seconds', 0, False),
     ('fine_tune_after_block', -1, False))
@@ -203,7 +204,8 @@ def build_config(values):
           eval_batch_size=v.eval_batch_size, eval_steps=v.eval_steps, eval_name=v.eval_name,
           eval_timeout_seconds=v.eval_timeout_seconds,
           probe_max_examples=v.probe_max_examples, probe_baselines=v.probe_baselines,
-          knn_monitor=v.knn_monitor, knn_k=v.knn_k, knn_temperature=v.knn_temperature),
+          knn_monitor=v.knn_monitor, knn_k=v.knn_k, knn_temperature=v.knn_temperature,
+          projector_max_points=v.projector_max_points),
       distribution=distribution.DistributionConfig(
           use_tpu=v.use_tpu, tpu_name=v.tpu_name, tpu_zone=v.tpu_zone,
           gcp_project=v.gcp_project, master=v.master, mixed_precision=v.mixed_precision,

@@ -162,6 +162,7 @@ def test_color_jitter_is_identity_at_zero_strength_and_distorts_within_range(ran
     data_util.PixelAugment(height=64, color_jitter_strength=0.5, flip=False),
     data_util.PixelAugment(height=64, color_jitter_strength=0.0, blur=False),
     data_util.PixelAugment(height=16, color_distort=False),  # flips only (no blur below 32 px)
+    data_util.PixelAugment(height=32, grey=True),  # brightness and contrast only
 ])
 def test_device_augmentations_of_resized_crops_give_the_host_views(augment):
   # The same per-view seeds: batched in the step (eagerly and under XLA) = preprocess_for_train.
@@ -170,7 +171,8 @@ def test_device_augmentations_of_resized_crops_give_the_host_views(augment):
   size = augment.height
   host = np.stack([data_util.preprocess_for_train(
       image, s, size, size, color_jitter_strength=augment.color_jitter_strength,
-      flip=augment.flip, color_distort=augment.color_distort, blur=augment.blur).numpy()
+      flip=augment.flip, color_distort=augment.color_distort, blur=augment.blur,
+      grey=augment.grey).numpy()
       for s in seeds])
   crops = tf.stack([data_util.resized_crop(image, s, size, size) for s in seeds])
   params = tf.stack([data_util.pixel_params(s, augment) for s in seeds])
@@ -185,3 +187,17 @@ def test_device_augmentations_of_resized_crops_give_the_host_views(augment):
   coins += ['blur'] * (augment.blur and size >= 32)
   for coin in coins:
     assert 0 < p[coin].mean() < 1, coin
+
+
+@pytest.mark.parametrize('strength', [1.0, 0.5])
+def test_grey_images_lose_nothing_by_skipping_saturation_hue_and_grayscale(strength):
+  # On a grey image (R = G = B) saturation, hue and the grayscale conversion change nothing:
+  # the grey path gives the colour path's views (and its randomness) without them.
+  grey = tf.image.convert_image_dtype(tf.tile(_image(40)[:, :, :1], [1, 1, 3]), tf.uint8)
+  for i in range(16):
+    views = [data_util.preprocess_for_train(grey, _seed(i, 5), 32, 32, blur=True,
+                                            color_jitter_strength=strength, grey=g).numpy()
+             for g in (False, True)]
+    # rgb_to_grayscale's weights sum to 0.9999, the HSV round trip to float round-off.
+    np.testing.assert_allclose(views[1], views[0], atol=2e-4)
+    np.testing.assert_array_equal(views[1][..., 0], views[1][..., 2])

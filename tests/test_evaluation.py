@@ -29,9 +29,9 @@ def pretraining(tmp_path_factory, run_main, tiny):
   extracted = []
   extract = evaluation.FeatureExtractor.__call__
 
-  def counted(self, dataset):
-    value = extract(self, dataset)
-    extracted.append(value)
+  def counted(self, dataset, **kwargs):
+    value = extract(self, dataset, **kwargs)
+    extracted.append(value[:2])
     return value
 
   with pytest.MonkeyPatch.context() as patch:
@@ -240,16 +240,16 @@ def test_evaluator_traces_once_for_the_whole_run_and_follows_the_weights(
   evaluator = evaluation.Evaluator(
       two_replicas, model, builder, info,
       evaluation.EvalConfig(eval_batch_size=100, knn_monitor=True, knn_k=20,
-                            probe_baselines=False),
+                            probe_baselines=False, projector_max_points=0),
       data=data_lib.DataConfig(dataset='digits', data_dir=data_dir, train_split='train',
                                eval_split='test', image_size=16),
       weight_decay=1e-3)
   extractions = []
   extract = evaluator.extract_features
 
-  def counted(dataset):
+  def counted(dataset, **kwargs):
     extractions.append(dataset)
-    return extract(dataset)
+    return extract(dataset, **kwargs)
 
   evaluator.extract_features = counted
 
