@@ -1,9 +1,16 @@
-r"""Small-batch SogCLR and iSogCLR against SimCLR on the demo digits: the global contrastive
-objective, linear and kNN top-1 against batch size (the paper's batch-size figure, on a CPU).
-Writes bench/results/.
+r"""Small-batch SogCLR and iSogCLR against SimCLR: the global contrastive objective, linear and
+kNN top-1 against batch size (the paper's batch-size figure, on a CPU), on the demo digits or on
+Fashion-MNIST. Writes bench/results/ (digits) or bench/results/fashion_mnist/.
 
-  python bench/small_batch.py            # the full grid: 36 runs, about 1.5 h on 2 shared cores
+  python bench/small_batch.py            # digits, the full grid: 36 runs, about 1.5 h on 2 cores
   python bench/small_batch.py --quick    # a smoke test of this script (a few minutes)
+  python bench/small_batch.py --dataset=fashion_mnist --batch_sizes=64 --seeds=0
+                                         # one seed of one batch size of the real-data grid
+
+On Fashion-MNIST each run also records its per-epoch kNN curve (--eval_every_epochs=1), and
+the table has beside the methods the baselines: a probe and kNN on raw pixels and on a random
+network of the same shape, and a supervised network of the same shape trained for the same
+epochs (the ceiling), each measured once per --work_dir.
 
 The full grid can be split over processes sharing --work_dir (--batch_sizes=16,256 and
 --batch_sizes=32,128, or --methods=...); a last run without them collects the cached runs into
@@ -59,6 +66,7 @@ class Settings:
   train_epochs: int
   width_multiplier: float
   methods: tuple = METHODS
+  dataset: str = 'digits'
   image_size: int = 16
   temperature: float = 0.1
   gamma: float = 0.9
@@ -72,6 +80,12 @@ class Settings:
   # same share of a class is k = 20 (k = 200 reaches past the class and loses ~10 points).
   knn_k: int = 20
   knn_temperature: float = 0.1
+  random_flip: bool = True
+  # Training images whose two fixed views score the global objective (0: all of them).
+  objective_images: int = 0
+  # Every run evaluates the kNN monitor every this many epochs (its curve); 0: only at the end.
+  eval_every_epochs: int = 0
+  eval_batch_size: int = 360
 
   def peak_learning_rate(self, batch_size):
     return self.base_learning_rate * math.sqrt(batch_size)
@@ -83,6 +97,16 @@ FULL = Settings(batch_sizes=(16, 32, 128, 256), seeds=(0, 1, 2), train_epochs=30
                 width_multiplier=0.25)
 QUICK = Settings(batch_sizes=(16, 128), seeds=(0,), train_epochs=1, width_multiplier=0.125,
                  warmup_epochs=0)
+# Fashion-MNIST (60,000 training images, 28x28 grey, upsampled to 32): the recipe of the README's
+# docs/results.md; batch 64 and 512 for the same epochs.
+FASHION = Settings(
+    batch_sizes=(64, 512), seeds=(0, 1), train_epochs=2, width_multiplier=0.25,
+    dataset='fashion_mnist', image_size=32, temperature=0.1,
+    # Adam, square-root scaling: 2e-3 at batch 64.
+    base_learning_rate=2e-3 / math.sqrt(64), warmup_epochs=0.2, crop_area_min=0.2,
+    color_jitter_strength=0.5, knn_k=200, random_flip=True, objective_images=5000,
+    eval_every_epochs=1, eval_batch_size=1000)
+PRESETS = {'digits': FULL, 'fashion_mnist': FASHION}
 # Fields that choose which runs make up a benchmark, not how each run trains.
 GRID_FIELDS = ('batch_sizes', 'seeds', 'methods')
 
@@ -94,22 +118,33 @@ def run_settings(settings, method='simclr'):
 
 
 def run_flags(settings, method, batch_size, seed, model_dir, data_dir):
-  """run.py's command line for one pretraining run (no end-of-run probe: measured here)."""
+  """run.py's command line for one pretraining run (no end-of-run probe: measured here), or
+  with method 'supervised' the supervised network of the same shape trained from scratch."""
   flags = [
-      '--train_mode=pretrain', f'--loss={method}', '--dataset=digits', '--eval_split=test',
+      f'--dataset={settings.dataset}', '--eval_split=test',
       f'--image_size={settings.image_size}', '--resnet_depth=18',
       f'--width_multiplier={settings.width_multiplier}', f'--train_batch_size={batch_size}',
       f'--train_epochs={settings.train_epochs}', '--optimizer=adam',
       f'--learning_rate={settings.base_learning_rate!r}', '--learning_rate_scaling=sqrt',
-      f'--warmup_epochs={settings.warmup_epochs}', f'--temperature={settings.temperature}',
-      f'--gamma={settings.gamma}', f'--crop_area_min={settings.crop_area_min}',
-      f'--color_jitter_strength={settings.color_jitter_strength}', '--use_blur=False',
-      f'--seed={seed}', f'--model_dir={model_dir}', '--eval_batch_size=360',
-      '--probe_max_examples=0', '--log_every_seconds=60',
+      f'--warmup_epochs={settings.warmup_epochs}', f'--crop_area_min={settings.crop_area_min}',
+      f'--random_flip={settings.random_flip}', f'--seed={seed}', f'--model_dir={model_dir}',
+      f'--eval_batch_size={settings.eval_batch_size}', '--probe_max_examples=0',
+      '--projector_max_points=0', '--log_every_seconds=60',
       # One checkpoint, at the end: only the final weights are measured.
       f'--checkpoint_epochs={settings.train_epochs}', '--keep_checkpoint_max=1',
       # Same data order and augmentations for both methods of a pair (parallel map in order).
       '--deterministic']
+  if method == 'supervised':
+    # SimCLR's fine-tuning from no checkpoint: every layer trains, crops and flips only.
+    return flags + ['--train_mode=finetune', '--fine_tune_after_block=-1',
+                    '--num_proj_layers=0', '--ft_proj_selector=-1'] + (
+        [f'--data_dir={data_dir}'] if data_dir else [])
+  flags += ['--train_mode=pretrain', f'--loss={method}', f'--temperature={settings.temperature}',
+            f'--gamma={settings.gamma}',
+            f'--color_jitter_strength={settings.color_jitter_strength}', '--use_blur=False']
+  if settings.eval_every_epochs:
+    flags += [f'--eval_every_epochs={settings.eval_every_epochs}', '--knn_monitor',
+              f'--knn_k={settings.knn_k}', f'--knn_temperature={settings.knn_temperature}']
   if method == 'isogclr':
     flags += [f'--{name}={value}' for name, value in ISOGCLR.items()]
   if data_dir:
@@ -118,16 +153,22 @@ def run_flags(settings, method, batch_size, seed, model_dir, data_dir):
 
 
 def fixed_views(builder, info, settings):
-  """Two seeded augmented views [N, H, W, 3] of every training image, rows in id order."""
+  """Two seeded augmented views [N, H, W, 3] of the first N training images (all, or
+  settings.objective_images), rows in id order."""
+  split, count = 'train', info.num_train_examples
+  if settings.objective_images and settings.objective_images < count:
+    split, count = f'train[:{settings.objective_images}]', settings.objective_images
+    info = data_lib.describe(builder, split, 'test')
   config = data_lib.InputConfig(
-      split='train', global_batch_size=info.num_train_examples,
+      split=split, global_batch_size=count,
       image_size=settings.image_size, is_training=True, num_views=2,
       color_jitter_strength=settings.color_jitter_strength,
-      crop_area_min=settings.crop_area_min, use_blur=False, seed=VIEW_SEED, deterministic=True)
+      crop_area_min=settings.crop_area_min, use_blur=False, seed=VIEW_SEED, deterministic=True,
+      random_flip=settings.random_flip, grey=info.grey)
   input_fn = data_lib.build_input_fn(builder, info, config, info.num_classes)
   (view_a, view_b), _, ids = next(iter(input_fn(tf.distribute.InputContext())))
   order = np.argsort(ids.numpy())
-  assert np.array_equal(ids.numpy()[order], np.arange(info.num_train_examples)), ids
+  assert np.array_equal(ids.numpy()[order], np.arange(count)), ids
   return view_a.numpy()[order], view_b.numpy()[order]
 
 
@@ -195,14 +236,106 @@ def pretrain_and_measure(settings, method, batch_size, seed, work_dir, data_dir,
   record = {
       'method': method, 'batch_size': batch_size, 'seed': seed,
       'steps': results['global_step'], 'train_seconds': results['train_seconds'],
+      'images_per_second': round(results['global_step'] * batch_size /
+                                 results['train_seconds'], 1),
       'linear_head_top_1': results['eval/top_1'],
       **measure(model, builder, info, views, settings),
+      # The kNN monitor after each --eval_every_epochs (the last one is the end of training).
+      'curve': [[r['epoch'], r['eval/knn_top_1']] for r in results.get('monitor', [])],
       'seconds': round(time.time() - started, 1),
       'settings': run_settings(settings, method),
   }
   with open(record_path, 'w') as f:
     json.dump(record, f, indent=2)
   return record
+
+
+def _probe_and_knn(train, test, settings):
+  return {'linear_top_1': probe.linear_probe_accuracy(*train, *test),
+          'knn_top_1': probe.knn_accuracy(*train, *test, k=settings.knn_k,
+                                          temperature=settings.knn_temperature)}
+
+
+def measure_baselines(settings, work_dir, data_dir, builder, info):
+  """The probe and kNN on raw pixels and on a random network of the runs' shape, and the
+  top-1 of that network trained supervised for the same epochs (batch: the smallest of the
+  grid, seed 0); cached in work_dir/baselines.json."""
+  path = os.path.join(work_dir, 'baselines.json')
+  if os.path.exists(path):
+    record = json.load(open(path))
+    if record['settings'] == run_settings(settings):
+      return record
+  started = time.time()
+  strategy = tf.distribute.get_strategy()
+
+  def split_data(split):
+    return evaluation.eval_dataset(
+        strategy, builder, info, split, global_batch_size=512, image_size=settings.image_size,
+        num_examples=int(builder.info.splits[split].num_examples))
+
+  raw = [probe.pixels(builder, info, split) for split in ('train', 'test')]
+  record = {'raw_pixels': _probe_and_knn(*raw, settings)}
+  config = run.parse_config(['run.py', *run_flags(settings, 'simclr', settings.batch_sizes[0],
+                                                  0, os.path.join(work_dir, 'random'), data_dir)])
+  tf.keras.utils.set_random_seed(0)
+  model = model_lib.build_model(
+      dataclasses.replace(config.model, num_classes=info.num_classes), settings.image_size)
+  extract = evaluation.FeatureExtractor(strategy, model)
+  record['random_network'] = _probe_and_knn(extract(split_data('train')),
+                                            extract(split_data('test')), settings)
+  batch_size = settings.batch_sizes[0]
+  model_dir = os.path.join(work_dir, f'supervised_b{batch_size}_s0')
+  if tf.io.gfile.exists(model_dir):
+    tf.io.gfile.rmtree(model_dir)
+  results = experiment.run(run.parse_config(
+      ['run.py', *run_flags(settings, 'supervised', batch_size, 0, model_dir, data_dir),
+       '--verbosity=0']))
+  record['supervised'] = {'top_1': results['eval/top_1'], 'batch_size': batch_size,
+                          'train_seconds': results['train_seconds'],
+                          'images_per_second': round(results['global_step'] * batch_size /
+                                                     results['train_seconds'], 1)}
+  record |= {'seconds': round(time.time() - started, 1), 'settings': run_settings(settings)}
+  with open(path, 'w') as f:
+    json.dump(record, f, indent=2)
+  return record
+
+
+def baselines_table(baselines):
+  """The baselines' rows, in the columns of markdown_table."""
+  return '\n'.join([
+      '',
+      '| baseline | linear top-1 % | kNN top-1 % |',
+      '| :--- | ---: | ---: |',
+      *(f"| {name} | {100 * baselines[key]['linear_top_1']:.1f} | "
+        f"{100 * baselines[key]['knn_top_1']:.1f} |"
+        for key, name in (('raw_pixels', 'raw pixels'),
+                          ('random_network', 'random network, same shape'))),
+      f"| supervised, same network and epochs (batch {baselines['supervised']['batch_size']}) "
+      f"| {100 * baselines['supervised']['top_1']:.1f} (its own head) | |"]) + '\n'
+
+
+def plot_curves(records, settings, path):
+  """The per-epoch kNN top-1 of every run, one line each."""
+  import matplotlib  # pylint: disable=import-outside-toplevel
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+  colors = {'simclr': 'tab:blue', 'sogclr': 'tab:red', 'isogclr': 'tab:green'}
+  styles = dict(zip(sorted({r['batch_size'] for r in records}), ('-', '--', ':', '-.')))
+  figure, axis = plt.subplots(figsize=(7, 4.5))
+  for r in sorted(records, key=lambda r: (r['method'], r['batch_size'], r['seed'])):
+    if r.get('curve'):
+      epochs, values = zip(*r['curve'])
+      axis.plot(epochs, [100 * v for v in values], color=colors[r['method']], marker='o',
+                linestyle=styles[r['batch_size']],
+                label=f"{LABELS[r['method']]} b{r['batch_size']} s{r['seed']}")
+  axis.set_xlabel('epoch')
+  axis.set_ylabel(f'kNN top-1 % (k={settings.knn_k}, test split)')
+  axis.set_title(f'{settings.dataset}: kNN monitor while pretraining')
+  axis.grid(alpha=0.3)
+  axis.legend(fontsize=7)
+  figure.tight_layout()
+  figure.savefig(path, dpi=110)
+  plt.close(figure)
 
 
 def reuse_runs(path, work_dir, settings):
@@ -232,7 +365,8 @@ def mean_and_spread(values):
   return float(np.mean(values)), spread
 
 
-METRICS = ('global_objective', 'linear_top_1', 'knn_top_1', 'linear_head_top_1')
+METRICS = ('global_objective', 'linear_top_1', 'knn_top_1', 'linear_head_top_1',
+           'train_seconds', 'images_per_second')
 
 
 def summarize(records, settings):
@@ -248,7 +382,8 @@ def summarize(records, settings):
            'steps': by_key[(methods[0], batch_size, seeds[0])]['steps'] if seeds else 0,
            'peak_learning_rate': settings.peak_learning_rate(batch_size)}
     for metric in METRICS:
-      values = {m: [by_key[(m, batch_size, s)][metric] for s in seeds] for m in methods}
+      values = {m: [by_key[(m, batch_size, s)].get(metric, math.nan) for s in seeds]
+                for m in methods}
       row[metric] = {m: dict(zip(('mean', 'sd'), mean_and_spread(v))) for m, v in values.items()}
       row[metric]['difference'] = {}
       for method in methods:
@@ -281,8 +416,8 @@ def markdown_table(summary):
   the same seed; 'lower in' counts the seeds where the method's objective is lower."""
   lines = [
       '| batch | steps | method | global objective | Δ vs SimCLR (lower in) '
-      '| linear top-1 % | Δ | kNN top-1 % | Δ |',
-      '| ---: | ---: | :--- | ---: | ---: | ---: | ---: | ---: | ---: |']
+      '| linear top-1 % | Δ | kNN top-1 % | Δ | training s | images/s |',
+      '| ---: | ---: | :--- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |']
   for row in summary:
     n = len(row['seeds'])
     for method in row['global_objective']:
@@ -300,6 +435,8 @@ def markdown_table(summary):
           cells.append(f"{_signed_cell(difference, scale, digits)} ({difference['better']}/{n})")
         else:
           cells.append(_signed_cell(difference, scale, digits))
+      cells += [_cell(row[metric][method], 1, 0) for metric in ('train_seconds',
+                                                                'images_per_second')]
       lines.append('| ' + ' | '.join(cells) + ' |')
   return '\n'.join(lines) + '\n'
 
@@ -352,14 +489,20 @@ def plot(summary, records, settings, path):
 
 def parse_args(argv):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument('--dataset', choices=sorted(PRESETS), default='digits',
+                      help='The benchmark: the demo digits, or Fashion-MNIST (prepared from its '
+                      'idx files on first use, README "Datasets").')
   parser.add_argument('--quick', action='store_true',
-                      help='Smoke test: 2 batch sizes, 1 seed, 1 epoch, width 0.125.')
+                      help='Smoke test on the digits: 2 batch sizes, 1 seed, 1 epoch, width 0.125.')
   parser.add_argument('--batch_sizes', default=None,
                       help='Comma-separated subset of the batch sizes (e.g. to split the grid '
                       'over two processes sharing --work_dir; a last run without it collects).')
   parser.add_argument('--seeds', default=None, help='Comma-separated subset of the seeds.')
   parser.add_argument('--methods', default=None,
                       help=f'Comma-separated subset of the methods {",".join(METHODS)}.')
+  parser.add_argument('--no_baselines', action='store_true',
+                      help='Fashion-MNIST: do not measure the baselines here (another process '
+                      'sharing --work_dir does); the table shows them once measured.')
   parser.add_argument('--collect', action='store_true',
                       help='Train nothing: the table of the runs already in --work_dir (a row '
                       'has the seeds every method of it has).')
@@ -383,7 +526,7 @@ def parse_args(argv):
 
 def settings_of(args):
   """The experiment's settings: QUICK or FULL with the command line's changes."""
-  settings = QUICK if args.quick else FULL
+  settings = QUICK if args.quick else PRESETS[args.dataset]
   if args.batch_sizes:
     settings = dataclasses.replace(
         settings, batch_sizes=tuple(int(b) for b in args.batch_sizes.split(',')))
@@ -405,9 +548,9 @@ def settings_of(args):
 def run_grid(args, settings, work_dir, started):
   """The records of every (seed, batch size, method) run: trained here, or with --collect read
   from work_dir."""
-  builder = data_lib.get_builder('digits', args.data_dir)
+  builder = data_lib.get_builder(settings.dataset, args.data_dir)
   info = data_lib.describe(builder, 'train', 'test')
-  views = fixed_views(builder, info, settings)
+  views = None if args.collect else fixed_views(builder, info, settings)
   records = []
   # Seed-major: an interrupted run has whole seeds; the two methods of a pair run back to back.
   for seed in settings.seeds:
@@ -429,15 +572,17 @@ def run_grid(args, settings, work_dir, started):
   return records
 
 
-def write_results(records, settings, args, out_dir, started, load_before):
-  """results.json, results.md and small_batch.png in out_dir; returns the results."""
+def write_results(records, settings, args, out_dir, started, load_before, baselines=None):
+  """results.json, results.md and small_batch.png (and curves.png) in out_dir; returns the
+  results."""
   summary = summarize(records, settings)
   if args.collect:  # batch sizes no seed has finished for every method yet are left out
     summary = [row for row in summary if row['seeds']]
-  table = markdown_table(summary)
+  table = markdown_table(summary) + (baselines_table(baselines) if baselines else '')
   results = {
       'settings': dataclasses.asdict(settings) | {'view_seed': VIEW_SEED, 'quick': args.quick},
       'summary': summary,
+      'baselines': baselines,
       'runs': records,
       'seconds': round(time.time() - started, 1),
       # Training and measuring, summed over runs (several processes may have shared the grid).
@@ -451,6 +596,8 @@ def write_results(records, settings, args, out_dir, started, load_before):
   with open(os.path.join(out_dir, 'results.md'), 'w') as f:
     f.write(table)
   plot(summary, records, settings, os.path.join(out_dir, 'small_batch.png'))
+  if any(r.get('curve') for r in records):
+    plot_curves(records, settings, os.path.join(out_dir, 'curves.png'))
   print(table)
   print(f'Wrote {out_dir}/results.json, results.md, small_batch.png in {results["seconds"]:.0f} s')
   return results
@@ -463,10 +610,12 @@ def main(argv):
   logging.use_absl_handler()
   # Each run extracts features of a new model (its own trace): expected, not worth a warning.
   tf.get_logger().setLevel('ERROR')
+  suffix = '' if settings.dataset == 'digits' else settings.dataset
   out_dir = args.out_dir or (tempfile.mkdtemp(prefix='small_batch_quick_') if args.quick else
-                             os.path.join(REPO, 'bench', 'results'))
+                             os.path.join(REPO, 'bench', 'results', suffix))
   work_dir = args.work_dir or (tempfile.mkdtemp(prefix='small_batch_runs_') if args.quick else
-                               os.path.join(REPO, 'runs', 'small_batch'))
+                               os.path.join(REPO, 'runs', 'small_batch' + (
+                                   f'_{suffix}' if suffix else '')))
   os.makedirs(out_dir, exist_ok=True)
   os.makedirs(work_dir, exist_ok=True)
   if args.reuse_runs:
@@ -475,7 +624,17 @@ def main(argv):
   started = time.time()
   load_before = os.getloadavg()
   records = run_grid(args, settings, work_dir, started)
-  return write_results(records, settings, args, out_dir, started, load_before)
+  baselines = None
+  if settings.dataset != 'digits':  # after the grid: an interrupted benchmark keeps its runs
+    if args.collect or args.no_baselines:
+      path = os.path.join(work_dir, 'baselines.json')
+      baselines = json.load(open(path)) if os.path.exists(path) else None
+    else:
+      builder = data_lib.get_builder(settings.dataset, args.data_dir)
+      baselines = measure_baselines(settings, work_dir, args.data_dir, builder,
+                                    data_lib.describe(builder, 'train', 'test'))
+      print(f'[{time.time() - started:6.0f} s] baselines: {baselines}', flush=True)
+  return write_results(records, settings, args, out_dir, started, load_before, baselines)
 
 
 if __name__ == '__main__':

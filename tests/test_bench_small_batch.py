@@ -62,11 +62,28 @@ def test_a_method_subset_summarizes_without_simclr_differences(small_batch):
                                   width_multiplier=0.125, methods=('isogclr',))
   record = {'method': 'isogclr', 'batch_size': 16, 'seed': 0, 'steps': 89,
             'global_objective': 5.0, 'linear_top_1': 0.9, 'knn_top_1': 0.8,
-            'linear_head_top_1': 0.7}
+            'linear_head_top_1': 0.7, 'train_seconds': 12.25, 'images_per_second': 116.3}
   summary = small_batch.summarize([record], settings)
   assert summary[0]['global_objective']['difference'] == {}
   assert small_batch.markdown_table(summary).splitlines()[2] == (
-      '| 16 | 89 | iSogCLR | 5.000 |  | 90.0 |  | 80.0 |  |')
+      '| 16 | 89 | iSogCLR | 5.000 |  | 90.0 |  | 80.0 |  | 12 | 116 |')
+
+
+def test_fashion_mnist_runs_record_a_knn_curve_and_the_baselines_make_a_table(small_batch):
+  settings = small_batch.FASHION
+  flags = small_batch.run_flags(settings, 'sogclr', 64, 1, 'm', None)
+  assert '--dataset=fashion_mnist' in flags and '--eval_every_epochs=1' in flags
+  assert '--knn_monitor' in flags and '--knn_k=200' in flags
+  # The ceiling: the same network trained supervised from scratch, every layer.
+  supervised = small_batch.run_flags(settings, 'supervised', 64, 0, 'm', None)
+  assert '--train_mode=finetune' in supervised and '--fine_tune_after_block=-1' in supervised
+  assert not any(f.startswith(('--loss', '--temperature', '--knn')) for f in supervised)
+  table = small_batch.baselines_table({
+      'raw_pixels': {'linear_top_1': 0.8461, 'knn_top_1': 0.8552},
+      'random_network': {'linear_top_1': 0.5, 'knn_top_1': 0.45},
+      'supervised': {'top_1': 0.9012, 'batch_size': 64}})
+  assert '| raw pixels | 84.6 | 85.5 |' in table
+  assert '| supervised, same network and epochs (batch 64) | 90.1 (its own head) | |' in table
 
 
 def test_reused_runs_are_copied_once_with_their_source(small_batch, tmp_path):

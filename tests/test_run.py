@@ -216,9 +216,9 @@ def _bench_flags(repo):
   return found
 
 
-def test_every_flag_named_in_the_readme_exists(repo):
-  readme = open(os.path.join(repo, 'README.md')).read()
-  text = re.sub(r'\\\n', ' ', readme)
+def test_every_flag_named_in_the_readme_and_docs_exists(repo):
+  pages = [os.path.join(repo, 'README.md'), *glob.glob(os.path.join(repo, 'docs', '*.md'))]
+  text = re.sub(r'\\\n', ' ', '\n'.join(open(page).read() for page in pages))
   bench = _bench_flags(repo)
   assert bench['bench/train_step.py'] >= {'models', 'precisions', 'xla'}
   # A command of a bench script names that script's flags.
@@ -228,9 +228,11 @@ def test_every_flag_named_in_the_readme_exists(repo):
         named = set(re.findall(r'--([A-Za-z_]\w*)', line.split(script, 1)[1]))
         assert named <= bench[script], (script, sorted(named - bench[script]))
   # Every other flag is run.py's; a bench flag may be named in prose about the benchmarks.
-  # Commands of other tools (imagenet.py, tfds, tensorboard) have their own flags.
-  text = '\n'.join(line for line in text.splitlines()
-                   if not re.search(r'(imagenet\.py|bench/\w+\.py|tfds build|tensorboard) ', line))
+  # Commands of other tools (imagenet.py, fashion_mnist.py, tfds, tensorboard) have their own.
+  text = '\n'.join(
+      line for line in text.splitlines()
+      if not re.search(r'(imagenet\.py|fashion_mnist\.py|bench/\w+\.py|tfds build|tensorboard) ',
+                       line))
   named = set(re.findall(r'--([A-Za-z_][A-Za-z0-9_]*)', text))
   defined = set(run.FLAGS) | set().union(*bench.values())
   missing = sorted(named - defined - {'help', 'helpfull'})
