@@ -290,8 +290,9 @@ def restore_pretrained(model, path):
                      'flags (its flags.json lists them)') from None
   logging.info('Initialized the model from %s', path)
   for name in left_out:
-    logging.info('%s: the checkpoint holds another shape (another number of classes); it starts '
-                 'as initialized', name)
+    logging.info('%s: the checkpoint holds another shape (another number of classes, or another '
+                 'input width: --ft_proj_selector reads another layer); it starts as initialized',
+                 name)
 
 
 # Where a pretraining checkpoint keeps SogCLR's u table (log domain, one float per image).

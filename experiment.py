@@ -343,8 +343,9 @@ def _train(config, setup, trainer, manager, summary_writer, learning_rate, on_ev
         # After the restore and the first steps: flags that cannot resume this model_dir, or
         # data that stops the first batch, never touch flags.json.
         on_started=(lambda: _record_flags(config, initial_step)) if setup.chief else None,
-        on_progress=trainer_lib.ProgressLogger(config.loop.train_batch_size,
-                                               config.loop.log_every_seconds),
+        on_progress=trainer_lib.ProgressLogger(
+            config.loop.train_batch_size, config.loop.log_every_seconds,
+            steps_per_epoch=setup.steps_per_epoch, learning_rate=learning_rate),
         eval_every=config.loop.eval_every(setup.steps_per_epoch), on_eval=on_eval,
         watchdog=(trainer_lib.CallWatchdog(config.loop.step_timeout_seconds)
                   if distribution_lib.num_workers(setup.strategy) > 1 else None))

@@ -36,7 +36,7 @@ class ModelConfig:
     if self.num_proj_layers < 0:
       raise ValueError(f'--num_proj_layers must be >= 0, got {self.num_proj_layers}')
     layers = self.projection_layers
-    if not -(layers + 1) <= self.ft_proj_selector <= layers:
+    if not (self.ft_proj_selector == -1 or 0 <= self.ft_proj_selector <= layers):
       raise ValueError(
           f'--ft_proj_selector={self.ft_proj_selector} selects beyond the projection head\'s '
           f'{layers} layer(s) (--proj_head_mode={self.proj_head_mode}, --num_proj_layers='

@@ -35,8 +35,12 @@ flags.DEFINE_string('dataset', 'imagenet2012',
                     "data; see README 'Datasets'.")
 flags.DEFINE_string('data_dir', None,
                     'TFDS data directory (local or gs://); default: TFDS\'s own (~/tensorflow_datasets).')  # noqa: E501
-flags.DEFINE_string('train_split', 'train', 'Split to train on.')
-flags.DEFINE_string('eval_split', 'validation', 'Split to evaluate on.')
+flags.DEFINE_string('train_split', 'train',
+                    "Split to train on: a split, a slice ('train[:10%]', 'train[50%:]': the "
+                    "records' own ids keep the whole split's, so SogCLR's table has a slot per "
+                    "image of 'train') or a union ('train+validation': ids derived from the "
+                    "record ids); README 'Datasets'.")
+flags.DEFINE_string('eval_split', 'validation', 'Split to evaluate on (a split, slice or union).')
 flags.DEFINE_integer('num_classes', 0,
                      'Number of classes of the supervised head; 0 = read from the dataset.')
 flags.DEFINE_integer('label_offset', 0,
@@ -176,7 +180,10 @@ flags.DEFINE_integer('keep_hub_module_max', 1,
 flags.DEFINE_string('model_dir', None, 'Directory for checkpoints, summaries and flags.json.')
 flags.DEFINE_string('checkpoint', None,
                     'Checkpoint (prefix or directory) or SavedModel export '
-                    '(model_dir/saved_model/<step>) to initialize from when model_dir has none.')
+                    '(model_dir/saved_model/<step>) to initialize from when model_dir has none '
+                    '(weights only: fine-tuning or linear evaluation of a pretraining run). With '
+                    '--mode=eval: evaluate this one checkpoint instead of every checkpoint of '
+                    'model_dir in turn.')
 flags.DEFINE_bool('start_over', False,
                   'Train from step 0 although model_dir holds checkpoints that cannot be read '
                   '(they are moved to model_dir/discarded-<time>/, not deleted). Without it such '

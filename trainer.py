@@ -585,15 +585,18 @@ def format_duration(seconds):
 
 
 class ProgressLogger:
-  """An `on_progress` callback: a progress line (step, loss, images/s, ETA) every
-  `every_seconds` and at the last step."""
+  """An `on_progress` callback: a progress line (step, epoch, learning rate, loss, images/s,
+  ETA) every `every_seconds` and at the last step. learning_rate: the schedule, step -> rate."""
 
   LABELS = (('contrast_loss', 'nt_xent'), ('contrast_acc', 'contrast_acc'),
             ('supervised_acc', 'sup_acc'), ('log_u_mean', 'log_u_mean'), ('tau_mean', 'tau_mean'))
 
-  def __init__(self, global_batch_size, every_seconds=5.0):
+  def __init__(self, global_batch_size, every_seconds=5.0, *, steps_per_epoch=0,
+               learning_rate=None):
     self.global_batch_size = global_batch_size
     self.every_seconds = every_seconds
+    self.steps_per_epoch = steps_per_epoch
+    self.learning_rate = learning_rate
     self.last_log = time.time()
 
   def __call__(self, progress):
@@ -605,8 +608,12 @@ class ProgressLogger:
 
   def line_parts(self, progress):
     metrics, seconds_per_step = progress.metrics, progress.seconds_per_step
-    parts = [f'step {progress.step}/{progress.total_steps}',
-             f"loss {metrics['total_loss']:.4f}"]
+    parts = [f'step {progress.step}/{progress.total_steps}']
+    if self.steps_per_epoch:
+      parts.append(f'epoch {progress.step / self.steps_per_epoch:.2f}')
+    if self.learning_rate is not None:
+      parts.append(f'lr {float(self.learning_rate(progress.step)):.3g}')
+    parts.append(f"loss {metrics['total_loss']:.4f}")
     parts += [f'{label} {metrics[key]:.4g}' for key, label in self.LABELS if key in metrics]
     if seconds_per_step:
       eta = (progress.total_steps - progress.step) * seconds_per_step

@@ -156,7 +156,8 @@ def fixed_views(builder, info, settings):
   """Two seeded augmented views [N, H, W, 3] of the training images (all, or the first
   settings.objective_images records of the split), rows in id order."""
   split, count = 'train', info.num_train_examples
-  if settings.objective_images and settings.objective_images < count:
+  whole = settings.objective_images in (0, count)
+  if not whole and settings.objective_images < count:
     split, count = f'train[:{settings.objective_images}]', settings.objective_images
     info = data_lib.describe(builder, split, 'test')
   config = data_lib.InputConfig(
@@ -170,7 +171,7 @@ def fixed_views(builder, info, settings):
   order = np.argsort(ids.numpy())
   # Each image once (TFDS stores records in a shuffled order: a slice holds any ids).
   assert len(np.unique(ids.numpy())) == count, ids
-  if count == info.num_train_examples:
+  if whole:
     assert np.array_equal(ids.numpy()[order], np.arange(count)), ids
   return view_a.numpy()[order], view_b.numpy()[order]
 

@@ -71,7 +71,7 @@ def test_zero_projection_layers_make_the_projection_the_trunk_features():
                              model.supervised_head(outputs['features']), rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize('layers, selector', [(2, 3), (2, -4), (0, 1)])
+@pytest.mark.parametrize('layers, selector', [(2, 3), (2, -4), (2, -2), (0, 1), (0, -2)])
 def test_selector_beyond_the_projection_layers_names_both_flags(layers, selector):
   with pytest.raises(ValueError, match=rf'--ft_proj_selector={selector} selects beyond .* '
                                        rf'{layers} layer'):

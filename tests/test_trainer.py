@@ -451,7 +451,7 @@ def test_non_finite_loss_names_the_step_range_and_writes_no_checkpoint_for_it(
   assert manager.latest_checkpoint.endswith('ckpt-3')
 
 
-def test_progress_logger_line_holds_step_loss_images_per_second_and_eta(monkeypatch):
+def test_progress_logger_line_holds_step_epoch_rate_loss_images_per_second_and_eta(monkeypatch):
   lines = []
   monkeypatch.setattr(trainer_lib.logging, 'info', lambda msg, *args: lines.append(msg % args))
   metrics = {'total_loss': 1.23456, 'contrast_loss': 0.98765, 'contrast_acc': 0.25,
@@ -467,6 +467,11 @@ def test_progress_logger_line_holds_step_loss_images_per_second_and_eta(monkeypa
   # Hours in the ETA.
   logger(trainer_lib.Progress(0, 10_000, {'total_loss': 2.0}, 1.0))
   assert lines[-1].endswith('16 img/s  ETA 2h46m')
+  # With the epoch length and the schedule: the epoch and the learning rate at the step.
+  scheduled = trainer_lib.ProgressLogger(global_batch_size=16, every_seconds=0,
+                                         steps_per_epoch=40, learning_rate=lambda s: 0.001 * s)
+  scheduled(trainer_lib.Progress(30, 100, {'total_loss': 2.0}, None))
+  assert lines[-1] == 'step 30/100  epoch 0.75  lr 0.03  loss 2.0000'
   # At most one line every every_seconds, and always the last step's.
   quiet = trainer_lib.ProgressLogger(global_batch_size=16, every_seconds=3600)
   count = len(lines)
