@@ -10,7 +10,8 @@ Fashion-MNIST. Writes bench/results/ (digits) or bench/results/fashion_mnist/.
 On Fashion-MNIST each run also records its per-epoch kNN curve (--eval_every_epochs=1), and
 the table has beside the methods the baselines: a probe and kNN on raw pixels and on a random
 network of the same shape, and a supervised network of the same shape trained for the same
-epochs (the ceiling), each measured once per --work_dir.
+epochs (the ceiling), each measured once per --work_dir (--baselines_only: in a process of
+their own beside the grid's).
 
 The full grid can be split over processes sharing --work_dir (--batch_sizes=16,256 and
 --batch_sizes=32,128, or --methods=...); a last run without them collects the cached runs into
@@ -263,59 +264,75 @@ def _probe_and_knn(train, test, settings):
 def measure_baselines(settings, work_dir, data_dir, builder, info):
   """The probe and kNN on raw pixels and on a random network of the runs' shape, and the
   top-1 of that network trained supervised for the same epochs (batch: the smallest of the
-  grid, seed 0); cached in work_dir/baselines.json."""
+  grid, seed 0); each cached in work_dir/baselines.json as soon as measured."""
   path = os.path.join(work_dir, 'baselines.json')
+  record = {}
   if os.path.exists(path):
     record = json.load(open(path))
-    if record['settings'] == run_settings(settings):
-      return record
-  started = time.time()
+    if record['settings'] != run_settings(settings):
+      raise ValueError(f'{path} was measured with other settings; pass another --work_dir')
+  record['settings'] = run_settings(settings)
   strategy = tf.distribute.get_strategy()
+
+  def measured(key, measure_fn):
+    if key not in record:
+      started = time.time()
+      record[key] = measure_fn() | {'seconds': round(time.time() - started, 1)}
+      with open(path, 'w') as f:
+        json.dump(record, f, indent=2)
+      print(f'baseline {key}: {record[key]}', flush=True)
 
   def split_data(split):
     return evaluation.eval_dataset(
         strategy, builder, info, split, global_batch_size=512, image_size=settings.image_size,
         num_examples=int(builder.info.splits[split].num_examples))
 
-  raw = [probe.pixels(builder, info, split) for split in ('train', 'test')]
-  record = {'raw_pixels': _probe_and_knn(*raw, settings)}
-  config = run.parse_config(['run.py', *run_flags(settings, 'simclr', settings.batch_sizes[0],
-                                                  0, os.path.join(work_dir, 'random'), data_dir)])
-  tf.keras.utils.set_random_seed(0)
-  model = model_lib.build_model(
-      dataclasses.replace(config.model, num_classes=info.num_classes), settings.image_size)
-  extract = evaluation.FeatureExtractor(strategy, model)
-  record['random_network'] = _probe_and_knn(extract(split_data('train')),
-                                            extract(split_data('test')), settings)
-  batch_size = settings.batch_sizes[0]
-  model_dir = os.path.join(work_dir, f'supervised_b{batch_size}_s0')
-  if tf.io.gfile.exists(model_dir):
-    tf.io.gfile.rmtree(model_dir)
-  results = experiment.run(run.parse_config(
-      ['run.py', *run_flags(settings, 'supervised', batch_size, 0, model_dir, data_dir),
-       '--verbosity=0']))
-  record['supervised'] = {'top_1': results['eval/top_1'], 'batch_size': batch_size,
-                          'train_seconds': results['train_seconds'],
-                          'images_per_second': round(results['global_step'] * batch_size /
-                                                     results['train_seconds'], 1)}
-  record |= {'seconds': round(time.time() - started, 1), 'settings': run_settings(settings)}
-  with open(path, 'w') as f:
-    json.dump(record, f, indent=2)
+  def raw_pixels():
+    return _probe_and_knn(*[probe.pixels(builder, info, split) for split in ('train', 'test')],
+                          settings)
+
+  def random_network():
+    config = run.parse_config(['run.py', *run_flags(
+        settings, 'simclr', settings.batch_sizes[0], 0, os.path.join(work_dir, 'random'),
+        data_dir)])
+    tf.keras.utils.set_random_seed(0)
+    model = model_lib.build_model(
+        dataclasses.replace(config.model, num_classes=info.num_classes), settings.image_size)
+    extract = evaluation.FeatureExtractor(strategy, model)
+    return _probe_and_knn(extract(split_data('train')), extract(split_data('test')), settings)
+
+  def supervised():
+    batch_size = settings.batch_sizes[0]
+    model_dir = os.path.join(work_dir, f'supervised_b{batch_size}_s0')
+    if tf.io.gfile.exists(model_dir):  # interrupted: start afresh
+      tf.io.gfile.rmtree(model_dir)
+    results = experiment.run(run.parse_config(
+        ['run.py', *run_flags(settings, 'supervised', batch_size, 0, model_dir, data_dir),
+         '--verbosity=0']))
+    return {'top_1': results['eval/top_1'], 'batch_size': batch_size,
+            'train_seconds': results['train_seconds'],
+            'images_per_second': round(results['global_step'] * batch_size /
+                                       results['train_seconds'], 1)}
+
+  measured('raw_pixels', raw_pixels)
+  measured('random_network', random_network)
+  measured('supervised', supervised)
   return record
 
 
 def baselines_table(baselines):
-  """The baselines' rows, in the columns of markdown_table."""
-  return '\n'.join([
-      '',
-      '| baseline | linear top-1 % | kNN top-1 % |',
-      '| :--- | ---: | ---: |',
-      *(f"| {name} | {100 * baselines[key]['linear_top_1']:.1f} | "
-        f"{100 * baselines[key]['knn_top_1']:.1f} |"
-        for key, name in (('raw_pixels', 'raw pixels'),
-                          ('random_network', 'random network, same shape'))),
-      f"| supervised, same network and epochs (batch {baselines['supervised']['batch_size']}) "
-      f"| {100 * baselines['supervised']['top_1']:.1f} (its own head) | |"]) + '\n'
+  """The baselines measured so far, a row each: linear and kNN top-1."""
+  rows = [f"| {name} | {100 * baselines[key]['linear_top_1']:.1f} | "
+          f"{100 * baselines[key]['knn_top_1']:.1f} |"
+          for key, name in (('raw_pixels', 'raw pixels'),
+                            ('random_network', 'random network, same shape'))
+          if key in baselines]
+  if 'supervised' in baselines:
+    rows.append(f"| supervised, same network and epochs (batch "
+                f"{baselines['supervised']['batch_size']}) | "
+                f"{100 * baselines['supervised']['top_1']:.1f} (its own head) | |")
+  return '\n'.join(['', '| baseline | linear top-1 % | kNN top-1 % |', '| :--- | ---: | ---: |',
+                    *rows]) + '\n'
 
 
 def plot_curves(records, settings, path):
@@ -504,6 +521,9 @@ def parse_args(argv):
   parser.add_argument('--seeds', default=None, help='Comma-separated subset of the seeds.')
   parser.add_argument('--methods', default=None,
                       help=f'Comma-separated subset of the methods {",".join(METHODS)}.')
+  parser.add_argument('--baselines_only', action='store_true',
+                      help='Fashion-MNIST: measure the baselines only (beside a grid process '
+                      'sharing --work_dir); a last --collect makes the table.')
   parser.add_argument('--no_baselines', action='store_true',
                       help='Fashion-MNIST: do not measure the baselines here (another process '
                       'sharing --work_dir does); the table shows them once measured.')
@@ -627,7 +647,7 @@ def main(argv):
     print(f'Reusing {reused} runs of {args.reuse_runs}', flush=True)
   started = time.time()
   load_before = os.getloadavg()
-  records = run_grid(args, settings, work_dir, started)
+  records = [] if args.baselines_only else run_grid(args, settings, work_dir, started)
   baselines = None
   if settings.dataset != 'digits':  # after the grid: an interrupted benchmark keeps its runs
     if args.collect or args.no_baselines:
@@ -638,6 +658,8 @@ def main(argv):
       baselines = measure_baselines(settings, work_dir, args.data_dir, builder,
                                     data_lib.describe(builder, 'train', 'test'))
       print(f'[{time.time() - started:6.0f} s] baselines: {baselines}', flush=True)
+  if args.baselines_only:
+    return baselines
   return write_results(records, settings, args, out_dir, started, load_before, baselines)
 
 
