@@ -303,3 +303,27 @@ def test_evaluator_traces_once_for_the_whole_run_and_follows_the_weights(
   # Three sets of weights, three sets of results.
   assert len({r['eval/regularization_loss'] for r in results}) == 3
   assert len({(r['eval/top_1'], r['eval/knn_top_1']) for r in results}) == 3
+
+
+def test_a_step_evaluated_while_training_is_not_evaluated_again(one_replica, digits, data_dir,
+                                                                tiny_model_config):
+  builder, info = digits
+  with one_replica.scope():
+    model = model_lib.build_model(tiny_model_config(), 16)
+  evaluator = evaluation.Evaluator(
+      one_replica, model, builder, info,
+      evaluation.EvalConfig(eval_batch_size=100, knn_k=20, projector_max_points=0),
+      data=data_lib.DataConfig(dataset='digits', data_dir=data_dir, train_split='train',
+                               eval_split='test', image_size=16),
+      weight_decay=1e-3)
+  knn_calls = []
+  knn = evaluator.knn
+  evaluator.knn = lambda: knn_calls.append(1) or knn()
+  monitored = evaluator.evaluate(5, knn=True, log=False)  # the last --eval_every_epochs one
+  assert evaluator.evaluate(5) == monitored  # the end of training: the same step, not redone
+  assert evaluator.evaluate(5, knn=True) == monitored
+  assert len(knn_calls) == 1
+  model.set_weights([w * 1.5 for w in model.get_weights()])
+  later = evaluator.evaluate(6, knn=True)
+  assert len(knn_calls) == 2 and later['global_step'] == 6
+  assert later['eval/regularization_loss'] > monitored['eval/regularization_loss']
