@@ -186,10 +186,20 @@ def _move_checkpoints_aside(model_dir):
 
 
 def _write_atomically(path, text):
+  """Writes `text` to `path` under another name, then renames it: `path` is never half-written,
+  and a failed write (a full disk) leaves no temporary file behind."""
   temporary = f'{path}.tmp_{os.getpid()}'
-  with tf.io.gfile.GFile(temporary, 'w') as f:
-    f.write(text)
-  tf.io.gfile.rename(temporary, path, overwrite=True)
+  try:
+    with tf.io.gfile.GFile(temporary, 'w') as f:
+      f.write(text)
+    tf.io.gfile.rename(temporary, path, overwrite=True)
+  except BaseException:
+    try:
+      if tf.io.gfile.exists(temporary):
+        tf.io.gfile.remove(temporary)
+    except (tf.errors.OpError, OSError):
+      pass
+    raise
 
 
 def latest(directory):
@@ -415,28 +425,57 @@ def state_fingerprint(model, sogclr=None):
   return text
 
 
-def write_results(model_dir, step, results):
-  """Merges `results` into model_dir/result_<step>.json and returns the merged dict.
+def _file_name_part(text):
+  """`text` (an eval name or split such as 'test[:50%]') as a part of a file name."""
+  return re.sub(r'[^A-Za-z0-9_.=-]', '_', text)
 
-  Keys already there and not recomputed (the probe's, after a --mode=eval run) are kept. The
-  file is written under another name, then renamed: a crash never leaves a truncated json.
+
+def _read_results(path):
+  """The dict in result file `path`, {} when there is none; a file that is not json is moved to
+  `path`.unreadable (kept, not overwritten)."""
+  if not tf.io.gfile.exists(path):
+    return {}
+  with tf.io.gfile.GFile(path) as f:
+    text = f.read()
+  try:
+    return json.loads(text)
+  except json.JSONDecodeError:
+    aside = f'{path}.unreadable'
+    logging.warning('%s is not valid json; moved to %s', path, aside)
+    tf.io.gfile.rename(path, aside, overwrite=True)
+    return {}
+
+
+def write_results(model_dir, step, results):
+  """Merges `results` into model_dir/result_<step>.json (result_<step>_<eval_name>.json when
+  results['eval_name'] is set) and returns the merged dict.
+
+  Keys already there and not recomputed (the probe's, after a --mode=eval run) are kept. An
+  evaluation never overwrites one on another split: when the file records another
+  `eval_split` (or evaluation results without a split), the results go to
+  result_<step>[_<eval_name>]_<split>.json instead. The file is written under another name, then
+  renamed: a crash never leaves a truncated json.
   """
-  path = os.path.join(model_dir, f'result_{step}.json')
-  merged = {}
-  if tf.io.gfile.exists(path):
-    with tf.io.gfile.GFile(path) as f:
-      text = f.read()
-    try:
-      merged = json.loads(text)
-    except json.JSONDecodeError:
-      aside = f'{path}.unreadable'
-      logging.warning('%s is not valid json; moved to %s', path, aside)
-      tf.io.gfile.rename(path, aside, overwrite=True)
+  name = results.get('eval_name')
+  split = results.get('eval_split')
+  path = os.path.join(model_dir, f'result_{step}' + (
+      f'_{_file_name_part(name)}' if name else '') + '.json')
+  merged = _read_results(path)
+  recorded_split = merged.get('eval_split')
+  if recorded_split is None and any(k.startswith(('eval/', 'probe/')) for k in merged):
+    recorded_split = '(not recorded)'
+  if split is not None and recorded_split is not None and recorded_split != split:
+    other = f'{path[:-len(".json")]}_{_file_name_part(split)}.json'
+    logging.warning('%s holds the evaluation on split %s; this one, on split %s, goes to %s.',
+                    path, recorded_split, split, other)
+    path = other
+    merged = _read_results(path)
   merged.update(results)
-  temporary = os.path.join(model_dir, f'.result_{step}.json.tmp_{os.getpid()}')
+  temporary = os.path.join(model_dir, f'.{os.path.basename(path)}.tmp_{os.getpid()}')
   with tf.io.gfile.GFile(temporary, 'w') as f:
     f.write(json.dumps(merged, indent=2, sort_keys=True))
   tf.io.gfile.rename(temporary, path, overwrite=True)
+  logging.info('Results of step %d written to %s.', step, path)
   return merged
 
 
@@ -465,18 +504,81 @@ def append_flags_history(model_dir, entry):
 
 def read_flags(path):
   """(flags dict, file path) of the training run's flags.json in directory `path` (or next to
-  checkpoint prefix `path`; an export holds one), or (None, file path) when there is none."""
+  checkpoint prefix `path`; an export holds one), or (None, file path) when there is none.
+  A file that is not a json object of flags (garbled, `null`, a list) is a ValueError naming it."""
   directory = path if tf.io.gfile.isdir(path) else os.path.dirname(path)
   flags_file = os.path.join(directory, FLAGS_FILE)
   if not tf.io.gfile.exists(flags_file):
     return None, flags_file
-  with tf.io.gfile.GFile(flags_file) as f:
-    text = f.read()
   try:
-    return json.loads(text), flags_file
-  except json.JSONDecodeError as e:
+    with tf.io.gfile.GFile(flags_file, 'rb') as f:
+      values = json.loads(f.read().decode('utf-8'))
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
     raise ValueError(f'{flags_file} is not valid json ({e}); restore it from the run\'s '
                      f'saved_model/<step>/{FLAGS_FILE} or give the model flags') from None
+  if not isinstance(values, dict):
+    raise ValueError(f'{flags_file} does not hold flags (a json object), but '
+                     f'{json.dumps(values)[:40]}; restore it from the run\'s '
+                     f'saved_model/<step>/{FLAGS_FILE} or give the model flags')
+  return values, flags_file
+
+
+def read_flags_history(model_dir):
+  """The entries (dicts, oldest first) of model_dir/flags_history.jsonl; [] when there is none.
+  A line that is not a json object (or a file that is not UTF-8) is a ValueError naming the file
+  and the line."""
+  path = os.path.join(model_dir, HISTORY_FILE)
+  if not tf.io.gfile.exists(path):
+    return []
+  with tf.io.gfile.GFile(path, 'rb') as f:
+    data = f.read()
+  entries = []
+  for number, line in enumerate(data.split(b'\n'), 1):
+    if not line.strip():
+      continue
+    try:
+      entry = json.loads(line.decode('utf-8'))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+      entry = e
+    if not isinstance(entry, dict):
+      reason = f' ({entry})' if isinstance(entry, Exception) else ''
+      raise ValueError(f'{path} line {number} is not a json record of a start{reason}; move '
+                       'the file aside (it is the log of the run\'s starts) and rerun')
+    entries.append(entry)
+  return entries
+
+
+def mark_diverged(model_dir, starts_before, step):
+  """Marks the start that flags_history.jsonl recorded after its first `starts_before` entries
+  (this process' start, if it got that far) as diverged at `step`: it is no longer the run's
+  record of its flags."""
+  entries = read_flags_history(model_dir)
+  if len(entries) <= starts_before:
+    return False
+  entries[-1]['diverged_at_step'] = step
+  _write_atomically(os.path.join(model_dir, HISTORY_FILE), ''.join(
+      json.dumps(e, sort_keys=True) + '\n' for e in entries))
+  return True
+
+
+def read_text(path):
+  """The text of file `path`, or None when there is none."""
+  if not tf.io.gfile.exists(path):
+    return None
+  with tf.io.gfile.GFile(path, 'rb') as f:
+    return f.read()
+
+
+def put_back(path, data):
+  """Writes `data` (bytes, as read_text read it) back to `path`, or removes `path` when None."""
+  if data is None:
+    if tf.io.gfile.exists(path):
+      tf.io.gfile.remove(path)
+    return
+  temporary = f'{path}.tmp_{os.getpid()}'
+  with tf.io.gfile.GFile(temporary, 'wb') as f:
+    f.write(data)
+  tf.io.gfile.rename(temporary, path, overwrite=True)
 
 
 def export(model, step, write_dir, *, image_size, keep, model_dir, chief=True):

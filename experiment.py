@@ -124,6 +124,9 @@ def prepare(config):
   _log_setup(config, strategy, info)
   check_batch_size(config.loop.train_batch_size, strategy.num_replicas_in_sync,
                    info.num_train_examples, config.data.train_split)
+  if not info.num_eval_examples:
+    raise ValueError(f'--eval_split={config.data.eval_split!r} holds no images of dataset '
+                     f'{info.name!r}')
   if config.eval.knn_monitor and not info.label_key:
     raise ValueError(f'--knn_monitor needs labels; dataset {info.name!r} has none')
   if config.loop.eval_every(1) and config.mode != 'eval' and not info.label_key:
@@ -233,8 +236,18 @@ def train_and_evaluate(config, setup, model):
   evaluator = _evaluator(config, setup, model, summary_writer)
   if initial_step < setup.total_steps:
     monitored = []
-    seconds = _train(config, setup, trainer, manager, summary_writer, learning_rate,
-                     _monitor(config, setup, evaluator, monitored))
+    flags_file = os.path.join(config.model_dir, checkpoints.FLAGS_FILE)
+    recorded_before = checkpoints.read_text(flags_file) if setup.chief else None
+    starts_before = len(checkpoints.read_flags_history(config.model_dir)) if setup.chief else 0
+    try:
+      seconds = _train(config, setup, trainer, manager, summary_writer, learning_rate,
+                       _monitor(config, setup, evaluator, monitored))
+    except FloatingPointError:
+      if setup.chief:  # a diverged start is not the run's record of its flags
+        checkpoints.put_back(flags_file, recorded_before)
+        checkpoints.mark_diverged(config.model_dir, starts_before,
+                                  int(optimizer.iterations.numpy()))
+      raise
     results['train_seconds'] = round(seconds, 1)
     if monitored:
       results['monitor'] = monitored
@@ -252,6 +265,7 @@ def train_and_evaluate(config, setup, model):
   # The probe fits on the features one host sees: multi-worker runs skip it.
   if config.pretrain and distribution_lib.num_workers(strategy) == 1:
     results.update(evaluator.probe(step))
+  results['eval_split'] = config.data.eval_split
   if setup.chief:
     checkpoints.write_results(config.model_dir, step, results)
     write_hparams(summary_writer, config, step, results)
@@ -310,7 +324,8 @@ def _monitor(config, setup, evaluator, monitored):
     monitored.append(record)
     if setup.chief:
       checkpoints.write_results(config.model_dir, step, results | {
-          'eval_seconds': record['eval_seconds'], 'train_seconds_so_far': record['train_seconds']})
+          'eval_seconds': record['eval_seconds'], 'train_seconds_so_far': record['train_seconds'],
+          'eval_split': config.data.eval_split})
 
   return on_eval
 
@@ -416,11 +431,15 @@ def check_same_run(config, total_steps):
   """Raises ValueError listing the run-defining flags that differ from those recorded in
   model_dir/flags.json when model_dir holds checkpoints to resume (unless allowed by name);
   logs the other changes (a longer training, another learning rate)."""
+  # Read first, whatever else: a history that cannot be appended to later stops the run now.
+  history = checkpoints.read_flags_history(config.model_dir)
   if not checkpoints.list_checkpoints(config.model_dir):
     return
-  recorded, flags_file = checkpoints.read_flags(config.model_dir)
-  if recorded is None:
+  if 'all' in config.allow_flag_changes:
+    logging.warning('--allow_flag_changes=all: resuming %s without checking its flags.',
+                    config.model_dir)
     return
+  recorded, flags_file = run_record(config.model_dir, history)
   # A run recorded before the gamma schedule and iSogCLR existed ran with their defaults.
   defaults = dataclasses.asdict(trainer_lib.ObjectiveConfig())
   recorded = {name: defaults[name] for name in GAMMA_FLAGS + ISOGCLR_FLAGS} | recorded
@@ -448,6 +467,48 @@ def check_same_run(config, total_steps):
                      f'--model_dir, or pass --allow_flag_changes={names}')
   for name, (old, new) in changed.items():
     logging.info('Resuming with --%s=%r (was %r in %s).', name, new, old, flags_file)
+
+
+def run_record(model_dir, history=None):
+  """(the flags the run in model_dir was started with, where they were read): its flags.json;
+  when that is missing or unreadable, the newest start in flags_history.jsonl that did not
+  diverge, then the flags.json of its newest export (with a warning saying so). A ValueError
+  when none of them is there: a resume never goes unchecked."""
+  try:
+    recorded, flags_file = checkpoints.read_flags(model_dir)
+    problem = f'{flags_file} is missing'
+  except ValueError as e:
+    recorded, flags_file, problem = None, None, str(e).split('; restore')[0]
+  if recorded is not None:
+    return recorded, flags_file
+  if history is None:
+    history = checkpoints.read_flags_history(model_dir)
+  history_file = os.path.join(model_dir, checkpoints.HISTORY_FILE)
+  starts = [e for e in history
+            if isinstance(e.get('flags'), dict) and 'diverged_at_step' not in e]
+  if starts:
+    source = (f"{history_file} (its start of {starts[-1].get('started_utc', '?')}, as "
+              f"{checkpoints.FLAGS_FILE} cannot be read)")
+    logging.warning('%s; checking the run\'s identity against the flags of %s.', problem,
+                    source)
+    return starts[-1]['flags'], source
+  exports = os.path.join(model_dir, 'saved_model')
+  steps = sorted((int(n.rstrip('/')) for n in (
+      tf.io.gfile.listdir(exports) if tf.io.gfile.isdir(exports) else [])
+      if n.rstrip('/').isdigit()), reverse=True)
+  for step in steps:
+    try:
+      recorded, source = checkpoints.read_flags(os.path.join(exports, str(step)))
+    except ValueError:
+      continue
+    if recorded is not None:
+      logging.warning('%s and %s holds no start; checking the run\'s identity against %s.',
+                      problem, history_file, source)
+      return recorded, source
+  raise ValueError(f'--model_dir={model_dir!r} holds checkpoints but no record of the flags its '
+                   f'run was started with ({problem}; {history_file} holds no start): restore '
+                   f'{checkpoints.FLAGS_FILE}, or pass --allow_flag_changes=all to resume with '
+                   'the flags given')
 
 
 def _record_flags(config, initial_step):
@@ -516,7 +577,7 @@ def evaluate_checkpoints(config, setup, model):
       # The training run keeps its newest checkpoints only: this one went before its turn.
       logging.warning('%s was deleted before it could be evaluated; skipped.', path)
       continue
-    results = evaluator.evaluate(step)
+    results = {**evaluator.evaluate(step), 'eval_split': config.data.eval_split}
     if setup.chief:
       checkpoints.write_results(config.model_dir, step, results)
     _export(config, setup, model, step)
@@ -540,7 +601,8 @@ def _evaluate_one(config, setup, model, evaluator):
     raise ValueError(f'--checkpoint={config.checkpoint!r}: {e}; give the training run\'s model '
                      'flags (its flags.json lists them) or leave them out') from None
   logging.info('Evaluating %s (step %d).', config.checkpoint, step)
-  results = {**evaluator.evaluate(step), 'checkpoint': config.checkpoint}
+  results = {**evaluator.evaluate(step), 'checkpoint': config.checkpoint,
+             'eval_split': config.data.eval_split}
   if setup.chief:
     checkpoints.write_results(config.model_dir, step, results)
   else:

@@ -6,6 +6,8 @@ config the command line would, without absl:
 
   config = settings.config_of(values, given=set(values))   # ValueError names the flag
 """
+import math
+import re
 import types
 
 from absl import logging
@@ -16,6 +18,7 @@ import distribution
 import evaluation
 import experiment
 import model as model_lib
+import resnet
 import trainer as trainer_lib
 
 
@@ -41,6 +44,11 @@ def validate_flags(values):
   v = types.SimpleNamespace(**values)
   if not v.model_dir:
     raise ValueError('--model_dir is required (checkpoints, summaries and flags.json go there)')
+  for name, value in values.items():  # NaN passes every comparison below
+    if isinstance(value, float) and not math.isfinite(value):
+      raise ValueError(f'--{name} must be a finite number, got {value}')
+  if v.resnet_depth not in resnet.DEPTHS:
+    raise ValueError(f'--resnet_depth={v.resnet_depth} is not one of {list(resnet.DEPTHS)}')
   if v.temperature <= 0:
     raise ValueError(f'--temperature must be positive, got {v.temperature}')
   if not 0 < v.gamma <= 1:
@@ -55,11 +63,17 @@ def validate_flags(values):
     if values[name] <= 0:
       raise ValueError(f'--{name} must be positive, got {values[name]}')
   _check_ranges(values)
+  if v.eval_name is not None and not re.fullmatch(r'[A-Za-z0-9_.=-]+', v.eval_name):
+    raise ValueError(f'--eval_name={v.eval_name!r} must be a plain name (letters, digits, '
+                     "'_', '-', '.', '='): it names the directory model_dir/eval_<name>")
   if v.knn_temperature <= 0:
     raise ValueError(f'--knn_temperature must be positive, got {v.knn_temperature}')
   if v.keep_hub_module_max < 0:
     raise ValueError(f'--keep_hub_module_max must be >= 0 (0 = no export), got '
                      f'{v.keep_hub_module_max}')
+  if v.train_mode == 'pretrain' and v.mode != 'eval' and v.train_batch_size < 2:
+    raise ValueError(f'--train_batch_size={v.train_batch_size} leaves a contrastive batch '
+                     'without negatives; pretraining needs at least 2 images')
   if v.train_mode == 'finetune' and v.mode != 'eval' and not v.checkpoint:
     logging.warning('--train_mode=finetune without --checkpoint trains from scratch.')
   # The standard stem divides the image by 32, the CIFAR stem by 8.
@@ -107,7 +121,7 @@ RANGES = (
     ('proj_out_dim', 1, False), ('num_proj_layers', 0, False), ('log_every_seconds', 0, False),
     ('probe_max_examples', 0, False), ('batch_norm_decay', 0, False),
     ('eval_every_epochs', 0, False), ('eval_every_steps', 0, False),
-    ('step_timeout_seconds', 0, False),
+    ('step_timeout_seconds', 0, False), ('seed', 0, False),
     ('fine_tune_after_block', -1, False))
 
 

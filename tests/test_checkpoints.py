@@ -5,6 +5,7 @@ resumes from, the run lock, discarding a checkpoint and removing half-written sa
 import glob
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -82,6 +83,31 @@ def test_write_results_merges_and_never_leaves_a_truncated_file(tmp_path, monkey
   assert checkpoints.write_results(str(tmp_path), 7, {'global_step': 7}) == {'global_step': 7}
   assert (tmp_path / 'result_7.json.unreadable').read_text() == '{"probe/top_1": 0.'
   assert sorted(os.listdir(tmp_path)) == ['result_7.json', 'result_7.json.unreadable']
+
+
+def test_results_of_another_eval_name_or_split_never_overwrite_a_step_s_results(tmp_path):
+  # Finding (issue 24): --mode=eval --eval_name=on_train --eval_split=train on a finished run
+  # replaced the test split's eval/top_1 in result_<step>.json, no split recorded.
+  model_dir = str(tmp_path)
+  test = {'eval/top_1': 0.2028, 'eval_split': 'test', 'train_seconds': 9.0}
+  checkpoints.write_results(model_dir, 20, test)
+  checkpoints.write_results(model_dir, 20, {'eval/top_1': 0.1747, 'eval_split': 'train',
+                                            'eval_name': 'on_train'})
+  checkpoints.write_results(model_dir, 20, {'eval/top_1': 0.5, 'eval_split': 'test[:50%]'})
+  checkpoints.write_results(model_dir, 20, {'eval/top_1': 0.3, 'eval_split': 'train',
+                                            'eval_name': 'on_train'})
+  read = {name: json.load(open(os.path.join(model_dir, name)))
+          for name in os.listdir(model_dir)}
+  assert read == {
+      'result_20.json': test,
+      'result_20_on_train.json': {'eval/top_1': 0.3, 'eval_split': 'train',
+                                  'eval_name': 'on_train'},
+      'result_20_test__50__.json': {'eval/top_1': 0.5, 'eval_split': 'test[:50%]'}}
+  # A file written before splits were recorded is not overwritten by an evaluation either.
+  open(os.path.join(model_dir, 'result_30.json'), 'w').write('{"eval/top_1": 0.1}')
+  checkpoints.write_results(model_dir, 30, {'eval/top_1': 0.9, 'eval_split': 'test'})
+  assert json.load(open(os.path.join(model_dir, 'result_30.json'))) == {'eval/top_1': 0.1}
+  assert json.load(open(os.path.join(model_dir, 'result_30_test.json')))['eval/top_1'] == 0.9
 
 
 def test_flags_file_round_trips_from_its_directory_or_a_checkpoint_prefix_in_it(tmp_path):
@@ -381,6 +407,11 @@ def test_unreadable_flags_json_is_an_error_naming_the_file(tmp_path):
   open(os.path.join(tmp_path, 'flags.json'), 'w').close()
   with pytest.raises(ValueError, match=r'flags\.json is not valid json \(Expecting value'):
     checkpoints.read_flags(str(tmp_path))
+  for text in ('null', '[]', '"a string"'):  # issue 24: a TypeError later
+    open(os.path.join(tmp_path, 'flags.json'), 'w').write(text)
+    with pytest.raises(ValueError, match=rf'flags\.json does not hold flags \(a json object\), '
+                                         rf'but {re.escape(text)}'):
+      checkpoints.read_flags(str(tmp_path))
 
 
 def test_iterate_checkpoints_yields_each_once_in_step_order_including_new_ones(tmp_path):

@@ -214,6 +214,29 @@ def test_divergence_stops_with_the_step_range_and_keeps_the_last_good_checkpoint
 
 
 @pytest.mark.slow
+def test_a_run_whose_batch_norm_statistics_diverge_saves_nothing_and_records_no_flags(
+    tmp_path, tiny, run_cli):
+  # Finding (issue 24): Adam at 1e9 kept the loss finite (4e13) while the BatchNorm moving
+  # variances went to inf; the run exited 0, every checkpoint held inf, flags.json its flags.
+  model_dir = str(tmp_path / 'run')
+  # The demo's width and batch (the tiny run's weights stay finite at this rate).
+  args = [f for f in tiny if not f.startswith(('--learning_rate', '--width_multiplier',
+                                               '--train_batch_size', '--num_proj_layers',
+                                               '--proj_out_dim'))]
+  code, err = run_cli(*args, f'--model_dir={model_dir}', '--learning_rate=1e9',
+                      '--width_multiplier=0.25', '--train_batch_size=32',
+                      '--train_steps=20', '--checkpoint_steps=5', '--probe_max_examples=0',
+                      '--keep_hub_module_max=0')
+  assert code == 1, err[-2000:]
+  assert re.search(r'error: Non-finite \(or overflowing\) state between steps 1 and 5 \(.*'
+                   r'moving_variance.*no checkpoint of this run is kept', err, re.M), err[-2000:]
+  assert not glob.glob(os.path.join(model_dir, 'ckpt-*'))
+  assert not os.path.exists(os.path.join(model_dir, 'flags.json'))
+  starts = checkpoints.read_flags_history(model_dir)
+  assert [s['diverged_at_step'] for s in starts] == [5]
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize('precision', ['float32', 'bfloat16'])
 def test_sogclr_trains_finite_at_temperature_001(tmp_path, tiny, run_main, precision):
   # exp(1/0.01) overflows float32: the log-domain u table and float32 loss math must not.
@@ -747,3 +770,50 @@ def test_a_run_recorded_before_the_gamma_schedule_ran_with_a_constant_gamma(tmp_
                                                    'temperature': 0.1})
   experiment.check_same_run(_config(simclr_dir, loss='simclr', gamma=0.5,
                                     gamma_schedule='cosine', isogclr_rho=1.0), 100)
+
+
+@pytest.mark.parametrize('damage', ['missing', 'null', 'list', 'string', 'garbled'])
+def test_resume_identity_falls_back_to_the_history_when_flags_json_cannot_be_read(
+    tmp_path, damage, caplog):
+  # Finding (issue 24): a missing or null flags.json turned the identity check off (the resume
+  # with another temperature, batch and loss went through); [] or a string was a TypeError.
+  recorded = {'resolved_loss': 'sogclr', 'temperature': 0.1, 'gamma': 0.9}
+  model_dir = _recorded_run(tmp_path, recorded)
+  checkpoints.append_flags_history(model_dir, {'started_utc': 'then', 'from_step': 0,
+                                               'flags': recorded})
+  flags_file = os.path.join(model_dir, 'flags.json')
+  if damage == 'missing':
+    os.remove(flags_file)
+  else:
+    text = {'null': 'null', 'list': '[]', 'string': '"x"', 'garbled': '{"tempera'}[damage]
+    open(flags_file, 'w').write(text)
+  experiment.check_same_run(_config(model_dir, loss='sogclr'), 100)
+  assert 'checking the run\'s identity against the flags of' in caplog.text
+  with pytest.raises(ValueError, match=r"--temperature=0\.5 \(was 0\.1\); recorded in "
+                                       r'.*flags_history\.jsonl \(its start of then'):
+    experiment.check_same_run(_config(model_dir, loss='sogclr', temperature=0.5), 100)
+
+
+def test_resume_identity_skips_a_diverged_start_and_needs_some_record(tmp_path):
+  model_dir = _recorded_run(tmp_path, {'resolved_loss': 'sogclr', 'temperature': 0.1})
+  os.remove(os.path.join(model_dir, 'flags.json'))
+  with pytest.raises(ValueError, match=r'holds checkpoints but no record of the flags its run was '
+                                       r'started with \(.*flags\.json is missing'):
+    experiment.check_same_run(_config(model_dir, loss='sogclr', temperature=0.5), 100)
+  experiment.check_same_run(dataclasses.replace(
+      _config(model_dir, loss='sogclr', temperature=0.5), allow_flag_changes=('all',)), 100)
+  for temperature, diverged in ((0.1, None), (0.5, 12)):
+    checkpoints.append_flags_history(model_dir, {'flags': {'resolved_loss': 'sogclr',
+                                                           'temperature': temperature}})
+    if diverged:
+      assert checkpoints.mark_diverged(model_dir, 1, diverged)
+  with pytest.raises(ValueError, match=r'--temperature=0\.5 \(was 0\.1\)'):
+    experiment.check_same_run(_config(model_dir, loss='sogclr', temperature=0.5), 100)
+
+
+def test_a_history_that_is_not_utf8_is_an_error_naming_it_before_training(tmp_path):
+  model_dir = _recorded_run(tmp_path, {'resolved_loss': 'sogclr', 'temperature': 0.1})
+  open(os.path.join(model_dir, 'flags_history.jsonl'), 'wb').write(b'{"a": 1}\n\xff\xfe\n')
+  with pytest.raises(ValueError, match=r'flags_history\.jsonl line 2 is not a json record of a '
+                                       r"start \('utf-8' codec"):
+    experiment.check_same_run(_config(model_dir, loss='sogclr'), 100)
