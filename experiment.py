@@ -264,12 +264,27 @@ def train_and_evaluate(config, setup, model):
   logging.info('Final state at step %d: %s', step, checkpoints.state_fingerprint(model, sogclr))
   # The probe fits on the features one host sees: multi-worker runs skip it.
   if config.pretrain and distribution_lib.num_workers(strategy) == 1:
-    results.update(evaluator.probe(step))
+    results.update(_probe(config, evaluator, step))
   results['eval_split'] = config.data.eval_split
   if setup.chief:
     checkpoints.write_results(config.model_dir, step, results)
     write_hparams(summary_writer, config, step, results)
   return results
+
+
+def _probe(config, evaluator, step):
+  """The probe's results; {} (and a warning saying why) when the train split has no labels to
+  fit it on (STL-10's unlabelled split marks every label -1): the run's other results stand."""
+  try:
+    return evaluator.probe(step)
+  except tf.errors.InvalidArgumentError as e:
+    if 'label outside' not in e.message:
+      raise
+    logging.warning('No linear probe: the train split %r has labels outside [0, %d) (an '
+                    'unlabelled split?), which a probe cannot fit on; for a linear evaluation, '
+                    'fine-tune from this run on a labelled split (--fine_tune_after_block=4).',
+                    config.data.train_split, evaluator.info.num_classes)
+    return {'probe/skipped': 'train split without labels in [0, num_classes)'}
 
 
 # The results the HParams dashboard shows next to the run-defining flags.

@@ -817,3 +817,34 @@ def test_a_history_that_is_not_utf8_is_an_error_naming_it_before_training(tmp_pa
   with pytest.raises(ValueError, match=r'flags_history\.jsonl line 2 is not a json record of a '
                                        r"start \('utf-8' codec"):
     experiment.check_same_run(_config(model_dir, loss='sogclr'), 100)
+
+
+@pytest.mark.slow
+def test_pretraining_on_an_unlabelled_split_ends_with_its_results_and_no_probe(
+    tmp_path, tiny, run_main, caplog):
+  # Finding (issue 24): the README's STL-10 case (labels -1, --lineareval_while_pretraining=
+  # False) trained to the end, then the end-of-run probe stopped the run: rc 1, no result.
+  import tensorflow_datasets as tfds  # noqa: PLC0415
+
+  import imagenet  # noqa: PLC0415
+
+  def image(i):
+    pixels = np.random.RandomState(i).randint(0, 256, (16, 16, 3), np.uint8)
+    return tf.io.encode_png(pixels).numpy()
+
+  features = tfds.features.FeaturesDict({
+      'image': tfds.features.Image(shape=(16, 16, 3), encoding_format='png'),
+      'label': tfds.features.Scalar(dtype=np.int64)})
+  data_dir = str(tmp_path / 'tfds')
+  imagenet.write_dataset('minus_one', features, {
+      'unlabelled': [{'image': image(i), 'label': -1} for i in range(48)],
+      'test': [{'image': image(100 + i), 'label': i % 3} for i in range(12)]}, data_dir)
+  model_dir = str(tmp_path / 'run')
+  args = [f for f in tiny if not f.startswith(('--data_dir', '--dataset', '--eval_batch_size'))]
+  results = run_main(*args, f'--data_dir={data_dir}', '--dataset=minus_one', '--num_classes=3',
+                     '--train_split=unlabelled', '--eval_batch_size=4', '--train_steps=2',
+                     '--lineareval_while_pretraining=False', f'--model_dir={model_dir}',
+                     '--keep_hub_module_max=0')
+  assert 'No linear probe: the train split \'unlabelled\' has labels outside [0, 3)' in caplog.text
+  saved = json.load(open(os.path.join(model_dir, 'result_2.json')))
+  assert saved == results and saved['global_step'] == 2 and 'probe/top_1' not in saved
