@@ -687,36 +687,81 @@ class RunLock:
     return None
 
   def _create(self, text):
+    """Creates the lock file holding `text` unless it exists; True when this call created it."""
     if '://' in self.path:
       with tf.io.gfile.GFile(self.path, 'w') as f:
         f.write(text)
       time.sleep(1.0)
       return self._read() == json.loads(text)
+    # Written whole under a name of its own, then linked into place: the lock file appears
+    # with its content (a reader never sees it empty) and link() fails if it exists.
+    temporary = f'{self.path}.new_{os.getpid()}_{threading.get_ident()}'
     try:
-      descriptor = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+      with open(temporary, 'w') as f:
+        f.write(text)
+      os.link(temporary, self.path)
+      return True
     except FileExistsError:
       return False
-    with os.fdopen(descriptor, 'w') as f:
-      f.write(text)
-    return True
+    finally:
+      if os.path.exists(temporary):
+        os.remove(temporary)
+
+  def _take_over(self, holder):
+    """Removes the stale lock file `holder` was read from, unless another process did so (or
+    took the lock) first; True when it was removed here. Locally the removal happens under
+    run.lock.takeover, created exclusively, so two processes that both saw the stale lock
+    cannot remove each other's fresh one."""
+    if '://' in self.path:
+      try:
+        tf.io.gfile.remove(self.path)
+      except tf.errors.NotFoundError:
+        pass
+      return True
+    mutex = f'{self.path}.takeover'
+    try:
+      descriptor = os.open(mutex, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    except FileExistsError:
+      try:  # left by a process killed while taking over (it takes milliseconds)
+        if time.time() - os.path.getmtime(mutex) > 30:
+          os.remove(mutex)
+      except OSError:
+        pass
+      return False
+    try:
+      os.close(descriptor)
+      if self._read() != holder:  # taken over (or released) meanwhile: decide afresh
+        return False
+      os.remove(self.path)
+      return True
+    finally:
+      os.remove(mutex)
 
   def acquire(self):
     """Takes the lock or raises ValueError naming the live run that holds it."""
-    holder = self._read()
-    if holder is not None:
-      reason = self._stale_reason(holder)
-      if reason is None:
-        raise ValueError(self._held_message(holder))
-      logging.warning('Taking over %s from a run that is gone (%s): %s', self.path, reason,
-                      holder)
-      tf.io.gfile.remove(self.path)
     now = time.time()
     self.record = {'host': socket.gethostname(), 'pid': os.getpid(),
                    'start_ticks': _process_start_ticks(os.getpid()), 'since': now,
                    'since_utc': time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime(now)),
                    'heartbeat': now}
-    if not self._create(json.dumps(self.record)):
-      raise ValueError(self._held_message(self._read() or {}))
+    for _ in range(200):  # each round is decided by another process' progress
+      holder = self._read()
+      if holder is None:
+        if self._create(json.dumps(self.record)):
+          break
+        continue  # created by another start meanwhile: read who holds it
+      reason = self._stale_reason(holder)
+      if reason is None:
+        self.record = None
+        raise ValueError(self._held_message(holder))
+      if self._take_over(holder):
+        logging.warning('Taking over %s from a run that is gone (%s): %s', self.path, reason,
+                        holder)
+      else:
+        time.sleep(0.01)
+    else:
+      self.record = None
+      raise ValueError(f'could not take {self.path}: other starts kept changing it; retry')
     self._thread = threading.Thread(target=self._beat, daemon=True, name='run-lock-heartbeat')
     self._thread.start()
     return self
