@@ -237,6 +237,31 @@ def remove_stale_saves(model_dir):
   return removed
 
 
+def remove_abandoned_exports(model_dir, min_age_seconds=600):
+  """Removes the half-written exports (saved_model/.tmp_<step>_<pid>) of processes that no
+  longer run on this host and that were last touched over `min_age_seconds` ago (an evaluation
+  killed while exporting; an export of another host is written within seconds); local
+  directories only. For --mode=eval, which takes no lock. Returns the paths removed."""
+  if '://' in model_dir:
+    return []
+  removed = []
+  for path in tf.io.gfile.glob(os.path.join(model_dir, 'saved_model', '.tmp_*_*')):
+    pid = os.path.basename(path).rsplit('_', 1)[1]
+    try:
+      age = time.time() - max(os.path.getmtime(os.path.join(root, name))
+                              for root, dirs, files in os.walk(path)
+                              for name in ['.', *dirs, *files])
+    except OSError:
+      continue
+    if pid.isdigit() and _process_start_ticks(int(pid)) is None and age > min_age_seconds:
+      tf.io.gfile.rmtree(path)
+      removed.append(path)
+  if removed:
+    logging.warning('Removed half-written exports of processes that are gone: %s',
+                    ', '.join(removed))
+  return removed
+
+
 def save(manager, step):
   """manager.save(step); a failed save (a full disk, say) leaves no partial checkpoint and is a
   ValueError naming the checkpoint, the last complete one and the cause."""
@@ -263,6 +288,12 @@ def checkpoint_prefix(path):
   if not tf.io.gfile.exists(path + '.index'):
     raise ValueError(f'--checkpoint={path!r} does not exist (expected a checkpoint prefix, a '
                      'directory holding checkpoints or a SavedModel export)')
+  try:
+    tf.train.list_variables(path)
+  except (tf.errors.OpError, ValueError) as e:
+    raise ValueError(f'--checkpoint={path!r} cannot be read ({short_reason(e)}): its '
+                     f'{os.path.basename(path)}.index is damaged or not a checkpoint '
+                     'index') from None
   return path
 
 

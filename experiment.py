@@ -77,6 +77,7 @@ def check_batch_size(global_batch_size, num_replicas, num_examples, split):
 def run(config):
   """Runs the job `config` describes; returns its results dict."""
   lock = setup = None
+  created = not tf.io.gfile.exists(config.model_dir)
   try:
     setup = prepare(config)
     if config.mode != 'eval' and setup.chief:
@@ -99,6 +100,16 @@ def run(config):
       tf.io.gfile.rmtree(setup.write_dir)
     # The compute policy is process-global: a caller (a notebook, the tests) gets float32 back.
     tf.keras.mixed_precision.set_global_policy('float32')
+    if created and (setup is None or setup.chief):  # bad input leaves no empty model_dir
+      _remove_if_empty(config.model_dir)
+
+
+def _remove_if_empty(directory):
+  try:
+    if tf.io.gfile.isdir(directory) and not tf.io.gfile.listdir(directory):
+      tf.io.gfile.rmtree(directory)
+  except (tf.errors.OpError, OSError):
+    pass
 
 
 def prepare(config):
@@ -577,6 +588,8 @@ def evaluate_checkpoints(config, setup, model):
   chief writes result_<step>.json; another worker's export directory is removed at the end.
   """
   evaluator = _evaluator(config, setup, model, _summary_writer(config, setup))
+  if setup.chief:
+    checkpoints.remove_abandoned_exports(config.model_dir)
   if config.checkpoint:
     return _evaluate_one(config, setup, model, evaluator)
   results = None

@@ -11,6 +11,7 @@ import re
 import types
 
 from absl import logging
+import tensorflow as tf
 
 import checkpoints
 import data as data_lib
@@ -121,7 +122,7 @@ RANGES = (
     ('proj_out_dim', 1, False), ('num_proj_layers', 0, False), ('log_every_seconds', 0, False),
     ('probe_max_examples', 0, False), ('batch_norm_decay', 0, False),
     ('eval_every_epochs', 0, False), ('eval_every_steps', 0, False),
-    ('step_timeout_seconds', 0, False), ('seed', 0, False),
+    ('step_timeout_seconds', 0, False), ('seed', 0, False), ('startup_timeout_seconds', 0, False),
     ('fine_tune_after_block', -1, False))
 
 
@@ -221,8 +222,21 @@ def build_config(values):
       distribution=distribution.DistributionConfig(
           use_tpu=v.use_tpu, tpu_name=v.tpu_name, tpu_zone=v.tpu_zone,
           gcp_project=v.gcp_project, master=v.master, mixed_precision=v.mixed_precision,
-          jit_compile=v.jit_compile),
+          jit_compile=v.jit_compile, startup_timeout_seconds=v.startup_timeout_seconds),
       flags=types.MappingProxyType(dict(values)))
+
+
+def _check_evaluated_run(model_dir, given):
+  """--mode=eval of model_dir's checkpoints: the directory exists and, unless the data is given,
+  records the training run's flags (else the default dataset would be the one named missing)."""
+  if not tf.io.gfile.isdir(model_dir):
+    raise ValueError(f'--model_dir={model_dir!r} does not exist: --mode=eval evaluates the '
+                     'checkpoints of a training run there (check the path, or start the '
+                     'training run first)')
+  if 'dataset' not in given and checkpoints.read_flags(model_dir)[0] is None:
+    raise ValueError(f'--model_dir={model_dir!r} holds no {checkpoints.FLAGS_FILE} (its training '
+                     'run has not started yet, or it is not a run\'s directory): start the '
+                     'training run first, or give its --dataset and model flags')
 
 
 def config_of(values, given):
@@ -232,6 +246,7 @@ def config_of(values, given):
   if values['mode'] == 'eval' and values['checkpoint']:  # one checkpoint or export
     values = inherit_flags(values, given, values['checkpoint'], ARCHITECTURE_FLAGS + EVAL_FLAGS)
   elif values['mode'] == 'eval' and values['model_dir']:
+    _check_evaluated_run(values['model_dir'], given)
     values = inherit_flags(values, given, values['model_dir'], ARCHITECTURE_FLAGS + EVAL_FLAGS)
   elif values['checkpoint'] and values['train_mode'] == 'finetune':
     values = inherit_flags(values, given, values['checkpoint'])

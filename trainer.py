@@ -655,7 +655,7 @@ class StopRequest(threading.Event):
 class stop_on_signals:  # noqa: N801  (a context manager, named like one)
   """While training runs, SIGTERM (the preemption notice of cloud VMs) and a first Ctrl-C
   (SIGINT) set `event` (a StopRequest): the loop saves at the next step boundary and stops. A
-  second Ctrl-C interrupts at once (KeyboardInterrupt), without saving."""
+  second Ctrl-C ends the process at once (exit code 130), without saving."""
 
   SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
@@ -666,7 +666,11 @@ class stop_on_signals:  # noqa: N801  (a context manager, named like one)
   def _handle(self, signum, frame):
     del frame
     if signum == signal.SIGINT and self.event.is_set():
-      raise KeyboardInterrupt
+      # At once: unwinding from here (the first call traces, its threads hold locks) printed a
+      # traceback or blocked for minutes. The run lock is taken over by the next start.
+      print('interrupted: stopped by a second Ctrl-C, at once; nothing was saved since the last '
+            'checkpoint', file=sys.stderr, flush=True)
+      os._exit(128 + signal.SIGINT)
     self.event.signal_number = signum
     self.event.set()
     if signum == signal.SIGINT:

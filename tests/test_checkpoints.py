@@ -435,6 +435,33 @@ def test_remove_stale_saves_removes_what_interrupted_saves_leave(tmp_path):
   assert os.path.exists(os.path.join(model_dir, 'ckpt-20.index'))
 
 
+def test_abandoned_exports_of_gone_processes_are_removed_once_old(tmp_path):
+  # Issue 24: a killed evaluation left saved_model/.tmp_<step>_<pid> forever (--mode=eval takes
+  # no lock, so the training run's clean-up at start did not run).
+  gone = subprocess.run([sys.executable, '-c', 'import os; print(os.getpid())'],
+                        capture_output=True, text=True, check=True).stdout.strip()
+  model_dir = str(tmp_path)
+  paths = {name: os.path.join(model_dir, 'saved_model', name)
+           for name in (f'.tmp_30_{gone}', f'.tmp_40_{os.getpid()}', f'.tmp_50_{gone}')}
+  for name, path in paths.items():
+    os.makedirs(os.path.join(path, 'variables'))
+    if name != f'.tmp_50_{gone}':  # an hour old; .tmp_50 is being written right now
+      for root, dirs, _ in os.walk(path):
+        for entry in [root, *(os.path.join(root, d) for d in dirs)]:
+          os.utime(entry, (time.time() - 3600, time.time() - 3600))
+  assert checkpoints.remove_abandoned_exports(model_dir) == [paths[f'.tmp_30_{gone}']]
+  assert sorted(os.listdir(os.path.join(model_dir, 'saved_model'))) == [
+      f'.tmp_40_{os.getpid()}', f'.tmp_50_{gone}']
+
+
+def test_a_damaged_checkpoint_index_is_an_error_naming_the_checkpoint(tmp_path):
+  # Issue 24: 'OpError: file is too short to be an sstable', the path not named.
+  (tmp_path / 'ckpt-5.index').write_text('garbage')
+  with pytest.raises(ValueError, match=r"^--checkpoint='.*ckpt-5' cannot be read \(.*sstable.*\): "
+                                       r'its ckpt-5\.index is damaged'):
+    checkpoints.checkpoint_prefix(str(tmp_path / 'ckpt-5'))
+
+
 def test_flags_history_appends_one_line_per_start(tmp_path):
   for step in (0, 10):
     checkpoints.append_flags_history(str(tmp_path), {'from_step': step})
