@@ -120,7 +120,7 @@ def prepare(config):
   strategy = distribution_lib.build_strategy(config.distribution)
   if config.mode == 'eval' and config.checkpoint:
     checkpoints.resolve_evaluated(config.checkpoint)  # names a missing one before the data
-  builder = data_lib.get_builder(config.data.dataset, config.data.data_dir)
+  builder = _builder(config.data)
   with _naming_the_data(config):  # describe may scan the ids of the training split
     info = data_lib.describe(builder, config.data.train_split, config.data.eval_split,
                              config.data.num_classes, config.data.label_offset)
@@ -161,6 +161,25 @@ def prepare(config):
   logging.info('Flips, color distortion and blur run on the %s.', augment_on)
   return Setup(strategy, builder, info, chief, write_dir, steps_per_epoch, total_steps,
                warmup_steps, jit_compile, augment_on)
+
+
+def _builder(data):
+  """data_lib.get_builder, its failures to read the prepared metadata (a garbled
+  dataset_info.json, a data_dir that cannot be reached) named by dataset and --data_dir."""
+  from google.protobuf import json_format  # noqa: PLC0415  (TensorFlow's own dependency)
+
+  try:
+    return data_lib.get_builder(data.dataset, data.data_dir)
+  except json_format.ParseError as e:
+    raise ValueError(f'dataset {data.dataset} under --data_dir={data.data_dir!r}: a metadata file '
+                     'of the prepared dataset (dataset_info.json or features.json) is not valid '
+                     f'({checkpoints.short_reason(e)}); prepare the dataset again (README '
+                     '"Datasets")') from None
+  except (tf.errors.OpError, OSError) as e:
+    raise ValueError(f'reading the metadata of dataset {data.dataset} under --data_dir='
+                     f'{data.data_dir!r} failed ({checkpoints.short_reason(e)}); check the path '
+                     '(and the network, for gs://), or prepare the dataset again (README '
+                     '"Datasets")') from None
 
 
 def _log_setup(config, strategy, info):
@@ -552,6 +571,16 @@ def _naming_the_data(config):
   """Read failures of the training pipeline (a missing or truncated shard) name the dataset."""
   try:
     yield
+  except tf.errors.FailedPreconditionError as e:
+    # A shard holding fewer records than the dataset's metadata lists (TFDS checks the count).
+    if 'expected to contain' not in e.message:
+      raise
+    data = config.data
+    raise ValueError(
+        f'reading dataset {data.dataset} split {data.train_split} under --data_dir='
+        f'{data.data_dir!r} failed: its shards hold fewer records than its dataset_info.json '
+        f'lists ({e.message.strip().splitlines()[0]}); a shard was cut short or replaced: '
+        'prepare the dataset again (README "Datasets")') from None
   except (tf.errors.DataLossError, tf.errors.NotFoundError) as e:
     data = config.data
     raise ValueError(

@@ -688,6 +688,46 @@ def test_eval_of_a_model_dir_without_flags_json_names_it_not_the_default_dataset
   assert os.listdir(tmp_path) == []
 
 
+def _copy_of_the_demo_data(data_dir, tmp_path):
+  data_lib.get_builder('digits', data_dir)  # prepared once
+  target = tmp_path / 'tfds'
+  shutil.copytree(os.path.join(data_dir, 'digits'), target / 'digits')
+  return target, target / 'digits' / '1.0.0'
+
+
+def test_a_garbled_dataset_info_json_is_an_error_naming_it(run_cli, tiny, data_dir, tmp_path):
+  # Issue 24: a ParseError traceback.
+  copy, version_dir = _copy_of_the_demo_data(data_dir, tmp_path)
+  (version_dir / 'dataset_info.json').write_text('garbage{')
+  args = [f for f in tiny if not f.startswith('--data_dir')]
+  code, err = run_cli(*args, f'--data_dir={copy}', f'--model_dir={tmp_path / "run"}')
+  assert code == 1
+  assert re.search(rf"^error: dataset digits under --data_dir='{re.escape(str(copy))}': a "
+                   r'metadata file of the prepared dataset \(dataset_info\.json or '
+                   r'features\.json\) is not valid', err, re.M), err[-2000:]
+  assert not (tmp_path / 'run').exists()
+
+
+def test_a_shard_shorter_than_its_metadata_names_the_dataset_and_split(run_cli, tiny, data_dir,
+                                                                       tmp_path):
+  # Issue 24: 'FailedPreconditionError: Input dataset was expected to contain 1437 elements
+  # but contained only 1000 elements.', no dataset, split or file named.
+  copy, version_dir = _copy_of_the_demo_data(data_dir, tmp_path)
+  shard = str(version_dir / 'digits-train.tfrecord-00000-of-00001')
+  records = list(tf.data.TFRecordDataset(shard).take(40).as_numpy_iterator())
+  with tf.io.TFRecordWriter(shard) as writer:
+    for record in records:
+      writer.write(record)
+  args = [f for f in tiny if not f.startswith('--data_dir')]
+  code, err = run_cli(*args, f'--data_dir={copy}', f'--model_dir={tmp_path / "run"}',
+                      '--train_steps=20', '--probe_max_examples=0')
+  assert code == 1
+  assert re.search(rf"^error: reading dataset digits split train under --data_dir="
+                   rf"'{re.escape(str(copy))}' failed: its shards hold fewer records than its "
+                   r'dataset_info\.json lists \(Input dataset was expected to contain 1437 '
+                   r'elements but contained only 40', err, re.M), err[-2000:]
+
+
 def test_bad_input_found_after_model_dir_is_made_leaves_no_empty_model_dir(run_cli, tiny,
                                                                           tmp_path):
   # Issue 24: a garbage --checkpoint (found once model_dir was made) left an empty model_dir.
