@@ -181,7 +181,8 @@ flags.DEFINE_list('allow_flag_changes', [],
                   'Run-defining flags (loss and its hyperparameters, batch size, seed, data, '
                   'image size, architecture, optimizer) that may differ from the flags.json of '
                   'the run being resumed, e.g. temperature,seed; any other difference is an '
-                  'error. Every start is recorded in model_dir/flags_history.jsonl.')
+                  'error; all: resume without the check. Every start is recorded in '
+                  'model_dir/flags_history.jsonl.')
 flags.DEFINE_integer('seed', 0, 'Seed of initialization, data order and augmentations.')
 flags.DEFINE_bool('deterministic', False,
                   'Deterministic ops and input order (slower): the same run twice gives the '

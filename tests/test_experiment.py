@@ -551,8 +551,10 @@ def test_official_linear_evaluation_command_runs_as_written(tmp_path, not_archit
   assert result.returncode == 0, result.stderr[-3000:]
   assert re.search(r'^Result: trained in \d+ s; linear head top-1 0\.\d{4} on test$',
                    result.stdout, re.M), result.stdout
-  record = json.load(open(os.path.join(model_dir, 'result_4.json')))
+  # A named evaluation's results have a file of their own (issue 24).
+  record = json.load(open(os.path.join(model_dir, 'result_4_linear_eval.json')))
   assert record['eval_name'] == 'linear_eval' and record['eval/num_examples'] == 360
+  assert record['eval_split'] == 'test'
   assert glob.glob(os.path.join(model_dir, 'eval_linear_eval', 'events.out.tfevents.*'))
   flags = json.load(open(os.path.join(model_dir, 'flags.json')))
   assert (flags['num_proj_layers'], flags['ft_proj_selector']) == (0, -1)
