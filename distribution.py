@@ -167,11 +167,13 @@ def rendezvous(tasks, me, timeout_seconds, poll_seconds=0.2):
       with peer:
         try:
           peer.settimeout(2.0)
-          peer.sendall(greeting[me])
           line = peer.makefile('rb').readline()
+          task = next((t for t in others if line == greeting[t]), None)
+          if task is not None:  # another client (a peer's TensorFlow, early) gets nothing
+            peer.sendall(greeting[me])
+            seen_by.add(task)
         except OSError:
           continue
-        seen_by.update(t for t in others if line == greeting[t])
 
   greeter = threading.Thread(target=greet_peers, daemon=True, name='tf-config-rendezvous')
   greeter.start()
