@@ -186,10 +186,20 @@ def _move_checkpoints_aside(model_dir):
 
 
 def _write_atomically(path, text):
+  """Writes `text` to `path` under another name, then renames it: `path` is never half-written,
+  and a failed write (a full disk) leaves no temporary file behind."""
   temporary = f'{path}.tmp_{os.getpid()}'
-  with tf.io.gfile.GFile(temporary, 'w') as f:
-    f.write(text)
-  tf.io.gfile.rename(temporary, path, overwrite=True)
+  try:
+    with tf.io.gfile.GFile(temporary, 'w') as f:
+      f.write(text)
+    tf.io.gfile.rename(temporary, path, overwrite=True)
+  except BaseException:
+    try:
+      if tf.io.gfile.exists(temporary):
+        tf.io.gfile.remove(temporary)
+    except (tf.errors.OpError, OSError):
+      pass
+    raise
 
 
 def latest(directory):
@@ -227,6 +237,31 @@ def remove_stale_saves(model_dir):
   return removed
 
 
+def remove_abandoned_exports(model_dir, min_age_seconds=600):
+  """Removes the half-written exports (saved_model/.tmp_<step>_<pid>) of processes that no
+  longer run on this host and that were last touched over `min_age_seconds` ago (an evaluation
+  killed while exporting; an export of another host is written within seconds); local
+  directories only. For --mode=eval, which takes no lock. Returns the paths removed."""
+  if '://' in model_dir:
+    return []
+  removed = []
+  for path in tf.io.gfile.glob(os.path.join(model_dir, 'saved_model', '.tmp_*_*')):
+    pid = os.path.basename(path).rsplit('_', 1)[1]
+    try:
+      age = time.time() - max(os.path.getmtime(os.path.join(root, name))
+                              for root, dirs, files in os.walk(path)
+                              for name in ['.', *dirs, *files])
+    except OSError:
+      continue
+    if pid.isdigit() and _process_start_ticks(int(pid)) is None and age > min_age_seconds:
+      tf.io.gfile.rmtree(path)
+      removed.append(path)
+  if removed:
+    logging.warning('Removed half-written exports of processes that are gone: %s',
+                    ', '.join(removed))
+  return removed
+
+
 def save(manager, step):
   """manager.save(step); a failed save (a full disk, say) leaves no partial checkpoint and is a
   ValueError naming the checkpoint, the last complete one and the cause."""
@@ -253,6 +288,12 @@ def checkpoint_prefix(path):
   if not tf.io.gfile.exists(path + '.index'):
     raise ValueError(f'--checkpoint={path!r} does not exist (expected a checkpoint prefix, a '
                      'directory holding checkpoints or a SavedModel export)')
+  try:
+    tf.train.list_variables(path)
+  except (tf.errors.OpError, ValueError) as e:
+    raise ValueError(f'--checkpoint={path!r} cannot be read ({short_reason(e)}): its '
+                     f'{os.path.basename(path)}.index is damaged or not a checkpoint '
+                     'index') from None
   return path
 
 
@@ -416,28 +457,57 @@ def state_fingerprint(model, sogclr=None):
   return text
 
 
-def write_results(model_dir, step, results):
-  """Merges `results` into model_dir/result_<step>.json and returns the merged dict.
+def _file_name_part(text):
+  """`text` (an eval name or split such as 'test[:50%]') as a part of a file name."""
+  return re.sub(r'[^A-Za-z0-9_.=-]', '_', text)
 
-  Keys already there and not recomputed (the probe's, after a --mode=eval run) are kept. The
-  file is written under another name, then renamed: a crash never leaves a truncated json.
+
+def _read_results(path):
+  """The dict in result file `path`, {} when there is none; a file that is not json is moved to
+  `path`.unreadable (kept, not overwritten)."""
+  if not tf.io.gfile.exists(path):
+    return {}
+  with tf.io.gfile.GFile(path) as f:
+    text = f.read()
+  try:
+    return json.loads(text)
+  except json.JSONDecodeError:
+    aside = f'{path}.unreadable'
+    logging.warning('%s is not valid json; moved to %s', path, aside)
+    tf.io.gfile.rename(path, aside, overwrite=True)
+    return {}
+
+
+def write_results(model_dir, step, results):
+  """Merges `results` into model_dir/result_<step>.json (result_<step>_<eval_name>.json when
+  results['eval_name'] is set) and returns the merged dict.
+
+  Keys already there and not recomputed (the probe's, after a --mode=eval run) are kept. An
+  evaluation never overwrites one on another split: when the file records another
+  `eval_split` (or evaluation results without a split), the results go to
+  result_<step>[_<eval_name>]_<split>.json instead. The file is written under another name, then
+  renamed: a crash never leaves a truncated json.
   """
-  path = os.path.join(model_dir, f'result_{step}.json')
-  merged = {}
-  if tf.io.gfile.exists(path):
-    with tf.io.gfile.GFile(path) as f:
-      text = f.read()
-    try:
-      merged = json.loads(text)
-    except json.JSONDecodeError:
-      aside = f'{path}.unreadable'
-      logging.warning('%s is not valid json; moved to %s', path, aside)
-      tf.io.gfile.rename(path, aside, overwrite=True)
+  name = results.get('eval_name')
+  split = results.get('eval_split')
+  path = os.path.join(model_dir, f'result_{step}' + (
+      f'_{_file_name_part(name)}' if name else '') + '.json')
+  merged = _read_results(path)
+  recorded_split = merged.get('eval_split')
+  if recorded_split is None and any(k.startswith(('eval/', 'probe/')) for k in merged):
+    recorded_split = '(not recorded)'
+  if split is not None and recorded_split is not None and recorded_split != split:
+    other = f'{path[:-len(".json")]}_{_file_name_part(split)}.json'
+    logging.warning('%s holds the evaluation on split %s; this one, on split %s, goes to %s.',
+                    path, recorded_split, split, other)
+    path = other
+    merged = _read_results(path)
   merged.update(results)
-  temporary = os.path.join(model_dir, f'.result_{step}.json.tmp_{os.getpid()}')
+  temporary = os.path.join(model_dir, f'.{os.path.basename(path)}.tmp_{os.getpid()}')
   with tf.io.gfile.GFile(temporary, 'w') as f:
     f.write(json.dumps(merged, indent=2, sort_keys=True))
   tf.io.gfile.rename(temporary, path, overwrite=True)
+  logging.info('Results of step %d written to %s.', step, path)
   return merged
 
 
@@ -466,18 +536,81 @@ def append_flags_history(model_dir, entry):
 
 def read_flags(path):
   """(flags dict, file path) of the training run's flags.json in directory `path` (or next to
-  checkpoint prefix `path`; an export holds one), or (None, file path) when there is none."""
+  checkpoint prefix `path`; an export holds one), or (None, file path) when there is none.
+  A file that is not a json object of flags (garbled, `null`, a list) is a ValueError naming it."""
   directory = path if tf.io.gfile.isdir(path) else os.path.dirname(path)
   flags_file = os.path.join(directory, FLAGS_FILE)
   if not tf.io.gfile.exists(flags_file):
     return None, flags_file
-  with tf.io.gfile.GFile(flags_file) as f:
-    text = f.read()
   try:
-    return json.loads(text), flags_file
-  except json.JSONDecodeError as e:
+    with tf.io.gfile.GFile(flags_file, 'rb') as f:
+      values = json.loads(f.read().decode('utf-8'))
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
     raise ValueError(f'{flags_file} is not valid json ({e}); restore it from the run\'s '
                      f'saved_model/<step>/{FLAGS_FILE} or give the model flags') from None
+  if not isinstance(values, dict):
+    raise ValueError(f'{flags_file} does not hold flags (a json object), but '
+                     f'{json.dumps(values)[:40]}; restore it from the run\'s '
+                     f'saved_model/<step>/{FLAGS_FILE} or give the model flags')
+  return values, flags_file
+
+
+def read_flags_history(model_dir):
+  """The entries (dicts, oldest first) of model_dir/flags_history.jsonl; [] when there is none.
+  A line that is not a json object (or a file that is not UTF-8) is a ValueError naming the file
+  and the line."""
+  path = os.path.join(model_dir, HISTORY_FILE)
+  if not tf.io.gfile.exists(path):
+    return []
+  with tf.io.gfile.GFile(path, 'rb') as f:
+    data = f.read()
+  entries = []
+  for number, line in enumerate(data.split(b'\n'), 1):
+    if not line.strip():
+      continue
+    try:
+      entry = json.loads(line.decode('utf-8'))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+      entry = e
+    if not isinstance(entry, dict):
+      reason = f' ({entry})' if isinstance(entry, Exception) else ''
+      raise ValueError(f'{path} line {number} is not a json record of a start{reason}; move '
+                       'the file aside (it is the log of the run\'s starts) and rerun')
+    entries.append(entry)
+  return entries
+
+
+def mark_diverged(model_dir, starts_before, step):
+  """Marks the start that flags_history.jsonl recorded after its first `starts_before` entries
+  (this process' start, if it got that far) as diverged at `step`: it is no longer the run's
+  record of its flags."""
+  entries = read_flags_history(model_dir)
+  if len(entries) <= starts_before:
+    return False
+  entries[-1]['diverged_at_step'] = step
+  _write_atomically(os.path.join(model_dir, HISTORY_FILE), ''.join(
+      json.dumps(e, sort_keys=True) + '\n' for e in entries))
+  return True
+
+
+def read_text(path):
+  """The text of file `path`, or None when there is none."""
+  if not tf.io.gfile.exists(path):
+    return None
+  with tf.io.gfile.GFile(path, 'rb') as f:
+    return f.read()
+
+
+def put_back(path, data):
+  """Writes `data` (bytes, as read_text read it) back to `path`, or removes `path` when None."""
+  if data is None:
+    if tf.io.gfile.exists(path):
+      tf.io.gfile.remove(path)
+    return
+  temporary = f'{path}.tmp_{os.getpid()}'
+  with tf.io.gfile.GFile(temporary, 'wb') as f:
+    f.write(data)
+  tf.io.gfile.rename(temporary, path, overwrite=True)
 
 
 def export(model, step, write_dir, *, image_size, keep, model_dir, chief=True):
@@ -586,36 +719,81 @@ class RunLock:
     return None
 
   def _create(self, text):
+    """Creates the lock file holding `text` unless it exists; True when this call created it."""
     if '://' in self.path:
       with tf.io.gfile.GFile(self.path, 'w') as f:
         f.write(text)
       time.sleep(1.0)
       return self._read() == json.loads(text)
+    # Written whole under a name of its own, then linked into place: the lock file appears
+    # with its content (a reader never sees it empty) and link() fails if it exists.
+    temporary = f'{self.path}.new_{os.getpid()}_{threading.get_ident()}'
     try:
-      descriptor = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+      with open(temporary, 'w') as f:
+        f.write(text)
+      os.link(temporary, self.path)
+      return True
     except FileExistsError:
       return False
-    with os.fdopen(descriptor, 'w') as f:
-      f.write(text)
-    return True
+    finally:
+      if os.path.exists(temporary):
+        os.remove(temporary)
+
+  def _take_over(self, holder):
+    """Removes the stale lock file `holder` was read from, unless another process did so (or
+    took the lock) first; True when it was removed here. Locally the removal happens under
+    run.lock.takeover, created exclusively, so two processes that both saw the stale lock
+    cannot remove each other's fresh one."""
+    if '://' in self.path:
+      try:
+        tf.io.gfile.remove(self.path)
+      except tf.errors.NotFoundError:
+        pass
+      return True
+    mutex = f'{self.path}.takeover'
+    try:
+      descriptor = os.open(mutex, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    except FileExistsError:
+      try:  # left by a process killed while taking over (it takes milliseconds)
+        if time.time() - os.path.getmtime(mutex) > 30:
+          os.remove(mutex)
+      except OSError:
+        pass
+      return False
+    try:
+      os.close(descriptor)
+      if self._read() != holder:  # taken over (or released) meanwhile: decide afresh
+        return False
+      os.remove(self.path)
+      return True
+    finally:
+      os.remove(mutex)
 
   def acquire(self):
     """Takes the lock or raises ValueError naming the live run that holds it."""
-    holder = self._read()
-    if holder is not None:
-      reason = self._stale_reason(holder)
-      if reason is None:
-        raise ValueError(self._held_message(holder))
-      logging.warning('Taking over %s from a run that is gone (%s): %s', self.path, reason,
-                      holder)
-      tf.io.gfile.remove(self.path)
     now = time.time()
     self.record = {'host': socket.gethostname(), 'pid': os.getpid(),
                    'start_ticks': _process_start_ticks(os.getpid()), 'since': now,
                    'since_utc': time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime(now)),
                    'heartbeat': now}
-    if not self._create(json.dumps(self.record)):
-      raise ValueError(self._held_message(self._read() or {}))
+    for _ in range(200):  # each round is decided by another process' progress
+      holder = self._read()
+      if holder is None:
+        if self._create(json.dumps(self.record)):
+          break
+        continue  # created by another start meanwhile: read who holds it
+      reason = self._stale_reason(holder)
+      if reason is None:
+        self.record = None
+        raise ValueError(self._held_message(holder))
+      if self._take_over(holder):
+        logging.warning('Taking over %s from a run that is gone (%s): %s', self.path, reason,
+                        holder)
+      else:
+        time.sleep(0.01)
+    else:
+      self.record = None
+      raise ValueError(f'could not take {self.path}: other starts kept changing it; retry')
     self._thread = threading.Thread(target=self._beat, daemon=True, name='run-lock-heartbeat')
     self._thread.start()
     return self

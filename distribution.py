@@ -6,6 +6,9 @@ what it decided. Nothing here reads flags: `DistributionConfig` carries the infr
 import dataclasses
 import json
 import os
+import socket
+import threading
+import time
 
 from absl import logging
 import tensorflow as tf
@@ -21,6 +24,8 @@ class DistributionConfig:
   master: str | None = None
   mixed_precision: str = 'auto'  # 'auto' | 'float32' | 'bfloat16' | 'float16'
   jit_compile: str = 'auto'      # 'auto' | 'true' | 'false'
+  # Seconds to wait at start-up for TF_CONFIG's other tasks or a TPU to answer (0: forever).
+  startup_timeout_seconds: float = 900
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,15 +87,160 @@ def _num_tasks(tf_config):
   return len(cluster.get('chief', [])) + len(cluster.get('worker', []))
 
 
+def parse_tf_config(text):
+  """TF_CONFIG (a json text; '' for none) as a dict; ValueError naming TF_CONFIG and what is
+  wrong when it is not a cluster description."""
+  try:
+    tf_config = json.loads(text or '{}')
+  except json.JSONDecodeError as e:
+    raise ValueError(f'TF_CONFIG is not valid JSON ({e})') from None
+  expected = ('expected {"cluster": {"worker": ["host:port", ...]}, "task": {"type": "worker", '
+              '"index": i}}')
+  if not isinstance(tf_config, dict):
+    raise ValueError(f'TF_CONFIG is {json.dumps(tf_config)[:60]}, not a json object; {expected}')
+  cluster = tf_config.get('cluster', {})
+  if not isinstance(cluster, dict):
+    raise ValueError(f'TF_CONFIG\'s "cluster" is {json.dumps(cluster)[:60]}; {expected}')
+  for kind, addresses in cluster.items():
+    if not (isinstance(addresses, list) and all(isinstance(a, str) for a in addresses)):
+      raise ValueError(f'TF_CONFIG\'s cluster "{kind}" is {json.dumps(addresses)[:60]}, not a '
+                       f'list of "host:port" addresses; {expected}')
+  task = tf_config.get('task', {})
+  if not isinstance(task, dict):
+    raise ValueError(f'TF_CONFIG\'s "task" is {json.dumps(task)[:60]}; {expected}')
+  return tf_config
+
+
+def _tasks(tf_config):
+  """[(type, index, address)] of TF_CONFIG's chief and worker tasks."""
+  cluster = tf_config.get('cluster', {})
+  return [(kind, index, address) for kind in ('chief', 'worker')
+          for index, address in enumerate(cluster.get(kind, []))]
+
+
+def _host_port(address):
+  host, _, port = address.rpartition(':')
+  return host.strip('[]'), int(port)
+
+
+HELLO = b'sogclr-task '
+
+
+def rendezvous(tasks, me, timeout_seconds, poll_seconds=0.2):
+  """Waits until every task of TF_CONFIG has started, before TensorFlow's runtime does.
+
+  TensorFlow's own start-up waits for the other tasks inside one call that holds the
+  interpreter: a missing task (or a port taken by another program) blocks it forever, deaf to
+  SIGTERM. Here each task listens at its own address (the port its TensorFlow server takes
+  next), greets every peer that connects with its name, and connects to every other task until
+  each one has greeted it and been greeted by it; then all start TensorFlow. The wait is plain
+  Python: SIGTERM ends it, and past `timeout_seconds` (0: never) it is a ValueError naming the
+  tasks that did not answer, or where something else answers.
+
+  tasks: [(type, index, 'host:port')]; me: this task's (type, index).
+  """
+  names = {(kind, index): f'{kind} {index}' for kind, index, _ in tasks}
+  addresses = {(kind, index): address for kind, index, address in tasks}
+  own = addresses[me]
+  listener = socket.socket(socket.AF_INET6 if ':' in _host_port(own)[0] else socket.AF_INET)
+  listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+  try:
+    listener.bind(('', _host_port(own)[1]))
+  except OSError as e:
+    listener.close()
+    raise ValueError(f'this task ({names[me]} of TF_CONFIG) cannot listen at {own} ({e}): the '
+                     'port is taken by another program; free it or give the task another '
+                     'address in TF_CONFIG (the same on every task)') from None
+  listener.listen(16)
+  listener.settimeout(poll_seconds)
+  greeting = {task: HELLO + name.encode() + b'\n' for task, name in names.items()}
+  others = [t for t in addresses if t != me]
+  seen, seen_by, strangers = set(), set(), {}
+  stop = threading.Event()
+
+  def greet_peers():  # apart from the connecting below: two tasks may connect to each other
+    while not stop.is_set():
+      try:
+        peer, _ = listener.accept()
+      except OSError:  # the poll timed out
+        continue
+      with peer:
+        try:
+          peer.settimeout(2.0)
+          line = peer.makefile('rb').readline()
+          task = next((t for t in others if line == greeting[t]), None)
+          if task is not None:  # another client (a peer's TensorFlow, early) gets nothing
+            peer.sendall(greeting[me])
+            seen_by.add(task)
+        except OSError:
+          continue
+
+  greeter = threading.Thread(target=greet_peers, daemon=True, name='tf-config-rendezvous')
+  greeter.start()
+  deadline = time.time() + timeout_seconds if timeout_seconds else None
+  try:
+    while len(seen) < len(others) or len(seen_by) < len(others):
+      for task in others:
+        if task in seen:
+          continue
+        try:
+          with socket.create_connection(_host_port(addresses[task]), timeout=poll_seconds) as c:
+            c.settimeout(2.0)
+            c.sendall(greeting[me])
+            answer = c.makefile('rb').readline()
+          if answer == greeting[task]:
+            seen.add(task)
+          else:
+            strangers[task] = answer[:40]
+        except OSError:
+          pass
+      if deadline is not None and time.time() > deadline:
+        silent = [t for t in others if t not in seen]
+        if silent:
+          what = '; '.join(
+              f'{names[t]} at {addresses[t]}: ' + ('something else answers there'
+                                                   if t in strangers else 'nothing answers')
+              for t in silent)
+          advice = 'start every task TF_CONFIG lists, each with its own task index'
+        else:
+          what = ', '.join(f'{names[t]} has not reached this task' for t in others
+                           if t not in seen_by)
+          advice = 'check that every task runs the same TF_CONFIG cluster'
+        raise ValueError(f'the tasks of TF_CONFIG did not all start within '
+                         f'--startup_timeout_seconds={timeout_seconds:g} ({what}); {advice}')
+      time.sleep(poll_seconds)
+  finally:
+    stop.set()
+    greeter.join()
+    listener.close()
+  # Peers still greeting this task find its TensorFlow server at the port in a moment.
+
+
+def wait_for_address(address, timeout_seconds, poll_seconds=1.0):
+  """Waits until something accepts connections at `address` ('host:port'); past
+  `timeout_seconds` (0: never) a ValueError. Plain Python: SIGTERM ends the wait."""
+  deadline = time.time() + timeout_seconds if timeout_seconds else None
+  while True:
+    try:
+      with socket.create_connection(_host_port(address), timeout=poll_seconds):
+        return
+    except (OSError, ValueError) as e:
+      reason = e
+    if deadline is not None and time.time() > deadline:
+      raise ValueError(f'nothing answered at the TPU address {address} within '
+                       f'--startup_timeout_seconds={timeout_seconds:g} ({reason}); check '
+                       '--tpu_name/--master')
+    time.sleep(poll_seconds)
+
+
 def build_strategy(config=DistributionConfig()):
   """The strategy of `strategy_plan` for `config`, TF_CONFIG and the local devices.
 
   Call it before any other TensorFlow work: multi-worker collectives must be configured first.
+  Waiting for TF_CONFIG's other tasks, or for a TPU at a grpc:// address, is bounded by
+  config.startup_timeout_seconds (`rendezvous`, `wait_for_address`).
   """
-  try:
-    tf_config = json.loads(os.environ.get('TF_CONFIG') or '{}')
-  except json.JSONDecodeError as e:
-    raise ValueError(f'TF_CONFIG is not valid JSON ({e})') from None
+  tf_config = parse_tf_config(os.environ.get('TF_CONFIG'))
   # Physical devices only: the runtime must not start before MultiWorkerMirroredStrategy.
   plan = strategy_plan(config.use_tpu, config.tpu_name, config.master, config.tpu_zone,
                        config.gcp_project,
@@ -98,13 +248,28 @@ def build_strategy(config=DistributionConfig()):
                        tf_config=tf_config, num_gpus=len(tf.config.list_physical_devices('GPU')))
   for warning in plan.warnings:
     logging.warning('%s', warning)
+  timeout = config.startup_timeout_seconds
   if plan.kind == 'tpu':
+    address = plan.tpu_resolver_kwargs['tpu']
+    if address.startswith('grpc://'):
+      logging.info('Waiting for the TPU at %s (up to --startup_timeout_seconds=%g).', address,
+                   timeout)
+      wait_for_address(address[len('grpc://'):], timeout)
     resolver = tf.distribute.cluster_resolver.TPUClusterResolver(**plan.tpu_resolver_kwargs)
     if plan.connect_to_cluster:
       tf.config.experimental_connect_to_cluster(resolver)
     tf.tpu.experimental.initialize_tpu_system(resolver)
     return tf.distribute.TPUStrategy(resolver)
   if plan.kind == 'multi_worker':
+    task = tf_config.get('task', {})
+    me = (task.get('type'), task.get('index'))
+    tasks = _tasks(tf_config)
+    if me not in {(kind, index) for kind, index, _ in tasks}:
+      raise ValueError(f'TF_CONFIG\'s task {task} is not one of its cluster\'s tasks')
+    logging.info('Waiting for the tasks of TF_CONFIG: %s (up to --startup_timeout_seconds=%g).',
+                 ', '.join(f'{kind} {index} at {address}' for kind, index, address in tasks),
+                 timeout)
+    rendezvous(tasks, me, timeout)
     return tf.distribute.MultiWorkerMirroredStrategy()
   return tf.distribute.MirroredStrategy(plan.devices)
 

@@ -77,6 +77,7 @@ def check_batch_size(global_batch_size, num_replicas, num_examples, split):
 def run(config):
   """Runs the job `config` describes; returns its results dict."""
   lock = setup = None
+  created = not tf.io.gfile.exists(config.model_dir)
   try:
     setup = prepare(config)
     if config.mode != 'eval' and setup.chief:
@@ -99,6 +100,16 @@ def run(config):
       tf.io.gfile.rmtree(setup.write_dir)
     # The compute policy is process-global: a caller (a notebook, the tests) gets float32 back.
     tf.keras.mixed_precision.set_global_policy('float32')
+    if created and (setup is None or setup.chief):  # bad input leaves no empty model_dir
+      _remove_if_empty(config.model_dir)
+
+
+def _remove_if_empty(directory):
+  try:
+    if tf.io.gfile.isdir(directory) and not tf.io.gfile.listdir(directory):
+      tf.io.gfile.rmtree(directory)
+  except (tf.errors.OpError, OSError):
+    pass
 
 
 def prepare(config):
@@ -109,8 +120,7 @@ def prepare(config):
   strategy = distribution_lib.build_strategy(config.distribution)
   if config.mode == 'eval' and config.checkpoint:
     checkpoints.resolve_evaluated(config.checkpoint)  # names a missing one before the data
-  builder = data_lib.get_builder(config.data.dataset, config.data.data_dir,
-                                  config.data.fashion_mnist_dir)
+  builder = _builder(config.data)
   with _naming_the_data(config):  # describe may scan the ids of the training split
     info = data_lib.describe(builder, config.data.train_split, config.data.eval_split,
                              config.data.num_classes, config.data.label_offset)
@@ -125,6 +135,9 @@ def prepare(config):
   _log_setup(config, strategy, info)
   check_batch_size(config.loop.train_batch_size, strategy.num_replicas_in_sync,
                    info.num_train_examples, config.data.train_split)
+  if not info.num_eval_examples:
+    raise ValueError(f'--eval_split={config.data.eval_split!r} holds no images of dataset '
+                     f'{info.name!r}')
   if config.eval.knn_monitor and not info.label_key:
     raise ValueError(f'--knn_monitor needs labels; dataset {info.name!r} has none')
   if config.loop.eval_every(1) and config.mode != 'eval' and not info.label_key:
@@ -148,6 +161,25 @@ def prepare(config):
   logging.info('Flips, color distortion and blur run on the %s.', augment_on)
   return Setup(strategy, builder, info, chief, write_dir, steps_per_epoch, total_steps,
                warmup_steps, jit_compile, augment_on)
+
+
+def _builder(data):
+  """data_lib.get_builder, its failures to read the prepared metadata (a garbled
+  dataset_info.json, a data_dir that cannot be reached) named by dataset and --data_dir."""
+  from google.protobuf import json_format  # noqa: PLC0415  (TensorFlow's own dependency)
+
+  try:
+    return data_lib.get_builder(data.dataset, data.data_dir, data.fashion_mnist_dir)
+  except json_format.ParseError as e:
+    raise ValueError(f'dataset {data.dataset} under --data_dir={data.data_dir!r}: a metadata file '
+                     'of the prepared dataset (dataset_info.json or features.json) is not valid '
+                     f'({checkpoints.short_reason(e)}); prepare the dataset again (README '
+                     '"Datasets")') from None
+  except (tf.errors.OpError, OSError) as e:
+    raise ValueError(f'reading the metadata of dataset {data.dataset} under --data_dir='
+                     f'{data.data_dir!r} failed ({checkpoints.short_reason(e)}); check the path '
+                     '(and the network, for gs://), or prepare the dataset again (README '
+                     '"Datasets")') from None
 
 
 def _log_setup(config, strategy, info):
@@ -239,8 +271,18 @@ def train_and_evaluate(config, setup, model):
   evaluator = _evaluator(config, setup, model, summary_writer)
   if initial_step < setup.total_steps:
     monitored = []
-    seconds = _train(config, setup, trainer, manager, summary_writer, learning_rate,
-                     _monitor(config, setup, evaluator, monitored))
+    flags_file = os.path.join(config.model_dir, checkpoints.FLAGS_FILE)
+    recorded_before = checkpoints.read_text(flags_file) if setup.chief else None
+    starts_before = len(checkpoints.read_flags_history(config.model_dir)) if setup.chief else 0
+    try:
+      seconds = _train(config, setup, trainer, manager, summary_writer, learning_rate,
+                       _monitor(config, setup, evaluator, monitored))
+    except FloatingPointError:
+      if setup.chief:  # a diverged start is not the run's record of its flags
+        checkpoints.put_back(flags_file, recorded_before)
+        checkpoints.mark_diverged(config.model_dir, starts_before,
+                                  int(optimizer.iterations.numpy()))
+      raise
     results['train_seconds'] = round(seconds, 1)
     if monitored:
       results['monitor'] = monitored
@@ -257,11 +299,27 @@ def train_and_evaluate(config, setup, model):
   logging.info('Final state at step %d: %s', step, checkpoints.state_fingerprint(model, sogclr))
   # The probe fits on the features one host sees: multi-worker runs skip it.
   if config.pretrain and distribution_lib.num_workers(strategy) == 1:
-    results.update(evaluator.probe(step))
+    results.update(_probe(config, evaluator, step))
+  results['eval_split'] = config.data.eval_split
   if setup.chief:
     checkpoints.write_results(config.model_dir, step, results)
     write_hparams(summary_writer, config, step, results)
   return results
+
+
+def _probe(config, evaluator, step):
+  """The probe's results; {} (and a warning saying why) when the train split has no labels to
+  fit it on (STL-10's unlabelled split marks every label -1): the run's other results stand."""
+  try:
+    return evaluator.probe(step)
+  except tf.errors.InvalidArgumentError as e:
+    if 'label outside' not in e.message:
+      raise
+    logging.warning('No linear probe: the train split %r has labels outside [0, %d) (an '
+                    'unlabelled split?), which a probe cannot fit on; for a linear evaluation, '
+                    'fine-tune from this run on a labelled split (--fine_tune_after_block=4).',
+                    config.data.train_split, evaluator.info.num_classes)
+    return {'probe/skipped': 'train split without labels in [0, num_classes)'}
 
 
 # The results the HParams dashboard shows next to the run-defining flags.
@@ -316,7 +374,8 @@ def _monitor(config, setup, evaluator, monitored):
     monitored.append(record)
     if setup.chief:
       checkpoints.write_results(config.model_dir, step, results | {
-          'eval_seconds': record['eval_seconds'], 'train_seconds_so_far': record['train_seconds']})
+          'eval_seconds': record['eval_seconds'], 'train_seconds_so_far': record['train_seconds'],
+          'eval_split': config.data.eval_split})
 
   return on_eval
 
@@ -424,11 +483,15 @@ def check_same_run(config, total_steps):
   """Raises ValueError listing the run-defining flags that differ from those recorded in
   model_dir/flags.json when model_dir holds checkpoints to resume (unless allowed by name);
   logs the other changes (a longer training, another learning rate)."""
+  # Read first, whatever else: a history that cannot be appended to later stops the run now.
+  history = checkpoints.read_flags_history(config.model_dir)
   if not checkpoints.list_checkpoints(config.model_dir):
     return
-  recorded, flags_file = checkpoints.read_flags(config.model_dir)
-  if recorded is None:
+  if 'all' in config.allow_flag_changes:
+    logging.warning('--allow_flag_changes=all: resuming %s without checking its flags.',
+                    config.model_dir)
     return
+  recorded, flags_file = run_record(config.model_dir, history)
   # A run recorded before the gamma schedule and iSogCLR existed ran with their defaults.
   defaults = dataclasses.asdict(trainer_lib.ObjectiveConfig())
   recorded = {name: defaults[name] for name in GAMMA_FLAGS + ISOGCLR_FLAGS} | recorded
@@ -458,6 +521,48 @@ def check_same_run(config, total_steps):
     logging.info('Resuming with --%s=%r (was %r in %s).', name, new, old, flags_file)
 
 
+def run_record(model_dir, history=None):
+  """(the flags the run in model_dir was started with, where they were read): its flags.json;
+  when that is missing or unreadable, the newest start in flags_history.jsonl that did not
+  diverge, then the flags.json of its newest export (with a warning saying so). A ValueError
+  when none of them is there: a resume never goes unchecked."""
+  try:
+    recorded, flags_file = checkpoints.read_flags(model_dir)
+    problem = f'{flags_file} is missing'
+  except ValueError as e:
+    recorded, flags_file, problem = None, None, str(e).split('; restore')[0]
+  if recorded is not None:
+    return recorded, flags_file
+  if history is None:
+    history = checkpoints.read_flags_history(model_dir)
+  history_file = os.path.join(model_dir, checkpoints.HISTORY_FILE)
+  starts = [e for e in history
+            if isinstance(e.get('flags'), dict) and 'diverged_at_step' not in e]
+  if starts:
+    source = (f"{history_file} (its start of {starts[-1].get('started_utc', '?')}, as "
+              f"{checkpoints.FLAGS_FILE} cannot be read)")
+    logging.warning('%s; checking the run\'s identity against the flags of %s.', problem,
+                    source)
+    return starts[-1]['flags'], source
+  exports = os.path.join(model_dir, 'saved_model')
+  steps = sorted((int(n.rstrip('/')) for n in (
+      tf.io.gfile.listdir(exports) if tf.io.gfile.isdir(exports) else [])
+      if n.rstrip('/').isdigit()), reverse=True)
+  for step in steps:
+    try:
+      recorded, source = checkpoints.read_flags(os.path.join(exports, str(step)))
+    except ValueError:
+      continue
+    if recorded is not None:
+      logging.warning('%s and %s holds no start; checking the run\'s identity against %s.',
+                      problem, history_file, source)
+      return recorded, source
+  raise ValueError(f'--model_dir={model_dir!r} holds checkpoints but no record of the flags its '
+                   f'run was started with ({problem}; {history_file} holds no start): restore '
+                   f'{checkpoints.FLAGS_FILE}, or pass --allow_flag_changes=all to resume with '
+                   'the flags given')
+
+
 def _record_flags(config, initial_step):
   """flags.json (the flags of this start) and one more line of flags_history.jsonl."""
   record = recorded_values(config)
@@ -473,6 +578,16 @@ def _naming_the_data(config):
   """Read failures of the training pipeline (a missing or truncated shard) name the dataset."""
   try:
     yield
+  except tf.errors.FailedPreconditionError as e:
+    # A shard holding fewer records than the dataset's metadata lists (TFDS checks the count).
+    if 'expected to contain' not in e.message:
+      raise
+    data = config.data
+    raise ValueError(
+        f'reading dataset {data.dataset} split {data.train_split} under --data_dir='
+        f'{data.data_dir!r} failed: its shards hold fewer records than its dataset_info.json '
+        f'lists ({e.message.strip().splitlines()[0]}); a shard was cut short or replaced: '
+        'prepare the dataset again (README "Datasets")') from None
   except (tf.errors.DataLossError, tf.errors.NotFoundError) as e:
     data = config.data
     raise ValueError(
@@ -509,6 +624,8 @@ def evaluate_checkpoints(config, setup, model):
   chief writes result_<step>.json; another worker's export directory is removed at the end.
   """
   evaluator = _evaluator(config, setup, model, _summary_writer(config, setup))
+  if setup.chief:
+    checkpoints.remove_abandoned_exports(config.model_dir)
   if config.checkpoint:
     return _evaluate_one(config, setup, model, evaluator)
   results = None
@@ -524,7 +641,7 @@ def evaluate_checkpoints(config, setup, model):
       # The training run keeps its newest checkpoints only: this one went before its turn.
       logging.warning('%s was deleted before it could be evaluated; skipped.', path)
       continue
-    results = evaluator.evaluate(step)
+    results = {**evaluator.evaluate(step), 'eval_split': config.data.eval_split}
     if setup.chief:
       checkpoints.write_results(config.model_dir, step, results)
     _export(config, setup, model, step)
@@ -548,7 +665,8 @@ def _evaluate_one(config, setup, model, evaluator):
     raise ValueError(f'--checkpoint={config.checkpoint!r}: {e}; give the training run\'s model '
                      'flags (its flags.json lists them) or leave them out') from None
   logging.info('Evaluating %s (step %d).', config.checkpoint, step)
-  results = {**evaluator.evaluate(step), 'checkpoint': config.checkpoint}
+  results = {**evaluator.evaluate(step), 'checkpoint': config.checkpoint,
+             'eval_split': config.data.eval_split}
   if setup.chief:
     checkpoints.write_results(config.model_dir, step, results)
   else:

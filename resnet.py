@@ -297,6 +297,10 @@ class ResNet(_Chain):
     return tf.reduce_mean(x, axis=[1, 2])
 
 
+# The depths resnet() builds.
+DEPTHS = tuple(sorted(_ARCHITECTURES))
+
+
 def resnet(depth, *, width_multiplier=1.0, cifar_stem=False, sk_ratio=0.0, se_ratio=0.0,
            bn_momentum=0.9, bn_epsilon=1e-5, sync_bn=False, fine_tune_after_block=-1,
            name='resnet'):

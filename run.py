@@ -192,7 +192,8 @@ flags.DEFINE_list('allow_flag_changes', [],
                   'Run-defining flags (loss and its hyperparameters, batch size, seed, data, '
                   'image size, architecture, optimizer) that may differ from the flags.json of '
                   'the run being resumed, e.g. temperature,seed; any other difference is an '
-                  'error. Every start is recorded in model_dir/flags_history.jsonl.')
+                  'error; all: resume without the check. Every start is recorded in '
+                  'model_dir/flags_history.jsonl.')
 flags.DEFINE_integer('seed', 0, 'Seed of initialization, data order and augmentations.')
 flags.DEFINE_bool('deterministic', False,
                   'Deterministic ops and input order (slower): the same run twice gives the '
@@ -246,6 +247,10 @@ flags.DEFINE_string('gcp_project', None,
                     'GCP project of the Cloud TPU named by --tpu_name (default: detected).')
 flags.DEFINE_string('master', None,
                     'TensorFlow master address (a TPU grpc:// address), when --tpu_name is unset.')
+flags.DEFINE_float('startup_timeout_seconds', 900,
+                   'Seconds to wait at start-up for the other tasks of TF_CONFIG (a multi-worker '
+                   'job) or for a TPU to answer; past it the run ends with an error naming what '
+                   'did not answer (exit 1). 0 = wait forever.')
 flags.DEFINE_float('step_timeout_seconds', 600,
                    'Multi-worker runs: a call of the train loop (about a second of steps; the '
                    'first, which traces, excepted) that takes longer ends the job with an error '
@@ -293,7 +298,8 @@ def cli(argv):
     results = experiment.run(config)
   except trainer_lib.Preempted as e:
     logging.warning('%s', e)
-    print(f'preempted: {e}', file=sys.stderr)
+    kind = 'interrupted' if e.signal_number == signal.SIGINT else 'preempted'
+    print(f'{kind}: {e}', file=sys.stderr)
     sys.exit(128 + e.signal_number)
   except KeyboardInterrupt:
     print('interrupted: stopped by Ctrl-C; nothing was saved since the last checkpoint',

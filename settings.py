@@ -6,9 +6,12 @@ config the command line would, without absl:
 
   config = settings.config_of(values, given=set(values))   # ValueError names the flag
 """
+import math
+import re
 import types
 
 from absl import logging
+import tensorflow as tf
 
 import checkpoints
 import data as data_lib
@@ -16,6 +19,7 @@ import distribution
 import evaluation
 import experiment
 import model as model_lib
+import resnet
 import trainer as trainer_lib
 
 
@@ -41,6 +45,11 @@ def validate_flags(values):
   v = types.SimpleNamespace(**values)
   if not v.model_dir:
     raise ValueError('--model_dir is required (checkpoints, summaries and flags.json go there)')
+  for name, value in values.items():  # NaN passes every comparison below
+    if isinstance(value, float) and not math.isfinite(value):
+      raise ValueError(f'--{name} must be a finite number, got {value}')
+  if v.resnet_depth not in resnet.DEPTHS:
+    raise ValueError(f'--resnet_depth={v.resnet_depth} is not one of {list(resnet.DEPTHS)}')
   if v.temperature <= 0:
     raise ValueError(f'--temperature must be positive, got {v.temperature}')
   if not 0 < v.gamma <= 1:
@@ -55,11 +64,17 @@ def validate_flags(values):
     if values[name] <= 0:
       raise ValueError(f'--{name} must be positive, got {values[name]}')
   _check_ranges(values)
+  if v.eval_name is not None and not re.fullmatch(r'[A-Za-z0-9_.=-]+', v.eval_name):
+    raise ValueError(f'--eval_name={v.eval_name!r} must be a plain name (letters, digits, '
+                     "'_', '-', '.', '='): it names the directory model_dir/eval_<name>")
   if v.knn_temperature <= 0:
     raise ValueError(f'--knn_temperature must be positive, got {v.knn_temperature}')
   if v.keep_hub_module_max < 0:
     raise ValueError(f'--keep_hub_module_max must be >= 0 (0 = no export), got '
                      f'{v.keep_hub_module_max}')
+  if v.train_mode == 'pretrain' and v.mode != 'eval' and v.train_batch_size < 2:
+    raise ValueError(f'--train_batch_size={v.train_batch_size} leaves a contrastive batch '
+                     'without negatives; pretraining needs at least 2 images')
   if v.train_mode == 'finetune' and v.mode != 'eval' and not v.checkpoint:
     logging.warning('--train_mode=finetune without --checkpoint trains from scratch.')
   # The standard stem divides the image by 32, the CIFAR stem by 8.
@@ -108,7 +123,7 @@ RANGES = (
     ('probe_max_examples', 0, False), ('projector_max_points', 0, False),
     ('batch_norm_decay', 0, False),
     ('eval_every_epochs', 0, False), ('eval_every_steps', 0, False),
-    ('step_timeout_seconds', 0, False),
+    ('step_timeout_seconds', 0, False), ('seed', 0, False), ('startup_timeout_seconds', 0, False),
     ('fine_tune_after_block', -1, False))
 
 
@@ -209,8 +224,21 @@ def build_config(values):
       distribution=distribution.DistributionConfig(
           use_tpu=v.use_tpu, tpu_name=v.tpu_name, tpu_zone=v.tpu_zone,
           gcp_project=v.gcp_project, master=v.master, mixed_precision=v.mixed_precision,
-          jit_compile=v.jit_compile),
+          jit_compile=v.jit_compile, startup_timeout_seconds=v.startup_timeout_seconds),
       flags=types.MappingProxyType(dict(values)))
+
+
+def _check_evaluated_run(model_dir, given):
+  """--mode=eval of model_dir's checkpoints: the directory exists and, unless the data is given,
+  records the training run's flags (else the default dataset would be the one named missing)."""
+  if not tf.io.gfile.isdir(model_dir):
+    raise ValueError(f'--model_dir={model_dir!r} does not exist: --mode=eval evaluates the '
+                     'checkpoints of a training run there (check the path, or start the '
+                     'training run first)')
+  if 'dataset' not in given and checkpoints.read_flags(model_dir)[0] is None:
+    raise ValueError(f'--model_dir={model_dir!r} holds no {checkpoints.FLAGS_FILE} (its training '
+                     'run has not started yet, or it is not a run\'s directory): start the '
+                     'training run first, or give its --dataset and model flags')
 
 
 def config_of(values, given):
@@ -220,6 +248,7 @@ def config_of(values, given):
   if values['mode'] == 'eval' and values['checkpoint']:  # one checkpoint or export
     values = inherit_flags(values, given, values['checkpoint'], ARCHITECTURE_FLAGS + EVAL_FLAGS)
   elif values['mode'] == 'eval' and values['model_dir']:
+    _check_evaluated_run(values['model_dir'], given)
     values = inherit_flags(values, given, values['model_dir'], ARCHITECTURE_FLAGS + EVAL_FLAGS)
   elif values['checkpoint'] and values['train_mode'] == 'finetune':
     values = inherit_flags(values, given, values['checkpoint'])

@@ -298,19 +298,45 @@ class Trainer:
       return None
     return self.sogclr.temperature_table()
 
+  def saved_variables(self):
+    """(name, variable) of every float variable a checkpoint saves: the model's (BatchNorm
+    moving statistics included), the optimizer's and SogCLR's tables."""
+    named = [(v.path, v) for v in self.model.variables]
+    named += [(f'optimizer/{v.path}', v) for v in self.optimizer.variables]
+    if self.sogclr is not None:
+      named += [(f'sogclr/{v.name.split(":")[0]}', v) for v in self.sogclr.variables]
+    return [(name, v) for name, v in named if tf.as_dtype(v.dtype).is_floating]
+
   @tf.function
-  def _all_finite(self):
-    variables = self.model.trainable_variables
-    finite = tf.reduce_all([tf.reduce_all(tf.math.is_finite(v)) for v in variables])
+  def _finite_flags(self):
+    flags = []
+    for _, variable in self.saved_variables():
+      v = tf.cast(variable, tf.float32)
+      if self.sogclr is not None and variable is self.sogclr.log_u:
+        # A never-visited image holds -inf by design; NaN or +inf is damage.
+        flags.append(tf.reduce_all(tf.logical_not(tf.math.is_nan(v)) & (v < np.inf)))
+      else:
+        flags.append(tf.reduce_all(tf.math.is_finite(v)))
     # Weights whose squares overflow float32 (|w| > 1.8e19) are finite yet beyond repair: their
     # L2 penalty is inf and any later update diverges.
-    squares = tf.add_n([tf.reduce_sum(tf.square(tf.cast(v, tf.float32))) for v in variables])
-    return tf.logical_and(finite, tf.math.is_finite(squares))
+    squares = tf.add_n([tf.reduce_sum(tf.square(tf.cast(v, tf.float32)))
+                        for v in self.model.trainable_variables])
+    return tf.stack(flags), tf.math.is_finite(squares)
+
+  def non_finite_variables(self):
+    """The names of the saved variables holding NaN or inf (SogCLR's log u: NaN or +inf), plus
+    'the trainable weights\' squares' when those overflow float32; [] for a state training can
+    continue from."""
+    flags, squares_finite = self._finite_flags()
+    names = [name for (name, _), ok in zip(self.saved_variables(), flags.numpy(), strict=True)
+             if not ok]
+    if not squares_finite:
+      names.append("the trainable weights' squares (|w| above about 1.8e19)")
+    return names
 
   def weights_are_finite(self):
-    """True when every trainable weight is finite and their squares sum without overflow: a
-    state training can continue from."""
-    return bool(self._all_finite())
+    """True when every variable a checkpoint saves is finite (non_finite_variables is empty)."""
+    return not self.non_finite_variables()
 
 
 class Preempted(Exception):
@@ -408,11 +434,15 @@ def write_u_summaries(summary_writer, step, log_u, histogram):
       tf.summary.histogram('u/log_u', tf.boolean_mask(log_u, visited))
 
 
-def _save(trainer, checkpoint_manager, previous, step):
-  # A finite loss was computed before the last update: the weights can still have blown up.
-  if not trainer.weights_are_finite():
+def _save(trainer, checkpoint_manager, last_saved, step):
+  # A finite loss was computed before the last update: the weights, the BatchNorm statistics,
+  # the optimizer's moments or SogCLR's tables can still have blown up.
+  bad = trainer.non_finite_variables()
+  if bad:
+    more = f' and {len(bad) - 3} more' if len(bad) > 3 else ''
     raise FloatingPointError(
-        f'Non-finite (or overflowing) weights between steps {previous + 1} and {step}; '
+        f'Non-finite (or overflowing) state between steps {last_saved + 1} and {step} '
+        f'({", ".join(bad[:3])}{more}); nothing of these steps is saved, '
         f'{_kept(checkpoint_manager.latest_checkpoint)}. Lower --learning_rate.')
   checkpoints.save(checkpoint_manager, step)
 
@@ -505,13 +535,14 @@ def train(trainer, iterator, *, total_steps, checkpoint_every, checkpoint_manage
     with _watching(guard, f"the workers' agreement after step {step}"):
       sizer.steps, preempted = trainer.agree(sizer.steps, _is_set(stop_requested))
     saving = step == next_checkpoint or step == total_steps or preempted
+    last_saved = start_step if saved_step is None else saved_step  # the state checked last
     metrics = _call_metrics(trainer, metrics, learning_rate_fn, step)
     try:
       _write_call_summaries(summary_writer, trainer, step, metrics, saving, first_call)
     except (tf.errors.OpError, OSError) as e:
-      raise _summaries_failed(e, trainer, checkpoint_manager, previous, step) from None
+      raise _summaries_failed(e, trainer, checkpoint_manager, last_saved, step) from None
     if saving:
-      _save(trainer, checkpoint_manager, previous, step)
+      _save(trainer, checkpoint_manager, last_saved, step)
       saved_step = step
     if preempted:
       _flush(summary_writer)
@@ -560,10 +591,10 @@ def _write_call_summaries(summary_writer, trainer, step, metrics, saving, first_
                       histogram=saving or first_call)
 
 
-def _summaries_failed(error, trainer, checkpoint_manager, previous, step):
+def _summaries_failed(error, trainer, checkpoint_manager, last_saved, step):
   """The OSError of a summary write that failed (a full disk), after saving the step reached (a
   failed save raises its own error instead)."""
-  _save(trainer, checkpoint_manager, previous, step)
+  _save(trainer, checkpoint_manager, last_saved, step)
   return OSError(f'could not write summaries in {checkpoint_manager.directory} '
                  f'({checkpoints.short_reason(error)}); step {step} is saved '
                  f'({checkpoint_manager.latest_checkpoint}): make room and rerun the same '
@@ -631,7 +662,7 @@ class StopRequest(threading.Event):
 class stop_on_signals:  # noqa: N801  (a context manager, named like one)
   """While training runs, SIGTERM (the preemption notice of cloud VMs) and a first Ctrl-C
   (SIGINT) set `event` (a StopRequest): the loop saves at the next step boundary and stops. A
-  second Ctrl-C interrupts at once (KeyboardInterrupt), without saving."""
+  second Ctrl-C ends the process at once (exit code 130), without saving."""
 
   SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
@@ -642,7 +673,11 @@ class stop_on_signals:  # noqa: N801  (a context manager, named like one)
   def _handle(self, signum, frame):
     del frame
     if signum == signal.SIGINT and self.event.is_set():
-      raise KeyboardInterrupt
+      # At once: unwinding from here (the first call traces, its threads hold locks) printed a
+      # traceback or blocked for minutes. The run lock is taken over by the next start.
+      print('interrupted: stopped by a second Ctrl-C, at once; nothing was saved since the last '
+            'checkpoint', file=sys.stderr, flush=True)
+      os._exit(128 + signal.SIGINT)
     self.event.signal_number = signum
     self.event.set()
     if signum == signal.SIGINT:

@@ -116,6 +116,19 @@ def test_use_tpu_without_a_tpu_is_a_one_line_error_from_the_command_line(run_cli
   assert len(lines) == 1 and lines[0].startswith('error: --use_tpu=True but no TPU'), err[-2000:]
 
 
+@pytest.mark.parametrize('text, message', [
+    ('[1, 2]', 'TF_CONFIG is [1, 2], not a json object'),
+    ('{"cluster": {"worker": "localhost:1,localhost:2"}}',
+     'TF_CONFIG\'s cluster "worker" is "localhost:1,localhost:2", not a list'),
+    ('{"cluster": [1]}', 'TF_CONFIG\'s "cluster" is [1]'),
+    ('{"cluster": {"worker": ["localhost:1"]}, "task": 3}', 'TF_CONFIG\'s "task" is 3'),
+])
+def test_a_tf_config_that_is_no_cluster_is_an_error_naming_it(text, message):
+  # Finding (issue 24): TF_CONFIG='[1,2]' or workers given as a string were tracebacks.
+  with pytest.raises(ValueError, match=f'^{re.escape(message)}'):
+    distribution.parse_tf_config(text)
+
+
 @pytest.fixture
 def no_network(monkeypatch):
   """Any attempt to resolve a host name or open a connection fails the test."""
@@ -465,3 +478,78 @@ def test_two_workers_evaluate_while_training_and_their_knn_equals_one_host(
   expected = probe.knn_accuracy(*eager_features(model, data_dir, 'train'),
                                 *eager_features(model, data_dir, 'test'), k=20, temperature=0.1)
   assert results['eval/knn_top_1'] == expected
+
+
+def start_tasks(repo, tiny, model_dir, log_dir, addresses, indices, *extra):
+  """Starts the workers `indices` of a cluster of `addresses` (run.py with the tiny flags); each
+  logs to a file."""
+  cluster = {'worker': addresses}
+  processes = []
+  for index in indices:
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2', TF_CONFIG=json.dumps(
+        {'cluster': cluster, 'task': {'type': 'worker', 'index': index}}))
+    log = open(os.path.join(log_dir, f'worker_{index}.log'), 'w')
+    processes.append((subprocess.Popen(
+        [sys.executable, os.path.join(repo, 'run.py'), *tiny, f'--model_dir={model_dir}',
+         '--train_steps=2', *extra], env=env, stdout=log, stderr=subprocess.STDOUT), log))
+  return processes
+
+
+@pytest.mark.slow
+def test_a_task_of_tf_config_never_started_ends_the_others_with_one_line_in_time(
+    repo, tiny, tmp_path, workers):
+  # Finding (issue 24): with 3 workers listed and 2 started, both printed nothing for 300 s and
+  # SIGTERM did not end them: TensorFlow's start-up waited for the third forever.
+  del workers  # the demo data, prepared once
+  addresses = [f'localhost:{p}' for p in free_ports(3)]
+  model_dir = str(tmp_path / 'run')
+  outputs = finish(start_tasks(repo, tiny, model_dir, str(tmp_path), addresses, (0, 1),
+                               '--startup_timeout_seconds=10'), timeout=300)
+  for output in outputs:
+    assert re.search(r'^error: the tasks of TF_CONFIG did not all start within '
+                     rf'--startup_timeout_seconds=10 \(worker 2 at {addresses[2]}: nothing '
+                     r'answers\); start every task TF_CONFIG lists', output, re.M), output[-2000:]
+  assert not os.path.exists(model_dir)
+
+
+@pytest.mark.slow
+def test_a_taken_port_is_named_and_a_worker_waiting_for_it_honours_sigterm(
+    repo, tiny, tmp_path, workers):
+  # Finding (issue 24): worker 1, its port taken, said 'UnknownError: Could not start gRPC
+  # server' (no port, no TF_CONFIG); worker 0 waited silently and ignored SIGTERM.
+  del workers
+  addresses = [f'localhost:{p}' for p in free_ports(2)]
+  squatter = socket.socket()
+  squatter.bind(('localhost', int(addresses[1].split(':')[1])))
+  squatter.listen(1)
+  try:
+    (waiting, log), taken = start_tasks(repo, tiny, str(tmp_path / 'run'), str(tmp_path),
+                                        addresses, (0, 1))
+    output, = finish([taken], timeout=300)
+    assert re.search(rf'^error: this task \(worker 1 of TF_CONFIG\) cannot listen at '
+                     rf'{addresses[1]} \(\[Errno 98\] Address already in use\): the port is '
+                     'taken by another program', output, re.M), output[-2000:]
+    deadline = time.time() + 300
+    while 'Waiting for the tasks of TF_CONFIG' not in open(log.name).read():
+      assert waiting.poll() is None and time.time() < deadline
+      time.sleep(0.2)
+    waiting.send_signal(signal.SIGTERM)
+    assert waiting.wait(timeout=60) == -signal.SIGTERM
+  finally:
+    squatter.close()
+    waiting.kill()
+
+
+@pytest.mark.slow
+def test_a_tpu_address_that_does_not_answer_is_an_error_within_the_start_timeout(
+    run_command, tiny, tmp_path):
+  # Finding (issue 24): --tpu_name=grpc://127.0.0.1:1 hung for 300 s without a line.
+  port, = free_ports(1)
+  result = run_command(*tiny, f'--model_dir={tmp_path / "run"}',
+                       f'--tpu_name=grpc://127.0.0.1:{port}', '--startup_timeout_seconds=3',
+                       timeout=300)
+  assert result.returncode == 1
+  assert re.search(rf'^error: nothing answered at the TPU address 127\.0\.0\.1:{port} within '
+                   r'--startup_timeout_seconds=3 \(.*Connection refused.*\); check '
+                   '--tpu_name/--master', result.stderr, re.M), result.stderr[-2000:]
+  assert not os.path.exists(tmp_path / 'run')

@@ -214,6 +214,29 @@ def test_divergence_stops_with_the_step_range_and_keeps_the_last_good_checkpoint
 
 
 @pytest.mark.slow
+def test_a_run_whose_batch_norm_statistics_diverge_saves_nothing_and_records_no_flags(
+    tmp_path, tiny, run_cli):
+  # Finding (issue 24): Adam at 1e9 kept the loss finite (4e13) while the BatchNorm moving
+  # variances went to inf; the run exited 0, every checkpoint held inf, flags.json its flags.
+  model_dir = str(tmp_path / 'run')
+  # The demo's width and batch (the tiny run's weights stay finite at this rate).
+  args = [f for f in tiny if not f.startswith(('--learning_rate', '--width_multiplier',
+                                               '--train_batch_size', '--num_proj_layers',
+                                               '--proj_out_dim'))]
+  code, err = run_cli(*args, f'--model_dir={model_dir}', '--learning_rate=1e9',
+                      '--width_multiplier=0.25', '--train_batch_size=32',
+                      '--train_steps=20', '--checkpoint_steps=5', '--probe_max_examples=0',
+                      '--keep_hub_module_max=0')
+  assert code == 1, err[-2000:]
+  assert re.search(r'error: Non-finite \(or overflowing\) state between steps 1 and 5 \(.*'
+                   r'moving_variance.*no checkpoint of this run is kept', err, re.M), err[-2000:]
+  assert not glob.glob(os.path.join(model_dir, 'ckpt-*'))
+  assert not os.path.exists(os.path.join(model_dir, 'flags.json'))
+  starts = checkpoints.read_flags_history(model_dir)
+  assert [s['diverged_at_step'] for s in starts] == [5]
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize('precision', ['float32', 'bfloat16'])
 def test_sogclr_trains_finite_at_temperature_001(tmp_path, tiny, run_main, precision):
   # exp(1/0.01) overflows float32: the log-domain u table and float32 loss math must not.
@@ -528,8 +551,10 @@ def test_official_linear_evaluation_command_runs_as_written(tmp_path, not_archit
   assert result.returncode == 0, result.stderr[-3000:]
   assert re.search(r'^Result: trained in \d+ s; linear head top-1 0\.\d{4} on test$',
                    result.stdout, re.M), result.stdout
-  record = json.load(open(os.path.join(model_dir, 'result_4.json')))
+  # A named evaluation's results have a file of their own (issue 24).
+  record = json.load(open(os.path.join(model_dir, 'result_4_linear_eval.json')))
   assert record['eval_name'] == 'linear_eval' and record['eval/num_examples'] == 360
+  assert record['eval_split'] == 'test'
   assert glob.glob(os.path.join(model_dir, 'eval_linear_eval', 'events.out.tfevents.*'))
   flags = json.load(open(os.path.join(model_dir, 'flags.json')))
   assert (flags['num_proj_layers'], flags['ft_proj_selector']) == (0, -1)
@@ -747,3 +772,81 @@ def test_a_run_recorded_before_the_gamma_schedule_ran_with_a_constant_gamma(tmp_
                                                    'temperature': 0.1})
   experiment.check_same_run(_config(simclr_dir, loss='simclr', gamma=0.5,
                                     gamma_schedule='cosine', isogclr_rho=1.0), 100)
+
+
+@pytest.mark.parametrize('damage', ['missing', 'null', 'list', 'string', 'garbled'])
+def test_resume_identity_falls_back_to_the_history_when_flags_json_cannot_be_read(
+    tmp_path, damage, caplog):
+  # Finding (issue 24): a missing or null flags.json turned the identity check off (the resume
+  # with another temperature, batch and loss went through); [] or a string was a TypeError.
+  recorded = {'resolved_loss': 'sogclr', 'temperature': 0.1, 'gamma': 0.9}
+  model_dir = _recorded_run(tmp_path, recorded)
+  checkpoints.append_flags_history(model_dir, {'started_utc': 'then', 'from_step': 0,
+                                               'flags': recorded})
+  flags_file = os.path.join(model_dir, 'flags.json')
+  if damage == 'missing':
+    os.remove(flags_file)
+  else:
+    text = {'null': 'null', 'list': '[]', 'string': '"x"', 'garbled': '{"tempera'}[damage]
+    open(flags_file, 'w').write(text)
+  experiment.check_same_run(_config(model_dir, loss='sogclr'), 100)
+  assert 'checking the run\'s identity against the flags of' in caplog.text
+  with pytest.raises(ValueError, match=r"--temperature=0\.5 \(was 0\.1\); recorded in "
+                                       r'.*flags_history\.jsonl \(its start of then'):
+    experiment.check_same_run(_config(model_dir, loss='sogclr', temperature=0.5), 100)
+
+
+def test_resume_identity_skips_a_diverged_start_and_needs_some_record(tmp_path):
+  model_dir = _recorded_run(tmp_path, {'resolved_loss': 'sogclr', 'temperature': 0.1})
+  os.remove(os.path.join(model_dir, 'flags.json'))
+  with pytest.raises(ValueError, match=r'holds checkpoints but no record of the flags its run was '
+                                       r'started with \(.*flags\.json is missing'):
+    experiment.check_same_run(_config(model_dir, loss='sogclr', temperature=0.5), 100)
+  experiment.check_same_run(dataclasses.replace(
+      _config(model_dir, loss='sogclr', temperature=0.5), allow_flag_changes=('all',)), 100)
+  for temperature, diverged in ((0.1, None), (0.5, 12)):
+    checkpoints.append_flags_history(model_dir, {'flags': {'resolved_loss': 'sogclr',
+                                                           'temperature': temperature}})
+    if diverged:
+      assert checkpoints.mark_diverged(model_dir, 1, diverged)
+  with pytest.raises(ValueError, match=r'--temperature=0\.5 \(was 0\.1\)'):
+    experiment.check_same_run(_config(model_dir, loss='sogclr', temperature=0.5), 100)
+
+
+def test_a_history_that_is_not_utf8_is_an_error_naming_it_before_training(tmp_path):
+  model_dir = _recorded_run(tmp_path, {'resolved_loss': 'sogclr', 'temperature': 0.1})
+  open(os.path.join(model_dir, 'flags_history.jsonl'), 'wb').write(b'{"a": 1}\n\xff\xfe\n')
+  with pytest.raises(ValueError, match=r'flags_history\.jsonl line 2 is not a json record of a '
+                                       r"start \('utf-8' codec"):
+    experiment.check_same_run(_config(model_dir, loss='sogclr'), 100)
+
+
+@pytest.mark.slow
+def test_pretraining_on_an_unlabelled_split_ends_with_its_results_and_no_probe(
+    tmp_path, tiny, run_main, caplog):
+  # Finding (issue 24): the README's STL-10 case (labels -1, --lineareval_while_pretraining=
+  # False) trained to the end, then the end-of-run probe stopped the run: rc 1, no result.
+  import tensorflow_datasets as tfds  # noqa: PLC0415
+
+  import imagenet  # noqa: PLC0415
+
+  def image(i):
+    pixels = np.random.RandomState(i).randint(0, 256, (16, 16, 3), np.uint8)
+    return tf.io.encode_png(pixels).numpy()
+
+  features = tfds.features.FeaturesDict({
+      'image': tfds.features.Image(shape=(16, 16, 3), encoding_format='png'),
+      'label': tfds.features.Scalar(dtype=np.int64)})
+  data_dir = str(tmp_path / 'tfds')
+  imagenet.write_dataset('minus_one', features, {
+      'unlabelled': [{'image': image(i), 'label': -1} for i in range(48)],
+      'test': [{'image': image(100 + i), 'label': i % 3} for i in range(12)]}, data_dir)
+  model_dir = str(tmp_path / 'run')
+  args = [f for f in tiny if not f.startswith(('--data_dir', '--dataset', '--eval_batch_size'))]
+  results = run_main(*args, f'--data_dir={data_dir}', '--dataset=minus_one', '--num_classes=3',
+                     '--train_split=unlabelled', '--eval_batch_size=4', '--train_steps=2',
+                     '--lineareval_while_pretraining=False', f'--model_dir={model_dir}',
+                     '--keep_hub_module_max=0')
+  assert 'No linear probe: the train split \'unlabelled\' has labels outside [0, 3)' in caplog.text
+  saved = json.load(open(os.path.join(model_dir, 'result_2.json')))
+  assert saved == results and saved['global_step'] == 2 and 'probe/top_1' not in saved

@@ -608,10 +608,37 @@ def test_ctrl_c_saves_a_checkpoint_and_exits_130(tiny, tmp_path, repo):
   process.send_signal(signal.SIGINT)
   _, stderr = process.communicate(timeout=120)
   assert process.returncode == 130, stderr[-3000:]
-  assert re.search(r'^preempted: Stopped at step \d+/100000 on request; checkpoint saved',
+  # A Ctrl-C is an interruption, not a preemption (issue 24: it said 'preempted:').
+  assert re.search(r'^interrupted: Stopped at step \d+/100000 on request; checkpoint saved',
                    stderr, re.M)
   assert 'KeyboardInterrupt' not in stderr
   assert tf.train.latest_checkpoint(model_dir) is not None
+
+
+@pytest.mark.slow
+def test_a_second_ctrl_c_while_the_first_call_traces_stops_at_once(tiny, tmp_path, repo):
+  # Finding (issue 24): a second Ctrl-C during the first (tracing) call printed a
+  # KeyboardInterrupt traceback from mirrored_run.py (3 in 7 tries) or blocked on a lock for
+  # 6.5 minutes (1 in 7).
+  model_dir = str(tmp_path / 'run')
+  process = subprocess.Popen(
+      [sys.executable, os.path.join(repo, 'run.py'), *tiny, f'--model_dir={model_dir}',
+       '--train_steps=100000', '--checkpoint_steps=100000', '--probe_max_examples=0'],
+      stderr=subprocess.PIPE, text=True, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2'))
+  try:
+    deadline = time.time() + 180
+    while time.time() < deadline and 'Training pretrain from step' not in (
+        process.stderr.readline()):
+      pass
+    process.send_signal(signal.SIGINT)
+    time.sleep(1.0)  # the first call is tracing
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=60)
+  finally:
+    process.kill()
+  assert process.returncode == 130, stderr[-3000:]
+  assert re.search(r'^interrupted: stopped by a second Ctrl-C, at once', stderr, re.M)
+  assert 'Traceback' not in stderr and 'KeyboardInterrupt' not in stderr
 
 
 @pytest.mark.slow
@@ -649,6 +676,69 @@ def test_eval_of_a_missing_model_dir_is_an_error_and_creates_nothing(tiny, tmp_p
   assert result.returncode == 1
   assert re.search(r"^error: --model_dir='.*mistyped' does not exist", result.stderr, re.M)
   assert not os.path.exists(missing)
+
+
+def test_eval_of_a_model_dir_without_flags_json_names_it_not_the_default_dataset(run_cli,
+                                                                                 tmp_path):
+  # Issue 24: --mode=eval with only a missing or not-yet-written --model_dir said 'imagenet2012
+  # is not prepared'.
+  code, err = run_cli('--mode=eval', f'--model_dir={tmp_path / "missing"}')
+  assert code == 1 and re.search(r"^error: --model_dir='.*missing' does not exist", err, re.M)
+  code, err = run_cli('--mode=eval', f'--model_dir={tmp_path}')
+  assert code == 1 and re.search(r"^error: --model_dir='.*' holds no flags\.json \(its training "
+                                 r'run has not started yet', err, re.M), err[-2000:]
+  assert os.listdir(tmp_path) == []
+
+
+def _copy_of_the_demo_data(data_dir, tmp_path):
+  data_lib.get_builder('digits', data_dir)  # prepared once
+  target = tmp_path / 'tfds'
+  shutil.copytree(os.path.join(data_dir, 'digits'), target / 'digits')
+  return target, target / 'digits' / '1.0.0'
+
+
+def test_a_garbled_dataset_info_json_is_an_error_naming_it(run_cli, tiny, data_dir, tmp_path):
+  # Issue 24: a ParseError traceback.
+  copy, version_dir = _copy_of_the_demo_data(data_dir, tmp_path)
+  (version_dir / 'dataset_info.json').write_text('garbage{')
+  args = [f for f in tiny if not f.startswith('--data_dir')]
+  code, err = run_cli(*args, f'--data_dir={copy}', f'--model_dir={tmp_path / "run"}')
+  assert code == 1
+  assert re.search(rf"^error: dataset digits under --data_dir='{re.escape(str(copy))}': a "
+                   r'metadata file of the prepared dataset \(dataset_info\.json or '
+                   r'features\.json\) is not valid', err, re.M), err[-2000:]
+  assert not (tmp_path / 'run').exists()
+
+
+def test_a_shard_shorter_than_its_metadata_names_the_dataset_and_split(run_cli, tiny, data_dir,
+                                                                       tmp_path):
+  # Issue 24: 'FailedPreconditionError: Input dataset was expected to contain 1437 elements
+  # but contained only 1000 elements.', no dataset, split or file named.
+  copy, version_dir = _copy_of_the_demo_data(data_dir, tmp_path)
+  shard = str(version_dir / 'digits-train.tfrecord-00000-of-00001')
+  records = list(tf.data.TFRecordDataset(shard).take(40).as_numpy_iterator())
+  with tf.io.TFRecordWriter(shard) as writer:
+    for record in records:
+      writer.write(record)
+  args = [f for f in tiny if not f.startswith('--data_dir')]
+  code, err = run_cli(*args, f'--data_dir={copy}', f'--model_dir={tmp_path / "run"}',
+                      '--train_steps=20', '--probe_max_examples=0')
+  assert code == 1
+  assert re.search(rf"^error: reading dataset digits split train under --data_dir="
+                   rf"'{re.escape(str(copy))}' failed: its shards hold fewer records than its "
+                   r'dataset_info\.json lists \(Input dataset was expected to contain 1437 '
+                   r'elements but contained only 40', err, re.M), err[-2000:]
+
+
+def test_bad_input_found_after_model_dir_is_made_leaves_no_empty_model_dir(run_cli, tiny,
+                                                                          tmp_path):
+  # Issue 24: a garbage --checkpoint (found once model_dir was made) left an empty model_dir.
+  (tmp_path / 'ckpt-5.index').write_text('garbage')
+  model_dir = tmp_path / 'new_run'
+  code, err = run_cli(*tiny, f'--model_dir={model_dir}', '--train_mode=finetune',
+                      f'--checkpoint={tmp_path / "ckpt-5"}')
+  assert code == 1 and re.search(r"^error: --checkpoint='.*ckpt-5' cannot be read", err, re.M)
+  assert not model_dir.exists()
 
 
 @pytest.mark.parametrize('flag, message', [

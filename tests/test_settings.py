@@ -1,4 +1,6 @@
 """settings.py: the checks of the flag values and the config built from them."""
+import re
+
 import pytest
 
 import experiment
@@ -67,3 +69,29 @@ def test_what_flags_json_records_of_a_command_line_config_is_its_flags():
     assert recorded == values
   assert set(experiment._DEFINING_FIELDS) | {'resolved_loss'} == set(
       experiment.RUN_DEFINING_FLAGS)
+
+
+@pytest.mark.parametrize('name', ['learning_rate', 'temperature', 'momentum', 'weight_decay',
+                                  'color_jitter_strength', 'warmup_epochs'])
+def test_a_float_flag_that_is_not_a_finite_number_is_an_error_naming_it(name):
+  # Finding (issue 24): NaN passed every range check, trained and was reported as divergence
+  # ("lower --learning_rate"), NaN written to flags.json; --warmup_epochs=nan a ValueError about
+  # converting NaN to an integer.
+  for value in (float('nan'), float('inf')):
+    with pytest.raises(ValueError, match=f'^--{name} must be a finite number, got {value}$'):
+      settings.validate_flags(default_values(**{name: value}))
+
+
+@pytest.mark.parametrize('changes, message', [
+    (dict(eval_name='../../../escaped_eval'),
+     "--eval_name='../../../escaped_eval' must be a plain name"),
+    (dict(eval_name='a/b'), "--eval_name='a/b' must be a plain name"),
+    (dict(resnet_depth=7), '--resnet_depth=7 is not one of [18, 34, 50, 101, 152, 200]'),
+    (dict(train_batch_size=1), '--train_batch_size=1 leaves a contrastive batch without '
+                               'negatives'),
+    (dict(seed=-5), '--seed must be >= 0, got -5'),
+])
+def test_values_that_cannot_be_right_are_errors_naming_the_flag(changes, message):
+  with pytest.raises(ValueError, match=f'^{re.escape(message)}'):
+    settings.validate_flags(default_values(**changes))
+  settings.validate_flags(default_values(eval_name='on_train-2'))

@@ -451,6 +451,40 @@ def test_non_finite_loss_names_the_step_range_and_writes_no_checkpoint_for_it(
   assert manager.latest_checkpoint.endswith('ckpt-3')
 
 
+def test_a_non_finite_batch_norm_statistic_stops_the_run_and_saves_nothing_of_it(
+    tmp_path, tiny_training):
+  # Finding (issue 24): Adam at 1e9 kept the loss finite while the BatchNorm moving variances
+  # went to inf; the guard read the trainable weights only, so every checkpoint held inf.
+  trainer, iterator, _ = tiny_training(uniform_images(80))
+  model_dir = str(tmp_path / 'run')
+  manager = checkpoint_manager(trainer, model_dir)
+  trainer_lib.train(trainer, iterator, total_steps=3, checkpoint_every=3,
+                    checkpoint_manager=manager)
+  variance = next(v for v in trainer.model.variables if 'moving_variance' in v.path)
+  variance.assign(tf.fill(variance.shape, np.inf))
+  with pytest.raises(FloatingPointError,
+                     match=r'^Non-finite \(or overflowing\) state between steps 4 and 6 \(.*'
+                           rf'{re.escape(variance.path)}.*\); nothing of these steps is saved, '
+                           rf'the last good checkpoint \({re.escape(model_dir)}/ckpt-3\) is kept'):
+    trainer_lib.train(trainer, iterator, total_steps=6, checkpoint_every=3,
+                      checkpoint_manager=manager)
+  assert written_steps(model_dir) == [3]
+
+
+def test_the_divergence_guard_reads_every_saved_variable_and_allows_unvisited_u(one_replica,
+                                                                                tiny_model_config):
+  trainer, _ = lars_trainer(one_replica, tiny_model_config(), 'sogclr')
+  assert trainer.non_finite_variables() == []  # every u unvisited: -inf, by design
+  named = dict(trainer.saved_variables())
+  assert any('moving_mean' in name for name in named)
+  assert any(name.startswith('optimizer/') for name in named)
+  log_u = trainer.sogclr.log_u
+  log_u.assign(tf.tensor_scatter_nd_update(log_u, [[3]], [np.nan]))
+  assert trainer.non_finite_variables() == ['sogclr/log_u']
+  log_u.assign(tf.fill(log_u.shape, np.inf))
+  assert trainer.non_finite_variables() == ['sogclr/log_u']
+
+
 def test_progress_logger_line_holds_step_epoch_rate_loss_images_per_second_and_eta(monkeypatch):
   lines = []
   monkeypatch.setattr(trainer_lib.logging, 'info', lambda msg, *args: lines.append(msg % args))
