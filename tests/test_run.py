@@ -595,13 +595,18 @@ def test_resuming_with_run_defining_flags_changed_is_an_error_unless_allowed(
   assert [(s['from_step'], s['flags']['seed']) for s in starts] == [(0, 0), (20, 3)]
 
 
-@pytest.mark.slow
-def test_ctrl_c_saves_a_checkpoint_and_exits_130(tiny, tmp_path, repo):
-  model_dir = str(tmp_path / 'run')
-  process = subprocess.Popen(
+def _start_endless_run(repo, tiny, model_dir):
+  """`python run.py` of a tiny run too long to finish, its stderr piped (for signal tests)."""
+  return subprocess.Popen(
       [sys.executable, os.path.join(repo, 'run.py'), *tiny, f'--model_dir={model_dir}',
        '--train_steps=100000', '--checkpoint_steps=100000', '--probe_max_examples=0'],
       stderr=subprocess.PIPE, text=True, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2'))
+
+
+@pytest.mark.slow
+def test_ctrl_c_saves_a_checkpoint_and_exits_130(tiny, tmp_path, repo):
+  model_dir = str(tmp_path / 'run')
+  process = _start_endless_run(repo, tiny, model_dir)
   deadline = time.time() + 180
   while time.time() < deadline and not re.search(r'\] step \d+/', process.stderr.readline()):
     pass
@@ -621,10 +626,7 @@ def test_a_second_ctrl_c_while_the_first_call_traces_stops_at_once(tiny, tmp_pat
   # KeyboardInterrupt traceback from mirrored_run.py (3 in 7 tries) or blocked on a lock for
   # 6.5 minutes (1 in 7).
   model_dir = str(tmp_path / 'run')
-  process = subprocess.Popen(
-      [sys.executable, os.path.join(repo, 'run.py'), *tiny, f'--model_dir={model_dir}',
-       '--train_steps=100000', '--checkpoint_steps=100000', '--probe_max_examples=0'],
-      stderr=subprocess.PIPE, text=True, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2'))
+  process = _start_endless_run(repo, tiny, model_dir)
   try:
     deadline = time.time() + 180
     while time.time() < deadline and 'Training pretrain from step' not in (
