@@ -281,7 +281,7 @@ class Evaluator:
     evaluated = self._evaluated.get(step)
     if evaluated is not None and (not knn or 'eval/knn_top_1' in evaluated):
       # A step evaluated while training (the last --eval_every_epochs one) is not evaluated
-      # again: the weights are the same. Its summaries are written.
+      # again: the weights are the same, and its summaries and projector files are written.
       if log:
         logging.info('Eval at step %d on %s: as evaluated while training.', step,
                      self.data.eval_split)
