@@ -1,9 +1,10 @@
 """Everything that reads or writes a run's model_dir: resume, restore from another run's
 checkpoint or export, SavedModel export, result_<step>.json and flags.json.
 
-A checkpoint holds `model`, `optimizer` (whose iteration count is the step) and, for SogCLR,
-`sogclr` (the u table, `sogclr/log_u`; iSogCLR adds `sogclr/tau` and `sogclr/tau_momentum`);
-checkpoints are numbered by their step (`ckpt-<step>`).
+A checkpoint holds `model`, `optimizer` (whose iteration count is the step) and, for an
+objective with per-image tables, those tables under `sogclr` (SogCLR's u table, `sogclr/log_u`;
+iSogCLR adds `sogclr/tau` and `sogclr/tau_momentum`); checkpoints are numbered by their step
+(`ckpt-<step>`).
 """
 import collections
 import json
@@ -37,7 +38,11 @@ def prepare_write_dir(model_dir, chief=True, task_id=0):
   return write_dir
 
 
-def restore_or_initialize(model, optimizer, sogclr=None, *, model_dir, write_dir=None,
+# Where a checkpoint keeps the objective's per-image tables (the official code's name).
+OBJECTIVE_KEY = 'sogclr'
+
+
+def restore_or_initialize(model, optimizer, objective=None, *, model_dir, write_dir=None,
                           keep_checkpoint_max=5, checkpoint=None, zero_init_logits_layer=False,
                           start_over=False, chief=True):
   """Resumes from `model_dir`'s newest readable checkpoint first (the same run, restarted); only
@@ -45,11 +50,12 @@ def restore_or_initialize(model, optimizer, sogclr=None, *, model_dir, write_dir
 
   Never starts from step 0 over checkpoints it cannot read: that is a ValueError naming them,
   unless `start_over`, which moves them aside (chief only). Returns the CheckpointManager that
-  saves model, optimizer (with the step) and SogCLR's u into `write_dir` (default: model_dir).
+  saves model, optimizer (with the step) and the objective's per-image tables (SogCLR's u)
+  into `write_dir` (default: model_dir).
   """
   trackables = {'model': model, 'optimizer': optimizer}
-  if sogclr is not None:
-    trackables['sogclr'] = sogclr
+  if objective is not None and objective.tables():
+    trackables[OBJECTIVE_KEY] = objective
   state = tf.train.Checkpoint(**trackables)
   resumed = _resume(state, model_dir, start_over=start_over, chief=chief)
   # After _resume: a repaired state file names the checkpoint resumed from.
@@ -58,7 +64,7 @@ def restore_or_initialize(model, optimizer, sogclr=None, *, model_dir, write_dir
   if resumed:
     # The state restored (u included), comparable with the 'Final state' line of any run.
     logging.info('Resumed from %s at step %d: %s', resumed, int(optimizer.iterations.numpy()),
-                 state_fingerprint(model, sogclr))
+                 state_fingerprint(model, objective))
   elif checkpoint:
     restore_pretrained(model, checkpoint)
     if zero_init_logits_layer and model.has_supervised_head:
@@ -442,19 +448,12 @@ def iterate_checkpoints(model_dir, timeout_seconds, poll_seconds=1.0):
       time.sleep(poll_seconds)
 
 
-def state_fingerprint(model, sogclr=None):
-  """Sums of the weights and of the visited u (float64): equal on every worker of a run."""
+def state_fingerprint(model, objective=None):
+  """Sums of the weights and of the objective's tables (float64; Objective.fingerprint): equal
+  on every worker of a run."""
   weights = sum(float(np.sum(v.numpy(), dtype=np.float64)) for v in model.variables)
-  text = f'weights sum {weights:.10e}'
-  if sogclr is not None:
-    log_u = sogclr.log_u.numpy()
-    visited = np.isfinite(log_u)
-    text += (f', u visited {int(visited.sum())}, '
-             f'log u sum {np.sum(log_u[visited], dtype=np.float64):.10e}')
-    if hasattr(sogclr, 'tau'):
-      text += (f', tau sum {np.sum(sogclr.tau.numpy(), dtype=np.float64):.10e}, tau momentum '
-               f'sum {np.sum(sogclr.tau_momentum.numpy(), dtype=np.float64):.10e}')
-  return text
+  tables = objective.fingerprint() if objective is not None else ''
+  return f'weights sum {weights:.10e}' + (f', {tables}' if tables else '')
 
 
 def _file_name_part(text):

@@ -19,6 +19,7 @@ import data as data_lib
 import distribution as distribution_lib
 import evaluation as evaluation_lib
 import model as model_lib
+import objective as objective_lib
 import trainer as trainer_lib
 
 
@@ -36,7 +37,7 @@ class Config:
   allow_flag_changes: tuple = ()  # run-defining flags that may differ from the recorded run's
   data: data_lib.DataConfig = data_lib.DataConfig()
   model: model_lib.ModelConfig = model_lib.ModelConfig()
-  objective: trainer_lib.ObjectiveConfig = trainer_lib.ObjectiveConfig()
+  objective: objective_lib.ObjectiveConfig = objective_lib.ObjectiveConfig()
   optimizer: trainer_lib.OptimizerConfig = trainer_lib.OptimizerConfig()
   loop: trainer_lib.LoopConfig = trainer_lib.LoopConfig()
   eval: evaluation_lib.EvalConfig = evaluation_lib.EvalConfig()
@@ -239,19 +240,18 @@ def _export(config, setup, model, step):
 def train_and_evaluate(config, setup, model):
   """Trains from model_dir's newest checkpoint (or --checkpoint, or scratch), exports, then
   evaluates (head, kNN) and probes the final model; returns the results."""
-  strategy, objective = setup.strategy, config.objective
+  strategy = setup.strategy
   check_same_run(config, setup.total_steps)
   with strategy.scope():
     optimizer, learning_rate = trainer_lib.build_optimizer(
         config.optimizer, model, global_batch_size=config.loop.train_batch_size,
         warmup_steps=setup.warmup_steps, total_steps=setup.total_steps,
         loss_scaling=tf.keras.mixed_precision.global_policy().name == 'mixed_float16')
-    sogclr = None
-    if config.pretrain and objective.global_contrastive:
-      sogclr = trainer_lib.build_global_loss(objective, setup.info.num_ids,
-                                             setup.steps_per_epoch)
+    # Pretraining's objective, with per-image tables over the split's ids; fine-tuning has none.
+    objective = (objective_lib.build(config.objective, setup.info.num_ids, setup.steps_per_epoch)
+                 if config.pretrain else None)
     manager = checkpoints.restore_or_initialize(
-        model, optimizer, sogclr, model_dir=config.model_dir, write_dir=setup.write_dir,
+        model, optimizer, objective, model_dir=config.model_dir, write_dir=setup.write_dir,
         keep_checkpoint_max=config.loop.keep_checkpoint_max, checkpoint=config.checkpoint,
         zero_init_logits_layer=config.model.zero_init_logits_layer,
         start_over=config.start_over, chief=setup.chief)
@@ -262,9 +262,8 @@ def train_and_evaluate(config, setup, model):
                      'trained; give its length or longer')
   summary_writer = _summary_writer(config, setup)
   trainer = trainer_lib.Trainer(
-      strategy, model, optimizer, loss=objective.loss, temperature=objective.temperature,
-      hidden_norm=objective.hidden_norm, weight_decay=config.optimizer.weight_decay,
-      optimizer_name=config.optimizer.name, sogclr=sogclr, jit_compile=setup.jit_compile,
+      strategy, model, optimizer, objective=objective,
+      weight_decay=config.optimizer.weight_decay, jit_compile=setup.jit_compile,
       pixel_augment=train_input_config(config, initial_step, setup.augment_on,
                                        setup.info.grey).pixel_augment())
   results = {}
@@ -296,7 +295,7 @@ def train_and_evaluate(config, setup, model):
   if not setup.chief:
     tf.io.gfile.rmtree(setup.write_dir)
   results.update(evaluator.evaluate(step))
-  logging.info('Final state at step %d: %s', step, checkpoints.state_fingerprint(model, sogclr))
+  logging.info('Final state at step %d: %s', step, checkpoints.state_fingerprint(model, objective))
   # The probe fits on the features one host sees: multi-worker runs skip it.
   if config.pretrain and distribution_lib.num_workers(strategy) == 1:
     results.update(_probe(config, evaluator, step))
@@ -443,16 +442,14 @@ RUN_DEFINING_FLAGS = (
     'supervised_head_bn', 'optimizer', 'learning_rate_scaling')
 
 
-GLOBAL_LOSSES = ('sogclr', 'isogclr')
-GAMMA_FLAGS = ('gamma', 'gamma_schedule', 'gamma_decay_epochs')
-ISOGCLR_FLAGS = ('isogclr_rho', 'isogclr_eta', 'isogclr_beta', 'isogclr_tau_min',
-                 'isogclr_tau_max')
+# The objective's hyperparameters: every ObjectiveConfig field but the loss (its own flag).
+OBJECTIVE_FLAGS = tuple(f.name for f in dataclasses.fields(objective_lib.ObjectiveConfig)
+                        if f.name != 'loss')
 
 
 # Where each run-defining flag's value lives in the config (resolved_loss is derived).
 _DEFINING_FIELDS = {
-    **{name: ('objective', name) for name in (*GAMMA_FLAGS, *ISOGCLR_FLAGS, 'temperature',
-                                              'hidden_norm')},
+    **{name: ('objective', name) for name in OBJECTIVE_FLAGS},
     'train_mode': (None, 'train_mode'),
     'train_batch_size': ('loop', 'train_batch_size'), 'seed': ('loop', 'seed'),
     **{name: ('data', name) for name in ('dataset', 'train_split', 'num_classes', 'image_size')},
@@ -493,19 +490,16 @@ def check_same_run(config, total_steps):
     return
   recorded, flags_file = run_record(config.model_dir, history)
   # A run recorded before the gamma schedule and iSogCLR existed ran with their defaults.
-  defaults = dataclasses.asdict(trainer_lib.ObjectiveConfig())
-  recorded = {name: defaults[name] for name in GAMMA_FLAGS + ISOGCLR_FLAGS} | recorded
+  defaults = dataclasses.asdict(objective_lib.ObjectiveConfig())
+  recorded = {name: defaults[name] for name in OBJECTIVE_FLAGS} | recorded
   current = recorded_values(config)
   changed = {name: (recorded[name], value) for name, value in current.items()
              if name in recorded and recorded[name] != value}
-  if current['resolved_loss'] not in GLOBAL_LOSSES:
-    for name in GAMMA_FLAGS:  # only SogCLR and iSogCLR have a gamma
-      changed.pop(name, None)
-  if current.get('gamma_schedule') == recorded['gamma_schedule'] == 'constant':
-    changed.pop('gamma_decay_epochs', None)  # unused by a constant gamma
-  if current['resolved_loss'] != 'isogclr':
-    for name in ISOGCLR_FLAGS:
-      changed.pop(name, None)
+  # Hyperparameters the objective does not read (SimCLR's gamma; fine-tuning has none) cannot
+  # make it another run.
+  used = config.objective.hyperparameters() if config.pretrain else ()
+  for name in set(OBJECTIVE_FLAGS) - set(used):
+    changed.pop(name, None)
   allowed = set(config.allow_flag_changes)
   if 'loss' in allowed:
     allowed.add('resolved_loss')
@@ -611,7 +605,7 @@ def train_input_config(config, initial_step, augment_on='host', grey=False):
       initial_step=initial_step, shuffle_buffer=data.shuffle_buffer, augment_on=augment_on,
       labels_required=not config.pretrain or config.model.lineareval_while_pretraining,
       # Ids index the per-image tables: two records with one id would share a slot.
-      unique_ids=config.pretrain and config.objective.global_contrastive)
+      unique_ids=config.pretrain and config.objective.per_image)
 
 
 def evaluate_checkpoints(config, setup, model):

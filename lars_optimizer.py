@@ -127,7 +127,8 @@ class LARS(tf.keras.optimizers.Optimizer):
 
 
 def build_optimizer(name, learning_rate, *, momentum=0.9, weight_decay=0.0):
-  """Returns the optimizer; for 'momentum' and 'adam' the caller adds `weight_decay_loss`."""
+  """Returns the optimizer; weight_decay_in_loss(optimizer) says whether the caller adds
+  `weight_decay_loss` to the loss (for 'momentum' and 'adam')."""
   if name == 'lars':
     return LARS(learning_rate, momentum=momentum, weight_decay_rate=weight_decay)
   if name == 'momentum':
@@ -138,9 +139,13 @@ def build_optimizer(name, learning_rate, *, momentum=0.9, weight_decay=0.0):
   raise ValueError(f"Unknown optimizer {name!r}; expected one of 'lars', 'momentum', 'adam'")
 
 
-def decays_inside(name):
-  """True when the optimizer applies weight decay itself (do not add `weight_decay_loss`)."""
-  return name == 'lars'
+def weight_decay_in_loss(optimizer):
+  """Whether the loss must carry the L2 penalty (`weight_decay_loss`) for `optimizer`: every
+  optimizer build_optimizer makes but LARS, which decays the weights itself (a
+  LossScaleOptimizer answers for the optimizer it wraps)."""
+  if isinstance(optimizer, tf.keras.optimizers.LossScaleOptimizer):
+    optimizer = optimizer.inner_optimizer
+  return not isinstance(optimizer, LARS)
 
 
 def scaled_learning_rate(base_learning_rate, global_batch_size, scaling):

@@ -1,16 +1,63 @@
 """Contrastive objectives: SimCLR's NT-Xent, SogCLR's global contrastive loss with its `u` table,
-and iSogCLR's individualized temperatures.
+and iSogCLR's individualized temperatures, behind one interface (`Objective`).
 
-Both gather negatives from every replica (gradients flow back through the gather), so one device
+`build(config, num_examples, steps_per_epoch)` makes the objective an `ObjectiveConfig` names;
+every objective is called the same way and returns the same dict, and declares itself what the
+trainer logs, saves and checks of it. A new objective is one `Objective` subclass and one entry
+in `OBJECTIVES`.
+
+All gather negatives from every replica (gradients flow back through the gather), so one device
 and many devices give the same answer on the same global batch.
 """
+import dataclasses
 import math
 
+import numpy as np
 import tensorflow as tf
 
 # Subtracted from masked logits: exp() of the result is exactly 0 in float32, unlike -inf it keeps
 # 0 * logit finite in the cross-entropy.
 LARGE_NUM = 1e9
+
+
+@dataclasses.dataclass(frozen=True)
+class ObjectiveConfig:
+  """The contrastive objective of pretraining: `loss` names an entry of OBJECTIVES, which reads
+  the fields its HYPERPARAMETERS list."""
+  loss: str = 'sogclr'  # 'sogclr' | 'isogclr' | 'simclr'
+  temperature: float = 0.1  # iSogCLR: every image's initial temperature
+  gamma: float = 0.9
+  gamma_schedule: str = 'constant'  # 'constant' | 'cosine' (SogCLR and iSogCLR)
+  gamma_decay_epochs: int = 0  # cosine: epochs from gamma 1 down to `gamma`
+  hidden_norm: bool = True
+  # iSogCLR's temperature updates (LibAUC's unimodal defaults).
+  isogclr_rho: float = 0.3
+  isogclr_eta: float = 0.01
+  isogclr_beta: float = 0.9
+  isogclr_tau_min: float = 0.05
+  isogclr_tau_max: float = 0.7
+
+  @property
+  def objective_class(self):
+    """The Objective subclass of `loss`."""
+    if self.loss not in OBJECTIVES:
+      raise ValueError(f'Unknown loss {self.loss!r}; expected one of {sorted(OBJECTIVES)}')
+    return OBJECTIVES[self.loss]
+
+  @property
+  def per_image(self):
+    """Whether the objective keeps per-image tables (the pipeline then needs distinct ids)."""
+    return self.objective_class.PER_IMAGE
+
+  def hyperparameters(self):
+    """The fields the objective reads with this config (the others do not change it)."""
+    return self.objective_class.hyperparameters(self)
+
+
+def build(config, num_examples, steps_per_epoch):
+  """The objective of `config` (an ObjectiveConfig) for a split of `num_examples` images
+  (the size of its per-image tables); call under the strategy's scope."""
+  return config.objective_class.from_config(config, num_examples, steps_per_epoch)
 
 
 def cross_replica_concat(tensor):
@@ -138,7 +185,75 @@ def cosine_gamma(epoch, gamma, decay_epochs):
 GAMMA_SCHEDULES = ('constant', 'cosine')
 
 
-class SogCLRLoss(tf.Module):
+class Objective(tf.Module):
+  """A contrastive objective as the trainer sees it.
+
+  Called as `objective(projection_a, projection_b, ids, step)` on the local batch ([b, D]
+  projections of the two views, [b] dataset ids, the 0-based training step), it returns a dict
+  with at least 'loss' (the scalar whose gradient training follows), 'nt_xent' (the batch
+  NT-Xent at the fixed temperature, comparable across objectives), 'logits_a' and
+  'positive_mask' ([b, 2B], for the contrastive accuracy and entropy).
+
+  Class attributes declare the rest: METRICS, the train metrics it adds ({metric name: key of
+  that dict}); PER_IMAGE, whether it keeps tables indexed by the dataset's ids (saved in the
+  checkpoint under 'sogclr/'); `hyperparameters(config)`, the ObjectiveConfig fields it reads.
+  Per-image objectives override `tables`, `call_metrics`, `write_summaries` and `fingerprint`.
+  """
+  METRICS = {'contrast_loss': 'nt_xent'}
+  PER_IMAGE = False
+  # Step metrics that may be infinite without harm (the divergence check skips them).
+  UNBOUNDED_METRICS = ()
+
+  @classmethod
+  def hyperparameters(cls, config):
+    return ('temperature', 'hidden_norm')
+
+  @classmethod
+  def from_config(cls, config, num_examples, steps_per_epoch):
+    raise NotImplementedError
+
+  def tables(self):
+    """{name: variable} of the per-image tables (saved with the model); {} without."""
+    return {}
+
+  def table_is_sound(self, name, value):
+    """A scalar bool tensor: whether table `name` holds a state training can continue from."""
+    return tf.reduce_all(tf.math.is_finite(value))
+
+  def call_metrics(self, metrics):
+    """Metrics derived from a call's step metrics and from the tables (Python floats)."""
+    return {}
+
+  def write_summaries(self, at_checkpoint, first_call):
+    """Writes the tables' summaries to the default summary writer, at its step."""
+
+  def fingerprint(self):
+    """A text summarising the tables exactly (equal on every worker of a run); '' without."""
+    return ''
+
+
+class SimCLRLoss(Objective):
+  """SimCLR's NT-Xent of the global batch (nt_xent_loss); no per-image state."""
+
+  def __init__(self, temperature, hidden_norm=True, name='simclr'):
+    super().__init__(name=name)
+    if temperature <= 0:
+      raise ValueError(f'temperature must be positive, got {temperature}')
+    self.temperature = float(temperature)
+    self.hidden_norm = hidden_norm
+
+  @classmethod
+  def from_config(cls, config, num_examples, steps_per_epoch):
+    return cls(config.temperature, config.hidden_norm)
+
+  def __call__(self, projection_a, projection_b, ids=None, step=None):
+    """The Objective dict; 'loss' and 'nt_xent' are the same NT-Xent."""
+    loss, logits_a, positive_mask = nt_xent_loss(projection_a, projection_b, self.temperature,
+                                                 self.hidden_norm)
+    return {'loss': loss, 'nt_xent': loss, 'logits_a': logits_a, 'positive_mask': positive_mask}
+
+
+class SogCLRLoss(Objective):
   """SogCLR's global contrastive loss and its moving-average denominators `u`, one per image.
 
   `u` is kept in the log domain (`log_u`): u grows like exp(1/temperature) and overflows float32
@@ -150,6 +265,27 @@ class SogCLRLoss(tf.Module):
   step passed to `__call__` // `steps_per_epoch`). Either way an image's first visit takes its
   estimate whole (gamma = 1).
   """
+  METRICS = {'contrast_loss': 'nt_xent', 'log_u_mean': 'log_u_mean'}
+  PER_IMAGE = True
+  # log of the batch's mean u: +inf once u overflows float32 is still a state SogCLR runs on.
+  UNBOUNDED_METRICS = ('log_u_mean',)
+
+  @classmethod
+  def hyperparameters(cls, config):
+    # A constant gamma does not read gamma_decay_epochs.
+    schedule = ('gamma', 'gamma_schedule') + (
+        ('gamma_decay_epochs',) if config.gamma_schedule != 'constant' else ())
+    return Objective.hyperparameters(config) + schedule
+
+  @classmethod
+  def _schedule(cls, config, steps_per_epoch):
+    return dict(gamma_schedule=config.gamma_schedule,
+                gamma_decay_epochs=config.gamma_decay_epochs, steps_per_epoch=steps_per_epoch)
+
+  @classmethod
+  def from_config(cls, config, num_examples, steps_per_epoch):
+    return cls(num_examples, config.temperature, config.gamma, config.hidden_norm,
+               **cls._schedule(config, steps_per_epoch))
 
   def __init__(self, num_examples, temperature, gamma, hidden_norm=True, name='sogclr', *,
                gamma_schedule='constant', gamma_decay_epochs=0, steps_per_epoch=None):
@@ -172,6 +308,38 @@ class SogCLRLoss(tf.Module):
     self.steps_per_epoch = steps_per_epoch
     self.hidden_norm = hidden_norm
     self.log_u = _per_image_table(self.num_examples, -math.inf, 'log_u')
+
+  def tables(self):
+    return {'log_u': self.log_u}
+
+  def table_is_sound(self, name, value):
+    if name != 'log_u':
+      return super().table_is_sound(name, value)
+    # A never-visited image holds -inf by design; NaN or +inf is damage.
+    return tf.reduce_all(tf.logical_not(tf.math.is_nan(value)) & (value < np.inf))
+
+  def call_metrics(self, metrics):
+    """u_mean, the mean u of the call's batches, while it fits a float32 (its log always)."""
+    log_u_mean = metrics.get('log_u_mean', math.inf)
+    if log_u_mean < math.log(np.finfo(np.float32).max):
+      return {'u_mean': math.exp(log_u_mean)}
+    return {}
+
+  def write_summaries(self, at_checkpoint, first_call):
+    """u/visited_fraction (images whose u has been set: log u finite) and, at a checkpoint or
+    the first call, a histogram u/log_u of log u over those images (the never visited are
+    -inf)."""
+    log_u = tf.convert_to_tensor(self.log_u)
+    visited = tf.math.is_finite(log_u)
+    tf.summary.scalar('u/visited_fraction', tf.reduce_mean(tf.cast(visited, tf.float32)))
+    if at_checkpoint or first_call:
+      tf.summary.histogram('u/log_u', tf.boolean_mask(log_u, visited))
+
+  def fingerprint(self):
+    log_u = self.log_u.numpy()
+    visited = np.isfinite(log_u)
+    return (f'u visited {int(visited.sum())}, '
+            f'log u sum {np.sum(log_u[visited], dtype=np.float64):.10e}')
 
   def gamma_at(self, step):
     """gamma of revisits at training step `step` (0-based; a Python float when constant)."""
@@ -279,6 +447,19 @@ class ISogCLRLoss(SogCLRLoss):
 
   `nt_xent` and `logits_a` stay at the fixed `temperature` (comparable with SimCLR's).
   """
+  METRICS = SogCLRLoss.METRICS | {'tau_batch_mean': 'tau_mean'}
+
+  @classmethod
+  def hyperparameters(cls, config):
+    return SogCLRLoss.hyperparameters(config) + (
+        'isogclr_rho', 'isogclr_eta', 'isogclr_beta', 'isogclr_tau_min', 'isogclr_tau_max')
+
+  @classmethod
+  def from_config(cls, config, num_examples, steps_per_epoch):
+    return cls(num_examples, config.temperature, config.gamma, config.hidden_norm,
+               rho=config.isogclr_rho, eta=config.isogclr_eta, beta=config.isogclr_beta,
+               tau_min=config.isogclr_tau_min, tau_max=config.isogclr_tau_max,
+               **cls._schedule(config, steps_per_epoch))
 
   def __init__(self, num_examples, temperature, gamma, hidden_norm=True, name='sogclr', *,
                rho=0.3, eta=0.01, beta=0.9, tau_min=0.05, tau_max=0.7, **schedule):
@@ -328,6 +509,39 @@ class ISogCLRLoss(SogCLRLoss):
   def temperature_table(self):
     """The temperatures of the images visited so far (a 1-D tensor; empty before any)."""
     return tf.boolean_mask(self.tau, tf.math.is_finite(self.log_u))
+
+  def tables(self):
+    return {'log_u': self.log_u, 'tau': self.tau, 'tau_momentum': self.tau_momentum}
+
+  @tf.function
+  def _temperature_stats(self):
+    # Masked reductions, not the visited subset: no dynamic shape (TPUs) on every call.
+    visited = tf.math.is_finite(self.log_u)
+    count = tf.reduce_sum(tf.cast(visited, tf.float32))
+    return (tf.reduce_sum(tf.where(visited, self.tau, 0.0)) / count,
+            tf.reduce_min(tf.where(visited, self.tau, math.inf)),
+            tf.reduce_max(tf.where(visited, self.tau, -math.inf)))
+
+  def call_metrics(self, metrics):
+    """SogCLR's, and tau_mean, tau_min, tau_max over the images visited so far."""
+    return super().call_metrics(metrics) | dict(zip(
+        ('tau_mean', 'tau_min', 'tau_max'), (float(x) for x in self._temperature_stats())))
+
+  def write_summaries(self, at_checkpoint, first_call):
+    """SogCLR's, and at a checkpoint a histogram train/tau of the visited images' temperatures
+    (one per call would grow the event file by a histogram a second)."""
+    super().write_summaries(at_checkpoint, first_call)
+    if at_checkpoint:
+      tf.summary.histogram('train/tau', self.temperature_table())
+
+  def fingerprint(self):
+    return (f'{super().fingerprint()}, '
+            f'tau sum {np.sum(self.tau.numpy(), dtype=np.float64):.10e}, tau momentum '
+            f'sum {np.sum(self.tau_momentum.numpy(), dtype=np.float64):.10e}')
+
+
+# The objectives `ObjectiveConfig.loss` names.
+OBJECTIVES = {'simclr': SimCLRLoss, 'sogclr': SogCLRLoss, 'isogclr': ISogCLRLoss}
 
 
 def global_nt_xent(projection_a, projection_b, temperature, hidden_norm=True, chunk_size=1024):

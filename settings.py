@@ -19,6 +19,7 @@ import distribution
 import evaluation
 import experiment
 import model as model_lib
+import objective as objective_lib
 import resnet
 import trainer as trainer_lib
 
@@ -198,7 +199,7 @@ def build_config(values):
           ft_proj_selector=v.ft_proj_selector, fine_tune_after_block=v.fine_tune_after_block,
           zero_init_logits_layer=v.zero_init_logits_layer,
           supervised_head_bn=v.supervised_head_bn),
-      objective=trainer_lib.ObjectiveConfig(
+      objective=objective_lib.ObjectiveConfig(
           loss=loss, temperature=v.temperature, gamma=v.gamma, gamma_schedule=v.gamma_schedule,
           gamma_decay_epochs=v.gamma_decay_epochs, hidden_norm=v.hidden_norm,
           isogclr_rho=v.isogclr_rho, isogclr_eta=v.isogclr_eta, isogclr_beta=v.isogclr_beta,

@@ -26,43 +26,6 @@ import objective as obj_lib
 
 
 @dataclasses.dataclass(frozen=True)
-class ObjectiveConfig:
-  """The contrastive objective of pretraining."""
-  loss: str = 'sogclr'  # 'sogclr' | 'isogclr' | 'simclr'
-  temperature: float = 0.1  # iSogCLR: every image's initial temperature
-  gamma: float = 0.9
-  gamma_schedule: str = 'constant'  # 'constant' | 'cosine' (SogCLR and iSogCLR)
-  gamma_decay_epochs: int = 0  # cosine: epochs from gamma 1 down to `gamma`
-  hidden_norm: bool = True
-  # iSogCLR's temperature updates (LibAUC's unimodal defaults).
-  isogclr_rho: float = 0.3
-  isogclr_eta: float = 0.01
-  isogclr_beta: float = 0.9
-  isogclr_tau_min: float = 0.05
-  isogclr_tau_max: float = 0.7
-
-  @property
-  def global_contrastive(self):
-    """Whether the loss keeps per-image tables (SogCLR, iSogCLR)."""
-    return self.loss in ('sogclr', 'isogclr')
-
-
-def build_global_loss(config, num_examples, steps_per_epoch):
-  """The SogCLRLoss (or ISogCLRLoss) of `config` (an ObjectiveConfig) for a split of
-  `num_examples` images; call under the strategy's scope."""
-  schedule = dict(gamma_schedule=config.gamma_schedule,
-                  gamma_decay_epochs=config.gamma_decay_epochs, steps_per_epoch=steps_per_epoch)
-  if config.loss == 'isogclr':
-    return obj_lib.ISogCLRLoss(
-        num_examples, config.temperature, config.gamma, config.hidden_norm,
-        rho=config.isogclr_rho, eta=config.isogclr_eta, beta=config.isogclr_beta,
-        tau_min=config.isogclr_tau_min, tau_max=config.isogclr_tau_max, **schedule)
-  assert config.loss == 'sogclr', config.loss
-  return obj_lib.SogCLRLoss(num_examples, config.temperature, config.gamma, config.hidden_norm,
-                            **schedule)
-
-
-@dataclasses.dataclass(frozen=True)
 class OptimizerConfig:
   """The optimizer and its learning-rate schedule."""
   name: str = 'lars'  # 'lars' | 'momentum' | 'adam'
@@ -133,20 +96,20 @@ def build_optimizer(config, model, *, global_batch_size, warmup_steps, total_ste
 class Trainer:
   """Owns the train step and the many-steps-per-call loop; `train` does the bookkeeping."""
 
-  def __init__(self, strategy, model, optimizer, *, loss, temperature, hidden_norm,
-               weight_decay, optimizer_name, sogclr=None, jit_compile=False, pixel_augment=None):
+  def __init__(self, strategy, model, optimizer, *, weight_decay, objective=None,
+               jit_compile=False, pixel_augment=None):
+    """objective: an objective.Objective (pretraining; fine-tuning has none)."""
     self.strategy = strategy
     self.model = model
     self.optimizer = optimizer
-    self.loss = loss
-    self.temperature = temperature
-    self.hidden_norm = hidden_norm
+    self.objective = objective
     self.weight_decay = weight_decay
-    self.decay_in_loss = not lars_optimizer.decays_inside(optimizer_name)
-    self.sogclr = sogclr
+    self.decay_in_loss = lars_optimizer.weight_decay_in_loss(optimizer)
     # data_util.PixelAugment: color distortion and blur of the views, batched in the step.
     self.pixel_augment = pixel_augment
     self.pretrain = model.config.train_mode == 'pretrain'
+    if self.pretrain and objective is None:
+      raise ValueError('pretraining needs an objective (objective.build)')
     self.loss_scaling = isinstance(optimizer, tf.keras.optimizers.LossScaleOptimizer)
     # XLA compiles the per-replica step; the loop around it stays a plain tf.function.
     self._step = (tf.function(self.train_step, jit_compile=True) if jit_compile
@@ -157,23 +120,13 @@ class Trainer:
   def _contrastive_loss(self, projection, ids, metrics):
     """The contrastive loss of the two views' projections [2b, D]; fills its metrics."""
     projection_a, projection_b = tf.split(projection, 2, 0)
-    if self.loss in ('sogclr', 'isogclr'):
-      # The step before this update, 0-based: the gamma schedule's clock.
-      result = self.sogclr(projection_a, projection_b, ids, step=self.optimizer.iterations)
-      contrastive, logits_a = result['loss'], result['logits_a']
-      positive_mask = result['positive_mask']
-      metrics['contrast_loss'] = result['nt_xent']
-      metrics['log_u_mean'] = result['log_u_mean']
-      if 'tau_mean' in result:
-        metrics['tau_batch_mean'] = result['tau_mean']
-    else:
-      contrastive, logits_a, positive_mask = obj_lib.nt_xent_loss(
-          projection_a, projection_b, self.temperature, self.hidden_norm)
-      metrics['contrast_loss'] = contrastive
+    # The step before this update, 0-based: the clock of SogCLR's gamma schedule.
+    result = self.objective(projection_a, projection_b, ids, step=self.optimizer.iterations)
+    metrics.update({name: result[key] for name, key in self.objective.METRICS.items()})
     metrics['contrast_acc'], metrics['contrast_entropy'] = obj_lib.contrast_metrics(
-        logits_a, positive_mask)
-    metrics['contrastive_objective'] = contrastive
-    return contrastive
+        result['logits_a'], result['positive_mask'])
+    metrics['contrastive_objective'] = result['loss']
+    return result['loss']
 
   @staticmethod
   def _supervised_loss(logits, labels, num_views, metrics):
@@ -275,46 +228,32 @@ class Trainer:
     """Runs `num_steps` steps in one call; returns the metrics' means as tensors."""
     return self.run_steps(iterator, num_steps)[0]
 
-  @tf.function
-  def _temperature_stats(self):
-    # Masked reductions, not the visited subset: no dynamic shape (TPUs) on every call.
-    tau, visited = self.sogclr.tau, tf.math.is_finite(self.sogclr.log_u)
-    count = tf.reduce_sum(tf.cast(visited, tf.float32))
-    return (tf.reduce_sum(tf.where(visited, tau, 0.0)) / count,
-            tf.reduce_min(tf.where(visited, tau, math.inf)),
-            tf.reduce_max(tf.where(visited, tau, -math.inf)))
+  def objective_tables(self):
+    """{name: variable} of the objective's per-image tables ({} without)."""
+    return {} if self.objective is None else self.objective.tables()
 
-  def temperature_stats(self):
-    """{'tau_mean', 'tau_min', 'tau_max'} over the images visited so far (iSogCLR after a
-    step); {} for other losses."""
-    if not hasattr(self.sogclr, 'temperature_table'):
-      return {}
-    return dict(zip(('tau_mean', 'tau_min', 'tau_max'),
-                    (float(x) for x in self._temperature_stats())))
-
-  def temperature_table(self):
-    """The visited images' temperatures (iSogCLR), or None."""
-    if not hasattr(self.sogclr, 'temperature_table'):
-      return None
-    return self.sogclr.temperature_table()
+  def unbounded_metrics(self):
+    """The step metrics that may be infinite without harm (the objective's)."""
+    return () if self.objective is None else self.objective.UNBOUNDED_METRICS
 
   def saved_variables(self):
     """(name, variable) of every float variable a checkpoint saves: the model's (BatchNorm
     moving statistics included), the optimizer's and SogCLR's tables."""
     named = [(v.path, v) for v in self.model.variables]
     named += [(f'optimizer/{v.path}', v) for v in self.optimizer.variables]
-    if self.sogclr is not None:
-      named += [(f'sogclr/{v.name.split(":")[0]}', v) for v in self.sogclr.variables]
+    named += [(f'{checkpoints.OBJECTIVE_KEY}/{name}', v)
+              for name, v in self.objective_tables().items()]
     return [(name, v) for name, v in named if tf.as_dtype(v.dtype).is_floating]
 
   @tf.function
   def _finite_flags(self):
+    # The objective says what a sound table holds (SogCLR's log u is -inf where unvisited).
+    tables = {id(v): name for name, v in self.objective_tables().items()}
     flags = []
     for _, variable in self.saved_variables():
       v = tf.cast(variable, tf.float32)
-      if self.sogclr is not None and variable is self.sogclr.log_u:
-        # A never-visited image holds -inf by design; NaN or +inf is damage.
-        flags.append(tf.reduce_all(tf.logical_not(tf.math.is_nan(v)) & (v < np.inf)))
+      if id(variable) in tables:
+        flags.append(self.objective.table_is_sound(tables[id(variable)], v))
       else:
         flags.append(tf.reduce_all(tf.math.is_finite(v)))
     # Weights whose squares overflow float32 (|w| > 1.8e19) are finite yet beyond repair: their
@@ -389,11 +328,13 @@ def call_steps(step, steps_per_call, total_steps, checkpoint_every, eval_every=0
   return num_steps, next_checkpoint
 
 
-def _check_metrics_finite(metrics, first_loss, previous, step, checkpoint_manager, saved_step):
-  """Raises FloatingPointError when a metric of the call is not finite. When already the call's
-  first step was, the weights it started from cannot continue: the checkpoint saved from them
-  (at `saved_step` == previous) is removed, so a rerun resumes from an older, good one."""
-  bad = [k for k, v in metrics.items() if not math.isfinite(v) and k != 'log_u_mean']
+def _check_metrics_finite(metrics, first_loss, previous, step, checkpoint_manager, saved_step,
+                          unbounded=()):
+  """Raises FloatingPointError when a metric of the call (but those `unbounded`) is not finite.
+  When already the call's first step was, the weights it started from cannot continue: the
+  checkpoint saved from them (at `saved_step` == previous) is removed, so a rerun resumes from
+  an older, good one."""
+  bad = [k for k, v in metrics.items() if not math.isfinite(v) and k not in unbounded]
   if not bad:
     return
   removed = ''
@@ -412,26 +353,6 @@ def _kept(latest):
     return 'no checkpoint of this run is kept (a rerun starts from step 0)'
   return f'the last good checkpoint ({latest}) is kept'
 
-
-
-def _write_summaries(summary_writer, step, metrics, temperatures=None):
-  if summary_writer is not None:
-    with summary_writer.as_default(step=step):
-      for name, value in metrics.items():
-        tf.summary.scalar(f'train/{name}', value)
-      if temperatures is not None:
-        tf.summary.histogram('train/tau', temperatures)
-
-
-def write_u_summaries(summary_writer, step, log_u, histogram):
-  """u/visited_fraction (images whose u has been set: log u finite) and, with `histogram`, a
-  histogram u/log_u of log u over those images (the never visited are -inf)."""
-  log_u = tf.convert_to_tensor(log_u)
-  visited = tf.math.is_finite(log_u)
-  with summary_writer.as_default(step=step):
-    tf.summary.scalar('u/visited_fraction', tf.reduce_mean(tf.cast(visited, tf.float32)))
-    if histogram:
-      tf.summary.histogram('u/log_u', tf.boolean_mask(log_u, visited))
 
 
 def _save(trainer, checkpoint_manager, last_saved, step):
@@ -499,8 +420,8 @@ def train(trainer, iterator, *, total_steps, checkpoint_every, checkpoint_manage
   next loop boundary and raises Preempted (with the event's `signal_number`, if it has one).
   After every call, `on_progress(Progress)` (e.g. a ProgressLogger). `on_started()` runs once,
   after the first call (the data and the step work), before anything is written: a run stopped
-  by bad data in its first batch changes nothing. With SogCLR, u/ summaries
-  (write_u_summaries: the histogram at the first call and at each checkpoint). A summary that
+  by bad data in its first batch changes nothing. The objective writes its tables' summaries
+  (Objective.write_summaries; SogCLR's u/). A summary that
   cannot be written (a full disk) saves a checkpoint of the step reached, then raises OSError.
   With eval_every > 0, calls stop at its multiples, where (after any checkpoint) `on_eval(step,
   training_seconds_so_far)` runs, and at the last step. Every call but the first (it traces) and
@@ -525,7 +446,7 @@ def train(trainer, iterator, *, total_steps, checkpoint_every, checkpoint_manage
     previous, step = step, int(trainer.optimizer.iterations.numpy())
     assert step == previous + num_steps, (previous, num_steps, step)
     _check_metrics_finite(metrics, float(first_loss), previous, step, checkpoint_manager,
-                          saved_step)
+                          saved_step, trainer.unbounded_metrics())
     first_call = previous == start_step
     if first_call and on_started is not None:
       on_started()
@@ -571,24 +492,24 @@ def _flush(summary_writer):
 
 
 def _call_metrics(trainer, metrics, learning_rate_fn, step):
-  """A call's metrics with what is derived from them and from the state: u (while it fits a
-  float32; its log always), the learning rate, iSogCLR's temperature stats."""
+  """A call's metrics with the learning rate and what the objective derives from them and
+  from its tables (SogCLR's u_mean, iSogCLR's temperature statistics)."""
   metrics = dict(metrics)
-  if metrics.get('log_u_mean', math.inf) < math.log(np.finfo(np.float32).max):
-    metrics['u_mean'] = math.exp(metrics['log_u_mean'])
   if learning_rate_fn is not None:
     metrics['learning_rate'] = float(learning_rate_fn(step))
-  metrics.update(trainer.temperature_stats())
+  if trainer.objective is not None:
+    metrics.update(trainer.objective.call_metrics(metrics))
   return metrics
 
 
 def _write_call_summaries(summary_writer, trainer, step, metrics, saving, first_call):
-  # iSogCLR's temperature histogram at checkpoints only: one per call would grow the event file
-  # by a histogram a second.
-  _write_summaries(summary_writer, step, metrics, trainer.temperature_table() if saving else None)
-  if summary_writer is not None and trainer.sogclr is not None:
-    write_u_summaries(summary_writer, step, trainer.sogclr.log_u,
-                      histogram=saving or first_call)
+  if summary_writer is None:
+    return
+  with summary_writer.as_default(step=step):
+    for name, value in metrics.items():
+      tf.summary.scalar(f'train/{name}', value)
+    if trainer.objective is not None:
+      trainer.objective.write_summaries(at_checkpoint=saving, first_call=first_call)
 
 
 def _summaries_failed(error, trainer, checkpoint_manager, last_saved, step):

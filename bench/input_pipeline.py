@@ -75,11 +75,9 @@ def main():
         args.image_size)
     optimizer = lars_optimizer.build_optimizer('lars', 0.1, weight_decay=1e-6)
     optimizer.build(model.trainable_variables)
-    sogclr = (objective.SogCLRLoss(info.num_train_examples, 0.1, 0.9)
-              if args.loss == 'sogclr' else None)
-  trainer = trainer_lib.Trainer(strategy, model, optimizer, loss=args.loss, temperature=0.1,
-                                hidden_norm=True, weight_decay=1e-6, optimizer_name='lars',
-                                sogclr=sogclr)
+    loss = objective.build(objective.ObjectiveConfig(loss=args.loss, temperature=0.1, gamma=0.9),
+                           info.num_train_examples, steps_per_epoch=None)
+  trainer = trainer_lib.Trainer(strategy, model, optimizer, objective=loss, weight_decay=1e-6)
   # The step alone: one real batch, repeated from memory.
   batch = next(iter(input_fn(tf.distribute.InputContext())))
   constant = iter(strategy.experimental_distribute_dataset(

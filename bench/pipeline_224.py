@@ -154,6 +154,7 @@ def step_rates(args):
   import data_util  # noqa: PLC0415
   import lars_optimizer  # noqa: PLC0415
   import model as model_lib  # noqa: PLC0415
+  import objective  # noqa: PLC0415
   import trainer as trainer_lib  # noqa: PLC0415
   batch = args.step_batch_size
   strategy = tf.distribute.MirroredStrategy(['/cpu:0'])
@@ -174,8 +175,8 @@ def step_rates(args):
           num_classes=10), 224)
       optimizer = lars_optimizer.build_optimizer('lars', 0.1, weight_decay=1e-6)
       optimizer.build(model.trainable_variables)
-    trainer = trainer_lib.Trainer(strategy, model, optimizer, loss='simclr', temperature=0.1,
-                                  hidden_norm=True, weight_decay=1e-6, optimizer_name='lars',
+    trainer = trainer_lib.Trainer(strategy, model, optimizer, weight_decay=1e-6,
+                                  objective=objective.SimCLRLoss(temperature=0.1),
                                   pixel_augment=pixel_augment)
     iterator = iter(strategy.experimental_distribute_dataset(
         tf.data.Dataset.from_tensors(element).repeat()))

@@ -206,9 +206,9 @@ def build_for_precision(strategy, spec, precision, args, initial_weights=None):
 
 
 def make_trainer(strategy, model, optimizer, sogclr, loss, xla):
-  return trainer_lib.Trainer(strategy, model, optimizer, loss=loss, temperature=0.1,
-                             hidden_norm=True, weight_decay=1e-6, optimizer_name='lars',
-                             sogclr=sogclr if loss == 'sogclr' else None, jit_compile=xla)
+  objective = sogclr if loss == 'sogclr' else obj_lib.SimCLRLoss(temperature=0.1)
+  return trainer_lib.Trainer(strategy, model, optimizer, objective=objective, weight_decay=1e-6,
+                             jit_compile=xla)
 
 
 def rss_bytes():

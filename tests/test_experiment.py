@@ -18,6 +18,7 @@ import data as data_lib
 import evaluation
 import experiment
 import model as model_lib
+import objective as objective_lib
 import settings
 import trainer as trainer_lib
 
@@ -718,10 +719,9 @@ def _recorded_run(tmp_path, flags):
 
 
 def _config(model_dir, **objective):
-  objective = trainer_lib.ObjectiveConfig(**objective)
-  flags = {f: getattr(objective, f) for f in experiment.GAMMA_FLAGS + experiment.ISOGCLR_FLAGS}
-  return experiment.Config(model_dir=model_dir, objective=objective,
-                           flags={**flags, 'temperature': objective.temperature})
+  objective = objective_lib.ObjectiveConfig(**objective)
+  flags = {f: getattr(objective, f) for f in experiment.OBJECTIVE_FLAGS}
+  return experiment.Config(model_dir=model_dir, objective=objective, flags=flags)
 
 
 def test_resume_identity_covers_the_gamma_schedule_and_isogclr_flags(tmp_path):
@@ -743,7 +743,7 @@ def test_a_notebook_run_is_recorded_and_its_identity_checked_on_resume(tmp_path)
   # Finding: a Config built without flags recorded only its resolved loss, so a resume with
   # another temperature or seed went unnoticed.
   config = experiment.Config(model_dir=str(tmp_path / 'run'),
-                             objective=trainer_lib.ObjectiveConfig(temperature=0.2),
+                             objective=objective_lib.ObjectiveConfig(temperature=0.2),
                              loop=trainer_lib.LoopConfig(seed=3))
   os.makedirs(config.model_dir)
   experiment._record_flags(config, initial_step=0)
@@ -753,7 +753,7 @@ def test_a_notebook_run_is_recorded_and_its_identity_checked_on_resume(tmp_path)
           recorded['resnet_depth'], recorded['optimizer']) == (0.2, 3, 'sogclr', 50, 'lars')
   (tmp_path / 'run' / 'ckpt-5.index').write_bytes(b'')  # a checkpoint to resume
   experiment.check_same_run(config, 100)
-  changed = dataclasses.replace(config, objective=trainer_lib.ObjectiveConfig(temperature=0.5),
+  changed = dataclasses.replace(config, objective=objective_lib.ObjectiveConfig(temperature=0.5),
                                 loop=trainer_lib.LoopConfig(seed=4))
   with pytest.raises(ValueError, match=r'--temperature=0\.5 \(was 0\.2\), --seed=4 \(was 3\)'):
     experiment.check_same_run(changed, 100)

@@ -166,8 +166,12 @@ def test_build_optimizer_returns_the_named_optimizer():
   sgd = lars_optimizer.build_optimizer('momentum', 0.1, momentum=0.8, weight_decay=1e-6)
   assert isinstance(sgd, tf.keras.optimizers.SGD) and sgd.momentum == 0.8
   assert isinstance(lars_optimizer.build_optimizer('adam', 0.1), tf.keras.optimizers.Adam)
-  assert lars_optimizer.decays_inside('lars')
-  assert not lars_optimizer.decays_inside('momentum') and not lars_optimizer.decays_inside('adam')
+  # LARS decays the weights itself; the others need the L2 penalty in the loss, also when
+  # wrapped for float16 loss scaling.
+  assert not lars_optimizer.weight_decay_in_loss(lars)
+  assert lars_optimizer.weight_decay_in_loss(sgd)
+  assert lars_optimizer.weight_decay_in_loss(lars_optimizer.build_optimizer('adam', 0.1))
+  assert not lars_optimizer.weight_decay_in_loss(tf.keras.optimizers.LossScaleOptimizer(lars))
   with pytest.raises(ValueError, match="Unknown optimizer 'sgd'"):
     lars_optimizer.build_optimizer('sgd', 0.1)
 

@@ -503,3 +503,80 @@ def test_isogclr_tables_are_created_as_the_u_table_is(two_replicas):
     assert not table.trainable
   np.testing.assert_array_equal(isogclr.tau.numpy(), np.full(5, 0.1, np.float32))
   np.testing.assert_array_equal(isogclr.tau_momentum.numpy(), np.zeros(5, np.float32))
+
+
+# --- One interface: build, call, tables, soundness, fingerprint --------------------------------
+
+@pytest.mark.parametrize('loss', sorted(objective.OBJECTIVES))
+def test_every_objective_is_built_from_its_config_and_returns_the_same_dict(loss):
+  """build() makes each registered objective; every call returns the keys the trainer reads,
+  its declared METRICS among them, and 'nt_xent' is NT-Xent at the config's temperature."""
+  rng = np.random.default_rng(0)
+  za, zb = normalized(rng, 4, 8), normalized(rng, 4, 8)
+  config = objective.ObjectiveConfig(loss=loss, temperature=0.2, gamma=0.9)
+  built = objective.build(config, num_examples=6, steps_per_epoch=2)
+  assert type(built) is objective.OBJECTIVES[loss]
+  result = built(tf.constant(za, tf.float32), tf.constant(zb, tf.float32),
+                 tf.constant([0, 1, 2, 3]), step=tf.constant(0, tf.int64))
+  assert {'loss', 'nt_xent', 'logits_a', 'positive_mask'} <= set(result)
+  assert set(built.METRICS.values()) <= set(result)
+  np.testing.assert_allclose(float(result['nt_xent']), np_nt_xent(za, zb, 0.2), rtol=1e-5)
+  assert result['logits_a'].shape == (4, 8) and result['positive_mask'].shape == (4, 8)
+  assert config.per_image == bool(built.tables())
+  if loss == 'simclr':
+    assert float(result['loss']) == float(result['nt_xent'])
+  else:  # the first visit of every image: u is the batch's own estimate
+    assert np.isfinite(built.log_u.numpy()[:4]).all()
+    assert np.isneginf(built.log_u.numpy()[4:]).all()
+
+
+def test_an_unknown_loss_names_the_registered_ones():
+  with pytest.raises(ValueError, match=r"Unknown loss 'byol'.*isogclr.*simclr.*sogclr"):
+    objective.build(objective.ObjectiveConfig(loss='byol'), 6, 2)
+
+
+def test_each_objective_declares_the_hyperparameters_it_reads():
+  """What the resume identity check compares: SimCLR has no gamma, a constant gamma reads no
+  decay length, iSogCLR adds its temperature updates."""
+  config = objective.ObjectiveConfig
+  assert config(loss='simclr').hyperparameters() == ('temperature', 'hidden_norm')
+  assert config(loss='sogclr').hyperparameters() == (
+      'temperature', 'hidden_norm', 'gamma', 'gamma_schedule')
+  assert 'gamma_decay_epochs' in config(loss='sogclr', gamma_schedule='cosine').hyperparameters()
+  assert set(config(loss='isogclr').hyperparameters()) - set(
+      config(loss='sogclr').hyperparameters()) == {
+          'isogclr_rho', 'isogclr_eta', 'isogclr_beta', 'isogclr_tau_min', 'isogclr_tau_max'}
+  # Every ObjectiveConfig field is read by some objective: no dead setting.
+  every = set().union(*(config(loss=name, gamma_schedule='cosine').hyperparameters()
+                        for name in objective.OBJECTIVES))
+  assert every | {'loss'} == {f for f in config.__dataclass_fields__}
+
+
+def test_a_never_visited_u_is_sound_and_nan_or_plus_inf_is_not():
+  sogclr = objective.SogCLRLoss(3, temperature=0.1, gamma=0.9)
+
+  def sound(values):
+    return bool(sogclr.table_is_sound('log_u', tf.constant(values)))
+
+  assert sound([-np.inf, 0.5, 3.0])
+  assert not sound([np.nan, 0.5, 3.0])
+  assert not sound([np.inf, 0.5, 3.0])
+  isogclr = objective.ISogCLRLoss(3, temperature=0.1, gamma=0.9)
+  assert not bool(isogclr.table_is_sound('tau', tf.constant([-np.inf, 0.1, 0.1])))
+
+
+def test_fingerprint_and_call_metrics_summarise_the_tables():
+  assert objective.SimCLRLoss(0.1).fingerprint() == ''
+  assert objective.SimCLRLoss(0.1).call_metrics({'log_u_mean': 1.0}) == {}
+  isogclr = objective.ISogCLRLoss(4, temperature=0.1, gamma=0.9)
+  isogclr.log_u.assign([1.0, 2.0, -np.inf, -np.inf])
+  isogclr.tau.assign([0.2, 0.4, 0.1, 0.1])
+  assert isogclr.fingerprint() == (
+      'u visited 2, log u sum 3.0000000000e+00, tau sum 8.0000001192e-01, '
+      'tau momentum sum 0.0000000000e+00')
+  metrics = isogclr.call_metrics({'log_u_mean': 0.0})
+  assert metrics['u_mean'] == 1.0
+  np.testing.assert_allclose([metrics['tau_mean'], metrics['tau_min'], metrics['tau_max']],
+                             [0.3, 0.2, 0.4], rtol=1e-6)
+  # u beyond float32: no u_mean, its log still logged by the step.
+  assert 'u_mean' not in isogclr.call_metrics({'log_u_mean': 200.0})

@@ -28,6 +28,7 @@ import distribution
 import evaluation
 import experiment
 import model as model_lib
+import objective as objective_lib
 import run
 import settings
 import trainer as trainer_lib
@@ -63,7 +64,7 @@ def test_default_flags_build_the_library_default_config():
   config = settings.build_config(values)
   default = experiment.Config(model_dir='/tmp/unused')
   # A notebook building Config() gets what the command line does without flags ...
-  assert config.objective == trainer_lib.ObjectiveConfig()
+  assert config.objective == objective_lib.ObjectiveConfig()
   assert config.optimizer == trainer_lib.OptimizerConfig()
   assert config.loop == trainer_lib.LoopConfig()
   assert config.eval == evaluation.EvalConfig()

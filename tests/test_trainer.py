@@ -34,11 +34,11 @@ def lars_trainer(strategy, config, mode, initial_weights=None, jit_compile=False
     model.set_weights(initial_weights)
     optimizer = lars_optimizer.build_optimizer('lars', 0.01, weight_decay=1e-4)
     optimizer.build(model.trainable_variables)
-    sogclr = objective.SogCLRLoss(20, 0.1, 0.9) if mode == 'sogclr' else None
-  trainer = trainer_lib.Trainer(strategy, model, optimizer, loss=mode, temperature=0.1,
-                                hidden_norm=True, weight_decay=1e-4, optimizer_name='lars',
-                                sogclr=sogclr, jit_compile=jit_compile,
-                                pixel_augment=pixel_augment)
+    # Fine-tuning has no objective.
+    loss = None if mode == 'finetune' else objective.build(
+        objective.ObjectiveConfig(loss=mode, temperature=0.1, gamma=0.9), 20, None)
+  trainer = trainer_lib.Trainer(strategy, model, optimizer, objective=loss, weight_decay=1e-4,
+                                jit_compile=jit_compile, pixel_augment=pixel_augment)
   return trainer, initial_weights
 
 
@@ -63,7 +63,7 @@ def test_two_replica_train_steps_equal_one_replica(mode, one_replica, two_replic
   final = {}
   for replicas, strategy in ((1, one_replica), (2, two_replicas)):
     trainer, initial_weights = lars_trainer(strategy, config, mode, initial_weights)
-    model, sogclr = trainer.model, trainer.sogclr
+    model, sogclr = trainer.model, trainer.objective
     dataset = tf.data.Dataset.from_tensor_slices((views, labels, ids)).batch(global_batch)
     iterator = iter(strategy.experimental_distribute_dataset(dataset))
     first = trainer.train_loop(iterator, 1)
@@ -74,7 +74,7 @@ def test_two_replica_train_steps_equal_one_replica(mode, one_replica, two_replic
                          if v.path.split('/')[-1] not in ('gamma', 'beta', 'bias'))
     np.testing.assert_allclose(rest['weight_decay'], penalty, rtol=1e-5)
     names = [v.path for v in model.variables]
-    u = strategy.experimental_local_results(sogclr.log_u) if sogclr else []
+    u = strategy.experimental_local_results(sogclr.log_u) if mode == 'sogclr' else []
     final[replicas] = (first, rest, [v.numpy() for v in model.variables],
                        [x.numpy() for x in u], after_first)
   one, two = final[1], final[2]
@@ -131,9 +131,8 @@ def test_traced_train_loop_has_no_host_calls(two_replicas, tiny_model_config):
     optimizer = lars_optimizer.build_optimizer('lars', 0.01, weight_decay=1e-4)
     optimizer.build(model.trainable_variables)
     sogclr = objective.SogCLRLoss(64, 0.1, 0.9)
-  trainer = trainer_lib.Trainer(two_replicas, model, optimizer, loss='sogclr', temperature=0.1,
-                                hidden_norm=True, weight_decay=1e-4, optimizer_name='lars',
-                                sogclr=sogclr)
+  trainer = trainer_lib.Trainer(two_replicas, model, optimizer, objective=sogclr,
+                                weight_decay=1e-4)
   views = (np.zeros([64, 16, 16, 3], np.float32),) * 2
   dataset = tf.data.Dataset.from_tensor_slices(
       (views, np.zeros([64, 10], np.float32), np.arange(64, dtype=np.int32))).batch(
@@ -205,8 +204,7 @@ def tiny_training(one_replica, tiny_model_config):
     optimizer, learning_rate = trainer_lib.build_optimizer(
         trainer_lib.OptimizerConfig(name='adam', learning_rate=0.01, warmup_epochs=0), model,
         global_batch_size=8, warmup_steps=0, total_steps=10)
-  trainer = trainer_lib.Trainer(strategy, model, optimizer, loss='simclr', temperature=0.1,
-                                hidden_norm=True, weight_decay=1e-4, optimizer_name='adam')
+  trainer = trainer_lib.Trainer(strategy, model, optimizer, weight_decay=1e-4)
   initial = [v.numpy() for v in (*model.variables, *optimizer.variables)]
 
   def start(images):
@@ -478,7 +476,7 @@ def test_the_divergence_guard_reads_every_saved_variable_and_allows_unvisited_u(
   named = dict(trainer.saved_variables())
   assert any('moving_mean' in name for name in named)
   assert any(name.startswith('optimizer/') for name in named)
-  log_u = trainer.sogclr.log_u
+  log_u = trainer.objective.log_u
   log_u.assign(tf.tensor_scatter_nd_update(log_u, [[3]], [np.nan]))
   assert trainer.non_finite_variables() == ['sogclr/log_u']
   log_u.assign(tf.fill(log_u.shape, np.inf))
@@ -530,6 +528,7 @@ import data_util
 import data
 import evaluation
 import model as model_lib
+import objective
 import trainer
 
 data_dir, model_dir = sys.argv[1:]
@@ -544,8 +543,8 @@ with strategy.scope():
   optimizer, learning_rate = trainer.build_optimizer(
       trainer.OptimizerConfig(name='adam', learning_rate=0.01, warmup_epochs=0), model,
       global_batch_size=16, warmup_steps=0, total_steps=4)
-model_trainer = trainer.Trainer(strategy, model, optimizer, loss='simclr', temperature=0.1,
-                                hidden_norm=True, weight_decay=1e-6, optimizer_name='adam')
+model_trainer = trainer.Trainer(strategy, model, optimizer, weight_decay=1e-6,
+                                objective=objective.SimCLRLoss(temperature=0.1))
 dataset = data.build_distributed_dataset(
     strategy, builder, info,
     data.InputConfig(split='train', global_batch_size=16, image_size=16, is_training=True,
@@ -612,12 +611,12 @@ def test_xla_compiled_train_step_equals_the_plain_step(loss, one_replica, tiny_m
   for jit in (False, True):
     trainer, initial_weights = lars_trainer(one_replica, tiny_model_config(), loss,
                                             initial_weights, jit_compile=jit)
-    model, sogclr = trainer.model, trainer.sogclr
+    model, sogclr = trainer.model, trainer.objective
     dataset = tf.data.Dataset.from_tensor_slices((views, labels, ids)).batch(8)
     metrics = trainer.train_loop(iter(one_replica.experimental_distribute_dataset(dataset)), 2)
     final[jit] = ({k: float(v) for k, v in metrics.items()},
                   [v.numpy() for v in model.variables],
-                  sogclr.log_u.numpy() if sogclr else None)
+                  sogclr.log_u.numpy() if loss == 'sogclr' else None)
   for key, value in final[False][0].items():
     np.testing.assert_allclose(final[True][0][key], value, rtol=1e-4, atol=1e-5, err_msg=key)
   for a, b in zip(final[True][1], final[False][1]):
