@@ -126,6 +126,69 @@ def _host_port(address):
 HELLO = b'sogclr-task '
 
 
+def _listen(address, name, poll_seconds):
+  """A socket listening at `address`'s port (a ValueError naming the task when it is taken)."""
+  listener = socket.socket(socket.AF_INET6 if ':' in _host_port(address)[0] else socket.AF_INET)
+  listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+  try:
+    listener.bind(('', _host_port(address)[1]))
+  except OSError as e:
+    listener.close()
+    raise ValueError(f'this task ({name} of TF_CONFIG) cannot listen at {address} ({e}): the '
+                     'port is taken by another program; free it or give the task another '
+                     'address in TF_CONFIG (the same on every task)') from None
+  listener.listen(16)
+  listener.settimeout(poll_seconds)
+  return listener
+
+
+def _answer_peers(listener, stop, greetings, me, seen_by):
+  """Until `stop`: greets back every task that connects and greets with its name (into
+  `seen_by`); another client (a peer's TensorFlow, early) gets nothing."""
+  while not stop.is_set():
+    try:
+      peer, _ = listener.accept()
+    except OSError:  # the poll timed out
+      continue
+    with peer:
+      try:
+        peer.settimeout(2.0)
+        line = peer.makefile('rb').readline()
+        task = next((t for t, hello in greetings.items() if t != me and line == hello), None)
+        if task is not None:
+          peer.sendall(greetings[me])
+          seen_by.add(task)
+      except OSError:
+        continue
+
+
+def _greet(address, greeting, poll_seconds):
+  """The first line `address` answers to `greeting`, or None when nothing answers."""
+  try:
+    with socket.create_connection(_host_port(address), timeout=poll_seconds) as connection:
+      connection.settimeout(2.0)
+      connection.sendall(greeting)
+      return connection.makefile('rb').readline()
+  except OSError:
+    return None
+
+
+def _startup_error(names, addresses, others, seen, seen_by, strangers, timeout_seconds):
+  silent = [t for t in others if t not in seen]
+  if silent:
+    what = '; '.join(
+        f'{names[t]} at {addresses[t]}: ' + ('something else answers there' if t in strangers
+                                             else 'nothing answers')
+        for t in silent)
+    advice = 'start every task TF_CONFIG lists, each with its own task index'
+  else:
+    what = ', '.join(f'{names[t]} has not reached this task' for t in others
+                     if t not in seen_by)
+    advice = 'check that every task runs the same TF_CONFIG cluster'
+  return ValueError(f'the tasks of TF_CONFIG did not all start within '
+                    f'--startup_timeout_seconds={timeout_seconds:g} ({what}); {advice}')
+
+
 def rendezvous(tasks, me, timeout_seconds, poll_seconds=0.2):
   """Waits until every task of TF_CONFIG has started, before TensorFlow's runtime does.
 
@@ -141,77 +204,32 @@ def rendezvous(tasks, me, timeout_seconds, poll_seconds=0.2):
   """
   names = {(kind, index): f'{kind} {index}' for kind, index, _ in tasks}
   addresses = {(kind, index): address for kind, index, address in tasks}
-  own = addresses[me]
-  listener = socket.socket(socket.AF_INET6 if ':' in _host_port(own)[0] else socket.AF_INET)
-  listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-  try:
-    listener.bind(('', _host_port(own)[1]))
-  except OSError as e:
-    listener.close()
-    raise ValueError(f'this task ({names[me]} of TF_CONFIG) cannot listen at {own} ({e}): the '
-                     'port is taken by another program; free it or give the task another '
-                     'address in TF_CONFIG (the same on every task)') from None
-  listener.listen(16)
-  listener.settimeout(poll_seconds)
-  greeting = {task: HELLO + name.encode() + b'\n' for task, name in names.items()}
+  listener = _listen(addresses[me], names[me], poll_seconds)
+  greetings = {task: HELLO + name.encode() + b'\n' for task, name in names.items()}
   others = [t for t in addresses if t != me]
   seen, seen_by, strangers = set(), set(), {}
   stop = threading.Event()
-
-  def greet_peers():  # apart from the connecting below: two tasks may connect to each other
-    while not stop.is_set():
-      try:
-        peer, _ = listener.accept()
-      except OSError:  # the poll timed out
-        continue
-      with peer:
-        try:
-          peer.settimeout(2.0)
-          line = peer.makefile('rb').readline()
-          task = next((t for t in others if line == greeting[t]), None)
-          if task is not None:  # another client (a peer's TensorFlow, early) gets nothing
-            peer.sendall(greeting[me])
-            seen_by.add(task)
-        except OSError:
-          continue
-
-  greeter = threading.Thread(target=greet_peers, daemon=True, name='tf-config-rendezvous')
-  greeter.start()
+  # Answering apart from connecting: two tasks may connect to each other at once.
+  answerer = threading.Thread(target=_answer_peers, args=(listener, stop, greetings, me, seen_by),
+                              daemon=True, name='tf-config-rendezvous')
+  answerer.start()
   deadline = time.time() + timeout_seconds if timeout_seconds else None
   try:
     while len(seen) < len(others) or len(seen_by) < len(others):
-      for task in others:
-        if task in seen:
-          continue
-        try:
-          with socket.create_connection(_host_port(addresses[task]), timeout=poll_seconds) as c:
-            c.settimeout(2.0)
-            c.sendall(greeting[me])
-            answer = c.makefile('rb').readline()
-          if answer == greeting[task]:
-            seen.add(task)
-          else:
-            strangers[task] = answer[:40]
-        except OSError:
-          pass
+      for task in (t for t in others if t not in seen):
+        answer = _greet(addresses[task], greetings[me], poll_seconds)
+        if answer == greetings[task]:
+          seen.add(task)
+        elif answer is not None:
+          strangers[task] = answer[:40]
       if deadline is not None and time.time() > deadline:
-        silent = [t for t in others if t not in seen]
-        if silent:
-          what = '; '.join(
-              f'{names[t]} at {addresses[t]}: ' + ('something else answers there'
-                                                   if t in strangers else 'nothing answers')
-              for t in silent)
-          advice = 'start every task TF_CONFIG lists, each with its own task index'
-        else:
-          what = ', '.join(f'{names[t]} has not reached this task' for t in others
-                           if t not in seen_by)
-          advice = 'check that every task runs the same TF_CONFIG cluster'
-        raise ValueError(f'the tasks of TF_CONFIG did not all start within '
-                         f'--startup_timeout_seconds={timeout_seconds:g} ({what}); {advice}')
+        if len(seen) < len(others) or len(seen_by) < len(others):
+          raise _startup_error(names, addresses, others, seen, seen_by, strangers,
+                               timeout_seconds)
       time.sleep(poll_seconds)
   finally:
     stop.set()
-    greeter.join()
+    answerer.join()
     listener.close()
   # Peers still greeting this task find its TensorFlow server at the port in a moment.
 

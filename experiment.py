@@ -242,19 +242,7 @@ def train_and_evaluate(config, setup, model):
   evaluates (head, kNN) and probes the final model; returns the results."""
   strategy = setup.strategy
   check_same_run(config, setup.total_steps)
-  with strategy.scope():
-    optimizer, learning_rate = trainer_lib.build_optimizer(
-        config.optimizer, model, global_batch_size=config.loop.train_batch_size,
-        warmup_steps=setup.warmup_steps, total_steps=setup.total_steps,
-        loss_scaling=tf.keras.mixed_precision.global_policy().name == 'mixed_float16')
-    # Pretraining's objective, with per-image tables over the split's ids; fine-tuning has none.
-    objective = (objective_lib.build(config.objective, setup.info.num_ids, setup.steps_per_epoch)
-                 if config.pretrain else None)
-    manager = checkpoints.restore_or_initialize(
-        model, optimizer, objective, model_dir=config.model_dir, write_dir=setup.write_dir,
-        keep_checkpoint_max=config.loop.keep_checkpoint_max, checkpoint=config.checkpoint,
-        zero_init_logits_layer=config.model.zero_init_logits_layer,
-        start_over=config.start_over, chief=setup.chief)
+  optimizer, learning_rate, objective, manager = _training_state(config, setup, model)
   initial_step = int(optimizer.iterations.numpy())
   if initial_step > setup.total_steps:
     raise ValueError(f'--train_steps/--train_epochs give {setup.total_steps} steps, fewer than '
@@ -269,23 +257,8 @@ def train_and_evaluate(config, setup, model):
   results = {}
   evaluator = _evaluator(config, setup, model, summary_writer)
   if initial_step < setup.total_steps:
-    monitored = []
-    flags_file = os.path.join(config.model_dir, checkpoints.FLAGS_FILE)
-    recorded_before = checkpoints.read_text(flags_file) if setup.chief else None
-    starts_before = len(checkpoints.read_flags_history(config.model_dir)) if setup.chief else 0
-    try:
-      seconds = _train(config, setup, trainer, manager, summary_writer, learning_rate,
-                       _monitor(config, setup, evaluator, monitored))
-    except FloatingPointError:
-      if setup.chief:  # a diverged start is not the run's record of its flags
-        checkpoints.put_back(flags_file, recorded_before)
-        checkpoints.mark_diverged(config.model_dir, starts_before,
-                                  int(optimizer.iterations.numpy()))
-      raise
-    results['train_seconds'] = round(seconds, 1)
-    if monitored:
-      results['monitor'] = monitored
-      results['monitor_seconds'] = round(sum(r['eval_seconds'] for r in monitored), 1)
+    results.update(_train_and_monitor(config, setup, trainer, manager, summary_writer,
+                                      learning_rate, evaluator))
   else:  # a finished run, rerun: evaluated again; its train_seconds stays in its results
     logging.info('Already trained to step %d; evaluating only.', initial_step)
     if setup.chief:
@@ -303,6 +276,50 @@ def train_and_evaluate(config, setup, model):
   if setup.chief:
     checkpoints.write_results(config.model_dir, step, results)
     write_hparams(summary_writer, config, step, results)
+  return results
+
+
+def _training_state(config, setup, model):
+  """(optimizer, learning-rate schedule, objective, checkpoint manager), restored from
+  model_dir's newest checkpoint (or --checkpoint) or initialized."""
+  with setup.strategy.scope():
+    optimizer, learning_rate = trainer_lib.build_optimizer(
+        config.optimizer, model, global_batch_size=config.loop.train_batch_size,
+        warmup_steps=setup.warmup_steps, total_steps=setup.total_steps,
+        loss_scaling=tf.keras.mixed_precision.global_policy().name == 'mixed_float16')
+    # Pretraining's objective, with per-image tables over the split's ids; fine-tuning has none.
+    objective = (objective_lib.build(config.objective, setup.info.num_ids, setup.steps_per_epoch)
+                 if config.pretrain else None)
+    manager = checkpoints.restore_or_initialize(
+        model, optimizer, objective, model_dir=config.model_dir, write_dir=setup.write_dir,
+        keep_checkpoint_max=config.loop.keep_checkpoint_max, checkpoint=config.checkpoint,
+        zero_init_logits_layer=config.model.zero_init_logits_layer,
+        start_over=config.start_over, chief=setup.chief)
+  return optimizer, learning_rate, objective, manager
+
+
+def _train_and_monitor(config, setup, trainer, manager, summary_writer, learning_rate,
+                       evaluator):
+  """Trains to the last step, evaluating while training if asked; returns the results of it
+  (train_seconds, the monitor's evaluations). A run that diverges leaves the run's record of
+  its flags as it was and marks its start in the history as diverged."""
+  monitored = []
+  flags_file = os.path.join(config.model_dir, checkpoints.FLAGS_FILE)
+  recorded_before = checkpoints.read_text(flags_file) if setup.chief else None
+  starts_before = len(checkpoints.read_flags_history(config.model_dir)) if setup.chief else 0
+  try:
+    seconds = _train(config, setup, trainer, manager, summary_writer, learning_rate,
+                     _monitor(config, setup, evaluator, monitored))
+  except FloatingPointError:
+    if setup.chief:
+      checkpoints.put_back(flags_file, recorded_before)
+      checkpoints.mark_diverged(config.model_dir, starts_before,
+                                int(trainer.optimizer.iterations.numpy()))
+    raise
+  results = {'train_seconds': round(seconds, 1)}
+  if monitored:
+    results['monitor'] = monitored
+    results['monitor_seconds'] = round(sum(r['eval_seconds'] for r in monitored), 1)
   return results
 
 

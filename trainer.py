@@ -436,16 +436,11 @@ def train(trainer, iterator, *, total_steps, checkpoint_every, checkpoint_manage
   while step < total_steps:
     num_steps, next_checkpoint = call_steps(step, sizer.steps, total_steps, checkpoint_every,
                                             eval_every if on_eval is not None else 0)
-    started = time.time()
     # The first call traces (and compiles): its length says nothing about the other workers.
     guard = watchdog if step > start_step else None
-    with _watching(guard, f'train steps {step + 1}-{step + num_steps}'):
-      means, first_loss = trainer.run_steps(iterator, num_steps)
-    metrics = {k: float(v) for k, v in means.items()}
-    elapsed = time.time() - started
-    previous, step = step, int(trainer.optimizer.iterations.numpy())
-    assert step == previous + num_steps, (previous, num_steps, step)
-    _check_metrics_finite(metrics, float(first_loss), previous, step, checkpoint_manager,
+    metrics, first_loss, elapsed = _run_call(trainer, iterator, step, num_steps, guard)
+    previous, step = step, step + num_steps
+    _check_metrics_finite(metrics, first_loss, previous, step, checkpoint_manager,
                           saved_step, trainer.unbounded_metrics())
     first_call = previous == start_step
     if first_call and on_started is not None:
@@ -458,13 +453,9 @@ def train(trainer, iterator, *, total_steps, checkpoint_every, checkpoint_manage
     saving = step == next_checkpoint or step == total_steps or preempted
     last_saved = start_step if saved_step is None else saved_step  # the state checked last
     metrics = _call_metrics(trainer, metrics, learning_rate_fn, step)
-    try:
-      _write_call_summaries(summary_writer, trainer, step, metrics, saving, first_call)
-    except (tf.errors.OpError, OSError) as e:
-      raise _summaries_failed(e, trainer, checkpoint_manager, last_saved, step) from None
-    if saving:
-      _save(trainer, checkpoint_manager, last_saved, step)
-      saved_step = step
+    _record_call(trainer, summary_writer, checkpoint_manager, step, metrics, saving, first_call,
+                 last_saved)
+    saved_step = step if saving else saved_step
     if preempted:
       _flush(summary_writer)
       raise _preempted(step, total_steps, checkpoint_manager, stop_requested)
@@ -476,6 +467,29 @@ def train(trainer, iterator, *, total_steps, checkpoint_every, checkpoint_manage
       eval_seconds += time.time() - eval_started
   _flush(summary_writer)
   return time.time() - train_started - eval_seconds
+
+
+def _run_call(trainer, iterator, step, num_steps, watchdog):
+  """Steps step+1 .. step+num_steps in one call: (metric means, first step's loss, seconds)."""
+  started = time.time()
+  with _watching(watchdog, f'train steps {step + 1}-{step + num_steps}'):
+    means, first_loss = trainer.run_steps(iterator, num_steps)
+  metrics = {k: float(v) for k, v in means.items()}
+  elapsed = time.time() - started
+  reached = int(trainer.optimizer.iterations.numpy())
+  assert reached == step + num_steps, (step, num_steps, reached)
+  return metrics, float(first_loss), elapsed
+
+
+def _record_call(trainer, summary_writer, checkpoint_manager, step, metrics, saving, first_call,
+                 last_saved):
+  """Writes the call's summaries and, when `saving`, the checkpoint of `step`."""
+  try:
+    _write_call_summaries(summary_writer, trainer, step, metrics, saving, first_call)
+  except (tf.errors.OpError, OSError) as e:
+    raise _summaries_failed(e, trainer, checkpoint_manager, last_saved, step) from None
+  if saving:
+    _save(trainer, checkpoint_manager, last_saved, step)
 
 
 def _watching(watchdog, what):

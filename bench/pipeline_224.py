@@ -234,7 +234,7 @@ def compare_levers(args):
           f'[{min(ratios[name]):.2f}-{max(ratios[name]):.2f}]')
 
 
-def main():
+def parse_args():
   parser = argparse.ArgumentParser(description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument('--baseline', default='/tmp/pipeline-base',
@@ -257,7 +257,11 @@ def main():
   parser.add_argument('--child', help=argparse.SUPPRESS)
   parser.add_argument('--augment_on', default='host', help=argparse.SUPPRESS)
   parser.add_argument('--lever', default='', help=argparse.SUPPRESS)
-  args = parser.parse_args()
+  return parser.parse_args()
+
+
+def main():
+  args = parse_args()
   if args.child:
     return child(args)
   prepare(args.data_dir)

@@ -227,6 +227,30 @@ def test_streaming_knn_equals_numpy_knn_on_random_features(one_replica, two_repl
 
 
 @pytest.mark.slow
+def _assert_results_are_those_of(model, evaluator, digits, step, result):
+  """The evaluation `result` of `step` is that of the model's current weights: the eval split
+  computed eagerly, kNN and the regularization loss recomputed in NumPy."""
+  test_x, logits, test_y = eager_outputs(model, digits, 'test')
+  x, y = evaluator.features(step, 'test')
+  np.testing.assert_allclose(x, test_x, rtol=1e-4, atol=1e-5)
+  np.testing.assert_array_equal(y, test_y)
+  assert evaluator.features(step, 'train')[0].shape == (1437, 64)
+  assert result['global_step'] == step
+  assert result['eval/num_examples'] == 360
+  assert result['eval/top_1'] == pytest.approx(np.mean(logits.argmax(1) == test_y))
+  # Within one image of the float64 reference: these random-scaled weights give near-tied
+  # 20th neighbours, which the replicas' float32 similarities may order differently (seen
+  # once in a full run: 0.5028 against 0.5000); test_knn_monitor_equals_knn_on_the_checkpoint_
+  # features pins exact equality on trained features.
+  assert result['eval/knn_top_1'] == pytest.approx(probe.knn_accuracy(
+      *evaluator.features(step, 'train'), *evaluator.features(step, 'test'), k=20,
+      temperature=0.1), abs=1.5 / 360)
+  kernels = [v.numpy().astype(np.float64) for v in model.trainable_variables
+             if v.name not in ('gamma', 'beta', 'bias')]
+  assert result['eval/regularization_loss'] == pytest.approx(
+      1e-3 * sum(np.sum(k ** 2) for k in kernels) / 2, rel=1e-5)
+
+
 def test_evaluator_traces_once_for_the_whole_run_and_follows_the_weights(
     two_replicas, digits, data_dir, tiny_model_config):
   builder, info = digits
@@ -274,27 +298,8 @@ def test_evaluator_traces_once_for_the_whole_run_and_follows_the_weights(
     # The kNN monitor streams on the replicas: no host extraction (the probe's are below).
     assert len(extractions) == (2 * step if step == 3 else 2 * (step - 1))
 
-    # The results are those of the weights of this step (the eval split, computed eagerly).
-    test_x, logits, test_y = eager_outputs(model, digits, 'test')
-    x, y = evaluator.features(step, 'test')
-    np.testing.assert_allclose(x, test_x, rtol=1e-4, atol=1e-5)
-    np.testing.assert_array_equal(y, test_y)
-    assert evaluator.features(step, 'train')[0].shape == (1437, 64)
+    _assert_results_are_those_of(model, evaluator, digits, step, results[-1])
     assert len(extractions) == 2 * step  # each split once per step
-    assert results[-1]['global_step'] == step
-    assert results[-1]['eval/num_examples'] == 360
-    assert results[-1]['eval/top_1'] == pytest.approx(np.mean(logits.argmax(1) == test_y))
-    # Within one image of the float64 reference: these random-scaled weights give near-tied
-    # 20th neighbours, which the replicas' float32 similarities may order differently (seen
-    # once in a full run: 0.5028 against 0.5000); test_knn_monitor_equals_knn_on_the_checkpoint_
-    # features pins exact equality on trained features.
-    assert results[-1]['eval/knn_top_1'] == pytest.approx(probe.knn_accuracy(
-        *evaluator.features(step, 'train'), *evaluator.features(step, 'test'), k=20,
-        temperature=0.1), abs=1.5 / 360)
-    kernels = [v.numpy().astype(np.float64) for v in model.trainable_variables
-               if v.name not in ('gamma', 'beta', 'bias')]
-    assert results[-1]['eval/regularization_loss'] == pytest.approx(
-        1e-3 * sum(np.sum(k ** 2) for k in kernels) / 2, rel=1e-5)
     traces.append(tracing_counts())
 
   # The first evaluation traced each function once (static batches: the padded last batch

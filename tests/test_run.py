@@ -178,6 +178,19 @@ def test_only_run_py_reads_flags(repo):
   assert not _flag_assignments(open(os.path.join(repo, 'run.py')).read())
 
 
+def test_no_function_is_over_60_lines(repo):
+  """Small functions: each reads on one screen (the project's, the benchmarks' and the tests')."""
+  paths = [*glob.glob(os.path.join(repo, '*.py')), *glob.glob(os.path.join(repo, 'bench', '*.py')),
+           *glob.glob(os.path.join(repo, 'tests', '*.py')),
+           *glob.glob(os.path.join(repo, 'examples', '*.py'))]
+  long = [f'{os.path.relpath(path, repo)}:{node.lineno} {node.name} '
+          f'({node.end_lineno - node.lineno + 1} lines)'
+          for path in paths for node in ast.walk(ast.parse(open(path).read()))
+          if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
+          and node.end_lineno - node.lineno + 1 > 60]
+  assert not long, long
+
+
 def _flag_assignments(source):
   """[(line, code)] of the statements of `source` that set a flag's value: FLAGS.x = ...,
   FLAGS['x'].value = ..., setattr(FLAGS, ...), FLAGS.set_default(...)."""
