@@ -2,12 +2,9 @@
 loop `train` (checkpoint boundaries, steps per call, stop requests, non-finite losses, progress)
 and the whole training API driven from a notebook-like script without run.py or flags."""
 import glob
-import json
 import os
 import re
 import signal
-import subprocess
-import sys
 import threading
 import time
 
@@ -514,88 +511,6 @@ def test_progress_logger_line_holds_step_epoch_rate_loss_images_per_second_and_e
 
 
 # The API without run.py: what a notebook does.
-
-NOTEBOOK = r'''
-import json
-import sys
-
-from absl import flags
-import numpy as np
-import tensorflow as tf
-
-import checkpoints
-import data_util
-import data
-import evaluation
-import model as model_lib
-import objective
-import trainer
-
-data_dir, model_dir = sys.argv[1:]
-strategy = tf.distribute.MirroredStrategy(['/cpu:0'])
-builder = data.get_builder('digits', data_dir)
-info = data.describe(builder, 'train', 'test')
-config = model_lib.ModelConfig(resnet_depth=18, width_multiplier=0.125, cifar_stem=True,
-                               num_proj_layers=2, proj_out_dim=16,
-                               num_classes=info.num_classes)
-with strategy.scope():
-  model = model_lib.build_model(config, 16)
-  optimizer, learning_rate = trainer.build_optimizer(
-      trainer.OptimizerConfig(name='adam', learning_rate=0.01, warmup_epochs=0), model,
-      global_batch_size=16, warmup_steps=0, total_steps=4)
-model_trainer = trainer.Trainer(strategy, model, optimizer, weight_decay=1e-6,
-                                objective=objective.SimCLRLoss(temperature=0.1))
-dataset = data.build_distributed_dataset(
-    strategy, builder, info,
-    data.InputConfig(split='train', global_batch_size=16, image_size=16, is_training=True,
-                     use_blur=False),
-    info.num_classes)
-manager = tf.train.CheckpointManager(tf.train.Checkpoint(model=model, optimizer=optimizer),
-                                     model_dir, max_to_keep=2)
-progress = []
-trainer.train(model_trainer, iter(dataset), total_steps=4, checkpoint_every=2,
-              checkpoint_manager=manager, learning_rate_fn=learning_rate,
-              on_progress=progress.append)
-evaluator = evaluation.Evaluator(
-    strategy, model, builder, info, evaluation.EvalConfig(eval_batch_size=100),
-    data=data.DataConfig(dataset='digits', data_dir=data_dir, train_split='train',
-                         eval_split='test', image_size=16))
-step = int(optimizer.iterations.numpy())
-results = evaluator.evaluate(step)
-fresh = model_lib.build_model(config, 16)
-
-
-def same(a, b):
-  return all(np.array_equal(x.numpy(), y.numpy()) for x, y in zip(a.variables, b.variables))
-
-
-differed = not same(fresh, model)
-checkpoints.restore_model(fresh, manager.latest_checkpoint)
-print(json.dumps({
-    'run_imported': 'run' in sys.modules, 'flags_parsed': flags.FLAGS.is_parsed(),
-    'step': step, 'progress_steps': [p.step for p in progress],
-    'checkpoints': [checkpoints.checkpoint_step(path) for path in manager.checkpoints],
-    'differed_before_restore': differed, 'equal_after_restore': same(fresh, model),
-    'top_1': results['eval/top_1'], 'num_examples': results['eval/num_examples']}))
-'''
-
-
-@pytest.mark.slow
-def test_notebook_trains_evaluates_and_restores_without_run_py_or_flags(repo, data_dir,
-                                                                        tmp_path):
-  completed = subprocess.run(
-      [sys.executable, '-c', NOTEBOOK, data_dir, str(tmp_path / 'notebook')], cwd=repo,
-      capture_output=True, text=True, timeout=600,
-      env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2'))
-  assert completed.returncode == 0, completed.stderr[-3000:]
-  result = json.loads(completed.stdout.strip().splitlines()[-1])
-  assert result['run_imported'] is False and result['flags_parsed'] is False
-  assert result['step'] == 4 and result['progress_steps'][-1] == 4
-  assert result['checkpoints'] == [2, 4]
-  assert result['differed_before_restore'] and result['equal_after_restore']
-  assert isinstance(result['top_1'], float) and 0 <= result['top_1'] <= 1
-  assert result['num_examples'] == 360
-
 
 @pytest.mark.slow
 @pytest.mark.parametrize('loss', ['simclr', 'sogclr'])
