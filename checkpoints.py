@@ -1,5 +1,5 @@
-"""Everything that reads or writes a run's model_dir: resume, restore from another run's
-checkpoint or export, SavedModel export, result_<step>.json and flags.json.
+"""Checkpoints and exports in a run's model_dir: resume, restore from another run's checkpoint or
+export, SavedModel export, result_<step>.json (the run's flags: run_record; its lock: run_lock).
 
 A checkpoint holds `model`, `optimizer` (whose iteration count is the step) and, for an
 objective with per-image tables, those tables under `sogclr` (SogCLR's u table, `sogclr/log_u`;
@@ -10,13 +10,14 @@ import collections
 import json
 import os
 import re
-import socket
-import threading
 import time
 
 from absl import logging
 import numpy as np
 import tensorflow as tf
+
+import files
+import run_lock
 
 
 def prepare_write_dir(model_dir, chief=True, task_id=0):
@@ -177,7 +178,7 @@ def _write_state_file(model_dir, latest):
       os.path.basename(latest)]
   text = f'model_checkpoint_path: "{paths[-1]}"\n' + ''.join(
       f'all_model_checkpoint_paths: "{p}"\n' for p in paths)
-  _write_atomically(os.path.join(model_dir, STATE_FILE), text)
+  files.write_atomically(os.path.join(model_dir, STATE_FILE), text)
   logging.warning('Rewrote %s: latest checkpoint %s.', os.path.join(model_dir, STATE_FILE),
                   paths[-1])
 
@@ -189,23 +190,6 @@ def _move_checkpoints_aside(model_dir):
     for path in tf.io.gfile.glob(os.path.join(model_dir, pattern)):
       tf.io.gfile.rename(path, os.path.join(aside, os.path.basename(path)))
   return aside
-
-
-def _write_atomically(path, text):
-  """Writes `text` to `path` under another name, then renames it: `path` is never half-written,
-  and a failed write (a full disk) leaves no temporary file behind."""
-  temporary = f'{path}.tmp_{os.getpid()}'
-  try:
-    with tf.io.gfile.GFile(temporary, 'w') as f:
-      f.write(text)
-    tf.io.gfile.rename(temporary, path, overwrite=True)
-  except BaseException:
-    try:
-      if tf.io.gfile.exists(temporary):
-        tf.io.gfile.remove(temporary)
-    except (tf.errors.OpError, OSError):
-      pass
-    raise
 
 
 def latest(directory):
@@ -259,7 +243,7 @@ def remove_abandoned_exports(model_dir, min_age_seconds=600):
                               for name in ['.', *dirs, *files])
     except OSError:
       continue
-    if pid.isdigit() and _process_start_ticks(int(pid)) is None and age > min_age_seconds:
+    if pid.isdigit() and run_lock.process_start_ticks(int(pid)) is None and age > min_age_seconds:
       tf.io.gfile.rmtree(path)
       removed.append(path)
   if removed:
@@ -510,115 +494,13 @@ def write_results(model_dir, step, results):
   return merged
 
 
-FLAGS_FILE = 'flags.json'
-
-
-def write_flags(model_dir, values):
-  """Writes the run's flag values (a dict) to model_dir/flags.json."""
-  with tf.io.gfile.GFile(os.path.join(model_dir, FLAGS_FILE), 'w') as f:
-    json.dump(values, f, indent=2, sort_keys=True)
-
-
-HISTORY_FILE = 'flags_history.jsonl'
-
-
-def append_flags_history(model_dir, entry):
-  """Appends `entry` (a dict: when, where, from which step, the flags) as one json line to
-  model_dir/flags_history.jsonl: every start of the run, in order."""
-  path = os.path.join(model_dir, HISTORY_FILE)
-  text = ''
-  if tf.io.gfile.exists(path):  # gs:// has no append: read and rewrite (a few KB)
-    with tf.io.gfile.GFile(path) as f:
-      text = f.read()
-  _write_atomically(path, text + json.dumps(entry, sort_keys=True) + '\n')
-
-
-def read_flags(path):
-  """(flags dict, file path) of the training run's flags.json in directory `path` (or next to
-  checkpoint prefix `path`; an export holds one), or (None, file path) when there is none.
-  A file that is not a json object of flags (garbled, `null`, a list) is a ValueError naming it."""
-  directory = path if tf.io.gfile.isdir(path) else os.path.dirname(path)
-  flags_file = os.path.join(directory, FLAGS_FILE)
-  if not tf.io.gfile.exists(flags_file):
-    return None, flags_file
-  try:
-    with tf.io.gfile.GFile(flags_file, 'rb') as f:
-      values = json.loads(f.read().decode('utf-8'))
-  except (json.JSONDecodeError, UnicodeDecodeError) as e:
-    raise ValueError(f'{flags_file} is not valid json ({e}); restore it from the run\'s '
-                     f'saved_model/<step>/{FLAGS_FILE} or give the model flags') from None
-  if not isinstance(values, dict):
-    raise ValueError(f'{flags_file} does not hold flags (a json object), but '
-                     f'{json.dumps(values)[:40]}; restore it from the run\'s '
-                     f'saved_model/<step>/{FLAGS_FILE} or give the model flags')
-  return values, flags_file
-
-
-def read_flags_history(model_dir):
-  """The entries (dicts, oldest first) of model_dir/flags_history.jsonl; [] when there is none.
-  A line that is not a json object (or a file that is not UTF-8) is a ValueError naming the file
-  and the line."""
-  path = os.path.join(model_dir, HISTORY_FILE)
-  if not tf.io.gfile.exists(path):
-    return []
-  with tf.io.gfile.GFile(path, 'rb') as f:
-    data = f.read()
-  entries = []
-  for number, line in enumerate(data.split(b'\n'), 1):
-    if not line.strip():
-      continue
-    try:
-      entry = json.loads(line.decode('utf-8'))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-      entry = e
-    if not isinstance(entry, dict):
-      reason = f' ({entry})' if isinstance(entry, Exception) else ''
-      raise ValueError(f'{path} line {number} is not a json record of a start{reason}; move '
-                       'the file aside (it is the log of the run\'s starts) and rerun')
-    entries.append(entry)
-  return entries
-
-
-def mark_diverged(model_dir, starts_before, step):
-  """Marks the start that flags_history.jsonl recorded after its first `starts_before` entries
-  (this process' start, if it got that far) as diverged at `step`: it is no longer the run's
-  record of its flags."""
-  entries = read_flags_history(model_dir)
-  if len(entries) <= starts_before:
-    return False
-  entries[-1]['diverged_at_step'] = step
-  _write_atomically(os.path.join(model_dir, HISTORY_FILE), ''.join(
-      json.dumps(e, sort_keys=True) + '\n' for e in entries))
-  return True
-
-
-def read_text(path):
-  """The text of file `path`, or None when there is none."""
-  if not tf.io.gfile.exists(path):
-    return None
-  with tf.io.gfile.GFile(path, 'rb') as f:
-    return f.read()
-
-
-def put_back(path, data):
-  """Writes `data` (bytes, as read_text read it) back to `path`, or removes `path` when None."""
-  if data is None:
-    if tf.io.gfile.exists(path):
-      tf.io.gfile.remove(path)
-    return
-  temporary = f'{path}.tmp_{os.getpid()}'
-  with tf.io.gfile.GFile(temporary, 'wb') as f:
-    f.write(data)
-  tf.io.gfile.rename(temporary, path, overwrite=True)
-
-
-def export(model, step, write_dir, *, image_size, keep, model_dir, chief=True):
+def export(model, step, write_dir, *, image_size, keep, flags_file, chief=True):
   """Exports the model to write_dir/saved_model/<step> unless keep == 0 (no export), with the
-  run's flags.json from model_dir."""
+  run's flags.json (`flags_file`)."""
   if keep:
     path = export_saved_model(
         model, os.path.join(write_dir, 'saved_model'), step, image_size=image_size, keep=keep,
-        flags_file=os.path.join(model_dir, FLAGS_FILE), chief=chief)
+        flags_file=flags_file, chief=chief)
     if path:
       logging.info('Exported the model at step %d to %s', step, path)
 
@@ -650,7 +532,8 @@ def export_saved_model(model, export_dir, step, *, image_size, keep, flags_file=
     tf.io.gfile.rmtree(temporary)
     return None
   if flags_file and tf.io.gfile.exists(flags_file):
-    tf.io.gfile.copy(flags_file, os.path.join(temporary, FLAGS_FILE), overwrite=True)
+    tf.io.gfile.copy(flags_file, os.path.join(temporary, os.path.basename(flags_file)),
+                     overwrite=True)
   final = os.path.join(export_dir, str(step))
   if tf.io.gfile.exists(final):  # The same step again: a rerun, or training and an eval job.
     tf.io.gfile.rmtree(final)
@@ -662,167 +545,3 @@ def export_saved_model(model, export_dir, step, *, image_size, keep, flags_file=
   return final
 
 
-LOCK_FILE = 'run.lock'
-
-
-def _process_start_ticks(pid):
-  """A local process' start time (clock ticks since boot), or None when it does not exist:
-  with the pid it identifies the process even after the pid is reused."""
-  try:
-    with open(f'/proc/{pid}/stat') as f:
-      return int(f.read().rsplit(')', 1)[1].split()[19])
-  except (OSError, IndexError, ValueError):
-    return None
-
-
-class RunLock:
-  """model_dir/run.lock: at most one live training run per model_dir.
-
-  The file names its holder (host, pid, start) and a heartbeat the holder refreshes every
-  `heartbeat_seconds`. A lock is stale, and is taken over with a warning, when its holder is on
-  this host and that process no longer exists (pid and start time, so a reused pid does not
-  count), or, for a holder on another host, when its heartbeat is older than `stale_seconds`
-  (a killed host stops refreshing it). Locally the file is created exclusively (O_EXCL); on
-  gs:// creation is a write followed by a read-back, so two starts within a second of each
-  other can both pass.
-  """
-
-  def __init__(self, model_dir, heartbeat_seconds=60.0, stale_seconds=600.0):
-    self.path = os.path.join(model_dir, LOCK_FILE)
-    self.heartbeat_seconds = heartbeat_seconds
-    self.stale_seconds = stale_seconds
-    self.record = None
-    self._stop = threading.Event()
-    self._thread = None
-
-  def _read(self):
-    try:
-      with tf.io.gfile.GFile(self.path) as f:
-        return json.loads(f.read())
-    except tf.errors.NotFoundError:
-      return None
-    except (json.JSONDecodeError, tf.errors.OpError):
-      return {}  # half-written or garbled: its writer's heartbeat decides below
-
-  def _stale_reason(self, holder):
-    if not holder:
-      return 'the lock file is unreadable'
-    if holder.get('host') == socket.gethostname():
-      ticks = _process_start_ticks(holder.get('pid', -1))
-      if ticks is None or ticks != holder.get('start_ticks', ticks):
-        return f"process {holder.get('pid')} on this host no longer runs"
-      return None
-    age = time.time() - holder.get('heartbeat', 0)
-    if age > self.stale_seconds:
-      return f'its heartbeat is {age:.0f} s old'
-    return None
-
-  def _create(self, text):
-    """Creates the lock file holding `text` unless it exists; True when this call created it."""
-    if '://' in self.path:
-      with tf.io.gfile.GFile(self.path, 'w') as f:
-        f.write(text)
-      time.sleep(1.0)
-      return self._read() == json.loads(text)
-    # Written whole under a name of its own, then linked into place: the lock file appears
-    # with its content (a reader never sees it empty) and link() fails if it exists.
-    temporary = f'{self.path}.new_{os.getpid()}_{threading.get_ident()}'
-    try:
-      with open(temporary, 'w') as f:
-        f.write(text)
-      os.link(temporary, self.path)
-      return True
-    except FileExistsError:
-      return False
-    finally:
-      if os.path.exists(temporary):
-        os.remove(temporary)
-
-  def _take_over(self, holder):
-    """Removes the stale lock file `holder` was read from, unless another process did so (or
-    took the lock) first; True when it was removed here. Locally the removal happens under
-    run.lock.takeover, created exclusively, so two processes that both saw the stale lock
-    cannot remove each other's fresh one."""
-    if '://' in self.path:
-      try:
-        tf.io.gfile.remove(self.path)
-      except tf.errors.NotFoundError:
-        pass
-      return True
-    mutex = f'{self.path}.takeover'
-    try:
-      descriptor = os.open(mutex, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-    except FileExistsError:
-      try:  # left by a process killed while taking over (it takes milliseconds)
-        if time.time() - os.path.getmtime(mutex) > 30:
-          os.remove(mutex)
-      except OSError:
-        pass
-      return False
-    try:
-      os.close(descriptor)
-      if self._read() != holder:  # taken over (or released) meanwhile: decide afresh
-        return False
-      os.remove(self.path)
-      return True
-    finally:
-      os.remove(mutex)
-
-  def acquire(self):
-    """Takes the lock or raises ValueError naming the live run that holds it."""
-    now = time.time()
-    self.record = {'host': socket.gethostname(), 'pid': os.getpid(),
-                   'start_ticks': _process_start_ticks(os.getpid()), 'since': now,
-                   'since_utc': time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime(now)),
-                   'heartbeat': now}
-    for _ in range(200):  # each round is decided by another process' progress
-      holder = self._read()
-      if holder is None:
-        if self._create(json.dumps(self.record)):
-          break
-        continue  # created by another start meanwhile: read who holds it
-      reason = self._stale_reason(holder)
-      if reason is None:
-        self.record = None
-        raise ValueError(self._held_message(holder))
-      if self._take_over(holder):
-        logging.warning('Taking over %s from a run that is gone (%s): %s', self.path, reason,
-                        holder)
-      else:
-        time.sleep(0.01)
-    else:
-      self.record = None
-      raise ValueError(f'could not take {self.path}: other starts kept changing it; retry')
-    self._thread = threading.Thread(target=self._beat, daemon=True, name='run-lock-heartbeat')
-    self._thread.start()
-    return self
-
-  def _held_message(self, holder):
-    return (f"--model_dir={os.path.dirname(self.path)!r} is in use by another run (host "
-            f"{holder.get('host')}, pid {holder.get('pid')}, since {holder.get('since_utc')}; "
-            f'lock file {self.path}); wait for it to end or use another --model_dir')
-
-  def _beat(self):
-    while not self._stop.wait(self.heartbeat_seconds):
-      self.record['heartbeat'] = time.time()
-      try:
-        _write_atomically(self.path, json.dumps(self.record))
-      except (tf.errors.OpError, OSError) as e:  # a full disk must not end the run
-        logging.warning('Could not refresh %s: %s', self.path, e)
-
-  def release(self):
-    """Stops the heartbeat and removes the lock file if this process still holds it."""
-    self._stop.set()
-    if self._thread is not None:
-      self._thread.join()
-    holder = self._read() or {}
-    if self.record is not None and all(holder.get(k) == self.record[k]
-                                       for k in ('host', 'pid', 'since')):
-      tf.io.gfile.remove(self.path)
-    self.record = None
-
-  def __enter__(self):
-    return self.acquire()
-
-  def __exit__(self, *exc):
-    self.release()

@@ -7,7 +7,6 @@ field has the flag's default) and call `run(config)`.
 import contextlib
 import dataclasses
 import os
-import socket
 import time
 import types
 
@@ -20,6 +19,8 @@ import distribution as distribution_lib
 import evaluation as evaluation_lib
 import model as model_lib
 import objective as objective_lib
+import run_lock
+import run_record
 import trainer as trainer_lib
 
 
@@ -83,7 +84,7 @@ def run(config):
     setup = prepare(config)
     if config.mode != 'eval' and setup.chief:
       # One training run per model_dir; a multi-worker job is one run (its chief holds it).
-      lock = checkpoints.RunLock(config.model_dir).acquire()
+      lock = run_lock.RunLock(config.model_dir).acquire()
       checkpoints.remove_stale_saves(config.model_dir)
     with setup.strategy.scope():
       model = model_lib.build_model(
@@ -233,7 +234,8 @@ def _evaluator(config, setup, model, summary_writer):
 
 def _export(config, setup, model, step):
   checkpoints.export(model, step, setup.write_dir, image_size=config.data.image_size,
-                     keep=config.loop.keep_hub_module_max, model_dir=config.model_dir,
+                     keep=config.loop.keep_hub_module_max,
+                     flags_file=run_record.flags_path(config.model_dir),
                      chief=setup.chief)
 
 
@@ -241,7 +243,7 @@ def train_and_evaluate(config, setup, model):
   """Trains from model_dir's newest checkpoint (or --checkpoint, or scratch), exports, then
   evaluates (head, kNN) and probes the final model; returns the results."""
   strategy = setup.strategy
-  check_same_run(config, setup.total_steps)
+  run_record.check_same_run(config, setup.total_steps)
   optimizer, learning_rate, objective, manager = _training_state(config, setup, model)
   initial_step = int(optimizer.iterations.numpy())
   if initial_step > setup.total_steps:
@@ -262,7 +264,7 @@ def train_and_evaluate(config, setup, model):
   else:  # a finished run, rerun: evaluated again; its train_seconds stays in its results
     logging.info('Already trained to step %d; evaluating only.', initial_step)
     if setup.chief:
-      _record_flags(config, initial_step)
+      run_record.record_start(config, initial_step)
   step = int(optimizer.iterations.numpy())
   _export(config, setup, model, step)
   if not setup.chief:
@@ -275,7 +277,7 @@ def train_and_evaluate(config, setup, model):
   results['eval_split'] = config.data.eval_split
   if setup.chief:
     checkpoints.write_results(config.model_dir, step, results)
-    write_hparams(summary_writer, config, step, results)
+    run_record.write_hparams(summary_writer, config, step, results)
   return results
 
 
@@ -304,18 +306,10 @@ def _train_and_monitor(config, setup, trainer, manager, summary_writer, learning
   (train_seconds, the monitor's evaluations). A run that diverges leaves the run's record of
   its flags as it was and marks its start in the history as diverged."""
   monitored = []
-  flags_file = os.path.join(config.model_dir, checkpoints.FLAGS_FILE)
-  recorded_before = checkpoints.read_text(flags_file) if setup.chief else None
-  starts_before = len(checkpoints.read_flags_history(config.model_dir)) if setup.chief else 0
-  try:
+  with run_record.kept_on_divergence(config.model_dir, setup.chief,
+                                     lambda: int(trainer.optimizer.iterations.numpy())):
     seconds = _train(config, setup, trainer, manager, summary_writer, learning_rate,
                      _monitor(config, setup, evaluator, monitored))
-  except FloatingPointError:
-    if setup.chief:
-      checkpoints.put_back(flags_file, recorded_before)
-      checkpoints.mark_diverged(config.model_dir, starts_before,
-                                int(trainer.optimizer.iterations.numpy()))
-    raise
   results = {'train_seconds': round(seconds, 1)}
   if monitored:
     results['monitor'] = monitored
@@ -336,38 +330,6 @@ def _probe(config, evaluator, step):
                     'fine-tune from this run on a labelled split (--fine_tune_after_block=4).',
                     config.data.train_split, evaluator.info.num_classes)
     return {'probe/skipped': 'train split without labels in [0, num_classes)'}
-
-
-# The results the HParams dashboard shows next to the run-defining flags.
-HPARAMS_METRICS = {'eval/top_1': 'hparams/head_top_1', 'eval/knn_top_1': 'hparams/knn_top_1',
-                   'probe/top_1': 'hparams/probe_top_1'}
-
-
-def hparams_of(config):
-  """{name: value} of the run-defining flags (and the length and learning rate), as TensorBoard's
-  HParams plugin takes them: bool, int, float or str."""
-  record = recorded_values(config)
-  names = (*RUN_DEFINING_FLAGS, 'learning_rate', 'weight_decay', 'train_epochs', 'train_steps')
-  return {name: record[name] if isinstance(record[name], (bool, int, float, str))
-          else str(record[name]) for name in names if name in record}
-
-
-def write_hparams(summary_writer, config, step, results):
-  """The run's hparams (hparams_of) and its final metrics (hparams/*), once, for TensorBoard's
-  HParams dashboard (it compares runs under one --logdir: SimCLR against SogCLR, batch sizes)."""
-  from tensorboard.plugins.hparams import api as hparams_api  # noqa: PLC0415  (TF's own)
-
-  # Without --knn_monitor the final evaluation has no kNN; an evaluation while training at the
-  # final step has.
-  last = results.get('monitor', [{}])[-1]
-  metrics = (last if last.get('global_step') == step else {}) | results
-  with summary_writer.as_default(step=step):
-    hparams_api.hparams(hparams_of(config), trial_id=os.path.basename(
-        os.path.normpath(config.model_dir)))
-    for key, tag in HPARAMS_METRICS.items():
-      if key in metrics:
-        tf.summary.scalar(tag, metrics[key])
-  summary_writer.flush()
 
 
 def _monitor(config, setup, evaluator, monitored):
@@ -417,7 +379,7 @@ def _train(config, setup, trainer, manager, summary_writer, learning_rate, on_ev
         learning_rate_fn=learning_rate, stop_requested=stop_requested,
         # After the restore and the first steps: flags that cannot resume this model_dir, or
         # data that stops the first batch, never touch flags.json.
-        on_started=(lambda: _record_flags(config, initial_step)) if setup.chief else None,
+        on_started=(lambda: run_record.record_start(config, initial_step)) if setup.chief else None,
         on_progress=trainer_lib.ProgressLogger(
             config.loop.train_batch_size, config.loop.log_every_seconds,
             steps_per_epoch=setup.steps_per_epoch, learning_rate=learning_rate),
@@ -445,143 +407,6 @@ def write_view_pairs(config, setup, summary_writer, step, num_images=VIEW_PAIRS)
   views, _, _ = next(iter(dataset))
   with summary_writer.as_default(step=step):
     tf.summary.image('train/augmented_views', tf.concat(views, 2), max_outputs=num_images)
-
-
-# Flags whose change makes a resumed run another run (its data order, objective or network);
-# changing one on resume is an error unless allowed by name (allow_flag_changes).
-RUN_DEFINING_FLAGS = (
-    'resolved_loss', 'temperature', 'gamma', 'gamma_schedule', 'gamma_decay_epochs',
-    'isogclr_rho', 'isogclr_eta', 'isogclr_beta', 'isogclr_tau_min', 'isogclr_tau_max',
-    'hidden_norm', 'train_mode', 'train_batch_size',
-    'seed', 'dataset', 'train_split', 'num_classes', 'image_size', 'resnet_depth',
-    'width_multiplier', 'sk_ratio', 'se_ratio', 'proj_head_mode', 'num_proj_layers',
-    'proj_out_dim', 'lineareval_while_pretraining', 'ft_proj_selector', 'fine_tune_after_block',
-    'supervised_head_bn', 'optimizer', 'learning_rate_scaling')
-
-
-# The objective's hyperparameters: every ObjectiveConfig field but the loss (its own flag).
-OBJECTIVE_FLAGS = tuple(f.name for f in dataclasses.fields(objective_lib.ObjectiveConfig)
-                        if f.name != 'loss')
-
-
-# Where each run-defining flag's value lives in the config (resolved_loss is derived).
-_DEFINING_FIELDS = {
-    **{name: ('objective', name) for name in OBJECTIVE_FLAGS},
-    'train_mode': (None, 'train_mode'),
-    'train_batch_size': ('loop', 'train_batch_size'), 'seed': ('loop', 'seed'),
-    **{name: ('data', name) for name in ('dataset', 'train_split', 'num_classes', 'image_size')},
-    **{name: ('model', name) for name in (
-        'resnet_depth', 'width_multiplier', 'sk_ratio', 'se_ratio', 'proj_head_mode',
-        'num_proj_layers', 'proj_out_dim', 'lineareval_while_pretraining', 'ft_proj_selector',
-        'fine_tune_after_block', 'supervised_head_bn')},
-    'optimizer': ('optimizer', 'name'),
-    'learning_rate_scaling': ('optimizer', 'learning_rate_scaling'),
-}
-
-
-def recorded_values(config):
-  """What flags.json records of a run: its flag values (config.flags) and, from the config
-  itself, every run-defining value and the resolved loss, so a Config built in a notebook
-  (no flags) is recorded and checked on resume like a command line's."""
-  values = {name: getattr(config if section is None else getattr(config, section), field)
-            for name, (section, field) in _DEFINING_FIELDS.items()}
-  return dict(config.flags) | values | {'resolved_loss': _resolved_loss(config)}
-
-
-def _resolved_loss(config):
-  # The contrastive loss the aliases resolved to; fine-tuning trains cross-entropy only.
-  return config.objective.loss if config.pretrain else 'cross_entropy'
-
-
-def check_same_run(config, total_steps):
-  """Raises ValueError listing the run-defining flags that differ from those recorded in
-  model_dir/flags.json when model_dir holds checkpoints to resume (unless allowed by name);
-  logs the other changes (a longer training, another learning rate)."""
-  # Read first, whatever else: a history that cannot be appended to later stops the run now.
-  history = checkpoints.read_flags_history(config.model_dir)
-  if not checkpoints.list_checkpoints(config.model_dir):
-    return
-  if 'all' in config.allow_flag_changes:
-    logging.warning('--allow_flag_changes=all: resuming %s without checking its flags.',
-                    config.model_dir)
-    return
-  recorded, flags_file = run_record(config.model_dir, history)
-  # A run recorded before the gamma schedule and iSogCLR existed ran with their defaults.
-  defaults = dataclasses.asdict(objective_lib.ObjectiveConfig())
-  recorded = {name: defaults[name] for name in OBJECTIVE_FLAGS} | recorded
-  current = recorded_values(config)
-  changed = {name: (recorded[name], value) for name, value in current.items()
-             if name in recorded and recorded[name] != value}
-  # Hyperparameters the objective does not read (SimCLR's gamma; fine-tuning has none) cannot
-  # make it another run.
-  used = config.objective.hyperparameters() if config.pretrain else ()
-  for name in set(OBJECTIVE_FLAGS) - set(used):
-    changed.pop(name, None)
-  allowed = set(config.allow_flag_changes)
-  if 'loss' in allowed:
-    allowed.add('resolved_loss')
-  defining = {k: v for k, v in changed.items() if k in RUN_DEFINING_FLAGS and k not in allowed}
-  if defining:
-    listed = ', '.join(f'--{"loss" if k == "resolved_loss" else k}={new!r} (was {old!r})'
-                       for k, (old, new) in defining.items())
-    names = ','.join('loss' if k == 'resolved_loss' else k for k in defining)
-    raise ValueError(f'--model_dir={config.model_dir!r} holds a run with other flags ({listed}; '
-                     f'recorded in {flags_file}); resume with its flags, use another '
-                     f'--model_dir, or pass --allow_flag_changes={names}')
-  for name, (old, new) in changed.items():
-    logging.info('Resuming with --%s=%r (was %r in %s).', name, new, old, flags_file)
-
-
-def run_record(model_dir, history=None):
-  """(the flags the run in model_dir was started with, where they were read): its flags.json;
-  when that is missing or unreadable, the newest start in flags_history.jsonl that did not
-  diverge, then the flags.json of its newest export (with a warning saying so). A ValueError
-  when none of them is there: a resume never goes unchecked."""
-  try:
-    recorded, flags_file = checkpoints.read_flags(model_dir)
-    problem = f'{flags_file} is missing'
-  except ValueError as e:
-    recorded, flags_file, problem = None, None, str(e).split('; restore')[0]
-  if recorded is not None:
-    return recorded, flags_file
-  if history is None:
-    history = checkpoints.read_flags_history(model_dir)
-  history_file = os.path.join(model_dir, checkpoints.HISTORY_FILE)
-  starts = [e for e in history
-            if isinstance(e.get('flags'), dict) and 'diverged_at_step' not in e]
-  if starts:
-    source = (f"{history_file} (its start of {starts[-1].get('started_utc', '?')}, as "
-              f"{checkpoints.FLAGS_FILE} cannot be read)")
-    logging.warning('%s; checking the run\'s identity against the flags of %s.', problem,
-                    source)
-    return starts[-1]['flags'], source
-  exports = os.path.join(model_dir, 'saved_model')
-  steps = sorted((int(n.rstrip('/')) for n in (
-      tf.io.gfile.listdir(exports) if tf.io.gfile.isdir(exports) else [])
-      if n.rstrip('/').isdigit()), reverse=True)
-  for step in steps:
-    try:
-      recorded, source = checkpoints.read_flags(os.path.join(exports, str(step)))
-    except ValueError:
-      continue
-    if recorded is not None:
-      logging.warning('%s and %s holds no start; checking the run\'s identity against %s.',
-                      problem, history_file, source)
-      return recorded, source
-  raise ValueError(f'--model_dir={model_dir!r} holds checkpoints but no record of the flags its '
-                   f'run was started with ({problem}; {history_file} holds no start): restore '
-                   f'{checkpoints.FLAGS_FILE}, or pass --allow_flag_changes=all to resume with '
-                   'the flags given')
-
-
-def _record_flags(config, initial_step):
-  """flags.json (the flags of this start) and one more line of flags_history.jsonl."""
-  record = recorded_values(config)
-  checkpoints.append_flags_history(config.model_dir, {
-      'started_utc': time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime()),
-      'host': socket.gethostname(), 'pid': os.getpid(), 'from_step': initial_step,
-      'flags': record})
-  checkpoints.write_flags(config.model_dir, record)
 
 
 @contextlib.contextmanager

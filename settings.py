@@ -13,7 +13,6 @@ import types
 from absl import logging
 import tensorflow as tf
 
-import checkpoints
 import data as data_lib
 import distribution
 import evaluation
@@ -21,6 +20,7 @@ import experiment
 import model as model_lib
 import objective as objective_lib
 import resnet
+import run_record
 import trainer as trainer_lib
 
 
@@ -144,36 +144,6 @@ def _check_ranges(values):
     raise ValueError('--train_epochs=0 trains nothing; give --train_epochs or --train_steps > 0')
 
 
-# Flags that define the network (and so the checkpoint's variables).
-ARCHITECTURE_FLAGS = ('resnet_depth', 'width_multiplier', 'sk_ratio', 'se_ratio', 'image_size',
-                      'proj_head_mode', 'num_proj_layers', 'proj_out_dim')
-
-
-# Further flags an evaluation depends on: which heads the model has and which variables train
-# (so eval/regularization_loss), the data, the weight decay and the training length (the final
-# step, after which --mode=eval exits).
-EVAL_FLAGS = ('train_mode', 'lineareval_while_pretraining', 'ft_proj_selector',
-              'fine_tune_after_block', 'num_classes', 'label_offset', 'dataset', 'data_dir',
-              'train_split', 'eval_split', 'weight_decay', 'train_batch_size', 'train_epochs',
-              'train_steps', 'mixed_precision', 'supervised_head_bn')
-
-
-def inherit_flags(values, given, path, names=ARCHITECTURE_FLAGS):
-  """The flag values (a dict) with the flags `names` not `given` on the command line taken
-  from the training run's flags.json in directory `path` (or next to checkpoint prefix `path`;
-  an export holds one), so fine-tuning needs only --checkpoint and --mode=eval only --model_dir.
-  """
-  trained, flags_file = checkpoints.read_flags(path)
-  if trained is None:
-    return values
-  values = dict(values)
-  for name in names:
-    if name not in given and name in trained and values[name] != trained[name]:
-      logging.info('--%s=%s from %s', name, trained[name], flags_file)
-      values[name] = trained[name]
-  return values
-
-
 def build_config(values):
   """The frozen experiment config of the (validated) flag values."""
   v = types.SimpleNamespace(**values)
@@ -236,8 +206,8 @@ def _check_evaluated_run(model_dir, given):
     raise ValueError(f'--model_dir={model_dir!r} does not exist: --mode=eval evaluates the '
                      'checkpoints of a training run there (check the path, or start the '
                      'training run first)')
-  if 'dataset' not in given and checkpoints.read_flags(model_dir)[0] is None:
-    raise ValueError(f'--model_dir={model_dir!r} holds no {checkpoints.FLAGS_FILE} (its training '
+  if 'dataset' not in given and run_record.read_flags(model_dir)[0] is None:
+    raise ValueError(f'--model_dir={model_dir!r} holds no {run_record.FLAGS_FILE} (its training '
                      'run has not started yet, or it is not a run\'s directory): start the '
                      'training run first, or give its --dataset and model flags')
 
@@ -247,11 +217,13 @@ def config_of(values, given):
   training run defines taken from its flags.json when not given (--mode=eval: from model_dir;
   fine-tuning: from --checkpoint); ValueError names a bad flag."""
   if values['mode'] == 'eval' and values['checkpoint']:  # one checkpoint or export
-    values = inherit_flags(values, given, values['checkpoint'], ARCHITECTURE_FLAGS + EVAL_FLAGS)
+    values = run_record.inherit_flags(values, given, values['checkpoint'],
+                                        run_record.ARCHITECTURE_FLAGS + run_record.EVAL_FLAGS)
   elif values['mode'] == 'eval' and values['model_dir']:
     _check_evaluated_run(values['model_dir'], given)
-    values = inherit_flags(values, given, values['model_dir'], ARCHITECTURE_FLAGS + EVAL_FLAGS)
+    values = run_record.inherit_flags(values, given, values['model_dir'],
+                                        run_record.ARCHITECTURE_FLAGS + run_record.EVAL_FLAGS)
   elif values['checkpoint'] and values['train_mode'] == 'finetune':
-    values = inherit_flags(values, given, values['checkpoint'])
+    values = run_record.inherit_flags(values, given, values['checkpoint'])
   validate_flags(values)
   return build_config(values)

@@ -5,9 +5,7 @@ resumes from, the run lock, discarding a checkpoint and removing half-written sa
 import glob
 import json
 import os
-import re
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -108,19 +106,6 @@ def test_results_of_another_eval_name_or_split_never_overwrite_a_step_s_results(
   checkpoints.write_results(model_dir, 30, {'eval/top_1': 0.9, 'eval_split': 'test'})
   assert json.load(open(os.path.join(model_dir, 'result_30.json'))) == {'eval/top_1': 0.1}
   assert json.load(open(os.path.join(model_dir, 'result_30_test.json')))['eval/top_1'] == 0.9
-
-
-def test_flags_file_round_trips_from_its_directory_or_a_checkpoint_prefix_in_it(tmp_path):
-  values = {'resnet_depth': 18, 'dataset': 'digits', 'use_tpu': None, 'learning_rate': 0.3}
-  checkpoints.write_flags(str(tmp_path), values)
-  flags_file = str(tmp_path / 'flags.json')
-  assert checkpoints.read_flags(str(tmp_path)) == (values, flags_file)
-  # A checkpoint prefix (not a file itself) names the directory it is in.
-  assert checkpoints.read_flags(str(tmp_path / 'ckpt-3')) == (values, flags_file)
-  empty = tmp_path / 'empty'
-  empty.mkdir()
-  assert checkpoints.read_flags(str(empty)) == (None, str(empty / 'flags.json'))
-  assert checkpoints.read_flags(str(empty / 'ckpt-3')) == (None, str(empty / 'flags.json'))
 
 
 def test_prepare_write_dir_of_an_unwritable_model_dir_is_an_error_naming_model_dir(tmp_path):
@@ -316,103 +301,6 @@ def test_list_checkpoints_prefers_the_state_file_then_the_highest_step(tmp_path)
   assert names() == ['ckpt-20']
 
 
-def _lock_dir(where, tmp_path):
-  """A model_dir on this disk, or on TensorFlow's in-memory file system (ram://), a URL path
-  as gs:// is: no exclusive create, the lock's write-then-read-back path."""
-  if where == 'local':
-    return str(tmp_path)
-  model_dir = f'ram://{tmp_path.name}/run'
-  tf.io.gfile.makedirs(model_dir)
-  return model_dir
-
-
-def _read_json(path):
-  with tf.io.gfile.GFile(path) as f:
-    return json.loads(f.read())
-
-
-def _write_json(path, value):
-  with tf.io.gfile.GFile(path, 'w') as f:
-    f.write(json.dumps(value))
-
-
-# Takes the lock of each of argv[2:] at the time given in argv[1] + its index * 0.1 s (keeping
-# every lock it takes); prints one line per directory: 'took', or the error's type.
-RACER = """
-import sys, time
-import checkpoints
-start, taken = float(sys.argv[1]), []
-for i, model_dir in enumerate(sys.argv[2:]):
-  while time.time() < start + 0.1 * i:
-    pass
-  try:
-    taken.append(checkpoints.RunLock(model_dir, heartbeat_seconds=600).acquire())
-    print('took', flush=True)
-  except Exception as e:
-    print(type(e).__name__, flush=True)
-"""
-
-
-@pytest.mark.slow
-def test_two_starts_over_a_stale_lock_at_the_same_instant_leave_one_holder(repo, tmp_path):
-  # Finding (issue 24): over a stale lock (dead pid) both of two simultaneous acquire() calls
-  # took it in 83 of 200 tries; another 112 raised NotFoundError instead of the "in use" line.
-  dirs = []
-  for i in range(30):
-    model_dir = tmp_path / f'run{i}'
-    model_dir.mkdir()
-    (model_dir / checkpoints.LOCK_FILE).write_text(json.dumps(
-        {'host': socket.gethostname(), 'pid': 2 ** 22 + 7, 'start_ticks': 1, 'since': 0,
-         'since_utc': 'then', 'heartbeat': 0}))
-    dirs.append(str(model_dir))
-  start = time.time() + 15  # after both have imported TensorFlow
-  racers = [subprocess.Popen([sys.executable, '-c', RACER, str(start), *dirs], cwd=repo,
-                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-                             env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2'))
-            for _ in range(2)]
-  outcomes = [racer.communicate(timeout=120)[0].split() for racer in racers]
-  assert all(len(o) == len(dirs) for o in outcomes), outcomes
-  assert [sorted(pair) for pair in zip(*outcomes)] == [['ValueError', 'took']] * len(dirs)
-
-
-@pytest.mark.parametrize('where', ['local', 'url'])
-def test_run_lock_refuses_a_live_holder_and_takes_over_a_dead_one(tmp_path, where):
-  model_dir = _lock_dir(where, tmp_path)
-  lock_file = os.path.join(model_dir, checkpoints.LOCK_FILE)
-  with checkpoints.RunLock(model_dir):
-    record = _read_json(lock_file)
-    assert record['pid'] == os.getpid()
-    with pytest.raises(ValueError, match=rf'in use by another run \(host \S+, pid '
-                                         rf'{os.getpid()}, since .* UTC; lock file'):
-      checkpoints.RunLock(model_dir).acquire()
-  assert not tf.io.gfile.exists(lock_file)
-  # A holder on this host that no longer runs (an exited child), or a holder on another host
-  # whose heartbeat stopped: stale, taken over.
-  child = subprocess.run([sys.executable, '-c', 'import os; print(os.getpid())'],
-                         capture_output=True, text=True, check=True)
-  for holder in ({'host': socket.gethostname(), 'pid': int(child.stdout), 'since': 0},
-                 {'host': 'elsewhere', 'pid': 1, 'since': 0, 'heartbeat': time.time() - 3600}):
-    _write_json(lock_file, holder)
-    lock = checkpoints.RunLock(model_dir).acquire()
-    assert _read_json(lock.path)['pid'] == os.getpid()
-    lock.release()
-  # Another host's fresh heartbeat is a live run.
-  _write_json(lock_file, {'host': 'elsewhere', 'pid': 1, 'since_utc': 'then',
-                          'heartbeat': time.time()})
-  with pytest.raises(ValueError, match='host elsewhere, pid 1, since then'):
-    checkpoints.RunLock(model_dir).acquire()
-
-
-@pytest.mark.parametrize('where', ['local', 'url'])
-def test_run_lock_heartbeat_refreshes_the_file(tmp_path, where):
-  lock = checkpoints.RunLock(_lock_dir(where, tmp_path), heartbeat_seconds=0.05).acquire()
-  first = _read_json(lock.path)['heartbeat']
-  time.sleep(0.5)
-  assert _read_json(lock.path)['heartbeat'] > first
-  lock.release()
-  assert not tf.io.gfile.exists(lock.path)
-
-
 def test_discard_removes_a_checkpoint_and_points_the_state_file_at_the_previous(tmp_path):
   model_dir = _saved_run(str(tmp_path), steps=(10, 20, 30))
   manager = tf.train.CheckpointManager(tf.train.Checkpoint(v=tf.Variable(0.0)), model_dir, 5)
@@ -460,24 +348,6 @@ def test_a_damaged_checkpoint_index_is_an_error_naming_the_checkpoint(tmp_path):
   with pytest.raises(ValueError, match=r"^--checkpoint='.*ckpt-5' cannot be read \(.*sstable.*\): "
                                        r'its ckpt-5\.index is damaged'):
     checkpoints.checkpoint_prefix(str(tmp_path / 'ckpt-5'))
-
-
-def test_flags_history_appends_one_line_per_start(tmp_path):
-  for step in (0, 10):
-    checkpoints.append_flags_history(str(tmp_path), {'from_step': step})
-  lines = open(os.path.join(tmp_path, checkpoints.HISTORY_FILE)).read().splitlines()
-  assert [json.loads(line)['from_step'] for line in lines] == [0, 10]
-
-
-def test_unreadable_flags_json_is_an_error_naming_the_file(tmp_path):
-  open(os.path.join(tmp_path, 'flags.json'), 'w').close()
-  with pytest.raises(ValueError, match=r'flags\.json is not valid json \(Expecting value'):
-    checkpoints.read_flags(str(tmp_path))
-  for text in ('null', '[]', '"a string"'):  # issue 24: a TypeError later
-    open(os.path.join(tmp_path, 'flags.json'), 'w').write(text)
-    with pytest.raises(ValueError, match=rf'flags\.json does not hold flags \(a json object\), '
-                                         rf'but {re.escape(text)}'):
-      checkpoints.read_flags(str(tmp_path))
 
 
 def test_iterate_checkpoints_yields_each_once_in_step_order_including_new_ones(tmp_path):

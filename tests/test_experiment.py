@@ -1,6 +1,5 @@
 """experiment.run end to end on the demo data with tiny models: pretraining, resume, divergence,
 fine-tuning, evaluation jobs, and a run configured without flags (as from a notebook)."""
-import dataclasses
 import glob
 import json
 import os
@@ -18,8 +17,7 @@ import data as data_lib
 import evaluation
 import experiment
 import model as model_lib
-import objective as objective_lib
-import settings
+import run_record
 import trainer as trainer_lib
 
 # Monitors of the pretraining run; a real weight decay makes the regularization loss visible.
@@ -29,7 +27,7 @@ MONITORS = ['--knn_monitor', '--knn_k=20', '--weight_decay=1e-3']
 @pytest.fixture(scope='module')
 def not_architecture(tiny):
   """The tiny run's flags without the architecture ones (a run reads those from flags.json)."""
-  return [f for f in tiny if f.split('=')[0].lstrip('-') not in settings.ARCHITECTURE_FLAGS]
+  return [f for f in tiny if f.split('=')[0].lstrip('-') not in run_record.ARCHITECTURE_FLAGS]
 
 
 @pytest.fixture(scope='module')
@@ -233,7 +231,7 @@ def test_a_run_whose_batch_norm_statistics_diverge_saves_nothing_and_records_no_
                    r'moving_variance.*no checkpoint of this run is kept', err, re.M), err[-2000:]
   assert not glob.glob(os.path.join(model_dir, 'ckpt-*'))
   assert not os.path.exists(os.path.join(model_dir, 'flags.json'))
-  starts = checkpoints.read_flags_history(model_dir)
+  starts = run_record.read_flags_history(model_dir)
   assert [s['diverged_at_step'] for s in starts] == [5]
 
 
@@ -532,7 +530,7 @@ def test_a_run_configured_without_flags_trains_evaluates_and_restores(repo, tmp_
   assert report['export_difference'] < 1e-5
   # No command line, yet flags.json records what defines the run, from the config itself.
   recorded = json.load(open(os.path.join(model_dir, 'flags.json')))
-  assert set(recorded) == set(experiment.RUN_DEFINING_FLAGS)
+  assert set(recorded) == set(run_record.RUN_DEFINING_FLAGS)
   assert (recorded['resolved_loss'], recorded['dataset'], recorded['image_size'],
           recorded['resnet_depth']) == ('sogclr', 'digits', 16, 18)
 
@@ -655,7 +653,7 @@ def test_summaries_hold_the_u_table_the_augmented_views_and_the_hparams(monitore
   assert info.hparams['resolved_loss'].string_value == 'sogclr'
   assert info.hparams['train_batch_size'].number_value == 16
   assert info.hparams['temperature'].number_value == pytest.approx(0.1)
-  for tag, key in experiment.HPARAMS_METRICS.items():
+  for tag, key in run_record.HPARAMS_METRICS.items():
     steps, values = scalars(model_dir, key)
     assert steps == [4] and values == pytest.approx([results[tag]])
 
@@ -708,116 +706,6 @@ def test_isogclr_run_summarizes_the_visited_images_temperatures(tmp_path, tiny, 
   assert sorted(histograms) == [2, 4]
   assert histograms[4][:, 2].sum() == visited.sum()
   assert histograms[4][0, 0] == pytest.approx(np.min(tau[visited]))
-
-
-def _recorded_run(tmp_path, flags):
-  model_dir = tmp_path / 'run'
-  model_dir.mkdir(parents=True)
-  (model_dir / 'ckpt-5.index').write_bytes(b'')  # listed; never read by the identity check
-  checkpoints.write_flags(str(model_dir), flags)
-  return str(model_dir)
-
-
-def _config(model_dir, **objective):
-  objective = objective_lib.ObjectiveConfig(**objective)
-  flags = {f: getattr(objective, f) for f in experiment.OBJECTIVE_FLAGS}
-  return experiment.Config(model_dir=model_dir, objective=objective, flags=flags)
-
-
-def test_resume_identity_covers_the_gamma_schedule_and_isogclr_flags(tmp_path):
-  before = {'resolved_loss': 'isogclr', 'temperature': 0.1, 'gamma': 0.9,
-            'gamma_schedule': 'cosine', 'gamma_decay_epochs': 10, 'isogclr_rho': 0.3,
-            'isogclr_eta': 0.01, 'isogclr_beta': 0.9, 'isogclr_tau_min': 0.05,
-            'isogclr_tau_max': 0.7}
-  model_dir = _recorded_run(tmp_path, before)
-  same = dict(loss='isogclr', gamma_schedule='cosine', gamma_decay_epochs=10)
-  experiment.check_same_run(_config(model_dir, **same), 100)
-  for change, flag in ((dict(isogclr_rho=0.5), 'isogclr_rho'),
-                       (dict(gamma_decay_epochs=20), 'gamma_decay_epochs'),
-                       (dict(loss='sogclr'), 'loss')):
-    with pytest.raises(ValueError, match=f'--{flag}='):
-      experiment.check_same_run(_config(model_dir, **(same | change)), 100)
-
-
-def test_a_notebook_run_is_recorded_and_its_identity_checked_on_resume(tmp_path):
-  # Finding: a Config built without flags recorded only its resolved loss, so a resume with
-  # another temperature or seed went unnoticed.
-  config = experiment.Config(model_dir=str(tmp_path / 'run'),
-                             objective=objective_lib.ObjectiveConfig(temperature=0.2),
-                             loop=trainer_lib.LoopConfig(seed=3))
-  os.makedirs(config.model_dir)
-  experiment._record_flags(config, initial_step=0)
-  recorded = json.load(open(os.path.join(config.model_dir, 'flags.json')))
-  assert set(recorded) == set(experiment.RUN_DEFINING_FLAGS)
-  assert (recorded['temperature'], recorded['seed'], recorded['resolved_loss'],
-          recorded['resnet_depth'], recorded['optimizer']) == (0.2, 3, 'sogclr', 50, 'lars')
-  (tmp_path / 'run' / 'ckpt-5.index').write_bytes(b'')  # a checkpoint to resume
-  experiment.check_same_run(config, 100)
-  changed = dataclasses.replace(config, objective=objective_lib.ObjectiveConfig(temperature=0.5),
-                                loop=trainer_lib.LoopConfig(seed=4))
-  with pytest.raises(ValueError, match=r'--temperature=0\.5 \(was 0\.2\), --seed=4 \(was 3\)'):
-    experiment.check_same_run(changed, 100)
-
-
-def test_a_run_recorded_before_the_gamma_schedule_ran_with_a_constant_gamma(tmp_path):
-  model_dir = _recorded_run(tmp_path, {'resolved_loss': 'sogclr', 'temperature': 0.1,
-                                       'gamma': 0.9})
-  experiment.check_same_run(_config(model_dir, loss='sogclr'), 100)
-  with pytest.raises(ValueError, match="--gamma_schedule='cosine' \\(was 'constant'\\)"):
-    experiment.check_same_run(_config(model_dir, loss='sogclr', gamma_schedule='cosine',
-                                      gamma_decay_epochs=5), 100)
-  # SimCLR has no gamma: its schedule flags never make another run.
-  simclr_dir = _recorded_run(tmp_path / 'simclr', {'resolved_loss': 'simclr', 'gamma': 0.9,
-                                                   'temperature': 0.1})
-  experiment.check_same_run(_config(simclr_dir, loss='simclr', gamma=0.5,
-                                    gamma_schedule='cosine', isogclr_rho=1.0), 100)
-
-
-@pytest.mark.parametrize('damage', ['missing', 'null', 'list', 'string', 'garbled'])
-def test_resume_identity_falls_back_to_the_history_when_flags_json_cannot_be_read(
-    tmp_path, damage, caplog):
-  # Finding (issue 24): a missing or null flags.json turned the identity check off (the resume
-  # with another temperature, batch and loss went through); [] or a string was a TypeError.
-  recorded = {'resolved_loss': 'sogclr', 'temperature': 0.1, 'gamma': 0.9}
-  model_dir = _recorded_run(tmp_path, recorded)
-  checkpoints.append_flags_history(model_dir, {'started_utc': 'then', 'from_step': 0,
-                                               'flags': recorded})
-  flags_file = os.path.join(model_dir, 'flags.json')
-  if damage == 'missing':
-    os.remove(flags_file)
-  else:
-    text = {'null': 'null', 'list': '[]', 'string': '"x"', 'garbled': '{"tempera'}[damage]
-    open(flags_file, 'w').write(text)
-  experiment.check_same_run(_config(model_dir, loss='sogclr'), 100)
-  assert 'checking the run\'s identity against the flags of' in caplog.text
-  with pytest.raises(ValueError, match=r"--temperature=0\.5 \(was 0\.1\); recorded in "
-                                       r'.*flags_history\.jsonl \(its start of then'):
-    experiment.check_same_run(_config(model_dir, loss='sogclr', temperature=0.5), 100)
-
-
-def test_resume_identity_skips_a_diverged_start_and_needs_some_record(tmp_path):
-  model_dir = _recorded_run(tmp_path, {'resolved_loss': 'sogclr', 'temperature': 0.1})
-  os.remove(os.path.join(model_dir, 'flags.json'))
-  with pytest.raises(ValueError, match=r'holds checkpoints but no record of the flags its run was '
-                                       r'started with \(.*flags\.json is missing'):
-    experiment.check_same_run(_config(model_dir, loss='sogclr', temperature=0.5), 100)
-  experiment.check_same_run(dataclasses.replace(
-      _config(model_dir, loss='sogclr', temperature=0.5), allow_flag_changes=('all',)), 100)
-  for temperature, diverged in ((0.1, None), (0.5, 12)):
-    checkpoints.append_flags_history(model_dir, {'flags': {'resolved_loss': 'sogclr',
-                                                           'temperature': temperature}})
-    if diverged:
-      assert checkpoints.mark_diverged(model_dir, 1, diverged)
-  with pytest.raises(ValueError, match=r'--temperature=0\.5 \(was 0\.1\)'):
-    experiment.check_same_run(_config(model_dir, loss='sogclr', temperature=0.5), 100)
-
-
-def test_a_history_that_is_not_utf8_is_an_error_naming_it_before_training(tmp_path):
-  model_dir = _recorded_run(tmp_path, {'resolved_loss': 'sogclr', 'temperature': 0.1})
-  open(os.path.join(model_dir, 'flags_history.jsonl'), 'wb').write(b'{"a": 1}\n\xff\xfe\n')
-  with pytest.raises(ValueError, match=r'flags_history\.jsonl line 2 is not a json record of a '
-                                       r"start \('utf-8' codec"):
-    experiment.check_same_run(_config(model_dir, loss='sogclr'), 100)
 
 
 @pytest.mark.slow

@@ -30,6 +30,8 @@ import experiment
 import model as model_lib
 import objective as objective_lib
 import run
+import run_lock
+import run_record
 import settings
 import trainer as trainer_lib
 
@@ -125,8 +127,8 @@ def test_eval_mode_inherits_into_the_config_and_never_assigns_to_flags(trained):
   parsed = all_flag_values()
   values, given = run.flag_values()
   as_parsed = dict(values)
-  inherited = settings.inherit_flags(values, given, trained.model_dir,
-                                settings.ARCHITECTURE_FLAGS + settings.EVAL_FLAGS)
+  inherited = run_record.inherit_flags(values, given, trained.model_dir,
+                                run_record.ARCHITECTURE_FLAGS + run_record.EVAL_FLAGS)
   assert values == as_parsed  # a new dict; the argument is left as it was
   assert inherited['resnet_depth'] == 18 and inherited['proj_out_dim'] == 32
 
@@ -569,7 +571,7 @@ def test_a_second_run_on_a_live_model_dir_exits_at_once_naming_the_holder(
     ten_and_twenty, tiny, tmp_path, run_command, snapshot):
   model_dir = _copy(ten_and_twenty, tmp_path)
   # A live holder: this test's own process, on this host.
-  holder = checkpoints.RunLock(model_dir).acquire()
+  holder = run_lock.RunLock(model_dir).acquire()
   try:
     before = snapshot(model_dir)
     result = run_command(*tiny, f'--model_dir={model_dir}', '--train_steps=30', '--seed=3')

@@ -3,8 +3,8 @@ import re
 
 import pytest
 
-import experiment
 import run
+import run_record
 import settings
 
 
@@ -56,21 +56,6 @@ def test_config_of_leaves_its_values_alone_and_records_them():
     settings.config_of(default_values(temperature=0.0), given=set())
 
 
-def test_what_flags_json_records_of_a_command_line_config_is_its_flags():
-  # experiment.recorded_values reads the run-defining values from the config: for a config of
-  # flags they are the flags' own, so flags.json stays the flag values.
-  for changes in ({}, dict(temperature=0.2, optimizer='adam', width_multiplier=0.5, seed=7,
-                           train_split='train[:10%]', num_proj_layers=0, ft_proj_selector=-1,
-                           loss='simclr', train_mode='finetune', checkpoint='/tmp/c')):
-    values = default_values(**changes)
-    config = settings.build_config(values)
-    recorded = experiment.recorded_values(config)
-    assert recorded.pop('resolved_loss') == ('cross_entropy' if changes else 'sogclr')
-    assert recorded == values
-  assert set(experiment._DEFINING_FIELDS) | {'resolved_loss'} == set(
-      experiment.RUN_DEFINING_FLAGS)
-
-
 @pytest.mark.parametrize('name', ['learning_rate', 'temperature', 'momentum', 'weight_decay',
                                   'color_jitter_strength', 'warmup_epochs'])
 def test_a_float_flag_that_is_not_a_finite_number_is_an_error_naming_it(name):
@@ -95,3 +80,18 @@ def test_values_that_cannot_be_right_are_errors_naming_the_flag(changes, message
   with pytest.raises(ValueError, match=f'^{re.escape(message)}'):
     settings.validate_flags(default_values(**changes))
   settings.validate_flags(default_values(eval_name='on_train-2'))
+
+
+def test_what_flags_json_records_of_a_command_line_config_is_its_flags():
+  # run_record.recorded_values reads the run-defining values from the config: for a config of
+  # flags they are the flags' own, so flags.json stays the flag values.
+  for changes in ({}, dict(temperature=0.2, optimizer='adam', width_multiplier=0.5, seed=7,
+                           train_split='train[:10%]', num_proj_layers=0, ft_proj_selector=-1,
+                           loss='simclr', train_mode='finetune', checkpoint='/tmp/c')):
+    values = default_values(**changes)
+    config = settings.build_config(values)
+    recorded = run_record.recorded_values(config)
+    assert recorded.pop('resolved_loss') == ('cross_entropy' if changes else 'sogclr')
+    assert recorded == values
+  assert set(run_record._DEFINING_FIELDS) | {'resolved_loss'} == set(
+      run_record.RUN_DEFINING_FLAGS)
