@@ -262,7 +262,7 @@ def get_builder(name, data_dir, fashion_mnist_dir=None):
     raise ValueError(
         f'--dataset={name!r} is neither a TFDS dataset name nor prepared under '
         f'--data_dir={data_dir!r}; use {DEMO_DATASET!r} for the embedded demo data, or '
-        'prepare one with `python imagenet.py ...` (README, "Datasets")') from None
+        'prepare one with `python imagenet.py ...` (docs/datasets.md)') from None
   raise ValueError(f'--dataset={name!r} is not prepared under --data_dir={data_dir!r} (looked in '
                    f'{os.path.join(data_dir, base)}); prepare it with `tfds build {base} '
                    f'--data_dir={data_dir}` (or `python imagenet.py` for ImageNet from local '

@@ -175,13 +175,13 @@ def _builder(data):
   except json_format.ParseError as e:
     raise ValueError(f'dataset {data.dataset} under --data_dir={data.data_dir!r}: a metadata file '
                      'of the prepared dataset (dataset_info.json or features.json) is not valid '
-                     f'({checkpoints.short_reason(e)}); prepare the dataset again (README '
-                     '"Datasets")') from None
+                     f'({checkpoints.short_reason(e)}); prepare the dataset again '
+                     '(docs/datasets.md)') from None
   except (tf.errors.OpError, OSError) as e:
     raise ValueError(f'reading the metadata of dataset {data.dataset} under --data_dir='
                      f'{data.data_dir!r} failed ({checkpoints.short_reason(e)}); check the path '
-                     '(and the network, for gs://), or prepare the dataset again (README '
-                     '"Datasets")') from None
+                     '(and the network, for gs://), or prepare the dataset again '
+                     '(docs/datasets.md)') from None
 
 
 def _log_setup(config, strategy, info):
@@ -423,13 +423,13 @@ def _naming_the_data(config):
         f'reading dataset {data.dataset} split {data.train_split} under --data_dir='
         f'{data.data_dir!r} failed: its shards hold fewer records than its dataset_info.json '
         f'lists ({e.message.strip().splitlines()[0]}); a shard was cut short or replaced: '
-        'prepare the dataset again (README "Datasets")') from None
+        'prepare the dataset again (docs/datasets.md)') from None
   except (tf.errors.DataLossError, tf.errors.NotFoundError) as e:
     data = config.data
     raise ValueError(
         f'reading dataset {data.dataset} split {data.train_split} under --data_dir='
         f'{data.data_dir!r} failed ({type(e).__name__}: {e.message.strip().splitlines()[0]}); '
-        'prepare the dataset again (README "Datasets")') from None
+        'prepare the dataset again (docs/datasets.md)') from None
 
 
 def train_input_config(config, initial_step, augment_on='host', grey=False):

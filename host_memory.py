@@ -5,7 +5,7 @@ the next one. With glibc's defaults the freed top of each heap is handed back to
 madvise) and grown again in the next step, so every step page-faults much of its memory in
 afresh: ~35,000 (ResNet-18 at 32x32, batch 64) to ~59,000 (ResNet-50 at 64x64, batch 32) minor
 faults and ~0.2 s of kernel time per step on a 2-core CPU. Keeping freed memory mapped takes that
-to ~1,000 faults per step; README "Performance" gives the measured speed-up. The peak resident
+to ~1,000 faults per step; docs/performance.md gives the measured speed-up. The peak resident
 size stays within a few percent of the default's.
 
 Call `tune()` before TensorFlow allocates (run.py and the benchmarks do it before importing it);

@@ -109,7 +109,7 @@ class Conv2DFixedPadding(tf.keras.layers.Conv2D):
       return super().convolution_op(inputs, kernel)
     # An unstrided 1x1 convolution is a matmul over the pixels. oneDNN's matmul and its
     # gradients beat its 1x1 convolution, the weight gradient by up to 2.5x on small images
-    # (bench/train_step.py; README "Performance").
+    # (bench/train_step.py; docs/performance.md).
     flat = tf.matmul(tf.reshape(inputs, [-1, inputs.shape[-1]]), kernel[0, 0])
     if None in inputs.shape[1:3]:
       return tf.reshape(flat, tf.concat([tf.shape(inputs)[:3], [self.filters]], 0))

@@ -32,14 +32,14 @@ FLAGS = flags.FLAGS
 flags.DEFINE_string('dataset', 'imagenet2012',
                     "TFDS dataset name, 'name/config' or 'name:version', prepared under "
                     "--data_dir (read without its builder code); 'digits' is the embedded demo "
-                    "data; see README 'Datasets'.")
+                    "data; see docs/datasets.md.")
 flags.DEFINE_string('data_dir', None,
                     'TFDS data directory (local or gs://); default: TFDS\'s own (~/tensorflow_datasets).')  # noqa: E501
 flags.DEFINE_string('train_split', 'train',
                     "Split to train on: a split, a slice ('train[:10%]', 'train[50%:]': the "
                     "records' own ids keep the whole split's, so SogCLR's table has a slot per "
                     "image of 'train') or a union ('train+validation': ids derived from the "
-                    "record ids); README 'Datasets'.")
+                    "record ids); docs/datasets.md.")
 flags.DEFINE_string('eval_split', 'validation', 'Split to evaluate on (a split, slice or union).')
 flags.DEFINE_integer('num_classes', 0,
                      'Number of classes of the supervised head; 0 = read from the dataset.')
@@ -107,7 +107,7 @@ flags.DEFINE_bool('supervised_head_bn', True,
 # -- Objective -------------------------------------------------------------------------------------
 flags.DEFINE_enum('loss', None, ['simclr', 'sogclr', 'isogclr'],
                   'Contrastive loss; unset = SogCLR unless an alias below says otherwise. '
-                  'isogclr: SogCLR with a learned temperature per image (README "iSogCLR").')
+                  'isogclr: SogCLR with a learned temperature per image (docs/objectives.md).')
 flags.DEFINE_bool('DCL_mode', None, 'Alias of --loss: True = sogclr, False = simclr.')
 flags.DEFINE_bool('GCL_mode', None, 'Alias of --loss: True = sogclr, False = simclr.')
 flags.DEFINE_bool('BI_mode', None,
@@ -157,7 +157,7 @@ flags.DEFINE_enum('mode', 'train', ['train', 'eval', 'train_then_eval'],
                   'Train (evaluating at the end), evaluate, or both. eval restores only the '
                   'model of each checkpoint in --model_dir and takes the model, data, '
                   "--weight_decay and training-length flags not given from the training run's "
-                  'flags.json (README "Evaluate and fine-tune").')
+                  'flags.json (docs/evaluation.md).')
 flags.DEFINE_integer('train_batch_size', 512, 'Global training batch size, in images.')
 flags.DEFINE_integer('train_epochs', 100, 'Training length, in epochs.')
 flags.DEFINE_integer('train_steps', 0, 'Training length, in steps; > 0 overrides train_epochs.')

@@ -512,7 +512,7 @@ def parse_args(argv):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument('--dataset', choices=sorted(PRESETS), default='digits',
                       help='The benchmark: the demo digits, or Fashion-MNIST (prepared from its '
-                      'idx files on first use, README "Datasets").')
+                      'idx files on first use, docs/datasets.md).')
   parser.add_argument('--quick', action='store_true',
                       help='Smoke test on the digits: 2 batch sizes, 1 seed, 1 epoch, width 0.125.')
   parser.add_argument('--batch_sizes', default=None,
