@@ -16,6 +16,7 @@ import tensorflow as tf
 
 import checkpoints
 import model as model_lib
+import objective
 import trainer as trainer_lib
 
 
@@ -167,6 +168,73 @@ def test_restore_or_initialize_resumes_from_model_dir_before_the_checkpoint(
   assert np.any(pretrained_model.supervised_head.kernel.numpy() != 0)
   assert all(np.all(v.numpy() == 0) for v in started.supervised_head.weights)
   assert manager.directory == write_dir
+
+
+def _flip_a_byte(path):
+  content = bytearray(open(path, 'rb').read())
+  content[len(content) // 2] ^= 0xFF
+  open(path, 'wb').write(bytes(content))
+
+
+# Damage done to a model_dir holding ckpt-10 and ckpt-20 -> the checkpoint a restart resumes from.
+DAMAGES = {
+    'index_deleted': (lambda d: os.remove(f'{d}/ckpt-20.index'), 10),
+    'all_files_of_the_newest_deleted': (
+        lambda d: [os.remove(p) for p in glob.glob(f'{d}/ckpt-20.*')], 10),
+    'data_truncated': (lambda d: os.truncate(f'{d}/ckpt-20.data-00000-of-00001', 1000), 10),
+    'data_bit_flipped': (lambda d: _flip_a_byte(f'{d}/ckpt-20.data-00000-of-00001'), 10),
+    'index_truncated': (lambda d: os.truncate(f'{d}/ckpt-20.index', 50), 10),
+    'state_file_deleted': (lambda d: os.remove(f'{d}/checkpoint'), 20),
+    'state_file_garbage': (lambda d: open(f'{d}/checkpoint', 'w').write('garbage'), 20),
+}
+
+
+@pytest.fixture(scope='module')
+def ten_and_twenty(tmp_path_factory, tiny_model):
+  """A model_dir holding ckpt-10 and ckpt-20 of the tiny model, Adam and a SogCLR u table,
+  each checkpoint with weights of its own; returns (model_dir, {step: weights})."""
+  model_dir = str(tmp_path_factory.mktemp('ten_and_twenty'))
+  model, optimizer, sogclr = _resumable(tiny_model)
+  manager = checkpoints.restore_or_initialize(model, optimizer, sogclr, model_dir=model_dir)
+  weights = {}
+  for step in (10, 20):
+    optimizer.iterations.assign(step)
+    model.trunk.variables[0].assign_add(tf.ones_like(model.trunk.variables[0]))
+    sogclr.log_u.assign(tf.fill([20], float(step)))
+    manager.save(checkpoint_number=step)
+    weights[step] = [v.numpy() for v in model.variables]
+  return model_dir, weights
+
+
+def _resumable(tiny_model):
+  model = tiny_model()
+  optimizer, _ = trainer_lib.build_optimizer(
+      trainer_lib.OptimizerConfig(name='adam'), model, global_batch_size=16, warmup_steps=0,
+      total_steps=30)
+  return model, optimizer, objective.SogCLRLoss(20, temperature=0.1, gamma=0.9)
+
+
+@pytest.mark.parametrize('damage', sorted(DAMAGES))
+def test_a_damaged_newest_checkpoint_resumes_from_the_newest_readable_one(
+    damage, ten_and_twenty, tiny_model, tmp_path):
+  source, weights = ten_and_twenty
+  model_dir = str(tmp_path / 'run')
+  shutil.copytree(source, model_dir)
+  harm, expected = DAMAGES[damage]
+  harm(model_dir)
+  ten = open(f'{model_dir}/ckpt-10.data-00000-of-00001', 'rb').read()
+  model, optimizer, sogclr = _resumable(tiny_model)
+  manager = checkpoints.restore_or_initialize(model, optimizer, sogclr, model_dir=model_dir)
+  # Never step 0 over existing work: the newest readable checkpoint, whole (weights, step, u).
+  assert int(optimizer.iterations.numpy()) == expected
+  for value, saved in zip(model.variables, weights[expected], strict=True):
+    np.testing.assert_array_equal(value.numpy(), saved)
+  np.testing.assert_array_equal(sogclr.log_u.numpy(), np.full(20, float(expected)))
+  # The next save goes on from there; the older good checkpoint was never rewritten.
+  optimizer.iterations.assign(30)
+  assert checkpoints.save(manager, 30).endswith('ckpt-30')
+  assert tf.train.latest_checkpoint(model_dir).endswith('ckpt-30')
+  assert open(f'{model_dir}/ckpt-10.data-00000-of-00001', 'rb').read() == ten
 
 
 def test_restore_model_names_missing_and_mismatched_variables(
