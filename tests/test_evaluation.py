@@ -1,7 +1,6 @@
 """evaluation.py on the demo data: the head's metrics and the features cover a split exactly,
 the kNN monitor and the probe share one extraction per split, and an Evaluator's tf.functions
 are traced once for a whole run while the results follow the weights."""
-import glob
 import json
 import os
 import types
@@ -14,6 +13,7 @@ import data as data_lib
 import evaluation
 import model as model_lib
 import probe
+import summaries
 
 # Monitors of the pretraining run; a real weight decay makes the regularization loss visible.
 MONITORS = ['--knn_monitor', '--knn_k=20', '--weight_decay=1e-3']
@@ -46,14 +46,6 @@ def pretraining(tmp_path_factory, run_main, tiny):
 def digits(data_dir):
   builder = data_lib.get_builder('digits', data_dir)
   return builder, data_lib.describe(builder, 'train', 'test')
-
-
-def summary_tags(model_dir):
-  tags = set()
-  for event_file in glob.glob(os.path.join(model_dir, 'events.out.tfevents.*')):
-    for event in tf.compat.v1.train.summary_iterator(event_file):
-      tags.update(v.tag for v in event.summary.value)
-  return tags
 
 
 def eager_outputs(model, digits, split):
@@ -98,7 +90,7 @@ def test_knn_monitor_equals_knn_on_the_checkpoint_features(pretraining, final_fe
   assert 0.1 < expected <= 1.0
   saved = json.load(open(os.path.join(pretrained, 'result_3.json')))
   assert saved['eval/knn_top_1'] == expected
-  assert 'eval/knn_top_1' in summary_tags(pretrained)
+  assert 'eval/knn_top_1' in summaries.tags(pretrained)
 
 
 @pytest.mark.slow

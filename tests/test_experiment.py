@@ -18,6 +18,7 @@ import evaluation
 import experiment
 import model as model_lib
 import run_record
+import summaries
 import trainer as trainer_lib
 
 # Monitors of the pretraining run; a real weight decay makes the regularization loss visible.
@@ -65,14 +66,6 @@ def copied_model_dir(pretrained, tmp_path):
   model_dir = str(tmp_path / 'copy')
   shutil.copytree(pretrained, model_dir)
   return model_dir
-
-
-def summary_tags(model_dir):
-  tags = set()
-  for event_file in glob.glob(os.path.join(model_dir, 'events.out.tfevents.*')):
-    for event in tf.compat.v1.train.summary_iterator(event_file):
-      tags.update(v.tag for v in event.summary.value)
-  return tags
 
 
 def head_top_1(model, data_dir, split='test'):
@@ -126,7 +119,7 @@ def test_pretraining_writes_checkpoint_summaries_flags_and_probe(tmp_path, tiny,
   flags = json.load(open(os.path.join(model_dir, 'flags.json')))
   assert flags['train_steps'] == 3 and flags['resolved_loss'] == 'sogclr'
 
-  tags = summary_tags(model_dir)
+  tags = summaries.tags(model_dir)
   for tag in ('learning_rate', 'total_loss', 'contrast_loss', 'supervised_loss',
               'contrast_acc', 'contrast_entropy', 'weight_decay', 'supervised_acc', 'u_mean'):
     assert f'train/{tag}' in tags, tag
@@ -341,7 +334,7 @@ def test_regularization_loss_is_the_weight_decay_of_the_kernels(pretrained_run, 
   assert results['eval/regularization_loss'] == pytest.approx(expected, rel=1e-5)
   saved = json.load(open(os.path.join(pretrained, 'result_3.json')))
   assert saved['eval/regularization_loss'] == results['eval/regularization_loss']
-  assert 'eval/regularization_loss' in summary_tags(pretrained)
+  assert 'eval/regularization_loss' in summaries.tags(pretrained)
 
 
 @pytest.mark.slow
@@ -567,22 +560,6 @@ def test_official_linear_evaluation_command_runs_as_written(tmp_path, not_archit
     np.testing.assert_array_equal(a.numpy(), b.numpy())
 
 
-def events(model_dir):
-  """[(step, tag, summary value)] of the events files directly in model_dir."""
-  found = []
-  for event_file in sorted(glob.glob(os.path.join(model_dir, 'events.out.tfevents.*'))):
-    for event in tf.compat.v1.train.summary_iterator(event_file):
-      found += [(event.step, v.tag, v) for v in event.summary.value]
-  return found
-
-
-def scalars(model_dir, tag):
-  """([steps], [values]) of the scalar `tag` in model_dir's events."""
-  found = [(step, float(tf.make_ndarray(v.tensor))) for step, t, v in events(model_dir)
-           if t == tag]
-  return [step for step, _ in found], [value for _, value in found]
-
-
 # Monitoring while pretraining: an evaluation every 2 steps, deterministic (compared below with
 # the same run without it).
 MONITORED = ['--train_steps=4', '--probe_baselines=False', '--DCL_mode=True', '--deterministic']
@@ -616,10 +593,10 @@ def test_eval_every_steps_logs_head_and_knn_top_1_at_each_evaluation(monitored_r
   assert saved['eval/top_1'] == monitor[0]['eval/top_1']
   assert json.load(open(os.path.join(model_dir, 'result_4.json')))['monitor'] == monitor
   # TensorBoard: each evaluation once at its step (the final one is step 4's, not repeated).
-  steps, values = scalars(model_dir, 'eval/knn_top_1')
+  steps, values = summaries.scalars(model_dir, 'eval/knn_top_1')
   assert steps == [2, 4]
   assert values == pytest.approx([monitor[0]['eval/knn_top_1'], monitor[1]['eval/knn_top_1']])
-  assert scalars(model_dir, 'eval/label_top_1_accuracy')[0] == [2, 4]
+  assert summaries.scalars(model_dir, 'eval/label_top_1_accuracy')[0] == [2, 4]
 
 
 @pytest.mark.slow
@@ -627,12 +604,12 @@ def test_summaries_hold_the_u_table_the_augmented_views_and_the_hparams(monitore
   from tensorboard.plugins.hparams import plugin_data_pb2  # noqa: PLC0415
 
   model_dir, results = monitored_run
-  found = events(model_dir)
+  found = summaries.events(model_dir)
   # After every call (the first runs 1 step; the others stop at the evaluation at step 2 and
   # run 1 or 2 steps by the machine's speed), the fraction of the 1,437 images visited: one
   # batch of 16 more a step.
-  steps, values = scalars(model_dir, 'u/visited_fraction')
-  assert steps == scalars(model_dir, 'train/total_loss')[0] and {1, 2, 4} <= set(steps)
+  steps, values = summaries.scalars(model_dir, 'u/visited_fraction')
+  assert steps == summaries.scalars(model_dir, 'train/total_loss')[0] and {1, 2, 4} <= set(steps)
   assert values == pytest.approx([16 * step / 1437 for step in steps])
   # log u of the visited images: a histogram at the first call and at the (final) checkpoint.
   histograms = [(step, tf.make_ndarray(v.tensor)) for step, tag, v in found if tag == 'u/log_u']
@@ -654,7 +631,7 @@ def test_summaries_hold_the_u_table_the_augmented_views_and_the_hparams(monitore
   assert info.hparams['train_batch_size'].number_value == 16
   assert info.hparams['temperature'].number_value == pytest.approx(0.1)
   for tag, key in run_record.HPARAMS_METRICS.items():
-    steps, values = scalars(model_dir, key)
+    steps, values = summaries.scalars(model_dir, key)
     assert steps == [4] and values == pytest.approx([results[tag]])
 
 
@@ -687,14 +664,12 @@ def test_isogclr_run_summarizes_the_visited_images_temperatures(tmp_path, tiny, 
   assert visited.sum() == 4 * 16
   assert np.all(tau[~visited] == np.float32(0.1))  # never visited: the initial temperature
   scalars, histograms = {}, {}
-  for event_file in glob.glob(os.path.join(model_dir, 'events.out.tfevents.*')):
-    for event in tf.compat.v1.train.summary_iterator(event_file):
-      for value in event.summary.value:
-        if value.tag == 'train/tau':  # the histogram (u/log_u has its own at the same steps)
-          assert value.metadata.plugin_data.plugin_name == 'histograms'
-          histograms[event.step] = tf.make_ndarray(value.tensor)
-        elif value.tag.startswith('train/tau'):
-          scalars.setdefault(value.tag, {})[event.step] = float(tf.make_ndarray(value.tensor))
+  for step, tag, value in summaries.events(model_dir):
+    if tag == 'train/tau':  # the histogram (u/log_u has its own at the same steps)
+      assert value.metadata.plugin_data.plugin_name == 'histograms'
+      histograms[step] = tf.make_ndarray(value.tensor)
+    elif tag.startswith('train/tau'):
+      scalars.setdefault(tag, {})[step] = float(tf.make_ndarray(value.tensor))
   assert set(scalars) == {'train/tau_mean', 'train/tau_min', 'train/tau_max',
                           'train/tau_batch_mean'}
   # The last call's statistics are those of the visited images' temperatures in ckpt-4.

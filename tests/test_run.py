@@ -33,6 +33,7 @@ import run
 import run_lock
 import run_record
 import settings
+import summaries
 import trainer as trainer_lib
 
 
@@ -913,8 +914,5 @@ def test_eval_every_epochs_logs_head_and_knn_top_1_each_epoch_with_its_cost(run_
   assert [r['global_step'] for r in monitor] == [11, 22]
   # Without --knn_monitor the final evaluation has no kNN: the HParams dashboard gets the one
   # evaluated while training at the final step.
-  knn = [float(tf.make_ndarray(v.tensor))
-         for path in glob.glob(os.path.join(model_dir, 'events.out.tfevents.*'))
-         for event in tf.compat.v1.train.summary_iterator(path)
-         for v in event.summary.value if v.tag == 'hparams/knn_top_1']
+  knn = summaries.scalars(model_dir, 'hparams/knn_top_1')[1]
   assert knn == [pytest.approx(monitor[-1]['eval/knn_top_1'])]

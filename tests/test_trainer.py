@@ -17,6 +17,7 @@ import data_util
 import lars_optimizer
 import model as model_lib
 import objective
+import summaries
 import trainer as trainer_lib
 
 
@@ -231,14 +232,6 @@ def written_steps(directory):
                 for path in glob.glob(os.path.join(directory, 'ckpt-*.index')))
 
 
-def summary_steps(directory, tag):
-  steps = []
-  for event_file in glob.glob(os.path.join(directory, 'events.out.tfevents.*')):
-    for event in tf.compat.v1.train.summary_iterator(event_file):
-      steps += [event.step for v in event.summary.value if v.tag == tag]
-  return sorted(steps)
-
-
 def test_train_checkpoints_every_boundary_and_the_end_and_no_call_crosses_one(
     tmp_path, tiny_training):
   trainer, iterator, learning_rate = tiny_training(uniform_images(80))
@@ -266,7 +259,7 @@ def test_train_checkpoints_every_boundary_and_the_end_and_no_call_crosses_one(
     assert np.isfinite(p.metrics['total_loss']) and 'supervised_acc' in p.metrics
     assert p.metrics['learning_rate'] == pytest.approx(float(learning_rate(p.step)))
   # A summary after every call, at the step it reached.
-  assert summary_steps(str(tmp_path / 'run'), 'train/total_loss') == steps
+  assert summaries.steps(str(tmp_path / 'run'), 'train/total_loss') == steps
   # Resumed at the end: nothing left to run, nothing written.
   assert trainer_lib.train(trainer, iterator, total_steps=10, checkpoint_every=3,
                            checkpoint_manager=manager) >= 0
