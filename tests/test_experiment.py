@@ -194,12 +194,13 @@ def test_divergence_stops_with_the_step_range_and_keeps_the_last_good_checkpoint
   assert first_bad >= 3
   latest = tf.train.latest_checkpoint(model_dir)
   assert int(latest.rsplit('-', 1)[1]) < first_bad  # nothing saved from the bad steps on
-  for name, _ in tf.train.list_variables(latest):
-    if name != '_CHECKPOINTABLE_OBJECT_GRAPH':
-      value = tf.train.load_variable(latest, name)
+  for index in glob.glob(f'{model_dir}/ckpt-*.index'):  # whatever was kept can continue
+    for name, _ in tf.train.list_variables(index[:-6]):
+      value = tf.train.load_variable(index[:-6], name)
       if name == checkpoints.LOG_U_KEY:  # -inf marks a never-visited image
         value = np.where(np.isneginf(value), 0.0, value)
-      assert np.all(np.isfinite(value)), name
+      if getattr(value, 'dtype', None) == np.float32:  # squares that fit a float32
+        assert np.all(np.abs(value) < 1e19), name
   for path, content in good.items():  # the checkpoints of the good steps are untouched
     if os.path.basename(path).startswith('ckpt-'):
       assert open(path, 'rb').read() == content, path
