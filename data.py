@@ -1,12 +1,14 @@
-"""Datasets -> distributed tf.data pipelines of (views, one-hot labels, ids).
+"""Datasets -> distributed tf.data pipelines of named batches.
 
-Contract: every element is `(views, labels, ids)` per replica. `views` is a tuple of [b, H, W, 3]
-float32 images in [0, 1]: two augmented views of the same images when pretraining, one view
-otherwise; the train step concatenates views on the batch axis. `labels` is [b, num_classes]
-one-hot, `ids` [b] int32 dense dataset ids in [0, N) (the index into SogCLR's `u` table).
-With `augment_on='device'` (training) the views are only cropped and resized (uint8 scale), and
-a 4th member, a tuple of [b, data_util.NUM_PARAMS] float32 per view, carries the parameters of
-their flip, color distortion and blur, which the train step applies (`data_util.distort_batch`).
+Contract: every element is a batch (a dict, see `batch`) per replica, the same in training and
+evaluation: 'views', a tuple of [b, H, W, 3] float32 images in [0, 1] (two augmented views of
+the same images when pretraining, one view otherwise; the train step concatenates views on the
+batch axis); 'labels', [b, num_classes] one-hot; 'ids', [b] int32 dense dataset ids in [0, N)
+(the index into SogCLR's `u` table). With `augment_on='device'` (training) the views are only
+cropped and resized (uint8 scale), and 'pixel_params', a tuple of [b, data_util.NUM_PARAMS]
+float32 per view, carries the parameters of their flip, color distortion and blur, which the
+train step applies (`data_util.distort_batch`). Evaluation's padded batches add 'mask' (False
+on padding; evaluation.eval_dataset).
 
 Ids come from the records' `image/ID`, from a numeric `id` proved dense, or else from TFDS's record
 ids (shard offset + index in the shard). Ids, labels and image decoding are checked on the host:
@@ -24,6 +26,15 @@ import tensorflow_datasets as tfds
 import data_util
 import fashion_mnist
 import imagenet  # noqa: F401  (registers the imagenet1k_ids and imagenet_s builders)
+
+
+def batch(views, labels, ids, **optional):
+  """The pipeline's element by name: {'views', 'labels', 'ids'} and the `optional` members
+  ('pixel_params' of device augmentation in training, 'mask' of evaluation's padding)."""
+  unknown = set(optional) - {'pixel_params', 'mask'}
+  assert not unknown, unknown
+  return {'views': views, 'labels': labels, 'ids': ids, **optional}
+
 
 DEMO_DATASET = 'digits'
 # Feature keys tried in order: the official SogCLR ImageNet layout first, then TFDS conventions.
@@ -150,7 +161,7 @@ class InputConfig:
   shuffle_buffer: int = 50_000  # encoded records held by the per-epoch shuffle
   # 'host': every augmentation in the pipeline; 'device': the pipeline crops and resizes, and
   # flips, color distortion and blur run batched in the train step (`pixel_augment`), from
-  # parameters drawn here from the same seeds (elements gain a 4th member, their pixel_params).
+  # parameters drawn here from the same seeds (batches gain their 'pixel_params').
   augment_on: str = 'host'
 
   def pixel_augment(self):
@@ -547,9 +558,9 @@ class _RecordStages:
     return dataset
 
   def to_views(self, example, seed):
-    """Returns `(views, one-hot label, id)` of a decoded record; `seed` augments it in training.
+    """Returns the batch element (`batch`) of a decoded record; `seed` augments it in training.
 
-    With the pixel augmentations on the device: `(views, label, id, pixel params per view)`.
+    With the pixel augmentations on the device it holds the pixel params of each view.
     """
     config = self.config
     # The training views convert only their crops to float (the same values, fewer pixels).
@@ -565,7 +576,8 @@ class _RecordStages:
           for v in range(config.num_views))
       params = tuple(data_util.pixel_params(seeds[v], pixel_augment)
                      for v in range(config.num_views))
-      return (views, tf.one_hot(example['label'], self.num_classes), example['id'], params)
+      return batch(views, tf.one_hot(example['label'], self.num_classes), example['id'],
+                   pixel_params=params)
     if config.is_training:
       seeds = tf.random.experimental.stateless_split(seed, config.num_views)
       views = tuple(
@@ -581,7 +593,7 @@ class _RecordStages:
           image, config.image_size, config.image_size,
           crop=config.image_size > SMALL_IMAGE_SIZE),)
     # A missing label (-1) one-hots to zeros.
-    return views, tf.one_hot(example['label'], self.num_classes), example['id']
+    return batch(views, tf.one_hot(example['label'], self.num_classes), example['id'])
 
 
 def epoch_batches(pipeline_size, per_replica_batch_size, replicas_per_pipeline):
@@ -760,7 +772,7 @@ def build_input_fn(builder, info, config, num_classes):
 
 
 def build_distributed_dataset(strategy, builder, info, config, num_classes):
-  """A distributed dataset of per-replica `(views, labels, ids)` batches."""
+  """A distributed dataset of per-replica batches (`batch`)."""
   input_fn = build_input_fn(builder, info, config, num_classes)
   return strategy.distribute_datasets_from_function(input_fn)
 

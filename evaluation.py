@@ -35,7 +35,7 @@ class EvalConfig:
 def eval_dataset(strategy, builder, info, split, *, global_batch_size, image_size,
                  num_examples):
   """A non-repeating distributed pipeline of `split` (`num_examples` images) with the eval
-  preprocessing, in batches of a static shape: per-replica `(views, labels, ids, mask)`.
+  preprocessing, in batches of a static shape: per-replica data.batch elements with a 'mask'.
 
   Every replica gets the same number of full batches (so a TPU never sees a dynamic batch and
   every worker runs the same steps): the last ones are padded with all-zero images whose `mask`
@@ -51,9 +51,10 @@ def eval_dataset(strategy, builder, info, split, *, global_batch_size, image_siz
     # tfds.even_splits gives each pipeline at most this many images.
     pipeline_examples = -(-num_examples // input_context.num_input_pipelines)
     steps = max(1, -(-pipeline_examples // (per_replica * replicas)))
-    images = input_fn(input_context).unbatch().map(lambda *x: (*x, True))
+    unpadded = input_fn(input_context).unbatch()
+    images = unpadded.map(lambda x: x | {'mask': True})
     padding = tf.data.Dataset.from_tensors(tf.nest.map_structure(
-        lambda spec: tf.zeros(spec.shape, spec.dtype), images.element_spec[:3]) + (False,))
+        lambda spec: tf.zeros(spec.shape, spec.dtype), unpadded.element_spec) | {'mask': False})
     images = images.concatenate(padding.repeat()).take(steps * replicas * per_replica)
     return images.batch(per_replica, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
 
@@ -69,11 +70,10 @@ class HeadMetrics:
     self.model = model
     self._sums = tf.function(self._batch_sums_replicated)
 
-  def _batch_sums(self, views, labels, ids, mask):
-    del ids
-    logits = self.model(views[0], training=False)['supervised_logits']
-    targets = tf.argmax(labels, 1)
-    weights = tf.cast(mask, tf.float32)
+  def _batch_sums(self, batch):
+    logits = self.model(batch['views'][0], training=False)['supervised_logits']
+    targets = tf.argmax(batch['labels'], 1)
+    weights = tf.cast(batch['mask'], tf.float32)
 
     def correct(k):
       return tf.reduce_sum(weights * tf.cast(tf.math.in_top_k(targets, logits, k), tf.float32))
@@ -82,7 +82,7 @@ class HeadMetrics:
             'count': tf.reduce_sum(weights)}
 
   def _batch_sums_replicated(self, inputs):
-    per_replica = self.strategy.run(self._batch_sums, args=inputs)
+    per_replica = self.strategy.run(self._batch_sums, args=(inputs,))
     return {k: self.strategy.reduce(tf.distribute.ReduceOp.SUM, v, axis=None)
             for k, v in per_replica.items()}
 
@@ -108,11 +108,12 @@ class FeatureExtractor:
     self.model = model
     self._run = tf.function(self._replicated)
 
-  def _replica_features(self, views, labels, ids, mask):
-    return self.model(views[0], training=False)['features'], tf.argmax(labels, 1), ids, mask
+  def _replica_features(self, batch):
+    return (self.model(batch['views'][0], training=False)['features'],
+            tf.argmax(batch['labels'], 1), batch['ids'], batch['mask'])
 
   def _replicated(self, inputs):
-    return self.strategy.run(self._replica_features, args=inputs)
+    return self.strategy.run(self._replica_features, args=(inputs,))
 
   def __call__(self, dataset, with_ids=False):
     """(features, labels), and their ids with `with_ids`."""
@@ -177,21 +178,20 @@ class StreamingKNN:
   def _normalised(self, views):
     return tf.math.l2_normalize(tf.cast(self.embed(views), tf.float32), axis=1)
 
-  def _eval_features(self, views, labels, ids, mask):
-    del ids
+  def _eval_features(self, batch):
     context = tf.distribute.get_replica_context()
     # all_gather takes no booleans.
     return tuple(context.all_gather(x, 0) for x in (
-        self._normalised(views), tf.argmax(labels, 1), tf.cast(mask, tf.int32)))
+        self._normalised(batch['views']), tf.argmax(batch['labels'], 1),
+        tf.cast(batch['mask'], tf.int32)))
 
   def _eval_features_replicated(self, inputs):
-    return self.strategy.run(self._eval_features, args=inputs)
+    return self.strategy.run(self._eval_features, args=(inputs,))
 
-  def _update(self, values, labels, eval_features, views, train_labels, ids, mask):
-    del ids
-    similarities = tf.matmul(eval_features, self._normalised(views), transpose_b=True)
-    similarities = tf.where(mask[tf.newaxis], similarities, -np.inf)
-    return merge_top_k(values, labels, similarities, tf.argmax(train_labels, 1), self.k)
+  def _update(self, values, labels, eval_features, batch):
+    similarities = tf.matmul(eval_features, self._normalised(batch['views']), transpose_b=True)
+    similarities = tf.where(batch['mask'][tf.newaxis], similarities, -np.inf)
+    return merge_top_k(values, labels, similarities, tf.argmax(batch['labels'], 1), self.k)
 
   def _merged(self, values, labels):
     # [n, replicas * k] from every replica of every worker, merged to [n, k].
@@ -199,7 +199,7 @@ class StreamingKNN:
     return values, tf.gather(self.strategy.gather(labels, axis=1), index, batch_dims=1)
 
   def _update_replicated(self, values, labels, eval_features, inputs):
-    return self.strategy.run(self._update, args=(values, labels, eval_features, *inputs))
+    return self.strategy.run(self._update, args=(values, labels, eval_features, inputs))
 
   def gather_eval_features(self, eval_data):
     """(features [n_eval, D], labels [n_eval]) of the whole eval split, on this host (every

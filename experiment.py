@@ -251,15 +251,17 @@ def train_and_evaluate(config, setup, model):
                      f'the {initial_step} this run in --model_dir={config.model_dir!r} has '
                      'trained; give its length or longer')
   summary_writer = _summary_writer(config, setup)
+  # The run's one training input: the pipeline and the step's augmentations both come from it.
+  input_config = train_input_config(config, initial_step, setup.augment_on, setup.info.grey)
   trainer = trainer_lib.Trainer(
       strategy, model, optimizer, objective=objective,
       weight_decay=config.optimizer.weight_decay, jit_compile=setup.jit_compile,
-      pixel_augment=train_input_config(config, initial_step, setup.augment_on,
-                                       setup.info.grey).pixel_augment())
+      pixel_augment=input_config.pixel_augment())
   results = {}
   evaluator = _evaluator(config, setup, model, summary_writer)
   if initial_step < setup.total_steps:
-    results.update(_train_and_monitor(config, setup, trainer, manager, summary_writer,
+    results.update(_train_and_monitor(config, setup, input_config, trainer, manager,
+                                      summary_writer,
                                       learning_rate, evaluator))
   else:  # a finished run, rerun: evaluated again; its train_seconds stays in its results
     logging.info('Already trained to step %d; evaluating only.', initial_step)
@@ -300,15 +302,16 @@ def _training_state(config, setup, model):
   return optimizer, learning_rate, objective, manager
 
 
-def _train_and_monitor(config, setup, trainer, manager, summary_writer, learning_rate,
-                       evaluator):
+def _train_and_monitor(config, setup, input_config, trainer, manager, summary_writer,
+                       learning_rate, evaluator):
   """Trains to the last step, evaluating while training if asked; returns the results of it
   (train_seconds, the monitor's evaluations). A run that diverges leaves the run's record of
   its flags as it was and marks its start in the history as diverged."""
   monitored = []
   with run_record.kept_on_divergence(config.model_dir, setup.chief,
                                      lambda: int(trainer.optimizer.iterations.numpy())):
-    seconds = _train(config, setup, trainer, manager, summary_writer, learning_rate,
+    seconds = _train(config, setup, input_config, trainer, manager, summary_writer,
+                     learning_rate,
                      _monitor(config, setup, evaluator, monitored))
   results = {'train_seconds': round(seconds, 1)}
   if monitored:
@@ -358,15 +361,16 @@ def _monitor(config, setup, evaluator, monitored):
   return on_eval
 
 
-def _train(config, setup, trainer, manager, summary_writer, learning_rate, on_eval=None):
-  """The outer training loop over the resumed input pipeline; returns the seconds spent."""
+def _train(config, setup, input_config, trainer, manager, summary_writer, learning_rate,
+           on_eval=None):
+  """The outer training loop over the resumed input pipeline (`input_config`, at the step
+  the trainer resumed at); returns the seconds spent."""
   initial_step = int(trainer.optimizer.iterations.numpy())
+  assert input_config.initial_step == initial_step, (input_config.initial_step, initial_step)
   if setup.chief:
-    write_view_pairs(config, setup, summary_writer, initial_step)
-  dataset = data_lib.build_distributed_dataset(
-      setup.strategy, setup.builder, setup.info,
-      train_input_config(config, initial_step, setup.augment_on, setup.info.grey),
-      setup.info.num_classes)
+    write_view_pairs(setup, input_config, summary_writer, initial_step)
+  dataset = data_lib.build_distributed_dataset(setup.strategy, setup.builder, setup.info,
+                                               input_config, setup.info.num_classes)
   logging.info('Training %s from step %d to %d (%d steps/epoch, warm-up %d steps).',
                config.train_mode, initial_step, setup.total_steps, setup.steps_per_epoch,
                setup.warmup_steps)
@@ -391,20 +395,20 @@ def _train(config, setup, trainer, manager, summary_writer, learning_rate, on_ev
 VIEW_PAIRS = 4  # images shown by write_view_pairs
 
 
-def write_view_pairs(config, setup, summary_writer, step, num_images=VIEW_PAIRS):
+def write_view_pairs(setup, input_config, summary_writer, step, num_images=VIEW_PAIRS):
   """An image summary train/augmented_views of the first `num_images` training images as the
   step sees them (pretraining: the two views side by side), from a pipeline of their own.
 
   Built before the training pipeline, whose construction resets the global seed: this leaves
   the training data and every later random draw unchanged.
   """
-  # No shuffle buffer to fill, no cache filled only in part: a few records read, no more.
-  input_config = dataclasses.replace(train_input_config(config, step, grey=setup.info.grey),
-                                     global_batch_size=num_images, shuffle_buffer=1,
-                                     cache_dataset=False)
+  # No shuffle buffer to fill, no cache filled only in part: a few records read, no more. The
+  # host applies every augmentation, so the images are the pixels the step sees.
+  input_config = dataclasses.replace(input_config, global_batch_size=num_images,
+                                     shuffle_buffer=1, cache_dataset=False, augment_on='host')
   dataset = data_lib.build_input_fn(setup.builder, setup.info, input_config,
                                     setup.info.num_classes)(tf.distribute.InputContext())
-  views, _, _ = next(iter(dataset))
+  views = next(iter(dataset))['views']
   with summary_writer.as_default(step=step):
     tf.summary.image('train/augmented_views', tf.concat(views, 2), max_outputs=num_images)
 

@@ -56,8 +56,9 @@ def _sample_images(builder, info, split, ids, size):
   position = {int(i): n for n, i in enumerate(ids)}
   images = np.zeros((len(ids), size, size, 3), np.uint8)
   labels = np.zeros(len(ids), np.int64)
-  for views, one_hot, batch_ids in dataset:
-    for image, label, record_id in zip(views[0].numpy(), one_hot.numpy(), batch_ids.numpy()):
+  for batch in dataset:
+    for image, label, record_id in zip(batch['views'][0].numpy(), batch['labels'].numpy(),
+                                       batch['ids'].numpy()):
       n = position.get(int(record_id))
       if n is not None:
         images[n] = np.round(np.clip(image, 0, 1) * 255).astype(np.uint8)

@@ -139,15 +139,15 @@ class Trainer:
         tf.argmax(logits, 1), tf.argmax(repeated_labels, 1)), tf.float32))
     return supervised
 
-  def train_step(self, views, labels, ids, pixel_params=None):
-    """One per-replica step; returns a dict of scalar metrics (means over the local batch).
-
-    pixel_params: per view [b, NUM_PARAMS], when the pipeline leaves color distortion and blur
-    to the step (`pixel_augment`).
-    """
+  def train_step(self, batch):
+    """One per-replica step on `batch` (data.batch: views, labels, ids and, when the pipeline
+    leaves color distortion and blur to the step (`pixel_augment`), each view's pixel_params);
+    returns a dict of scalar metrics (means over the local batch)."""
+    views, labels, ids = batch['views'], batch['labels'], batch['ids']
     images = tf.concat(views, 0)
     if self.pixel_augment is not None:
-      images = data_util.distort_batch(images, tf.concat(pixel_params, 0), self.pixel_augment)
+      images = data_util.distort_batch(images, tf.concat(batch['pixel_params'], 0),
+                                       self.pixel_augment)
     metrics = {}
     with tf.GradientTape() as tape:
       outputs = self.model(images, training=True)
@@ -177,7 +177,7 @@ class Trainer:
     return metrics
 
   def _replicated_step(self, iterator):
-    per_replica = self.strategy.run(self._step, args=next(iterator))
+    per_replica = self.strategy.run(self._step, args=(next(iterator),))
     return {k: self.strategy.reduce(tf.distribute.ReduceOp.MEAN, v, axis=None)
             for k, v in per_replica.items()}
 

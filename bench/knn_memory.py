@@ -30,8 +30,8 @@ def peak_rss_mb():
 
 
 def synthetic_dataset(tf, num_examples, dim, batch, seed):
-  """Batches (views, one-hot labels, ids, mask) of clustered random features, padded to whole
-  batches, made on the fly (nothing of the split's size is ever held)."""
+  """Batches (data.batch: views, one-hot labels, ids, mask) of clustered random features,
+  padded to whole batches, made on the fly (nothing of the split's size is ever held)."""
   steps = -(-num_examples // batch)
   centers = tf.random.stateless_normal([NUM_CLASSES, dim], [0, 0])
 
@@ -40,7 +40,8 @@ def synthetic_dataset(tf, num_examples, dim, batch, seed):
     labels = tf.random.stateless_uniform([batch], [seed, i], maxval=NUM_CLASSES, dtype=tf.int64)
     noise = tf.random.stateless_normal([batch, dim], [seed, i], stddev=8.0)
     features = tf.gather(centers, labels) + noise
-    return (features,), tf.one_hot(labels, NUM_CLASSES), ids, ids < num_examples
+    return {'views': (features,), 'labels': tf.one_hot(labels, NUM_CLASSES), 'ids': ids,
+            'mask': ids < num_examples}
 
   return tf.data.Dataset.range(steps).map(chunk)
 
@@ -69,9 +70,10 @@ def measure(method, train_size, eval_size, dim, k, batch):
     def host_features(size, seed):
       # As FeatureExtractor did: every batch's features copied to the host, concatenated.
       features, labels = [], []
-      for (x,), y, _, mask in synthetic_dataset(tf, size, dim, batch, seed):
-        features.append(x.numpy()[mask.numpy()])
-        labels.append(np.argmax(y.numpy(), 1)[mask.numpy()])
+      for element in synthetic_dataset(tf, size, dim, batch, seed):
+        mask = element['mask'].numpy()
+        features.append(element['views'][0].numpy()[mask])
+        labels.append(np.argmax(element['labels'].numpy(), 1)[mask])
       return np.concatenate(features), np.concatenate(labels)
 
     top_1 = probe.knn_accuracy(*host_features(train_size, 1), *host_features(eval_size, 2), k=k,

@@ -167,8 +167,9 @@ def step_rates(args):
   ids = tf.range(batch)
   rates = {}
   for name, pixel_augment, element in (
-      ('step + device augmentations', augment, (views, labels, ids, params)),
-      ('step alone', None, (views, labels, ids))):
+      ('step + device augmentations', augment,
+       {'views': views, 'labels': labels, 'ids': ids, 'pixel_params': params}),
+      ('step alone', None, {'views': views, 'labels': labels, 'ids': ids})):
     with strategy.scope():
       model = model_lib.build_model(model_lib.ModelConfig(
           resnet_depth=args.resnet_depth, width_multiplier=args.width_multiplier,

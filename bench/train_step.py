@@ -154,7 +154,7 @@ def model_config(spec, num_classes):
 
 
 def synthetic_iterator(strategy, spec, num_classes, num_examples, seed):
-  """Per-replica `(views, labels, ids)` from 4 random in-memory batches, repeated: the input
+  """Per-replica batches (data.batch) from 4 random in-memory batches, repeated: the input
   pipeline costs nothing. Ids walk the u table, distinct within a batch."""
   rng = np.random.default_rng(seed)
   count = 4 * spec.batch_size
@@ -169,7 +169,7 @@ def synthetic_iterator(strategy, spec, num_classes, num_examples, seed):
     return tf.cast((step * batch + tf.range(batch, dtype=tf.int64)) % num_examples, tf.int32)
 
   def flatten(images_labels, ids):
-    return images_labels[0], images_labels[1], ids
+    return {'views': images_labels[0], 'labels': images_labels[1], 'ids': ids}
 
   ids = tf.data.Dataset.range(2**62).map(step_ids)
   dataset = tf.data.Dataset.zip(images, ids).map(flatten).prefetch(2)

@@ -45,7 +45,8 @@ def read_eval(builder, info, split='train', pipelines=1):
     context = tf.distribute.InputContext(num_input_pipelines=pipelines,
                                          input_pipeline_id=pipeline,
                                          num_replicas_in_sync=pipelines)
-    for views, labels, ids in data.build_input_fn(builder, info, config, 3)(context):
+    for batch in data.build_input_fn(builder, info, config, 3)(context):
+      views, labels, ids = batch['views'], batch['labels'], batch['ids']
       pixels = np.round(views[0].numpy()[:, 0, 0, 0] * 255).astype(int)
       seen += list(zip(ids.numpy().tolist(), pixels.tolist(), np.argmax(labels, 1).tolist(),
                     strict=True))
@@ -100,7 +101,8 @@ def test_training_epoch_yields_each_id_once_with_two_distinct_views(plain):
                             use_blur=False, deterministic=True)
   dataset = data.build_input_fn(plain, info, config, 3)(tf.distribute.InputContext())
   ids = []
-  for views, labels, batch_ids in dataset.take(NUM_TRAIN // 6):
+  for batch in dataset.take(NUM_TRAIN // 6):
+    views, labels, batch_ids = batch['views'], batch['labels'], batch['ids']
     assert len(views) == 2 and views[0].shape == (6, 4, 4, 3) and labels.shape == (6, 3)
     assert 0.0 <= float(tf.reduce_min(views[0])) and float(tf.reduce_max(views[1])) <= 1.0
     ids += batch_ids.numpy().tolist()
@@ -110,8 +112,8 @@ def test_training_epoch_yields_each_id_once_with_two_distinct_views(plain):
       split='train', global_batch_size=6, image_size=4, is_training=True, use_blur=False,
       deterministic=True, initial_step=2), 3)(tf.distribute.InputContext())
   for a, b in zip(dataset.skip(2).take(5), resumed.take(5), strict=True):
-    np.testing.assert_array_equal(a[2], b[2])
-    np.testing.assert_allclose(a[0][0], b[0][0])
+    np.testing.assert_array_equal(a['ids'], b['ids'])
+    np.testing.assert_allclose(a['views'][0], b['views'][0])
 
 
 def test_epoch_batches_count_whole_steps_of_the_pipelines_replicas():
@@ -157,8 +159,8 @@ def test_resumed_pipeline_continues_the_uninterrupted_one(plain, replicas, initi
   skipped = initial_step * replicas
   for a, b in zip(batches(0).skip(skipped).take(8), batches(initial_step).take(8),
                   strict=True):
-    np.testing.assert_array_equal(a[2], b[2])
-    np.testing.assert_array_equal(a[0][1], b[0][1])
+    np.testing.assert_array_equal(a['ids'], b['ids'])
+    np.testing.assert_array_equal(a['views'][1], b['views'][1])
 
 
 def test_training_order_depends_on_the_config_seed_not_the_global_seed(plain):
@@ -168,7 +170,7 @@ def test_training_order_depends_on_the_config_seed_not_the_global_seed(plain):
     config = data.InputConfig(split='train', global_batch_size=6, image_size=4,
                               is_training=True, use_blur=False, deterministic=True, seed=seed)
     dataset = data.build_input_fn(plain, info, config, 3)(tf.distribute.InputContext())
-    return [ids.numpy().tolist() for _, _, ids in dataset.take(3)]
+    return [batch['ids'].numpy().tolist() for batch in dataset.take(3)]
 
   try:
     # A global seed of 0 once made tf.data reject the pipeline's tensor shuffle seeds.
@@ -192,8 +194,8 @@ def test_random_flip_flag_mirrors_about_half_the_views_or_none(tmp_path, random_
   config = data.InputConfig(split='train', global_batch_size=32, image_size=4, is_training=True,
                             color_distort=False, crop_area_min=1.0, random_flip=random_flip,
                             use_blur=False)
-  views, _, _ = next(iter(data.build_input_fn(builder, info, config, 3)(
-      tf.distribute.InputContext())))
+  views = next(iter(data.build_input_fn(builder, info, config, 3)(
+      tf.distribute.InputContext())))['views']
   columns = np.concatenate([v.numpy() for v in views]).mean(axis=(1, 3))  # [64, 4]
   mirrored = columns[:, 3] > columns[:, 0]
   if random_flip:
@@ -261,9 +263,9 @@ def test_dataset_without_labels_is_an_error_only_when_labels_are_needed(tmp_path
     data.build_input_fn(builder, info, config, 3)
   config = data.InputConfig(split='train', global_batch_size=4, image_size=4, is_training=True,
                             use_blur=False, labels_required=False)
-  views, labels, ids = next(iter(data.build_input_fn(builder, info, config, 3)(
+  batch = next(iter(data.build_input_fn(builder, info, config, 3)(
       tf.distribute.InputContext())))
-  assert not labels.numpy().any() and len(set(ids.numpy())) == 4
+  assert not batch['labels'].numpy().any() and len(set(batch['ids'].numpy())) == 4
 
 
 def test_undecodable_image_stops_the_run_naming_the_record(tmp_path):
@@ -298,9 +300,11 @@ def test_training_batches_are_static_per_replica_halves_of_the_global_batch(two_
   # Fully defined shapes (TPUs compile the step for them): the remainder of an epoch is dropped.
   per_replica = tf.nest.flatten(dataset.element_spec, expand_composites=True)
   assert len(per_replica) == 2 * 4  # (view 1, view 2, labels, ids) on each replica
+  assert set(dataset.element_spec) == {'views', 'labels', 'ids'}
   for spec in per_replica:
     assert spec.shape.is_fully_defined() and spec.shape[0] == 16, spec
-  views, labels, ids = next(iter(dataset))
+  batch = next(iter(dataset))
+  views, labels, ids = batch['views'], batch['labels'], batch['ids']
   for tensors in (views[0], views[1], labels, ids):
     assert [t.shape[0] for t in two_replicas.experimental_local_results(tensors)] == [16, 16]
   # The two replicas hold different images: one global batch of 32 distinct ids.
@@ -320,9 +324,10 @@ def test_labels_are_checked_only_when_something_needs_them(tmp_path):
   assert '[label] [-1]' in line
   config = data.InputConfig(split='train', global_batch_size=4, image_size=4, is_training=True,
                             use_blur=False, labels_required=False)
-  views, labels, ids = next(iter(data.build_input_fn(builder, info, config, 3)(
+  batch = next(iter(data.build_input_fn(builder, info, config, 3)(
       tf.distribute.InputContext())))
-  assert labels.shape == (4, 3) and not labels.numpy().any() and len(set(ids.numpy())) == 4
+  assert batch['labels'].shape == (4, 3) and not batch['labels'].numpy().any()
+  assert len(set(batch['ids'].numpy())) == 4
 
 
 @pytest.mark.slow
@@ -343,7 +348,7 @@ def test_an_id_shared_by_two_records_stops_training_naming_it_and_a_record(tmp_p
   # Distinct ids pass the check epoch after epoch (4 batches of 8 per epoch: 3 epochs here).
   info = data.describe(plain, 'train', 'test')
   config = dataclasses.replace(config, unique_ids=True)
-  epochs = [b[2].numpy() for b in data.build_input_fn(plain, info, config, 3)(
+  epochs = [b['ids'].numpy() for b in data.build_input_fn(plain, info, config, 3)(
       tf.distribute.InputContext()).take(12)]
   for epoch in range(3):
     assert len(set(np.concatenate(epochs[4 * epoch:4 * epoch + 4]))) == 32
@@ -362,7 +367,7 @@ def test_a_slice_of_an_image_id_split_keeps_the_ids_of_the_whole_split(tmp_path)
   assert all(i == reverse(pixel) for i, pixel, _ in seen)  # each record keeps its own id
   config = data.InputConfig(split='train[:50%]', global_batch_size=6, image_size=4,
                             is_training=True, use_blur=False, unique_ids=True)
-  ids = np.concatenate([b[2].numpy() for b in data.build_input_fn(builder, info, config, 3)(
+  ids = np.concatenate([b['ids'].numpy() for b in data.build_input_fn(builder, info, config, 3)(
       tf.distribute.InputContext()).take(3)])
   assert len(set(ids)) == 18 and set(ids) <= {reverse(p) for _, p, _ in seen}
   # Derived ids are the slice's own, dense; a union of splits derives them too (its splits'
@@ -411,8 +416,9 @@ def test_host_augmentation_keeps_the_views_of_the_code_before_it_could_run_on_th
   # One shard: its order is that of before, so the published runs (the demo) stay valid.
   batches = training_batches(noise_dataset(str(tmp_path)), 3)
   for batch, (ids, sums) in zip(batches, HOST_VIEWS_BEFORE_ISSUE_16, strict=True):
-    assert batch[2].tolist() == ids
-    np.testing.assert_allclose([np.sum(v, dtype=np.float64) for v in batch[0]], sums, rtol=1e-6)
+    assert batch['ids'].tolist() == ids
+    np.testing.assert_allclose([np.sum(v, dtype=np.float64) for v in batch['views']], sums,
+                               rtol=1e-6)
 
 
 @pytest.mark.parametrize('overrides', [{}, {'color_jitter_strength': 0.5, 'random_flip': False}])
@@ -424,12 +430,13 @@ def test_device_augmentation_gives_the_host_views_within_round_off(tmp_path, ove
                              is_training=True, augment_on='device', **overrides).pixel_augment()
   assert augment.blur and augment.color_distort
   for host_batch, device_batch in zip(host, device, strict=True):
-    views, labels, ids, params = device_batch
-    np.testing.assert_array_equal(ids, host_batch[2])
-    np.testing.assert_array_equal(labels, host_batch[1])
+    views, params = device_batch['views'], device_batch['pixel_params']
+    assert 'pixel_params' not in host_batch
+    np.testing.assert_array_equal(device_batch['ids'], host_batch['ids'])
+    np.testing.assert_array_equal(device_batch['labels'], host_batch['labels'])
     assert len(params) == 2 and params[0].shape == (4, data_util.NUM_PARAMS)
     assert views[0].max() > 2  # uint8 scale: the step scales
-    for host_view, view, view_params in zip(host_batch[0], views, params, strict=True):
+    for host_view, view, view_params in zip(host_batch['views'], views, params, strict=True):
       np.testing.assert_allclose(data_util.distort_batch(view, view_params, augment), host_view,
                                  atol=1e-4)
 
@@ -444,13 +451,13 @@ def test_evaluation_views_are_the_same_unaugmented_ones_with_augment_on_device(t
     assert config.pixel_augment() is None
     elements.append(next(iter(data.build_input_fn(builder, info, config, 3)(
         tf.distribute.InputContext()))))
-  assert len(elements[1]) == 3  # no pixel parameters: nothing left for the step to do
-  np.testing.assert_array_equal(elements[0][0][0], elements[1][0][0])
+  assert set(elements[1]) == {'views', 'labels', 'ids'}  # nothing left for the step to do
+  np.testing.assert_array_equal(elements[0]['views'][0], elements[1]['views'][0])
   images = [tf.io.decode_png(ex['image']) for ex in
             builder.as_dataset(split='test', shuffle_files=False,
                                decoders={'image': tfds.decode.SkipDecoding()}).take(5)]
   expected = np.stack([data_util.preprocess_for_eval(im, 32, 32, crop=False) for im in images])
-  np.testing.assert_array_equal(elements[1][0][0], expected)
+  np.testing.assert_array_equal(elements[1]['views'][0], expected)
 
 
 def test_each_epoch_reads_the_shards_in_an_order_drawn_from_seed_and_epoch(plain):
@@ -464,7 +471,7 @@ def test_each_epoch_reads_the_shards_in_an_order_drawn_from_seed_and_epoch(plain
                               is_training=True, use_blur=False, deterministic=True, seed=seed,
                               shuffle_buffer=1, initial_step=initial_step)
     dataset = data.build_input_fn(plain, info, config, 3)(tf.distribute.InputContext())
-    ids = [int(batch[2][0]) for batch in dataset.take(4 * NUM_TRAIN - initial_step)]
+    ids = [int(batch['ids'][0]) for batch in dataset.take(4 * NUM_TRAIN - initial_step)]
     return [ids[max(0, e * NUM_TRAIN - initial_step):(e + 1) * NUM_TRAIN - initial_step]
             for e in range(4)]
 

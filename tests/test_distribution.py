@@ -450,10 +450,10 @@ def eager_features(model, data_dir, split):
   config = data_lib.InputConfig(split=split, global_batch_size=100, image_size=16,
                                 is_training=False, num_views=1)
   features, labels = [], []
-  for views, one_hot, _ in data_lib.build_input_fn(builder, info, config, 10)(
+  for batch in data_lib.build_input_fn(builder, info, config, 10)(
       tf.distribute.InputContext()):
-    features.append(model(views[0], training=False)['features'].numpy())
-    labels.append(np.argmax(one_hot.numpy(), 1))
+    features.append(model(batch['views'][0], training=False)['features'].numpy())
+    labels.append(np.argmax(batch['labels'].numpy(), 1))
   return np.concatenate(features), np.concatenate(labels)
 
 

@@ -57,11 +57,11 @@ def eager_outputs(model, digits, split):
   dataset = data_lib.build_input_fn(builder, info, config, info.num_classes)(
       tf.distribute.InputContext())
   features, logits, labels = [], [], []
-  for views, one_hot, _ in dataset:
-    outputs = model(views[0], training=False)
+  for batch in dataset:
+    outputs = model(batch['views'][0], training=False)
     features.append(outputs['features'].numpy())
     logits.append(outputs['supervised_logits'].numpy())
-    labels.append(np.argmax(one_hot.numpy(), 1))
+    labels.append(np.argmax(batch['labels'].numpy(), 1))
   return np.concatenate(features), np.concatenate(logits), np.concatenate(labels)
 
 
@@ -125,7 +125,8 @@ def test_eval_batches_have_a_static_shape_and_cover_the_split_once(two_replicas,
   specs = tf.nest.flatten(dataset.element_spec, expand_composites=True)
   assert specs and all(spec.shape[0] == 56 for spec in specs), specs
   counts, seen = [], []
-  for _, _, ids, mask in dataset:
+  for batch in dataset:
+    ids, mask = batch['ids'], batch['mask']
     local = [(i.numpy(), m.numpy()) for i, m in zip(
         two_replicas.experimental_local_results(ids),
         two_replicas.experimental_local_results(mask))]
@@ -203,10 +204,10 @@ def test_streaming_knn_equals_numpy_knn_on_random_features(one_replica, two_repl
       per_replica = context.get_per_replica_batch_size(batch)
       steps = -(-len(x) // batch)
       padded = steps * batch - len(x)
-      d = tf.data.Dataset.from_tensor_slices((
+      d = tf.data.Dataset.from_tensor_slices(data_lib.batch(
           (np.concatenate([x, np.zeros((padded, 8), np.float32)]),),
           np.eye(5, dtype=np.float32)[np.concatenate([y, np.zeros(padded, int)])],
-          np.arange(steps * batch), np.arange(steps * batch) < len(x)))
+          np.arange(steps * batch), mask=np.arange(steps * batch) < len(x)))
       return d.batch(per_replica, drop_remainder=True)
     return strategy.distribute_datasets_from_function(input_fn)
 

@@ -78,9 +78,9 @@ def head_top_1(model, data_dir, split='test'):
   dataset = data_lib.build_input_fn(builder, info, config, info.num_classes)(
       tf.distribute.InputContext())
   correct = count = 0
-  for views, one_hot, _ in dataset:
-    logits = model(views[0], training=False)['supervised_logits'].numpy()
-    correct += int(np.sum(np.argmax(logits, 1) == np.argmax(one_hot.numpy(), 1)))
+  for batch in dataset:
+    logits = model(batch['views'][0], training=False)['supervised_logits'].numpy()
+    correct += int(np.sum(np.argmax(logits, 1) == np.argmax(batch['labels'].numpy(), 1)))
     count += len(logits)
   assert count == info.num_eval_examples
   return correct / count

@@ -222,6 +222,6 @@ def test_tfds_own_imagenet2012_layout_gets_ids_derived_from_record_ids(tmp_path,
   assert info.id_key == '' and info.image_key == 'image' and info.num_train_examples == 24
   config = data.InputConfig(split='train', global_batch_size=8, image_size=16, is_training=True,
                             use_blur=False)
-  ids = [i for _, _, batch in data.build_input_fn(builder, info, config, 100)(
-      tf.distribute.InputContext()).take(3) for i in batch.numpy()]
+  ids = [i for batch in data.build_input_fn(builder, info, config, 100)(
+      tf.distribute.InputContext()).take(3) for i in batch['ids'].numpy()]
   assert sorted(ids) == list(range(24))

@@ -37,8 +37,9 @@ def _images_by_id(builder, info, split):
                                 is_training=False, num_views=1)
   dataset = data_lib.build_input_fn(builder, info, config, info.num_classes)(
       tf.distribute.InputContext())
-  return {int(i): (image, int(np.argmax(label))) for views, labels, ids in dataset
-          for image, label, i in zip(views[0].numpy(), labels.numpy(), ids.numpy())}
+  return {int(i): (image, int(np.argmax(label))) for batch in dataset
+          for image, label, i in zip(batch['views'][0].numpy(), batch['labels'].numpy(),
+                                     batch['ids'].numpy())}
 
 
 def test_each_evaluation_writes_an_embedding_whose_rows_match_metadata_and_sprite(

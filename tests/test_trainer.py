@@ -13,6 +13,7 @@ import pytest
 import tensorflow as tf
 
 import checkpoints
+import data as data_lib
 import data_util
 import lars_optimizer
 import model as model_lib
@@ -62,7 +63,8 @@ def test_two_replica_train_steps_equal_one_replica(mode, one_replica, two_replic
   for replicas, strategy in ((1, one_replica), (2, two_replicas)):
     trainer, initial_weights = lars_trainer(strategy, config, mode, initial_weights)
     model, sogclr = trainer.model, trainer.objective
-    dataset = tf.data.Dataset.from_tensor_slices((views, labels, ids)).batch(global_batch)
+    dataset = tf.data.Dataset.from_tensor_slices(data_lib.batch(views, labels, ids)).batch(
+        global_batch)
     iterator = iter(strategy.experimental_distribute_dataset(dataset))
     first = trainer.train_loop(iterator, 1)
     after_first = [v.numpy() for v in model.variables]
@@ -132,8 +134,8 @@ def test_traced_train_loop_has_no_host_calls(two_replicas, tiny_model_config):
   trainer = trainer_lib.Trainer(two_replicas, model, optimizer, objective=sogclr,
                                 weight_decay=1e-4)
   views = (np.zeros([64, 16, 16, 3], np.float32),) * 2
-  dataset = tf.data.Dataset.from_tensor_slices(
-      (views, np.zeros([64, 10], np.float32), np.arange(64, dtype=np.int32))).batch(
+  dataset = tf.data.Dataset.from_tensor_slices(data_lib.batch(
+      views, np.zeros([64, 10], np.float32), np.arange(64, dtype=np.int32))).batch(
           8, drop_remainder=True)
   iterator = iter(two_replicas.experimental_distribute_dataset(dataset))
   concrete = trainer._loop.get_concrete_function(  # pylint: disable=protected-access
@@ -209,9 +211,9 @@ def tiny_training(one_replica, tiny_model_config):
     for variable, value in zip((*model.variables, *optimizer.variables), initial, strict=True):
       variable.assign(value)
     labels = np.eye(10, dtype=np.float32)[np.random.default_rng(0).integers(0, 10, len(images))]
-    dataset = tf.data.Dataset.from_tensor_slices(
-        ((images,), labels, np.arange(len(images), dtype=np.int32))).batch(8,
-                                                                           drop_remainder=True)
+    dataset = tf.data.Dataset.from_tensor_slices(data_lib.batch(
+        (images,), labels, np.arange(len(images), dtype=np.int32))).batch(8,
+                                                                          drop_remainder=True)
     return trainer, iter(strategy.experimental_distribute_dataset(dataset)), learning_rate
 
   return start
@@ -520,7 +522,7 @@ def test_xla_compiled_train_step_equals_the_plain_step(loss, one_replica, tiny_m
     trainer, initial_weights = lars_trainer(one_replica, tiny_model_config(), loss,
                                             initial_weights, jit_compile=jit)
     model, sogclr = trainer.model, trainer.objective
-    dataset = tf.data.Dataset.from_tensor_slices((views, labels, ids)).batch(8)
+    dataset = tf.data.Dataset.from_tensor_slices(data_lib.batch(views, labels, ids)).batch(8)
     metrics = trainer.train_loop(iter(one_replica.experimental_distribute_dataset(dataset)), 2)
     final[jit] = ({k: float(v) for k, v in metrics.items()},
                   [v.numpy() for v in model.variables],
@@ -549,8 +551,9 @@ def test_xla_compiled_step_with_device_augmentations_equals_the_plain_step_and_t
   # The same batch augmented beforehand, as the host path hands it to the step.
   views = tuple(data_util.distort_batch(c, p, augment).numpy()
                 for c, p in zip(crops, params, strict=True))
-  runs = {'host': (views, labels, ids), 'device': (crops, labels, ids, params),
-          'device, XLA': (crops, labels, ids, params)}
+  runs = {'host': data_lib.batch(views, labels, ids),
+          'device': data_lib.batch(crops, labels, ids, pixel_params=params),
+          'device, XLA': data_lib.batch(crops, labels, ids, pixel_params=params)}
   initial_weights, final = None, {}
   for name, element in runs.items():
     trainer, initial_weights = lars_trainer(
