@@ -26,6 +26,7 @@ import tensorflow_datasets as tfds
 import data_util
 import fashion_mnist
 import imagenet  # noqa: F401  (registers the imagenet1k_ids and imagenet_s builders)
+import schema
 
 
 def batch(views, labels, ids, **optional):
@@ -102,14 +103,18 @@ class Digits(tfds.core.GeneratorBasedBuilder):
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
   """A run's data: which dataset and splits, image size, and the training augmentations."""
-  dataset: str = 'imagenet2012'  # 'name[/config][:version]' prepared under data_dir
-  data_dir: str | None = None    # None: TFDS's own (~/tensorflow_datasets)
-  train_split: str = 'train'
-  eval_split: str = 'validation'
-  num_classes: int = 0           # 0: read from the dataset
-  label_offset: int = 0          # subtracted from the records' labels (1: labels 1..K)
+  # 'name[/config][:version]' prepared under data_dir
+  dataset: str = schema.setting('imagenet2012', defines_run=True, eval_inherits=True)
+  # None: TFDS's own (~/tensorflow_datasets)
+  data_dir: str | None = schema.setting(None, eval_inherits=True)
+  train_split: str = schema.setting('train', defines_run=True, eval_inherits=True)
+  eval_split: str = schema.setting('validation', eval_inherits=True)
+  # 0: read from the dataset
+  num_classes: int = schema.setting(0, defines_run=True, eval_inherits=True)
+  # subtracted from the records' labels (1: labels 1..K)
+  label_offset: int = schema.setting(0, eval_inherits=True)
   fashion_mnist_dir: str | None = None  # idx files of fashion_mnist (None: Debian's folder)
-  image_size: int = 224
+  image_size: int = schema.setting(224, architecture=True)
   shuffle_buffer: int = 50_000
   cache_dataset: bool = False
   color_jitter_strength: float = 1.0

@@ -13,6 +13,8 @@ import time
 from absl import logging
 import tensorflow as tf
 
+import schema
+
 
 @dataclasses.dataclass(frozen=True)
 class DistributionConfig:
@@ -22,7 +24,8 @@ class DistributionConfig:
   tpu_zone: str | None = None
   gcp_project: str | None = None
   master: str | None = None
-  mixed_precision: str = 'auto'  # 'auto' | 'float32' | 'bfloat16' | 'float16'
+  # 'auto' | 'float32' | 'bfloat16' | 'float16'
+  mixed_precision: str = schema.setting('auto', eval_inherits=True)
   jit_compile: str = 'auto'      # 'auto' | 'true' | 'false'
   # Seconds to wait at start-up for TF_CONFIG's other tasks or a TPU to answer (0: forever).
   startup_timeout_seconds: float = 900

@@ -21,6 +21,7 @@ import model as model_lib
 import objective as objective_lib
 import run_lock
 import run_record
+import schema
 import trainer as trainer_lib
 
 
@@ -32,7 +33,8 @@ class Config:
   """
   model_dir: str
   mode: str = 'train'  # 'train' | 'eval' | 'train_then_eval'
-  train_mode: str = 'pretrain'  # 'pretrain' | 'finetune'
+  # 'pretrain' | 'finetune'
+  train_mode: str = schema.setting('pretrain', defines_run=True, eval_inherits=True)
   checkpoint: str | None = None  # another run's checkpoint or export to initialize from
   start_over: bool = False  # train from step 0 over unreadable checkpoints (moved aside)
   allow_flag_changes: tuple = ()  # run-defining flags that may differ from the recorded run's

@@ -4,28 +4,30 @@ import dataclasses
 import tensorflow as tf
 
 import resnet
+import schema
 
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
   """Architecture of the network; `run.py` fills it from flags."""
-  resnet_depth: int = 50
-  width_multiplier: float = 1.0
+  resnet_depth: int = schema.setting(50, architecture=True)
+  width_multiplier: float = schema.setting(1.0, architecture=True)
   cifar_stem: bool = False
-  sk_ratio: float = 0.0
-  se_ratio: float = 0.0
+  sk_ratio: float = schema.setting(0.0, architecture=True)
+  se_ratio: float = schema.setting(0.0, architecture=True)
   batch_norm_decay: float = 0.9
   global_bn: bool = True
-  proj_head_mode: str = 'nonlinear'   # 'none' | 'linear' | 'nonlinear'
-  num_proj_layers: int = 3
-  proj_out_dim: int = 128
+  # 'none' | 'linear' | 'nonlinear'
+  proj_head_mode: str = schema.setting('nonlinear', architecture=True)
+  num_proj_layers: int = schema.setting(3, architecture=True)
+  proj_out_dim: int = schema.setting(128, architecture=True)
   num_classes: int = 1000
   train_mode: str = 'pretrain'        # 'pretrain' | 'finetune'
-  lineareval_while_pretraining: bool = True
-  ft_proj_selector: int = 0
-  fine_tune_after_block: int = -1
+  lineareval_while_pretraining: bool = schema.setting(True, defines_run=True, eval_inherits=True)
+  ft_proj_selector: int = schema.setting(0, defines_run=True, eval_inherits=True)
+  fine_tune_after_block: int = schema.setting(-1, defines_run=True, eval_inherits=True)
   zero_init_logits_layer: bool = False
-  supervised_head_bn: bool = True
+  supervised_head_bn: bool = schema.setting(True, defines_run=True, eval_inherits=True)
 
   def __post_init__(self):
     if self.proj_head_mode not in ('none', 'linear', 'nonlinear'):

@@ -15,6 +15,8 @@ import math
 import numpy as np
 import tensorflow as tf
 
+import schema
+
 # Subtracted from masked logits: exp() of the result is exactly 0 in float32, unlike -inf it keeps
 # 0 * logit finite in the cross-entropy.
 LARGE_NUM = 1e9
@@ -23,19 +25,22 @@ LARGE_NUM = 1e9
 @dataclasses.dataclass(frozen=True)
 class ObjectiveConfig:
   """The contrastive objective of pretraining: `loss` names an entry of OBJECTIVES, which reads
-  the fields its HYPERPARAMETERS list."""
+  the fields its hyperparameters() name."""
   loss: str = 'sogclr'  # 'sogclr' | 'isogclr' | 'simclr'
-  temperature: float = 0.1  # iSogCLR: every image's initial temperature
-  gamma: float = 0.9
-  gamma_schedule: str = 'constant'  # 'constant' | 'cosine' (SogCLR and iSogCLR)
-  gamma_decay_epochs: int = 0  # cosine: epochs from gamma 1 down to `gamma`
-  hidden_norm: bool = True
+  # iSogCLR: every image's initial temperature
+  temperature: float = schema.setting(0.1, defines_run=True)
+  gamma: float = schema.setting(0.9, defines_run=True)
+  # 'constant' | 'cosine' (SogCLR and iSogCLR)
+  gamma_schedule: str = schema.setting('constant', defines_run=True)
+  # cosine: epochs from gamma 1 down to `gamma`
+  gamma_decay_epochs: int = schema.setting(0, defines_run=True)
+  hidden_norm: bool = schema.setting(True, defines_run=True)
   # iSogCLR's temperature updates (LibAUC's unimodal defaults).
-  isogclr_rho: float = 0.3
-  isogclr_eta: float = 0.01
-  isogclr_beta: float = 0.9
-  isogclr_tau_min: float = 0.05
-  isogclr_tau_max: float = 0.7
+  isogclr_rho: float = schema.setting(0.3, defines_run=True)
+  isogclr_eta: float = schema.setting(0.01, defines_run=True)
+  isogclr_beta: float = schema.setting(0.9, defines_run=True)
+  isogclr_tau_min: float = schema.setting(0.05, defines_run=True)
+  isogclr_tau_max: float = schema.setting(0.7, defines_run=True)
 
   @property
   def objective_class(self):

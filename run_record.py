@@ -18,6 +18,7 @@ import tensorflow as tf
 import checkpoints
 import files
 import objective as objective_lib
+import schema
 
 # -- flags.json and flags_history.jsonl -----------------------------------------------------------
 
@@ -127,24 +128,12 @@ def flags_path(model_dir):
 
 # -- Inheritance: --mode=eval and fine-tuning take the training run's flags ----------------------
 
-# Flags that define the network (and so the checkpoint's variables).
-ARCHITECTURE_FLAGS = ('resnet_depth', 'width_multiplier', 'sk_ratio', 'se_ratio', 'image_size',
-                      'proj_head_mode', 'num_proj_layers', 'proj_out_dim')
-
-
-# Further flags an evaluation depends on: which heads the model has and which variables train
-# (so eval/regularization_loss), the data, the weight decay and the training length (the final
-# step, after which --mode=eval exits).
-EVAL_FLAGS = ('train_mode', 'lineareval_while_pretraining', 'ft_proj_selector',
-              'fine_tune_after_block', 'num_classes', 'label_offset', 'dataset', 'data_dir',
-              'train_split', 'eval_split', 'weight_decay', 'train_batch_size', 'train_epochs',
-              'train_steps', 'mixed_precision', 'supervised_head_bn')
-
-
-def inherit_flags(values, given, path, names=ARCHITECTURE_FLAGS):
+def inherit_flags(values, given, path, names):
   """The flag values (a dict) with the flags `names` not `given` on the command line taken
   from the training run's flags.json in directory `path` (or next to checkpoint prefix `path`;
   an export holds one), so fine-tuning needs only --checkpoint and --mode=eval only --model_dir.
+  Fine-tuning inherits schema.architecture(Config), --mode=eval schema.inherited_by_eval(Config)
+  (what an evaluation depends on: the heads, the data, the weight decay, the final step).
   """
   trained, flags_file = read_flags(path)
   if trained is None:
@@ -159,16 +148,11 @@ def inherit_flags(values, given, path, names=ARCHITECTURE_FLAGS):
 
 # -- The identity check on resume -----------------------------------------------------------------
 
-# Flags whose change makes a resumed run another run (its data order, objective or network);
-# changing one on resume is an error unless allowed by name (allow_flag_changes).
-RUN_DEFINING_FLAGS = (
-    'resolved_loss', 'temperature', 'gamma', 'gamma_schedule', 'gamma_decay_epochs',
-    'isogclr_rho', 'isogclr_eta', 'isogclr_beta', 'isogclr_tau_min', 'isogclr_tau_max',
-    'hidden_norm', 'train_mode', 'train_batch_size',
-    'seed', 'dataset', 'train_split', 'num_classes', 'image_size', 'resnet_depth',
-    'width_multiplier', 'sk_ratio', 'se_ratio', 'proj_head_mode', 'num_proj_layers',
-    'proj_out_dim', 'lineareval_while_pretraining', 'ft_proj_selector', 'fine_tune_after_block',
-    'supervised_head_bn', 'optimizer', 'learning_rate_scaling')
+def run_defining_flags(config_class):
+  """The flags whose change makes a resumed run another run (its data order, objective or
+  network; declared on the config fields, schema.py) and the loss the aliases resolve to;
+  changing one on resume is an error unless allowed by name (allow_flag_changes)."""
+  return ('resolved_loss', *schema.run_defining(config_class))
 
 
 # The objective's hyperparameters: every ObjectiveConfig field but the loss (its own flag).
@@ -176,27 +160,12 @@ OBJECTIVE_FLAGS = tuple(f.name for f in dataclasses.fields(objective_lib.Objecti
                         if f.name != 'loss')
 
 
-# Where each run-defining flag's value lives in the config (resolved_loss is derived).
-_DEFINING_FIELDS = {
-    **{name: ('objective', name) for name in OBJECTIVE_FLAGS},
-    'train_mode': (None, 'train_mode'),
-    'train_batch_size': ('loop', 'train_batch_size'), 'seed': ('loop', 'seed'),
-    **{name: ('data', name) for name in ('dataset', 'train_split', 'num_classes', 'image_size')},
-    **{name: ('model', name) for name in (
-        'resnet_depth', 'width_multiplier', 'sk_ratio', 'se_ratio', 'proj_head_mode',
-        'num_proj_layers', 'proj_out_dim', 'lineareval_while_pretraining', 'ft_proj_selector',
-        'fine_tune_after_block', 'supervised_head_bn')},
-    'optimizer': ('optimizer', 'name'),
-    'learning_rate_scaling': ('optimizer', 'learning_rate_scaling'),
-}
-
-
 def recorded_values(config):
   """What flags.json records of a run: its flag values (config.flags) and, from the config
   itself, every run-defining value and the resolved loss, so a Config built in a notebook
   (no flags) is recorded and checked on resume like a command line's."""
   values = {name: getattr(config if section is None else getattr(config, section), field)
-            for name, (section, field) in _DEFINING_FIELDS.items()}
+            for name, (section, field) in schema.locations(type(config)).items()}
   return dict(config.flags) | values | {'resolved_loss': _resolved_loss(config)}
 
 
@@ -232,7 +201,8 @@ def check_same_run(config, total_steps):
   allowed = set(config.allow_flag_changes)
   if 'loss' in allowed:
     allowed.add('resolved_loss')
-  defining = {k: v for k, v in changed.items() if k in RUN_DEFINING_FLAGS and k not in allowed}
+  defining = {k: v for k, v in changed.items()
+              if k in run_defining_flags(type(config)) and k not in allowed}
   if defining:
     listed = ', '.join(f'--{"loss" if k == "resolved_loss" else k}={new!r} (was {old!r})'
                        for k, (old, new) in defining.items())
@@ -307,7 +277,8 @@ def hparams_of(config):
   """{name: value} of the run-defining flags (and the length and learning rate), as TensorBoard's
   HParams plugin takes them: bool, int, float or str."""
   record = recorded_values(config)
-  names = (*RUN_DEFINING_FLAGS, 'learning_rate', 'weight_decay', 'train_epochs', 'train_steps')
+  names = (*run_defining_flags(type(config)), 'learning_rate', 'weight_decay', 'train_epochs',
+           'train_steps')
   return {name: record[name] if isinstance(record[name], (bool, int, float, str))
           else str(record[name]) for name in names if name in record}
 

@@ -6,6 +6,7 @@ config the command line would, without absl:
 
   config = settings.config_of(values, given=set(values))   # ValueError names the flag
 """
+import dataclasses
 import math
 import re
 import types
@@ -21,6 +22,7 @@ import model as model_lib
 import objective as objective_lib
 import resnet
 import run_record
+import schema
 import trainer as trainer_lib
 
 
@@ -144,59 +146,31 @@ def _check_ranges(values):
     raise ValueError('--train_epochs=0 trains nothing; give --train_epochs or --train_steps > 0')
 
 
+def _section(config_class, values, **derived):
+  """A config of `config_class` with each field from its flag's value (schema.flag_of), but
+  those `derived` from several flags; fields whose flag is not among `values` keep defaults."""
+  fields = {f.name: values[schema.flag_of(f)] for f in dataclasses.fields(config_class)
+            if f.name not in derived and schema.flag_of(f) in values}
+  return config_class(**fields, **derived)
+
+
 def build_config(values):
-  """The frozen experiment config of the (validated) flag values."""
-  v = types.SimpleNamespace(**values)
-  loss = resolve_loss(v.loss, {'DCL_mode': v.DCL_mode, 'GCL_mode': v.GCL_mode,
-                               'BI_mode': v.BI_mode})
-  return experiment.Config(
-      model_dir=v.model_dir, mode=v.mode, train_mode=v.train_mode, checkpoint=v.checkpoint,
-      start_over=v.start_over, allow_flag_changes=tuple(v.allow_flag_changes),
-      data=data_lib.DataConfig(
-          dataset=v.dataset, data_dir=v.data_dir, train_split=v.train_split,
-          eval_split=v.eval_split, num_classes=v.num_classes, label_offset=v.label_offset,
-          fashion_mnist_dir=v.fashion_mnist_dir, image_size=v.image_size,
-          shuffle_buffer=v.shuffle_buffer, cache_dataset=v.cache_dataset,
-          color_jitter_strength=v.color_jitter_strength, crop_area_min=v.crop_area_min,
-          random_flip=v.random_flip, use_blur=v.use_blur, augment_on=v.augment_on),
-      model=model_lib.ModelConfig(
-          resnet_depth=v.resnet_depth, width_multiplier=v.width_multiplier,
-          cifar_stem=v.image_size <= data_lib.SMALL_IMAGE_SIZE, sk_ratio=v.sk_ratio,
-          se_ratio=v.se_ratio, batch_norm_decay=v.batch_norm_decay, global_bn=v.global_bn,
-          proj_head_mode=v.proj_head_mode, num_proj_layers=v.num_proj_layers,
-          proj_out_dim=v.proj_out_dim, num_classes=v.num_classes, train_mode=v.train_mode,
-          lineareval_while_pretraining=v.lineareval_while_pretraining,
-          ft_proj_selector=v.ft_proj_selector, fine_tune_after_block=v.fine_tune_after_block,
-          zero_init_logits_layer=v.zero_init_logits_layer,
-          supervised_head_bn=v.supervised_head_bn),
-      objective=objective_lib.ObjectiveConfig(
-          loss=loss, temperature=v.temperature, gamma=v.gamma, gamma_schedule=v.gamma_schedule,
-          gamma_decay_epochs=v.gamma_decay_epochs, hidden_norm=v.hidden_norm,
-          isogclr_rho=v.isogclr_rho, isogclr_eta=v.isogclr_eta, isogclr_beta=v.isogclr_beta,
-          isogclr_tau_min=v.isogclr_tau_min, isogclr_tau_max=v.isogclr_tau_max),
-      optimizer=trainer_lib.OptimizerConfig(
-          name=v.optimizer, learning_rate=v.learning_rate,
-          learning_rate_scaling=v.learning_rate_scaling, warmup_epochs=v.warmup_epochs,
-          weight_decay=v.weight_decay, momentum=v.momentum),
-      loop=trainer_lib.LoopConfig(
-          train_batch_size=v.train_batch_size, train_epochs=v.train_epochs,
-          train_steps=v.train_steps, checkpoint_epochs=v.checkpoint_epochs,
-          checkpoint_steps=v.checkpoint_steps, keep_checkpoint_max=v.keep_checkpoint_max,
-          keep_hub_module_max=v.keep_hub_module_max, seed=v.seed,
-          deterministic=v.deterministic, log_every_seconds=v.log_every_seconds,
-          eval_every_epochs=v.eval_every_epochs, eval_every_steps=v.eval_every_steps,
-          step_timeout_seconds=v.step_timeout_seconds),
-      eval=evaluation.EvalConfig(
-          eval_batch_size=v.eval_batch_size, eval_steps=v.eval_steps, eval_name=v.eval_name,
-          eval_timeout_seconds=v.eval_timeout_seconds,
-          probe_max_examples=v.probe_max_examples, probe_baselines=v.probe_baselines,
-          knn_monitor=v.knn_monitor, knn_k=v.knn_k, knn_temperature=v.knn_temperature,
-          projector_max_points=v.projector_max_points),
-      distribution=distribution.DistributionConfig(
-          use_tpu=v.use_tpu, tpu_name=v.tpu_name, tpu_zone=v.tpu_zone,
-          gcp_project=v.gcp_project, master=v.master, mixed_precision=v.mixed_precision,
-          jit_compile=v.jit_compile, startup_timeout_seconds=v.startup_timeout_seconds),
-      flags=types.MappingProxyType(dict(values)))
+  """The frozen experiment config of the (validated) flag values: every field takes the flag of
+  its name (or the one its schema.setting names); the derived ones are set here."""
+  loss = resolve_loss(values['loss'], {name: values[name]
+                                       for name in ('DCL_mode', 'GCL_mode', 'BI_mode')})
+  sections = dict(
+      data=_section(data_lib.DataConfig, values),
+      model=_section(model_lib.ModelConfig, values,
+                     cifar_stem=values['image_size'] <= data_lib.SMALL_IMAGE_SIZE),
+      objective=_section(objective_lib.ObjectiveConfig, values, loss=loss),
+      optimizer=_section(trainer_lib.OptimizerConfig, values),
+      loop=_section(trainer_lib.LoopConfig, values),
+      eval=_section(evaluation.EvalConfig, values),
+      distribution=_section(distribution.DistributionConfig, values))
+  return _section(experiment.Config, values, **sections,
+                  allow_flag_changes=tuple(values['allow_flag_changes']),
+                  flags=types.MappingProxyType(dict(values)))
 
 
 def _check_evaluated_run(model_dir, given):
@@ -218,12 +192,13 @@ def config_of(values, given):
   fine-tuning: from --checkpoint); ValueError names a bad flag."""
   if values['mode'] == 'eval' and values['checkpoint']:  # one checkpoint or export
     values = run_record.inherit_flags(values, given, values['checkpoint'],
-                                        run_record.ARCHITECTURE_FLAGS + run_record.EVAL_FLAGS)
+                                        schema.inherited_by_eval(experiment.Config))
   elif values['mode'] == 'eval' and values['model_dir']:
     _check_evaluated_run(values['model_dir'], given)
     values = run_record.inherit_flags(values, given, values['model_dir'],
-                                        run_record.ARCHITECTURE_FLAGS + run_record.EVAL_FLAGS)
+                                        schema.inherited_by_eval(experiment.Config))
   elif values['checkpoint'] and values['train_mode'] == 'finetune':
-    values = run_record.inherit_flags(values, given, values['checkpoint'])
+    values = run_record.inherit_flags(values, given, values['checkpoint'],
+                                      schema.architecture(experiment.Config))
   validate_flags(values)
   return build_config(values)

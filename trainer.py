@@ -23,30 +23,32 @@ import checkpoints
 import data_util
 import lars_optimizer
 import objective as obj_lib
+import schema
 
 
 @dataclasses.dataclass(frozen=True)
 class OptimizerConfig:
   """The optimizer and its learning-rate schedule."""
-  name: str = 'lars'  # 'lars' | 'momentum' | 'adam'
+  # 'lars' | 'momentum' | 'adam'
+  name: str = schema.setting('lars', defines_run=True, flag='optimizer')
   learning_rate: float = 0.3
-  learning_rate_scaling: str = 'linear'  # 'linear' | 'sqrt'
+  learning_rate_scaling: str = schema.setting('linear', defines_run=True)  # 'linear' | 'sqrt'
   warmup_epochs: float = 10
-  weight_decay: float = 1e-6
+  weight_decay: float = schema.setting(1e-6, eval_inherits=True)
   momentum: float = 0.9
 
 
 @dataclasses.dataclass(frozen=True)
 class LoopConfig:
   """Training length, batch, checkpoint cadence, seeding and logging."""
-  train_batch_size: int = 512
-  train_epochs: int = 100
-  train_steps: int = 0  # > 0 overrides train_epochs
+  train_batch_size: int = schema.setting(512, defines_run=True, eval_inherits=True)
+  train_epochs: int = schema.setting(100, eval_inherits=True)
+  train_steps: int = schema.setting(0, eval_inherits=True)  # > 0 overrides train_epochs
   checkpoint_epochs: int = 1
   checkpoint_steps: int = 0  # > 0 overrides checkpoint_epochs
   keep_checkpoint_max: int = 5
   keep_hub_module_max: int = 1
-  seed: int = 0
+  seed: int = schema.setting(0, defines_run=True)
   deterministic: bool = False
   log_every_seconds: float = 5.0
   eval_every_epochs: int = 0  # evaluate while training (head top-1, kNN); 0 = only at the end

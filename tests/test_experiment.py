@@ -18,6 +18,7 @@ import evaluation
 import experiment
 import model as model_lib
 import run_record
+import schema
 import summaries
 import trainer as trainer_lib
 
@@ -28,7 +29,8 @@ MONITORS = ['--knn_monitor', '--knn_k=20', '--weight_decay=1e-3']
 @pytest.fixture(scope='module')
 def not_architecture(tiny):
   """The tiny run's flags without the architecture ones (a run reads those from flags.json)."""
-  return [f for f in tiny if f.split('=')[0].lstrip('-') not in run_record.ARCHITECTURE_FLAGS]
+  architecture = schema.architecture(experiment.Config)
+  return [f for f in tiny if f.split('=')[0].lstrip('-') not in architecture]
 
 
 @pytest.fixture(scope='module')
@@ -524,7 +526,7 @@ def test_a_run_configured_without_flags_trains_evaluates_and_restores(repo, tmp_
   assert report['export_difference'] < 1e-5
   # No command line, yet flags.json records what defines the run, from the config itself.
   recorded = json.load(open(os.path.join(model_dir, 'flags.json')))
-  assert set(recorded) == set(run_record.RUN_DEFINING_FLAGS)
+  assert set(recorded) == set(run_record.run_defining_flags(experiment.Config))
   assert (recorded['resolved_loss'], recorded['dataset'], recorded['image_size'],
           recorded['resnet_depth']) == ('sogclr', 'digits', 16, 18)
 

@@ -32,6 +32,7 @@ import objective as objective_lib
 import run
 import run_lock
 import run_record
+import schema
 import settings
 import summaries
 import trainer as trainer_lib
@@ -129,7 +130,7 @@ def test_eval_mode_inherits_into_the_config_and_never_assigns_to_flags(trained):
   values, given = run.flag_values()
   as_parsed = dict(values)
   inherited = run_record.inherit_flags(values, given, trained.model_dir,
-                                run_record.ARCHITECTURE_FLAGS + run_record.EVAL_FLAGS)
+                                         schema.inherited_by_eval(experiment.Config))
   assert values == as_parsed  # a new dict; the argument is left as it was
   assert inherited['resnet_depth'] == 18 and inherited['proj_out_dim'] == 32
 

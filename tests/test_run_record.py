@@ -81,7 +81,7 @@ def test_a_notebook_run_is_recorded_and_its_identity_checked_on_resume(tmp_path)
   os.makedirs(config.model_dir)
   run_record.record_start(config, initial_step=0)
   recorded = json.load(open(os.path.join(config.model_dir, 'flags.json')))
-  assert set(recorded) == set(run_record.RUN_DEFINING_FLAGS)
+  assert set(recorded) == set(run_record.run_defining_flags(experiment.Config))
   assert (recorded['temperature'], recorded['seed'], recorded['resolved_loss'],
           recorded['resnet_depth'], recorded['optimizer']) == (0.2, 3, 'sogclr', 50, 'lars')
   (tmp_path / 'run' / 'ckpt-5.index').write_bytes(b'')  # a checkpoint to resume

@@ -3,8 +3,10 @@ import re
 
 import pytest
 
+import experiment
 import run
 import run_record
+import schema
 import settings
 
 
@@ -93,5 +95,5 @@ def test_what_flags_json_records_of_a_command_line_config_is_its_flags():
     recorded = run_record.recorded_values(config)
     assert recorded.pop('resolved_loss') == ('cross_entropy' if changes else 'sogclr')
     assert recorded == values
-  assert set(run_record._DEFINING_FIELDS) | {'resolved_loss'} == set(
-      run_record.RUN_DEFINING_FLAGS)
+  assert set(schema.locations(experiment.Config)) | {'resolved_loss'} == set(
+      run_record.run_defining_flags(experiment.Config))
