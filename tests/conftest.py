@@ -6,9 +6,11 @@ prepared once per session; a tiny run's flags; and the three ways to run the com
 stderr) and `run_command` (a real `python run.py` subprocess, as a user runs it).
 """
 import glob
+import logging
 import os
 import subprocess
 import sys
+import types
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -86,6 +88,30 @@ def run_cli(capsys):
     with pytest.raises(SystemExit) as exit_info:
       run.cli([])
     return exit_info.value.code, capsys.readouterr().err
+
+  return call
+
+
+@pytest.fixture
+def run_in_process(capsys, caplog):
+  """run_in_process(*flags) -> (returncode, stdout, stderr) like run_command's, but `run.cli` in
+  this process (no interpreter start, TensorFlow imported once): stderr holds the error lines
+  and then the run's log. For what is not about the process itself (signals, hangs, exit on a
+  dead worker: run_command)."""
+
+  def call(*args):
+    run = _parse(args)
+    capsys.readouterr()
+    caplog.clear()
+    code = 0
+    with caplog.at_level(logging.INFO), caplog.at_level(logging.INFO, logger='absl'):
+      try:
+        run.cli([])
+      except SystemExit as e:
+        code = e.code
+    captured = capsys.readouterr()
+    return types.SimpleNamespace(returncode=code, stdout=captured.out,
+                                 stderr=captured.err + '\n' + caplog.text)
 
   return call
 

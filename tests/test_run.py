@@ -354,10 +354,10 @@ def test_bad_input_through_the_process_exits_1_with_one_line_and_keeps_the_run(
 
 
 @pytest.mark.slow
-def test_unwritable_model_dir_is_an_error(run_command, tmp_path, tiny):
+def test_unwritable_model_dir_is_an_error(run_in_process, tmp_path, tiny):
   blocker = tmp_path / 'a_file'
   blocker.write_text('not a directory')
-  process = run_command(*tiny, f'--model_dir={blocker}/run', '--train_steps=1')
+  process = run_in_process(*tiny, f'--model_dir={blocker}/run', '--train_steps=1')
   assert process.returncode == 1
   lines = _error_lines(process.stderr)
   assert len(lines) == 1 and 'is not writable' in lines[0], process.stderr[-2000:]
@@ -535,19 +535,19 @@ def test_a_damaged_newest_checkpoint_resumes_from_the_newest_readable_one(
 
 @pytest.mark.slow
 def test_unreadable_checkpoints_are_an_error_unless_start_over_moves_them_aside(
-    ten_and_twenty, tiny, tmp_path, run_command, snapshot):
+    ten_and_twenty, tiny, tmp_path, run_in_process, snapshot):
   model_dir = _copy(ten_and_twenty, tmp_path)
   for step in (10, 20):
     os.truncate(f'{model_dir}/ckpt-{step}.data-00000-of-00001', 100)
   before = snapshot(model_dir)
   args = (*tiny, f'--model_dir={model_dir}', '--train_steps=30', '--probe_max_examples=0',
           '--keep_hub_module_max=0')
-  result = run_command(*args)
+  result = run_in_process(*args)
   assert result.returncode == 1
   assert re.search(r'^error: --model_dir=.* holds checkpoints but none can be read: ckpt-20 '
                    r'\(.*\); ckpt-10 \(.*\); .* --start_over', result.stderr, re.M)
   assert snapshot(model_dir) == before
-  result = run_command(*args, '--start_over')
+  result = run_in_process(*args, '--start_over')
   assert result.returncode == 0, result.stderr[-3000:]
   aside, = glob.glob(f'{model_dir}/discarded-*')
   assert sorted(os.listdir(aside))[:2] == ['checkpoint', 'ckpt-10.data-00000-of-00001']
@@ -573,7 +573,7 @@ def test_a_second_run_on_a_live_model_dir_exits_at_once_naming_the_holder(
 
 @pytest.mark.slow
 def test_resuming_with_run_defining_flags_changed_is_an_error_unless_allowed(
-    ten_and_twenty, tiny, tmp_path, run_command, snapshot):
+    ten_and_twenty, tiny, tmp_path, run_in_process, snapshot):
   model_dir = _copy(ten_and_twenty, tmp_path)
   before = snapshot(model_dir)
   common = (*tiny, f'--model_dir={model_dir}', '--probe_max_examples=0',
@@ -588,11 +588,11 @@ def test_resuming_with_run_defining_flags_changed_is_an_error_unless_allowed(
        r"--gamma_schedule='cosine' \(was 'constant'\), --gamma_decay_epochs=2 \(was 0\)"),
       (['--train_steps=10'], r'give 10 steps, fewer than the 20 this run'),
   ]:
-    result = run_command(*common, *extra)
+    result = run_in_process(*common, *extra)
     assert result.returncode == 1, extra
     assert re.search(rf'^error: .*{message}', result.stderr, re.M), result.stderr[-2000:]
     assert snapshot(model_dir) == before
-  result = run_command(*common, '--train_steps=30', '--seed=3', '--allow_flag_changes=seed')
+  result = run_in_process(*common, '--train_steps=30', '--seed=3', '--allow_flag_changes=seed')
   assert result.returncode == 0, result.stderr[-3000:]
   assert "Resuming with --seed=3 (was 0" in result.stderr
   starts = [json.loads(line) for line in open(f'{model_dir}/flags_history.jsonl')]
@@ -648,8 +648,8 @@ def test_a_second_ctrl_c_while_the_first_call_traces_stops_at_once(tiny, tmp_pat
 
 
 @pytest.mark.slow
-def test_data_errors_inside_the_pipeline_name_the_record_and_value(tiny, tmp_path, run_command):
-  result = run_command(*tiny, f'--model_dir={tmp_path / "run"}', '--train_steps=3',
+def test_data_errors_inside_the_pipeline_name_the_record_and_value(tiny, tmp_path, run_in_process):
+  result = run_in_process(*tiny, f'--model_dir={tmp_path / "run"}', '--train_steps=3',
                        '--num_classes=5')
   assert result.returncode == 1
   line, = [x for x in result.stderr.splitlines() if x.startswith('error:')]
@@ -661,9 +661,9 @@ def test_data_errors_inside_the_pipeline_name_the_record_and_value(tiny, tmp_pat
 
 @pytest.mark.slow
 def test_eval_of_a_missing_model_dir_is_an_error_and_creates_nothing(tiny, tmp_path,
-                                                                     run_command):
+                                                                     run_in_process):
   missing = str(tmp_path / 'mistyped')
-  result = run_command(*tiny, '--mode=eval', f'--model_dir={missing}')
+  result = run_in_process(*tiny, '--mode=eval', f'--model_dir={missing}')
   assert result.returncode == 1
   assert re.search(r"^error: --model_dir='.*mistyped' does not exist", result.stderr, re.M)
   assert not os.path.exists(missing)
@@ -793,34 +793,34 @@ def _error_line(result):
 
 @pytest.mark.slow
 def test_labels_counted_from_one_stop_with_the_fix_and_train_with_label_offset(
-    official_layout, tmp_path, run_command):
+    official_layout, tmp_path, run_in_process):
   # The official build_imagenet_data.py labels ImageNet 1..1000: here 1..7 with 7 classes.
   data_dir = official_layout(tmp_path / 'tfds', labels=lambda i: i % 7 + 1)
   args = [*OFFICIAL_RUN, f'--data_dir={data_dir}', '--num_classes=7', '--train_steps=4']
-  result = run_command(*args, f'--model_dir={tmp_path / "plain"}')
+  result = run_in_process(*args, f'--model_dir={tmp_path / "plain"}')
   assert result.returncode == 1
   assert re.fullmatch(r'error: Dataset imagenet2012 split (train|validation): label outside '
                       r'\[0, 7\) \(set --num_classes, or --label_offset=1 for labels counted '
                       r'from 1\) in record \S+: label 7', _error_line(result)), result.stderr
-  result = run_command(*args, '--label_offset=1', f'--model_dir={tmp_path / "offset"}')
+  result = run_in_process(*args, '--label_offset=1', f'--model_dir={tmp_path / "offset"}')
   assert result.returncode == 0, result.stderr[-3000:]
   assert "each record's label minus 1 (--label_offset)" in result.stderr
   results = json.load(open(tmp_path / 'offset' / 'result_4.json'))
   assert results['eval/num_examples'] == 8
   assert json.load(open(tmp_path / 'offset' / 'flags.json'))['label_offset'] == 1
-  result = run_command(*args, '--label_offset=-1', f'--model_dir={tmp_path / "negative"}')
+  result = run_in_process(*args, '--label_offset=-1', f'--model_dir={tmp_path / "negative"}')
   assert result.returncode == 1
   assert _error_line(result) == 'error: --label_offset must be >= 0, got -1'
 
 
 @pytest.mark.slow
-def test_an_id_in_two_records_stops_sogclr_naming_it(official_layout, tmp_path, run_command):
+def test_an_id_in_two_records_stops_sogclr_naming_it(official_layout, tmp_path, run_in_process):
   # Ids are 23 - i, except that record 3 carries record 10's (13): one u slot would serve two
   # images and id 20's stay empty.
   data_dir = official_layout(tmp_path / 'tfds',
                              ids=lambda i, n: n - 1 - (10 if i == 3 and n == 24 else i))
   model_dir = tmp_path / 'run'
-  result = run_command(*OFFICIAL_RUN, f'--data_dir={data_dir}', '--num_classes=100',
+  result = run_in_process(*OFFICIAL_RUN, f'--data_dir={data_dir}', '--num_classes=100',
                        '--train_steps=8', f'--model_dir={model_dir}')
   assert result.returncode == 1
   assert re.fullmatch(r'error: Dataset imagenet2012 split train: id read twice in one epoch '
@@ -828,18 +828,18 @@ def test_an_id_in_two_records_stops_sogclr_naming_it(official_layout, tmp_path, 
                       r'imagenet2012-train\.tfrecord-0000\d-of-00003__\d+: id 13',
                       _error_line(result)), result.stderr[-3000:]
   # SimCLR has no per-image table: the same data trains.
-  result = run_command(*OFFICIAL_RUN, f'--data_dir={data_dir}', '--num_classes=100',
+  result = run_in_process(*OFFICIAL_RUN, f'--data_dir={data_dir}', '--num_classes=100',
                        '--train_steps=8', '--loss=simclr', f'--model_dir={tmp_path / "simclr"}')
   assert result.returncode == 0, result.stderr[-3000:]
 
 
 @pytest.mark.slow
 def test_sogclr_pretrains_on_a_slice_of_an_image_id_split(official_layout, tmp_path,
-                                                         run_command):
+                                                         run_in_process):
   # SimCLR's semi-supervised protocol slices ImageNet (train[:10%]); ids stay the full split's.
   data_dir = official_layout(tmp_path / 'tfds')
   model_dir = tmp_path / 'run'
-  result = run_command(*OFFICIAL_RUN, f'--data_dir={data_dir}', '--num_classes=100',
+  result = run_in_process(*OFFICIAL_RUN, f'--data_dir={data_dir}', '--num_classes=100',
                        '--train_split=train[:50%]', '--train_steps=4',
                        f'--model_dir={model_dir}')
   assert result.returncode == 0, result.stderr[-3000:]
@@ -855,7 +855,7 @@ def test_sogclr_pretrains_on_a_slice_of_an_image_id_split(official_layout, tmp_p
 
 @pytest.mark.slow
 def test_eval_mode_evaluates_a_saved_model_export_or_one_checkpoint(trained, tmp_path,
-                                                                     run_command, tiny):
+                                                                     run_in_process, tiny):
   # The export (saved_model/2, with the run's flags.json) needs no model flags; the training
   # run's own evaluation of the same weights is the reference.
   expected = json.load(open(os.path.join(trained.model_dir, 'result_2.json')))
@@ -866,7 +866,7 @@ def test_eval_mode_evaluates_a_saved_model_export_or_one_checkpoint(trained, tmp
   for name, checkpoint in (('export', export), ('ckpt', os.path.join(trained.model_dir,
                                                                        'ckpt-2'))):
     out = tmp_path / name
-    result = run_command('--mode=eval', f'--checkpoint={checkpoint}', f'--model_dir={out}',
+    result = run_in_process('--mode=eval', f'--checkpoint={checkpoint}', f'--model_dir={out}',
                          '--probe_max_examples=0', *data_flags)
     assert result.returncode == 0, result.stderr[-3000:]
     results = json.load(open(out / 'result_2.json'))
@@ -875,18 +875,18 @@ def test_eval_mode_evaluates_a_saved_model_export_or_one_checkpoint(trained, tmp
       assert results[key] == pytest.approx(expected[key], abs=1e-6), key
   assert before == {path: open(path, 'rb').read()
                     for path in glob.glob(f'{export}/**', recursive=True) if os.path.isfile(path)}
-  result = run_command('--mode=eval', f'--checkpoint={tmp_path / "nothing"}',
+  result = run_in_process('--mode=eval', f'--checkpoint={tmp_path / "nothing"}',
                        f'--model_dir={tmp_path / "none"}', *data_flags)
   assert result.returncode == 1
   assert re.search(r"^error: --checkpoint='.*nothing' does not exist", result.stderr, re.M)
 
 
 @pytest.mark.slow
-def test_eval_every_epochs_logs_head_and_knn_top_1_each_epoch_with_its_cost(run_command, tiny,
-                                                                            tmp_path):
+def test_eval_every_epochs_logs_head_and_knn_top_1_each_epoch_with_its_cost(run_in_process,
+                                                                            tiny, tmp_path):
   model_dir = str(tmp_path / 'run')
   # 1,437 images in steps of 128: 11 steps an epoch.
-  result = run_command(*tiny, f'--model_dir={model_dir}', '--train_batch_size=128',
+  result = run_in_process(*tiny, f'--model_dir={model_dir}', '--train_batch_size=128',
                        '--train_epochs=2', '--eval_every_epochs=1', '--knn_k=20',
                        '--probe_max_examples=0', '--keep_hub_module_max=0')
   assert result.returncode == 0, result.stderr[-3000:]
