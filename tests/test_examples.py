@@ -6,31 +6,28 @@ import sys
 
 import pytest
 
-# The example in a fresh interpreter, reporting whether run.py or absl flags were touched.
+# The example in a fresh interpreter: 4 steps, then the same directory to 6 (a resume), each
+# result reporting whether run.py or absl flags were touched.
 RUN_EXAMPLE = '''
 import json, sys
 sys.path.insert(0, 'examples')
 from absl import flags
 import pretrain_from_python
-results = pretrain_from_python.pretrain(sys.argv[1], sys.argv[2], int(sys.argv[3]))
-results.update(run_imported='run' in sys.modules, flags_parsed=flags.FLAGS.is_parsed())
-print(json.dumps(results))
+for steps in (4, 6):
+  results = pretrain_from_python.pretrain(sys.argv[1], sys.argv[2], steps)
+  results.update(run_imported='run' in sys.modules, flags_parsed=flags.FLAGS.is_parsed())
+  print(json.dumps(results))
 '''
-
-
-def _pretrain(repo, data_dir, model_dir, steps):
-  completed = subprocess.run(
-      [sys.executable, '-c', RUN_EXAMPLE, data_dir, model_dir, str(steps)], cwd=repo,
-      capture_output=True, text=True, timeout=600, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2'))
-  assert completed.returncode == 0, completed.stderr[-3000:]
-  return json.loads(completed.stdout.strip().splitlines()[-1])
 
 
 @pytest.mark.slow
 def test_the_python_example_pretrains_sogclr_evaluates_and_resumes_without_flags(
     repo, data_dir, tmp_path):
-  model_dir = str(tmp_path / 'example')
-  first = _pretrain(repo, data_dir, model_dir, 4)
+  completed = subprocess.run(
+      [sys.executable, '-c', RUN_EXAMPLE, data_dir, str(tmp_path / 'example')], cwd=repo,
+      capture_output=True, text=True, timeout=600, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2'))
+  assert completed.returncode == 0, completed.stderr[-3000:]
+  first, second = (json.loads(line) for line in completed.stdout.strip().splitlines()[-2:])
   assert first['run_imported'] is False and first['flags_parsed'] is False
   assert first['step'] == 4 and first['checkpoints'] == [2, 4]
   # 4 steps of 32 distinct digits: each visited image has its u.
@@ -39,6 +36,5 @@ def test_the_python_example_pretrains_sogclr_evaluates_and_resumes_without_flags
     assert 0 <= first[key] <= 1
   # The second call resumes from step 4 (u included) and the pipeline goes on with the epoch's
   # next images: 6 steps, 192 distinct digits visited.
-  second = _pretrain(repo, data_dir, model_dir, 6)
   assert second['step'] == 6 and second['checkpoints'] == [4, 6]
   assert second['u_visited'] == pytest.approx(6 * 32 / 1437)
