@@ -96,7 +96,7 @@ class Settings:
 # width 0.25 on 16x16 views is the demo's model (98% linear top-1 at 50 epochs).
 FULL = Settings(batch_sizes=(16, 32, 128, 256), seeds=(0, 1, 2), train_epochs=30,
                 width_multiplier=0.25)
-QUICK = Settings(batch_sizes=(16, 128), seeds=(0,), train_epochs=1, width_multiplier=0.125,
+QUICK = Settings(batch_sizes=(64, 256), seeds=(0,), train_epochs=1, width_multiplier=0.125,
                  warmup_epochs=0)
 # Fashion-MNIST (60,000 training images, 28x28 grey, upsampled to 32): the recipe of the README's
 # docs/results.md; batch 64 and 512 for the same epochs.
@@ -168,7 +168,8 @@ def fixed_views(builder, info, settings):
       crop_area_min=settings.crop_area_min, use_blur=False, seed=VIEW_SEED, deterministic=True,
       random_flip=settings.random_flip, grey=info.grey)
   input_fn = data_lib.build_input_fn(builder, info, config, info.num_classes)
-  (view_a, view_b), _, ids = next(iter(input_fn(tf.distribute.InputContext())))
+  batch = next(iter(input_fn(tf.distribute.InputContext())))
+  (view_a, view_b), ids = batch['views'], batch['ids']
   order = np.argsort(ids.numpy())
   # Each image once (TFDS stores records in a shuffled order: a slice holds any ids).
   assert len(np.unique(ids.numpy())) == count, ids

@@ -123,9 +123,9 @@ def test_quick_run_writes_table_plot_and_json(tmp_path):
   results = json.load(open(os.path.join(out_dir, 'results.json')))
   assert results['settings']['quick'] is True
   assert len(results['runs']) == 3 * 2  # three methods at two batch sizes, one seed
-  assert [row['batch_size'] for row in results['summary']] == [16, 128]
-  # 1,437 training digits: 89 steps of 16, 11 steps of 128 in one epoch.
-  assert [row['steps'] for row in results['summary']] == [89, 11]
+  assert [row['batch_size'] for row in results['summary']] == [64, 256]
+  # 1,437 training digits: 22 steps of 64, 5 steps of 256 in one epoch.
+  assert [row['steps'] for row in results['summary']] == [22, 5]
   for run in results['runs']:
     # Each anchor's NT-Xent is positive; 2 * log(2N - 1) = 15.9 is chance.
     assert 0 < run['global_objective'] < 40
@@ -137,7 +137,7 @@ def test_quick_run_writes_table_plot_and_json(tmp_path):
     assert math.isfinite(difference['mean']) and math.isnan(difference['sd'])  # one seed
   table = open(os.path.join(out_dir, 'results.md')).read()
   assert table.startswith('| batch | steps | method | global objective |')
-  assert '\n| 16 | 89 | iSogCLR |' in table and '\n| 128 | 11 | SimCLR |' in table
+  assert '\n| 64 | 22 | iSogCLR |' in table and '\n| 256 | 5 | SimCLR |' in table
   with open(os.path.join(out_dir, 'small_batch.png'), 'rb') as f:
     assert f.read(8) == b'\x89PNG\r\n\x1a\n'
   # A second invocation reuses the finished runs (resuming an interrupted benchmark).
