@@ -289,12 +289,20 @@ PREEMPTED_EXIT_CODE = 128 + signal.SIGTERM
 INTERRUPTED_EXIT_CODE = 128 + signal.SIGINT
 
 
+def memory_advice(config):
+  """What the out-of-memory line advises (host_memory.MemoryWatch)."""
+  return (f'lower --train_batch_size (now {config.loop.train_batch_size}), --eval_batch_size '
+          f'(now {config.eval.eval_batch_size}) or --image_size (now {config.data.image_size}), '
+          'then rerun: the run resumes from its newest checkpoint (docs/reliability.md)')
+
+
 def cli(argv):
   """main() with one-line errors for bad input (non-zero exit, nothing written is touched)."""
   del argv
   debug = FLAGS.debug or os.environ.get('SOGCLR_DEBUG', '') not in ('', '0')
   try:
     config = config_from_flags()
+    host_memory.MemoryWatch(memory_advice(config)).start()
     results = experiment.run(config)
   except trainer_lib.Preempted as e:
     logging.warning('%s', e)

@@ -48,3 +48,20 @@ def test_importing_run_tunes_malloc():
   output = subprocess.run([sys.executable, '-c', code], env=env, capture_output=True, text=True,
                           check=True).stdout.split()
   assert output[-1] == 'True'
+
+
+def test_memory_watch_speaks_only_when_this_process_holds_nearly_all_of_the_limit(monkeypatch):
+  sys.path.insert(0, REPO)
+  import host_memory  # noqa: PLC0415
+  resident_mb = host_memory.own_resident_bytes() / 2**20
+  watch = host_memory.MemoryWatch('lower --train_batch_size')
+  monkeypatch.setenv(host_memory.LIMIT_ENV_VAR, str(resident_mb + 2000))
+  assert watch.exhausted() is None
+  # Within the reserve (256 MB) of the cap: the line, naming what to lower.
+  monkeypatch.setenv(host_memory.LIMIT_ENV_VAR, str(resident_mb + 100))
+  line = watch.exhausted()
+  assert line.startswith('error: out of memory: this run holds ') and line.endswith(
+      'GiB; lower --train_batch_size'), line
+  # Little left of a limit this process holds under a quarter of: another process's doing.
+  monkeypatch.setattr(host_memory, 'memory_left', lambda: (100 << 20, 400 * (1 << 30)))
+  assert watch.exhausted() is None

@@ -777,6 +777,24 @@ def test_a_full_disk_is_a_one_line_error_keeping_the_last_complete_checkpoint(
   assert tf.train.latest_checkpoint(model_dir) is not None
 
 
+@pytest.mark.slow
+def test_running_out_of_memory_is_one_line_naming_the_sizes_not_a_silent_kill(
+    ten_and_twenty, tiny, tmp_path, run_command, snapshot):
+  # The kernel's OOM killer would end the run with SIGKILL (137) and no word; the memory watch
+  # ends it first. SOGCLR_MEMORY_LIMIT_MB stands in for a small host: evaluation pads every batch
+  # to --eval_batch_size, 100,000 images here, far past 1.5 GB.
+  model_dir = _copy(ten_and_twenty, tmp_path)
+  before = snapshot(model_dir)
+  result = run_command(*tiny, f'--model_dir={model_dir}', '--mode=eval', '--eval_batch_size=100000',
+                       env={'SOGCLR_MEMORY_LIMIT_MB': '1500'}, timeout=300)
+  assert result.returncode == 1, result.stderr[-2000:]
+  line = result.stderr.strip().splitlines()[-1]
+  assert re.match(r'error: out of memory: this run holds \d+\.\d GiB and \d+\.\d GiB are left of '
+                  r'a limit of 1\.5 GiB; lower --train_batch_size \(now 16\), --eval_batch_size '
+                  r'\(now 100000\) or --image_size \(now 16\)', line), line
+  assert snapshot(model_dir) == before
+
+
 OFFICIAL_RUN = ['--train_mode=pretrain', '--dataset=imagenet2012', '--eval_split=validation',
                 '--image_size=16', '--resnet_depth=18', '--width_multiplier=0.125',
                 '--num_proj_layers=2', '--proj_out_dim=16', '--train_batch_size=6',
