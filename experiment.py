@@ -373,11 +373,12 @@ def _train(config, setup, input_config, trainer, manager, summary_writer, learni
     write_view_pairs(setup, input_config, summary_writer, initial_step)
   dataset = data_lib.build_distributed_dataset(setup.strategy, setup.builder, setup.info,
                                                input_config, setup.info.num_classes)
-  logging.info('Training %s from step %d to %d (%d steps/epoch, warm-up %d steps).',
-               config.train_mode, initial_step, setup.total_steps, setup.steps_per_epoch,
-               setup.warmup_steps)
   stop_requested = trainer_lib.StopRequest()
   with trainer_lib.stop_on_signals(stop_requested), _naming_the_data(config):
+    # Once SIGTERM and Ctrl-C save and stop: a signal after this line is never lost.
+    logging.info('Training %s from step %d to %d (%d steps/epoch, warm-up %d steps).',
+                 config.train_mode, initial_step, setup.total_steps, setup.steps_per_epoch,
+                 setup.warmup_steps)
     return trainer_lib.train(
         trainer, iter(dataset), total_steps=setup.total_steps,
         checkpoint_every=config.loop.checkpoint_every(setup.steps_per_epoch),

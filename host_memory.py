@@ -113,21 +113,34 @@ def _cgroup_left(directory):
   return limit - max(usage - reclaimable, 0), limit
 
 
-def memory_left():
+def memory_cap():
+  """SOGCLR_MEMORY_LIMIT_MB in bytes (a cap on this process's resident size), or None."""
+  cap = os.environ.get(LIMIT_ENV_VAR, '').strip()
+  if not cap:
+    return None
+  try:
+    value = float(cap)
+  except ValueError:
+    value = float('nan')
+  if not value > 0 or value == float('inf'):
+    raise ValueError(f'{LIMIT_ENV_VAR}={cap!r} is not a positive number of megabytes')
+  return int(value * (1 << 20))
+
+
+def memory_left(cgroup_dirs=None):
   """(bytes left, of a limit of bytes): the tightest of the host's available memory, this
   process's memory cgroups and SOGCLR_MEMORY_LIMIT_MB (a cap on this process's resident size)."""
   meminfo = _fields(_read('/proc/meminfo'))
   candidates = []
   if 'MemAvailable' in meminfo:
     candidates.append((meminfo['MemAvailable'], meminfo['MemTotal']))
-  for directory in _cgroup_dirs():
+  for directory in _cgroup_dirs() if cgroup_dirs is None else cgroup_dirs:
     left = _cgroup_left(directory)
     if left is not None:
       candidates.append(left)
-  cap = os.environ.get(LIMIT_ENV_VAR, '')
-  if cap.strip():
-    limit = int(float(cap) * (1 << 20))
-    candidates.append((limit - own_resident_bytes(), limit))
+  cap = memory_cap()
+  if cap is not None:
+    candidates.append((cap - own_resident_bytes(), cap))
   return min(candidates) if candidates else (_UNLIMITED, _UNLIMITED)
 
 
@@ -147,10 +160,12 @@ class MemoryWatch:
     self.reserve_fraction = reserve_fraction
     self.min_reserve = min_reserve
     self._stop = None
+    memory_cap()  # a bad SOGCLR_MEMORY_LIMIT_MB is an error now, not in the thread
+    self._cgroup_dirs = _cgroup_dirs()
 
   def exhausted(self):
     """The line to end with when memory is nearly exhausted, else None."""
-    left, limit = memory_left()
+    left, limit = memory_left(self._cgroup_dirs)
     resident = own_resident_bytes()
     if left >= max(self.min_reserve, self.reserve_fraction * limit) or resident < limit / 4:
       return None
@@ -161,7 +176,10 @@ class MemoryWatch:
 
   def _watch(self):
     while not self._stop.wait(self.interval):
-      line = self.exhausted()
+      try:
+        line = self.exhausted()
+      except (OSError, ValueError):  # /proc or a cgroup file unreadable: stop watching, quietly
+        return
       if line is not None:
         os.write(2, (line + '\n').encode())
         os._exit(1)

@@ -65,3 +65,12 @@ def test_memory_watch_speaks_only_when_this_process_holds_nearly_all_of_the_limi
   # Little left of a limit this process holds under a quarter of: another process's doing.
   monkeypatch.setattr(host_memory, 'memory_left', lambda: (100 << 20, 400 * (1 << 30)))
   assert watch.exhausted() is None
+
+
+@pytest.mark.parametrize('cap', ['abc', '0', '-5', 'nan', 'inf'])
+def test_a_memory_cap_that_is_no_size_is_refused_before_the_watch_starts(monkeypatch, cap):
+  sys.path.insert(0, REPO)
+  import host_memory  # noqa: PLC0415
+  monkeypatch.setenv(host_memory.LIMIT_ENV_VAR, cap)
+  with pytest.raises(ValueError, match=f"SOGCLR_MEMORY_LIMIT_MB='{cap}' is not a positive"):
+    host_memory.MemoryWatch('advice')
