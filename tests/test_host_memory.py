@@ -63,7 +63,7 @@ def test_memory_watch_speaks_only_when_this_process_holds_nearly_all_of_the_limi
   assert line.startswith('error: out of memory: this run holds ') and line.endswith(
       'GiB; lower --train_batch_size'), line
   # Little left of a limit this process holds under a quarter of: another process's doing.
-  monkeypatch.setattr(host_memory, 'memory_left', lambda: (100 << 20, 400 * (1 << 30)))
+  monkeypatch.setattr(host_memory, 'memory_left', lambda dirs=None: (100 << 20, 400 * (1 << 30)))
   assert watch.exhausted() is None
 
 
