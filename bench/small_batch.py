@@ -130,7 +130,7 @@ def run_flags(settings, method, batch_size, seed, model_dir, data_dir):
       f'--warmup_epochs={settings.warmup_epochs}', f'--crop_area_min={settings.crop_area_min}',
       f'--random_flip={settings.random_flip}', f'--seed={seed}', f'--model_dir={model_dir}',
       f'--eval_batch_size={settings.eval_batch_size}', '--probe_max_examples=0',
-      '--projector_max_points=0', '--log_every_seconds=60',
+      '--projector_max_points=0', '--keep_hub_module_max=0', '--log_every_seconds=60',
       # One checkpoint, at the end: only the final weights are measured.
       f'--checkpoint_epochs={settings.train_epochs}', '--keep_checkpoint_max=1',
       # Same data order and augmentations for both methods of a pair (parallel map in order).
