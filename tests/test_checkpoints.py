@@ -237,6 +237,7 @@ def test_a_damaged_newest_checkpoint_resumes_from_the_newest_readable_one(
   assert open(f'{model_dir}/ckpt-10.data-00000-of-00001', 'rb').read() == ten
 
 
+@pytest.mark.slow
 def test_restore_model_names_missing_and_mismatched_variables(
     tmp_path, pretrained, run_main, data_dir, tiny_model, restored_model):
   path = tf.train.latest_checkpoint(pretrained)
@@ -257,6 +258,7 @@ def test_restore_model_names_missing_and_mismatched_variables(
              '--proj_out_dim=32', '--eval_timeout_seconds=60')
 
 
+@pytest.mark.slow
 def test_restore_pretrained_checks_every_trunk_and_projection_variable(
     tmp_path, pretrained, tiny_model, restored_model):
   """--checkpoint: trunk and projection head must all be there; the linear head may be new or
@@ -321,6 +323,7 @@ def test_export_signature_matches_the_keras_model(pretrained, restored_model):
                                err_msg=key)
 
 
+@pytest.mark.slow
 def test_export_keeps_the_newest_and_outputs_float32_under_mixed_precision(tmp_path,
                                                                            tiny_model):
   tf.keras.mixed_precision.set_global_policy('mixed_bfloat16')

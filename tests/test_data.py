@@ -95,6 +95,7 @@ def test_ids_derived_from_tfds_ids_cover_a_multi_shard_split_exactly_once(plain)
   assert sorted(halves) == sorted(whole)
 
 
+@pytest.mark.slow
 def test_training_epoch_yields_each_id_once_with_two_distinct_views(plain):
   info = data.describe(plain, 'train', 'test')
   config = data.InputConfig(split='train', global_batch_size=6, image_size=4, is_training=True,
@@ -163,6 +164,7 @@ def test_resumed_pipeline_continues_the_uninterrupted_one(plain, replicas, initi
     np.testing.assert_array_equal(a['views'][1], b['views'][1])
 
 
+@pytest.mark.slow
 def test_training_order_depends_on_the_config_seed_not_the_global_seed(plain):
   info = data.describe(plain, 'train', 'test')
 
@@ -290,6 +292,7 @@ def test_unknown_or_unprepared_dataset_is_an_error(tmp_path, plain):
     data.describe(plain, 'train', 'eval')
 
 
+@pytest.mark.slow
 def test_training_batches_are_static_per_replica_halves_of_the_global_batch(two_replicas,
                                                                             data_dir):
   builder = data.get_builder('digits', data_dir)
@@ -460,6 +463,7 @@ def test_evaluation_views_are_the_same_unaugmented_ones_with_augment_on_device(t
   np.testing.assert_array_equal(elements[1]['views'][0], expected)
 
 
+@pytest.mark.slow
 def test_each_epoch_reads_the_shards_in_an_order_drawn_from_seed_and_epoch(plain):
   # A one-record shuffle buffer passes the read order through.
   info = data.describe(plain, 'train', 'test')

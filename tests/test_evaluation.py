@@ -116,6 +116,7 @@ def padded_test_split(strategy, digits, global_batch_size=112):
                                  num_examples=info.num_eval_examples)
 
 
+@pytest.mark.slow
 def test_eval_batches_have_a_static_shape_and_cover_the_split_once(two_replicas, digits,
                                                                    tiny_model_config):
   assert digits[1].num_eval_examples == 360
@@ -154,6 +155,7 @@ def test_eval_batches_have_a_static_shape_and_cover_the_split_once(two_replicas,
   assert np.all(np.isfinite(features))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('replicas', [1, 2])
 def test_padded_eval_equals_unpadded_eager_eval(replicas, one_replica, two_replicas, digits,
                                                 tiny_model_config):
@@ -244,6 +246,7 @@ def _assert_results_are_those_of(model, evaluator, digits, step, result):
       1e-3 * sum(np.sum(k ** 2) for k in kernels) / 2, rel=1e-5)
 
 
+@pytest.mark.slow
 def test_evaluator_traces_once_for_the_whole_run_and_follows_the_weights(
     two_replicas, digits, data_dir, tiny_model_config):
   builder, info = digits
@@ -304,6 +307,7 @@ def test_evaluator_traces_once_for_the_whole_run_and_follows_the_weights(
   assert len({(r['eval/top_1'], r['eval/knn_top_1']) for r in results}) == 3
 
 
+@pytest.mark.slow
 def test_a_step_evaluated_while_training_is_not_evaluated_again(one_replica, digits, data_dir,
                                                                 tiny_model_config):
   builder, info = digits

@@ -41,6 +41,7 @@ def test_opting_out_keeps_glibc_defaults():
   assert probe(SOGCLR_MALLOC_TUNING='0') == (False, ['False', 'True'])
 
 
+@pytest.mark.slow
 def test_importing_run_tunes_malloc():
   code = ('import sys; sys.path.insert(0, {repo!r}); import run, host_memory; '
           'print(host_memory._applied)').format(repo=REPO)

@@ -195,6 +195,7 @@ def _run_split(strategy, fn, *global_arrays):
   return strategy.run(fn, args=tuple(split(a) for a in global_arrays))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('loss_name', ['simclr', 'sogclr', 'isogclr'])
 def test_two_replicas_equal_one_on_the_same_global_batch(loss_name, one_replica, two_replicas):
   rng = np.random.default_rng(6)

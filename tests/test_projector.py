@@ -4,6 +4,7 @@ import os
 
 from google.protobuf import text_format
 import numpy as np
+import pytest
 from tensorboard.plugins import projector as tb_projector
 from tensorboard.plugins.projector import projector_plugin
 import tensorflow as tf
@@ -42,6 +43,7 @@ def _images_by_id(builder, info, split):
                                      batch['ids'].numpy())}
 
 
+@pytest.mark.slow
 def test_each_evaluation_writes_an_embedding_whose_rows_match_metadata_and_sprite(
     tmp_path, one_replica, data_dir, tiny_model_config):
   builder = data_lib.get_builder('digits', data_dir)

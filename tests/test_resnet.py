@@ -59,6 +59,7 @@ def sk_se_resnet50():
   return model
 
 
+@pytest.mark.slow
 def test_selective_kernel_with_se_builds_runs_and_adds_params(sk_se_resnet50):
   plain = resnet.resnet(50, width_multiplier=0.25)
   plain.build((None, 64, 64, 3))
@@ -71,6 +72,7 @@ def test_selective_kernel_with_se_builds_runs_and_adds_params(sk_se_resnet50):
   assert 'stem_conv' not in names
 
 
+@pytest.mark.slow
 def test_layer_and_variable_names_are_the_checkpoint_scheme(sk_se_resnet50):
   model = sk_se_resnet50
   layers = _all_layers(model)
@@ -166,6 +168,7 @@ def mixed_bfloat16():
     tf.keras.mixed_precision.set_global_policy('float32')
 
 
+@pytest.mark.slow
 def test_mixed_bfloat16_returns_finite_compute_dtype_features(mixed_bfloat16):
   model = resnet.resnet(18, width_multiplier=0.25, cifar_stem=True, sk_ratio=0.0625, se_ratio=0.25)
   features = tf.function(lambda x: model(x, training=True))(_images(2, 32))
@@ -175,6 +178,7 @@ def test_mixed_bfloat16_returns_finite_compute_dtype_features(mixed_bfloat16):
   assert all(v.dtype == tf.float32 for v in model.variables)
 
 
+@pytest.mark.slow
 def test_sync_bn_under_mirrored_strategy_matches_plain_bn(two_replicas):
   strategy = two_replicas
   images = _images(4, 32, seed=5)

@@ -234,6 +234,7 @@ def written_steps(directory):
                 for path in glob.glob(os.path.join(directory, 'ckpt-*.index')))
 
 
+@pytest.mark.slow
 def test_train_checkpoints_every_boundary_and_the_end_and_no_call_crosses_one(
     tmp_path, tiny_training):
   trainer, iterator, learning_rate = tiny_training(uniform_images(80))
