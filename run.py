@@ -300,9 +300,10 @@ def cli(argv):
   """main() with one-line errors for bad input (non-zero exit, nothing written is touched)."""
   del argv
   debug = FLAGS.debug or os.environ.get('SOGCLR_DEBUG', '') not in ('', '0')
+  watch = None
   try:
     config = config_from_flags()
-    host_memory.MemoryWatch(memory_advice(config)).start()
+    watch = host_memory.MemoryWatch(memory_advice(config)).start()
     results = experiment.run(config)
   except trainer_lib.Preempted as e:
     logging.warning('%s', e)
@@ -320,6 +321,9 @@ def cli(argv):
     logging.error('%s', line)
     print(f'error: {line}', file=sys.stderr)
     sys.exit(1)
+  finally:
+    if watch is not None:  # run.cli called in process (a notebook, the tests) leaves no thread
+      watch.stop()
   print(experiment.summary_line(results, config.data.eval_split))
 
 

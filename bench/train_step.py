@@ -32,7 +32,6 @@ import trainer as trainer_lib  # noqa: E402
 POLICIES = {'float32': 'float32', 'bfloat16': 'mixed_bfloat16'}
 # The train step is about forward + backward (2x forward: gradients of activations and weights).
 TRAIN_FLOPS_PER_FORWARD = 3
-PAGE_BYTES = os.sysconf('SC_PAGE_SIZE')
 XLA_CHOICES = ('none', 'simclr_float32', 'simclr', 'all')
 _STARTED = time.perf_counter()
 
@@ -211,9 +210,7 @@ def make_trainer(strategy, model, optimizer, sogclr, loss, xla):
                              jit_compile=xla)
 
 
-def rss_bytes():
-  with open('/proc/self/statm') as f:
-    return int(f.read().split()[1]) * PAGE_BYTES
+rss_bytes = host_memory.own_resident_bytes
 
 
 def _high_water_bytes():
