@@ -369,7 +369,7 @@ def _train(config, setup, input_config, trainer, manager, summary_writer, learni
   the trainer resumed at); returns the seconds spent."""
   initial_step = int(trainer.optimizer.iterations.numpy())
   assert input_config.initial_step == initial_step, (input_config.initial_step, initial_step)
-  if setup.chief:
+  if setup.chief and initial_step == 0:  # a resumed run has them from its start
     write_view_pairs(setup, input_config, summary_writer, initial_step)
   dataset = data_lib.build_distributed_dataset(setup.strategy, setup.builder, setup.info,
                                                input_config, setup.info.num_classes)

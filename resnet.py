@@ -6,8 +6,11 @@ import functools
 
 import tensorflow as tf
 
-# depth -> (block type, blocks per group); bottleneck blocks output 4x their filters.
+# depth -> (block type, blocks per group); bottleneck blocks output 4x their filters. ResNet-10
+# (one basic block per group) is not in SimCLR's table: the smallest trunk, for quick runs on a
+# CPU and the tests (half the layers of ResNet-18 to build and trace).
 _ARCHITECTURES = {
+    10: ('basic', (1, 1, 1, 1)),
     18: ('basic', (2, 2, 2, 2)),
     34: ('basic', (3, 4, 6, 3)),
     50: ('bottleneck', (3, 4, 6, 3)),
@@ -304,7 +307,7 @@ DEPTHS = tuple(sorted(_ARCHITECTURES))
 def resnet(depth, *, width_multiplier=1.0, cifar_stem=False, sk_ratio=0.0, se_ratio=0.0,
            bn_momentum=0.9, bn_epsilon=1e-5, sync_bn=False, fine_tune_after_block=-1,
            name='resnet'):
-  """Builds a ResNet trunk; output_dim is 512*wm (depth 18, 34) or 2048*wm (depth >= 50).
+  """Builds a ResNet trunk; output_dim is 512*wm (depth 10, 18, 34) or 2048*wm (depth >= 50).
 
   fine_tune_after_block: -1 trains everything, 0 freezes the stem, k in 1..4 also groups 1..k.
   """

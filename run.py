@@ -77,7 +77,8 @@ flags.DEFINE_enum('augment_on', 'auto', ['auto', 'host', 'device'],
                   'TPUs and GPUs, host on a CPU (whose results stay those of earlier runs).')
 
 # -- Model -----------------------------------------------------------------------------------------
-flags.DEFINE_integer('resnet_depth', 50, 'ResNet depth: 18, 34, 50, 101, 152 or 200.')
+flags.DEFINE_integer('resnet_depth', 50, 'ResNet depth: 10, 18, 34, 50, 101, 152 or 200 (10: one '
+                     'basic block per group, the smallest; not in SimCLR).')
 flags.DEFINE_float('width_multiplier', 1.0,
                    'Width multiplier of the ResNet (fractions such as 0.25 allowed).')
 flags.DEFINE_float('sk_ratio', 0.0, 'Selective-kernel ratio; > 0 enables SK (SimCLR v2: 0.0625).')

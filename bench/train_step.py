@@ -122,7 +122,7 @@ def parse_args(argv):
                       help='A smoke test of this script: a tiny model, no XLA, few steps.')
   args = parser.parse_args(argv)
   if args.quick:
-    args.models, args.rounds, args.steps, args.xla = '18:16:8:0.125', 2, 1, 'none'
+    args.models, args.rounds, args.steps, args.xla = '10:16:8:0.125', 2, 1, 'none'
     args.micro_seconds, args.track_steps, args.track_every = 0.05, 4, 2
   args.models = [ModelSpec.parse(m) for m in args.models.split(',') if m]
   args.losses = [m for m in args.losses.split(',') if m]
@@ -418,7 +418,7 @@ def markdown_tables(variants, micros):
 def loss_curves(strategy, args):
   """Loss means over `track_every` steps of the demo model on the digits demo, float32 and
   bfloat16 from the same initial weights and the same batches; returns markdown."""
-  spec = (ModelSpec(18, 16, 8, 0.125) if args.quick else ModelSpec(18, 16, 32, 0.25))
+  spec = (ModelSpec(10, 16, 8, 0.125) if args.quick else ModelSpec(18, 16, 32, 0.25))
   data_dir = args.data_dir or os.path.join(tempfile.gettempdir(), 'bench_train_step_tfds')
   builder = data_lib.get_builder('digits', data_dir)
   info = data_lib.describe(builder, 'train', 'test')

@@ -25,13 +25,42 @@ tf.config.set_logical_device_configuration(
 
 import pytest  # noqa: E402
 
-# A run small enough for a test: ResNet-18 at 1/8 width on 16x16 digits, a few steps.
-TINY = ('--dataset=digits', '--image_size=16', '--resnet_depth=18', '--width_multiplier=0.125',
+# A run small enough for a test: ResNet-10 at 1/8 width on 16x16 digits, a few steps.
+TINY = ('--dataset=digits', '--image_size=16', '--resnet_depth=10', '--width_multiplier=0.125',
         '--train_batch_size=16', '--eval_batch_size=100', '--eval_split=test',
         '--optimizer=adam', '--learning_rate=0.01', '--warmup_epochs=0', '--num_proj_layers=2',
         '--proj_out_dim=16', '--use_blur=False', '--log_every_seconds=0',
         # Exact comparisons: the CPU default is bfloat16 where the CPU has it natively.
-        '--mixed_precision=float32')
+        '--mixed_precision=float32',
+        # No end-of-run probe and no SavedModel export (a third of a tiny run's time): a test of
+        # those adds --probe_max_examples=100000 or --keep_hub_module_max=1 (a later flag wins).
+        '--probe_max_examples=0', '--keep_hub_module_max=0')
+
+
+# Module-scoped fixtures that train or write a run, in order of precedence: the tests using one
+# run one after another (on one pytest-xdist worker under `-n 2`, README), so it is built once
+# (the first listed wins where a test uses several: test_experiment's `pretrained` reads
+# `pretrained_run`).
+SHARED_RUNS = ('uninterrupted', 'pretrained_run', 'monitored_run', 'pretraining', 'pretrained',
+               'trained', 'ten_and_twenty', 'tiny_training', 'plain', 'ilsvrc_tars',
+               'sk_se_resnet50')
+
+
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups
+def pytest_collection_modifyitems(items):
+  """Puts each test of a shared run in that run's xdist group, next to the others, and the
+  groups holding a slow test first: under xdist the long ones start early instead of ending the
+  run on one worker while the other waits."""
+  groups = {}
+  for item in items:
+    shared = [name for name in SHARED_RUNS if name in item.fixturenames]
+    group = f'{item.module.__name__}.{shared[0]}' if shared else item.nodeid
+    if shared:
+      item.add_marker(pytest.mark.xdist_group(group))
+    groups.setdefault(group, []).append(item)
+  ordered = sorted(groups.values(),
+                   key=lambda tests: all(t.get_closest_marker('slow') is None for t in tests))
+  items[:] = [item for tests in ordered for item in tests]
 
 
 @pytest.fixture(scope='session')
@@ -147,7 +176,7 @@ def tiny_model_config():
   import model as model_lib  # noqa: PLC0415
 
   def make(**overrides):
-    settings = dict(resnet_depth=18, width_multiplier=0.125, cifar_stem=True, num_proj_layers=2,
+    settings = dict(resnet_depth=10, width_multiplier=0.125, cifar_stem=True, num_proj_layers=2,
                     proj_out_dim=16, num_classes=10)
     return model_lib.ModelConfig(**(settings | overrides))
 

@@ -46,7 +46,7 @@ def test_quick_run_prints_rates_ratios_and_loss_curves(train_step, tmp_path):
   # float32 only for the timed variants (each costs a trace); the loss curves run bfloat16 too.
   tables = train_step.main(['--quick', '--rounds=1', '--precisions=float32',
                             f'--data_dir={tmp_path}'])
-  rows = [line for line in tables.splitlines() if line.startswith('| R18 w0.125 16px b8 |')]
+  rows = [line for line in tables.splitlines() if line.startswith('| R10 w0.125 16px b8 |')]
   timed = [row for row in rows if row.count('|') == 13]
   assert [row.split('|')[2].strip() for row in timed] == ['simclr', 'sogclr']
   for row in timed:

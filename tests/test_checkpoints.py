@@ -25,7 +25,7 @@ def pretrained(tmp_path_factory, run_main, tiny):
   """model_dir of 3 SogCLR steps with LARS (the defaults, which --mode=eval is not told),
   checkpointed at the end and exported."""
   model_dir = str(tmp_path_factory.mktemp('pretrained'))
-  run_main(*tiny, f'--model_dir={model_dir}', '--train_steps=3', '--probe_max_examples=0',
+  run_main(*tiny, f'--model_dir={model_dir}', '--train_steps=3', '--keep_hub_module_max=1',
            '--DCL_mode=True', '--optimizer=lars', '--learning_rate=1.0')
   return model_dir
 
@@ -310,7 +310,7 @@ def test_checkpoint_step_reads_the_optimizer_step_or_the_file_name(tmp_path, pre
 def test_export_signature_matches_the_keras_model(pretrained, restored_model):
   export = os.path.join(pretrained, 'saved_model', '3')
   assert os.listdir(os.path.join(pretrained, 'saved_model')) == ['3']
-  assert json.load(open(os.path.join(export, 'flags.json')))['resnet_depth'] == 18
+  assert json.load(open(os.path.join(export, 'flags.json')))['resnet_depth'] == 10
   serving = tf.saved_model.load(export).signatures['serving_default']
   model = restored_model(tf.train.latest_checkpoint(pretrained))
   images = np.random.default_rng(0).uniform(size=(5, 16, 16, 3)).astype(np.float32)

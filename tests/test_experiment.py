@@ -40,7 +40,8 @@ def pretrained_run(tmp_path_factory, tiny, run_main):
   model_dir = str(tmp_path_factory.mktemp('pretrained'))
   # The default --optimizer (LARS) and --loss (SogCLR), which --mode=eval is not told.
   results = run_main(*tiny, *MONITORS, f'--model_dir={model_dir}', '--train_steps=3',
-                     '--probe_baselines=False', '--DCL_mode=True', '--optimizer=lars',
+                     '--probe_max_examples=100000', '--probe_baselines=False',
+                     '--keep_hub_module_max=1', '--DCL_mode=True', '--optimizer=lars',
                      '--learning_rate=1.0')
   return model_dir, results
 
@@ -103,7 +104,8 @@ def test_pretraining_writes_checkpoint_summaries_flags_and_probe(tmp_path, tiny,
                                                                  data_dir, restored):
   model_dir = str(tmp_path / 'run')
   results = run_main(*tiny, f'--model_dir={model_dir}', '--train_steps=3',
-                     '--checkpoint_steps=2', '--DCL_mode=True', '--probe_baselines=False')
+                     '--checkpoint_steps=2', '--DCL_mode=True', '--probe_max_examples=100000',
+                     '--probe_baselines=False')
   # Checkpoints at step 2 and at the end, never past train_steps.
   latest = tf.train.latest_checkpoint(model_dir)
   assert latest.endswith('ckpt-3')
@@ -134,52 +136,6 @@ def test_pretraining_writes_checkpoint_summaries_flags_and_probe(tmp_path, tiny,
   # 0.73.
   assert 0.45 < results['probe/top_1'] <= 1.0
   assert json.load(open(os.path.join(model_dir, 'result_3.json')))['global_step'] == 3
-
-
-class SimulatedCrash(Exception):
-  pass
-
-
-@pytest.mark.slow
-def test_resumed_run_continues_step_count_and_u_table(tmp_path, tiny, run_main, monkeypatch):
-  common = [*tiny, '--probe_max_examples=0', '--deterministic', '--DCL_mode=True',
-            '--checkpoint_steps=3', '--train_steps=5']
-  straight = str(tmp_path / 'straight')
-  run_main(*common, f'--model_dir={straight}')
-
-  # The same run, crashed right after its step-3 checkpoint, then restarted.
-  resumed = str(tmp_path / 'resumed')
-  save = tf.train.CheckpointManager.save
-
-  def save_then_crash(manager, *args, **kwargs):
-    path = save(manager, *args, **kwargs)
-    raise SimulatedCrash(path)
-
-  monkeypatch.setattr(tf.train.CheckpointManager, 'save', save_then_crash)
-  with pytest.raises(SimulatedCrash):
-    run_main(*common, f'--model_dir={resumed}')
-  monkeypatch.setattr(tf.train.CheckpointManager, 'save', save)
-  saved_u = tf.train.load_variable(tf.train.latest_checkpoint(resumed), checkpoints.LOG_U_KEY)
-  assert tf.train.latest_checkpoint(resumed).endswith('ckpt-3')
-  run_main(*common, f'--model_dir={resumed}')
-
-  final = tf.train.latest_checkpoint(resumed)
-  assert final.endswith('ckpt-5')
-  final_u = tf.train.load_variable(final, checkpoints.LOG_U_KEY)
-  # The restart kept every u that steps 4 and 5 did not revisit ...
-  assert (np.isfinite(saved_u) & (final_u == saved_u)).sum() >= 3 * 16 - 2 * 16
-  # ... and continued the same run: same data, u and weights as the run never stopped.
-  expected = tf.train.latest_checkpoint(straight)
-  np.testing.assert_allclose(final_u, tf.train.load_variable(expected, checkpoints.LOG_U_KEY),
-                             rtol=1e-5)
-  names = [name for name, _ in tf.train.list_variables(expected)
-           if name not in ('save_counter/.ATTRIBUTES/VARIABLE_VALUE',
-                           '_CHECKPOINTABLE_OBJECT_GRAPH')]
-  assert len(names) > 100
-  for name in names:
-    np.testing.assert_allclose(tf.train.load_variable(final, name),
-                               tf.train.load_variable(expected, name), rtol=1e-4, atol=1e-5,
-                               err_msg=name)
 
 
 @pytest.mark.slow
@@ -332,7 +288,7 @@ def test_regularization_loss_is_the_weight_decay_of_the_kernels(pretrained_run, 
   # 1e-3 * sum(w^2) / 2 over trainable variables except BN scales/offsets and biases.
   kernels = [v.numpy().astype(np.float64) for v in model.trainable_variables
              if v.name not in ('gamma', 'beta', 'bias')]
-  assert len(kernels) > 20 and len(kernels) < len(model.trainable_variables)
+  assert len(kernels) > 10 and len(kernels) < len(model.trainable_variables)
   expected = 1e-3 * sum(np.sum(k ** 2) for k in kernels) / 2
   assert results['eval/regularization_loss'] == pytest.approx(expected, rel=1e-5)
   saved = json.load(open(os.path.join(pretrained, 'result_3.json')))
@@ -349,7 +305,7 @@ def test_eval_mode_evaluates_the_final_checkpoint_and_exits(tmp_path, tiny, run_
   # The tiny flags' --optimizer=adam is not the run's (LARS): harmless, only the model is
   # restored.
   results = run_main(*tiny, *MONITORS, f'--model_dir={model_dir}', '--mode=eval',
-                     '--train_steps=3', '--eval_timeout_seconds=60')
+                     '--train_steps=3', '--eval_timeout_seconds=60', '--keep_hub_module_max=1')
   assert results['global_step'] == 3 and results['eval/num_examples'] == 360
   saved = json.load(open(os.path.join(model_dir, 'result_3.json')))
   assert saved['eval/top_1'] == pytest.approx(results['eval/top_1'])
@@ -462,7 +418,7 @@ import model as model_lib
 import trainer
 
 model_dir, data_dir = sys.argv[1:]
-model_config = model_lib.ModelConfig(resnet_depth=18, width_multiplier=0.125, cifar_stem=True,
+model_config = model_lib.ModelConfig(resnet_depth=10, width_multiplier=0.125, cifar_stem=True,
                                      num_proj_layers=2, proj_out_dim=16, num_classes=10)
 config = experiment.Config(
     model_dir=model_dir,
@@ -521,14 +477,14 @@ def test_a_run_configured_without_flags_trains_evaluates_and_restores(repo, tmp_
   assert results['eval/knn_top_1'] > 0.35 and results['probe/top_1'] > 0.45
   # The restored model holds the checkpoint's values (every variable) and is the model the
   # run trained and exported.
-  assert report['num_variables'] > 100 and all(report['equal_to_checkpoint'])
+  assert report['num_variables'] > 60 and all(report['equal_to_checkpoint'])
   assert report['changed_by_restore'] > report['num_variables'] // 2
   assert report['export_difference'] < 1e-5
   # No command line, yet flags.json records what defines the run, from the config itself.
   recorded = json.load(open(os.path.join(model_dir, 'flags.json')))
   assert set(recorded) == set(run_record.run_defining_flags(experiment.Config))
   assert (recorded['resolved_loss'], recorded['dataset'], recorded['image_size'],
-          recorded['resnet_depth']) == ('sogclr', 'digits', 16, 18)
+          recorded['resnet_depth']) == ('sogclr', 'digits', 16, 10)
 
 
 @pytest.mark.slow
@@ -565,7 +521,8 @@ def test_official_linear_evaluation_command_runs_as_written(tmp_path, not_archit
 
 # Monitoring while pretraining: an evaluation every 2 steps, deterministic (compared below with
 # the same run without it).
-MONITORED = ['--train_steps=4', '--probe_baselines=False', '--DCL_mode=True', '--deterministic']
+MONITORED = ['--train_steps=4', '--probe_max_examples=100000', '--probe_baselines=False',
+             '--DCL_mode=True', '--deterministic']
 
 
 @pytest.fixture(scope='module')
@@ -711,7 +668,7 @@ def test_pretraining_on_an_unlabelled_split_ends_with_its_results_and_no_probe(
   results = run_main(*args, f'--data_dir={data_dir}', '--dataset=minus_one', '--num_classes=3',
                      '--train_split=unlabelled', '--eval_batch_size=4', '--train_steps=2',
                      '--lineareval_while_pretraining=False', f'--model_dir={model_dir}',
-                     '--keep_hub_module_max=0')
+                     '--probe_max_examples=100000')
   assert 'No linear probe: the train split \'unlabelled\' has labels outside [0, 3)' in caplog.text
   saved = json.load(open(os.path.join(model_dir, 'result_2.json')))
   assert saved == results and saved['global_step'] == 2 and 'probe/top_1' not in saved

@@ -19,7 +19,7 @@ IMAGENET1K = imagenet.imagenet1k_classes()
 # Two classes of ImageNet-100 and one outside it.
 CLASSES = [IMAGENET100[0], IMAGENET100[1], sorted(set(IMAGENET1K) - set(IMAGENET100))[0]]
 TRAIN_PER_CLASS = 4
-TINY_RUN = ['--image_size=16', '--resnet_depth=18', '--width_multiplier=0.125',
+TINY_RUN = ['--image_size=16', '--resnet_depth=10', '--width_multiplier=0.125',
             '--num_proj_layers=2', '--proj_out_dim=16', '--train_steps=2', '--eval_batch_size=8',
             '--optimizer=adam', '--learning_rate=0.01', '--warmup_epochs=0', '--use_blur=False',
             '--probe_max_examples=0', '--log_every_seconds=0', '--mixed_precision=float32']

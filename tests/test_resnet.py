@@ -31,7 +31,9 @@ def test_output_shape_and_dim_at_quarter_width(depth, output_dim, cifar_stem, si
   assert np.any(features.numpy() > 0)
 
 
-@pytest.mark.parametrize('depth, expected', [(18, 11_176_512), (50, 23_508_032)])
+# ResNet-10: the stem (9,408 + 128), then per group one basic block (two 3x3 convolutions and
+# their BatchNorms) and, from group 2, a 1x1 projection shortcut with its BatchNorm.
+@pytest.mark.parametrize('depth, expected', [(10, 4_905_792), (18, 11_176_512), (50, 23_508_032)])
 def test_trainable_param_count_matches_standard_resnet_trunk(depth, expected):
   model = resnet.resnet(depth)
   model.build((None, 64, 64, 3))
@@ -153,7 +155,7 @@ def test_fully_frozen_trunk_ignores_training_flag():
 
 
 def test_unknown_depth_and_fine_tune_value_raise():
-  with pytest.raises(ValueError, match=r'depth 77.*18, 34, 50, 101, 152, 200'):
+  with pytest.raises(ValueError, match=r'depth 77.*10, 18, 34, 50, 101, 152, 200'):
     resnet.resnet(77)
   with pytest.raises(ValueError, match='fine_tune_after_block=5'):
     resnet.resnet(18, fine_tune_after_block=5)

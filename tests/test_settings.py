@@ -73,7 +73,7 @@ def test_a_float_flag_that_is_not_a_finite_number_is_an_error_naming_it(name):
     (dict(eval_name='../../../escaped_eval'),
      "--eval_name='../../../escaped_eval' must be a plain name"),
     (dict(eval_name='a/b'), "--eval_name='a/b' must be a plain name"),
-    (dict(resnet_depth=7), '--resnet_depth=7 is not one of [18, 34, 50, 101, 152, 200]'),
+    (dict(resnet_depth=7), '--resnet_depth=7 is not one of [10, 18, 34, 50, 101, 152, 200]'),
     (dict(train_batch_size=1), '--train_batch_size=1 leaves a contrastive batch without '
                                'negatives'),
     (dict(seed=-5), '--seed must be >= 0, got -5'),
