@@ -399,7 +399,7 @@ def _wait_for_progress(process, timeout=120):
 
 
 @pytest.mark.slow
-def test_sigterm_saves_a_checkpoint_and_exits_then_resumes(repo, tmp_path, tiny, run_command):
+def test_sigterm_saves_a_checkpoint_and_exits_then_resumes(repo, tmp_path, tiny, run_in_process):
   model_dir = str(tmp_path / 'run')
   common = [*tiny, f'--model_dir={model_dir}', '--probe_max_examples=0', '--DCL_mode=True',
             '--checkpoint_steps=100000']
@@ -409,7 +409,7 @@ def test_sigterm_saves_a_checkpoint_and_exits_then_resumes(repo, tmp_path, tiny,
   latest = tf.train.latest_checkpoint(model_dir)
   step = int(latest.rsplit('-', 1)[1])
   assert 0 < step < 100000
-  resumed = run_command(*common, f'--train_steps={step + 2}')
+  resumed = run_in_process(*common, f'--train_steps={step + 2}')
   assert resumed.returncode == 0, resumed.stderr[-2000:]
   assert tf.train.latest_checkpoint(model_dir).endswith(f'ckpt-{step + 2}')
   assert re.search(rf'Resumed from \S+ckpt-{step} at step {step}', resumed.stderr)
