@@ -373,8 +373,7 @@ def test_sigterm_to_one_worker_stops_every_worker_at_one_step_with_a_checkpoint(
                                                                                workers):
   # A preemption notice reaches one VM of the job: worker 1, not the chief, which saves.
   model_dir = str(tmp_path / 'run')
-  processes = workers(model_dir, str(tmp_path), '--train_steps=400', '--checkpoint_steps=20',
-                      '--probe_max_examples=0', '--keep_hub_module_max=0')
+  processes = workers(model_dir, str(tmp_path), '--train_steps=400', '--checkpoint_steps=20')
   (chief, _), (worker, _) = processes
   try:
     wait_for_a_checkpoint(model_dir, chief, worker)
@@ -406,7 +405,6 @@ def test_a_worker_stalled_while_alive_ends_the_job_with_one_line_within_the_step
   # as the stall lasted (150 s seen, no line, SIGTERM ignored).
   model_dir = str(tmp_path / 'run')
   processes = workers(model_dir, str(tmp_path), '--train_steps=400', '--checkpoint_steps=10',
-                      '--probe_max_examples=0', '--keep_hub_module_max=0',
                       '--step_timeout_seconds=8')
   (chief, _), (worker, _) = processes
   try:

@@ -142,8 +142,7 @@ def test_pretraining_writes_checkpoint_summaries_flags_and_probe(tmp_path, tiny,
 def test_divergence_stops_with_the_step_range_and_keeps_the_last_good_checkpoint(
     tmp_path, tiny, run_main, run_cli, snapshot):
   model_dir = str(tmp_path / 'run')
-  common = [*tiny, f'--model_dir={model_dir}', '--probe_max_examples=0', '--checkpoint_steps=1',
-            '--optimizer=momentum']
+  common = [*tiny, f'--model_dir={model_dir}', '--checkpoint_steps=1', '--optimizer=momentum']
   run_main(*common, '--train_steps=2')
   good = snapshot(model_dir)
   code, err = run_cli(*common, '--train_steps=8', '--learning_rate=1e30')
@@ -176,8 +175,7 @@ def test_a_run_whose_batch_norm_statistics_diverge_saves_nothing_and_records_no_
                                                '--proj_out_dim'))]
   code, err = run_cli(*args, f'--model_dir={model_dir}', '--learning_rate=1e9',
                       '--width_multiplier=0.25', '--train_batch_size=32',
-                      '--train_steps=20', '--checkpoint_steps=5', '--probe_max_examples=0',
-                      '--keep_hub_module_max=0')
+                      '--train_steps=20', '--checkpoint_steps=5')
   assert code == 1, err[-2000:]
   assert re.search(r'error: Non-finite \(or overflowing\) state between steps 1 and 5 \(.*'
                    r'moving_variance.*no checkpoint of this run is kept', err, re.M), err[-2000:]
@@ -192,9 +190,8 @@ def test_a_run_whose_batch_norm_statistics_diverge_saves_nothing_and_records_no_
 def test_sogclr_trains_finite_at_temperature_001(tmp_path, tiny, run_main, precision):
   # exp(1/0.01) overflows float32: the log-domain u table and float32 loss math must not.
   model_dir = str(tmp_path / precision)
-  results = run_main(*tiny, f'--model_dir={model_dir}', '--probe_max_examples=0',
-                     '--DCL_mode=True', '--temperature=0.01', f'--mixed_precision={precision}',
-                     '--train_steps=4')
+  results = run_main(*tiny, f'--model_dir={model_dir}', '--DCL_mode=True', '--temperature=0.01',
+                     f'--mixed_precision={precision}', '--train_steps=4')
   assert np.isfinite(results['eval/top_1'])
   # run() hands the float32 policy back, whatever the run computed in.
   assert tf.keras.mixed_precision.global_policy().name == 'float32'
@@ -323,7 +320,7 @@ def test_eval_mode_without_a_supervised_head_still_runs_the_knn_monitor(
   model_dir = copied_model_dir(pretrained, tmp_path)
   results = run_main(*tiny, *MONITORS, f'--model_dir={model_dir}', '--mode=eval',
                      '--train_steps=3', '--eval_timeout_seconds=60',
-                     '--lineareval_while_pretraining=False', '--keep_hub_module_max=0')
+                     '--lineareval_while_pretraining=False')
   assert 'eval/top_1' not in results
   assert results['eval/knn_top_1'] == pretrained_results['eval/knn_top_1']
   assert 0 < results['eval/regularization_loss'] < pretrained_results['eval/regularization_loss']
@@ -616,8 +613,7 @@ def test_evaluating_while_training_leaves_training_unchanged(monitored_run, tmp_
 def test_isogclr_run_summarizes_the_visited_images_temperatures(tmp_path, tiny, run_main):
   model_dir = str(tmp_path / 'run')
   run_main(*tiny, f'--model_dir={model_dir}', '--train_steps=4', '--checkpoint_steps=2',
-           '--loss=isogclr', '--isogclr_eta=0.5', '--probe_max_examples=0',
-           '--keep_hub_module_max=0')
+           '--loss=isogclr', '--isogclr_eta=0.5')
   latest = tf.train.latest_checkpoint(model_dir)
   tau = tf.train.load_variable(latest, checkpoints.TAU_KEY)
   visited = np.isfinite(tf.train.load_variable(latest, checkpoints.LOG_U_KEY))

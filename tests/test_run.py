@@ -319,7 +319,7 @@ def _bad_input_command(tiny, trained_dir, args):
   reads it as --checkpoint and writes next to it)."""
   args = [a.replace('TRAINED', trained_dir) for a in args]
   target = trained_dir if '--train_mode=finetune' not in args else trained_dir + '_ft'
-  return [*tiny, f'--model_dir={target}', '--train_steps=4', '--probe_max_examples=0', *args]
+  return [*tiny, f'--model_dir={target}', '--train_steps=4', *args]
 
 
 def _error_lines(err):
@@ -401,8 +401,7 @@ def _wait_for_progress(process, timeout=120):
 @pytest.mark.slow
 def test_sigterm_saves_a_checkpoint_and_exits_then_resumes(repo, tmp_path, tiny, run_in_process):
   model_dir = str(tmp_path / 'run')
-  common = [*tiny, f'--model_dir={model_dir}', '--probe_max_examples=0', '--DCL_mode=True',
-            '--checkpoint_steps=100000']
+  common = [*tiny, f'--model_dir={model_dir}', '--DCL_mode=True', '--checkpoint_steps=100000']
   process, err = _stopped_by_sigterm(repo, *common, '--train_steps=100000')
   assert process.returncode == run.PREEMPTED_EXIT_CODE, err[-2000:]
   assert 'preempted: Stopped at step' in err
@@ -464,7 +463,7 @@ def ten_and_twenty(tmp_path_factory, tiny, run_main):
   """A pretraining model_dir holding ckpt-10 and ckpt-20 (and flags.json, results)."""
   model_dir = str(tmp_path_factory.mktemp('ten_and_twenty'))
   run_main(*tiny, f'--model_dir={model_dir}', '--train_steps=20', '--checkpoint_steps=10',
-           '--probe_max_examples=0', '--keep_hub_module_max=0', '--deterministic')
+           '--deterministic')
   return model_dir
 
 
@@ -485,8 +484,7 @@ def test_a_damaged_newest_checkpoint_resumes_from_the_newest_readable_one(
   expected = 'ckpt-10'
   ten = open(f'{model_dir}/ckpt-10.data-00000-of-00001', 'rb').read()
   result = run_command(*tiny, f'--model_dir={model_dir}', '--train_steps=30',
-                       '--checkpoint_steps=10', '--probe_max_examples=0',
-                       '--keep_hub_module_max=0', '--deterministic')
+                       '--checkpoint_steps=10', '--deterministic')
   assert result.returncode == 0, result.stderr[-3000:]
   assert re.search(rf'Resumed from \S+/{expected} at step {expected[5:]}', result.stderr)
   assert 'from step 0 ' not in result.stderr
@@ -504,8 +502,7 @@ def test_unreadable_checkpoints_are_an_error_unless_start_over_moves_them_aside(
   for step in (10, 20):
     os.truncate(f'{model_dir}/ckpt-{step}.data-00000-of-00001', 100)
   before = snapshot(model_dir)
-  args = (*tiny, f'--model_dir={model_dir}', '--train_steps=30', '--probe_max_examples=0',
-          '--keep_hub_module_max=0')
+  args = (*tiny, f'--model_dir={model_dir}', '--train_steps=30')
   result = run_in_process(*args)
   assert result.returncode == 1
   assert re.search(r'^error: --model_dir=.* holds checkpoints but none can be read: ckpt-20 '
@@ -540,8 +537,7 @@ def test_resuming_with_run_defining_flags_changed_is_an_error_unless_allowed(
     ten_and_twenty, tiny, tmp_path, run_in_process, snapshot):
   model_dir = _copy(ten_and_twenty, tmp_path)
   before = snapshot(model_dir)
-  common = (*tiny, f'--model_dir={model_dir}', '--probe_max_examples=0',
-            '--keep_hub_module_max=0')
+  common = (*tiny, f'--model_dir={model_dir}')
   for extra, message in [
       (['--train_steps=30', '--seed=3', '--temperature=0.2'],
        r"--temperature=0.2 \(was 0.1\), --seed=3 \(was 0\); recorded in .*flags\.json.*"
@@ -567,7 +563,7 @@ def _start_endless_run(repo, tiny, model_dir):
   """`python run.py` of a tiny run too long to finish, its stderr piped (for signal tests)."""
   return subprocess.Popen(
       [sys.executable, os.path.join(repo, 'run.py'), *tiny, f'--model_dir={model_dir}',
-       '--train_steps=100000', '--checkpoint_steps=100000', '--probe_max_examples=0'],
+       '--train_steps=100000', '--checkpoint_steps=100000'],
       stderr=subprocess.PIPE, text=True, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2'))
 
 
@@ -677,7 +673,7 @@ def test_a_shard_shorter_than_its_metadata_names_the_dataset_and_split(run_cli, 
       writer.write(record)
   args = [f for f in tiny if not f.startswith('--data_dir')]
   code, err = run_cli(*args, f'--data_dir={copy}', f'--model_dir={tmp_path / "run"}',
-                      '--train_steps=20', '--probe_max_examples=0')
+                      '--train_steps=20')
   assert code == 1
   assert re.search(rf"^error: reading dataset digits split train under --data_dir="
                    rf"'{re.escape(str(copy))}' failed: its shards hold fewer records than its "
@@ -732,7 +728,7 @@ def test_a_full_disk_is_a_one_line_error_keeping_the_last_complete_checkpoint(
     small_disk, tiny, run_command):
   model_dir = os.path.join(small_disk, 'run')
   result = run_command(*tiny, f'--model_dir={model_dir}', '--train_steps=40',
-                       '--checkpoint_steps=5', '--keep_hub_module_max=0')
+                       '--checkpoint_steps=5')
   assert result.returncode == 1
   assert re.search(r'^error: could not save checkpoint ckpt-\d+ in .* No space left on device.*'
                    r'the last complete checkpoint \(.*ckpt-\d+\) is kept', result.stderr, re.M), \
