@@ -67,6 +67,7 @@ class Settings:
   train_epochs: int
   width_multiplier: float
   methods: tuple = METHODS
+  resnet_depth: int = 18
   dataset: str = 'digits'
   image_size: int = 16
   temperature: float = 0.1
@@ -97,7 +98,7 @@ class Settings:
 FULL = Settings(batch_sizes=(16, 32, 128, 256), seeds=(0, 1, 2), train_epochs=30,
                 width_multiplier=0.25)
 QUICK = Settings(batch_sizes=(64, 256), seeds=(0,), train_epochs=1, width_multiplier=0.125,
-                 warmup_epochs=0)
+                 warmup_epochs=0, resnet_depth=10)
 # Fashion-MNIST (60,000 training images, 28x28 grey, upsampled to 32): the recipe of the README's
 # docs/results.md; batch 64 and 512 for the same epochs.
 FASHION = Settings(
@@ -115,6 +116,8 @@ GRID_FIELDS = ('batch_sizes', 'seeds', 'methods')
 def run_settings(settings, method='simclr'):
   """What one run depends on: a cached run is reused only when all of it matches."""
   fields = {k: v for k, v in dataclasses.asdict(settings).items() if k not in GRID_FIELDS}
+  if fields['resnet_depth'] == 18:  # records made before the field, all of ResNet-18, match
+    del fields['resnet_depth']
   return fields | ({'isogclr': ISOGCLR} if method == 'isogclr' else {})
 
 
@@ -123,7 +126,7 @@ def run_flags(settings, method, batch_size, seed, model_dir, data_dir):
   with method 'supervised' the supervised network of the same shape trained from scratch."""
   flags = [
       f'--dataset={settings.dataset}', '--eval_split=test',
-      f'--image_size={settings.image_size}', '--resnet_depth=18',
+      f'--image_size={settings.image_size}', f'--resnet_depth={settings.resnet_depth}',
       f'--width_multiplier={settings.width_multiplier}', f'--train_batch_size={batch_size}',
       f'--train_epochs={settings.train_epochs}', '--optimizer=adam',
       f'--learning_rate={settings.base_learning_rate!r}', '--learning_rate_scaling=sqrt',

@@ -37,13 +37,16 @@ TINY = ('--dataset=digits', '--image_size=16', '--resnet_depth=10', '--width_mul
         '--probe_max_examples=0', '--keep_hub_module_max=0')
 
 
-# Module-scoped fixtures that train or write a run, in order of precedence: the tests using one
-# run one after another (on one pytest-xdist worker under `-n 2`, README), so it is built once
-# (the first listed wins where a test uses several: test_experiment's `pretrained` reads
-# `pretrained_run`).
+# Fixtures that train or write a run, in order of precedence: the tests using one run one after
+# another (on one pytest-xdist worker under `-n 2`, README), so it is built once (the first
+# listed wins where a test uses several: `pretrained` reads `pretrained_run`). Module-scoped but
+# for SESSION_RUNS, defined here and shared by several test modules.
 SHARED_RUNS = ('uninterrupted', 'pretrained_run', 'monitored_run', 'pretraining', 'pretrained',
                'trained', 'ten_and_twenty', 'tiny_training', 'plain', 'ilsvrc_tars',
                'sk_se_resnet50')
+SESSION_RUNS = ('pretrained_run',)
+# The pretrained run's evaluation flags (test_experiment.py's runs compared with it use them).
+MONITORS = ('--knn_monitor', '--knn_k=20', '--weight_decay=1e-3')
 
 
 @pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups
@@ -54,7 +57,8 @@ def pytest_collection_modifyitems(items):
   groups = {}
   for item in items:
     shared = [name for name in SHARED_RUNS if name in item.fixturenames]
-    group = f'{item.module.__name__}.{shared[0]}' if shared else item.nodeid
+    group = (shared[0] if shared and shared[0] in SESSION_RUNS else
+             f'{item.module.__name__}.{shared[0]}' if shared else item.nodeid)
     if shared:
       item.add_marker(pytest.mark.xdist_group(group))
     groups.setdefault(group, []).append(item)
@@ -98,6 +102,20 @@ def _parse(args):
   run.FLAGS.unparse_flags()
   run.FLAGS(['run.py', *args])
   return run
+
+
+@pytest.fixture(scope='session')
+def pretrained_run(tmp_path_factory, tiny, run_main):
+  """(model_dir, results) of 3 SogCLR steps with LARS, evaluated with the monitors and the
+  probe, checkpointed at the end and exported (read by test_experiment.py and
+  test_checkpoints.py; tests copy it before writing)."""
+  model_dir = str(tmp_path_factory.mktemp('pretrained'))
+  # The default --optimizer (LARS) and --loss (SogCLR), which --mode=eval is not told.
+  results = run_main(*tiny, *MONITORS, f'--model_dir={model_dir}', '--train_steps=3',
+                     '--probe_max_examples=100000', '--probe_baselines=False',
+                     '--keep_hub_module_max=1', '--DCL_mode=True', '--optimizer=lars',
+                     '--learning_rate=1.0')
+  return model_dir, results
 
 
 @pytest.fixture(scope='session')

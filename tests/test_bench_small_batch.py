@@ -145,3 +145,14 @@ def test_quick_run_writes_table_plot_and_json(tmp_path):
   subprocess.run(command, check=True, timeout=600, cwd=REPO)
   again = json.load(open(os.path.join(out_dir, 'results.json')))
   assert again['runs'] == results['runs']
+
+
+def test_the_published_fashion_mnist_runs_are_those_of_its_settings(small_batch):
+  # --reuse_runs takes a published run only if its settings are the preset's own: a field added
+  # to Settings must leave them so (resnet_depth: left out at 18).
+  published = json.load(open(os.path.join(REPO, 'bench', 'results', 'fashion_mnist',
+                                           'results.json')))
+  assert published['runs'] and all(
+      run['settings'] == small_batch.run_settings(small_batch.FASHION, run['method'])
+      for run in published['runs'])
+  assert '--resnet_depth=10' in small_batch.run_flags(small_batch.QUICK, 'sogclr', 64, 0, 'm', None)

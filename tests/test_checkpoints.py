@@ -21,13 +21,9 @@ import trainer as trainer_lib
 
 
 @pytest.fixture(scope='module')
-def pretrained(tmp_path_factory, run_main, tiny):
-  """model_dir of 3 SogCLR steps with LARS (the defaults, which --mode=eval is not told),
-  checkpointed at the end and exported."""
-  model_dir = str(tmp_path_factory.mktemp('pretrained'))
-  run_main(*tiny, f'--model_dir={model_dir}', '--train_steps=3', '--keep_hub_module_max=1',
-           '--DCL_mode=True', '--optimizer=lars', '--learning_rate=1.0')
-  return model_dir
+def pretrained(pretrained_run):
+  """model_dir of 3 SogCLR steps with LARS, checkpointed at the end and exported."""
+  return pretrained_run[0]
 
 
 @pytest.fixture(scope='module')

@@ -418,9 +418,9 @@ def test_sigterm_saves_a_checkpoint_and_exits_then_resumes(repo, tmp_path, tiny,
 def test_sigkilled_deterministic_run_ends_equal_to_an_uninterrupted_one(repo, tmp_path, tiny,
                                                                         run_main, run_command):
   # iSogCLR: every per-image table (u, each image's temperature and its momentum) comes back
-  # from the checkpoint, as the weights and the optimizer do; 120 steps of 16 are 1.3 epochs of
+  # from the checkpoint, as the weights and the optimizer do; 100 steps of 16 are 1.1 epochs of
   # the 1,437 digits, so revisits read the tables restored.
-  common = [*tiny, '--loss=isogclr', '--isogclr_eta=0.5', '--deterministic', '--train_steps=120',
+  common = [*tiny, '--loss=isogclr', '--isogclr_eta=0.5', '--deterministic', '--train_steps=100',
             '--checkpoint_steps=10']
   straight = str(tmp_path / 'straight')
   run_main(*common, f'--model_dir={straight}')
@@ -431,7 +431,13 @@ def test_sigkilled_deterministic_run_ends_equal_to_an_uninterrupted_one(repo, tm
     process = _start(repo, *common, f'--model_dir={killed}')
     try:
       _wait_for_progress(process)
-      time.sleep(rng.uniform(0.0, 1.5))  # a random point of the run
+      # A random point of the run after its first checkpoint (before it, the restart would
+      # start over, as a run with nothing saved does).
+      deadline = time.time() + 120
+      while tf.train.latest_checkpoint(killed) is None and process.poll() is None:
+        assert time.time() < deadline, 'no checkpoint in time'
+        time.sleep(0.02)
+      time.sleep(rng.uniform(0.0, 1.5))
       if process.poll() is None:
         process.send_signal(signal.SIGKILL)
         kills += 1
@@ -442,7 +448,7 @@ def test_sigkilled_deterministic_run_ends_equal_to_an_uninterrupted_one(repo, tm
   assert finished.returncode == 0, finished.stderr[-2000:]
   assert re.search(r'Resumed from \S+ckpt-\d+ at step \d+: .*tau sum', finished.stderr)
   final, expected = (tf.train.latest_checkpoint(d) for d in (killed, straight))
-  assert final.endswith('ckpt-120') and expected.endswith('ckpt-120')
+  assert final.endswith('ckpt-100') and expected.endswith('ckpt-100')
   names = [n for n, _ in tf.train.list_variables(expected)
            if n not in ('_CHECKPOINTABLE_OBJECT_GRAPH', 'save_counter/.ATTRIBUTES/VARIABLE_VALUE')]
   tables = (checkpoints.LOG_U_KEY, checkpoints.TAU_KEY, checkpoints.TAU_MOMENTUM_KEY)
@@ -605,18 +611,6 @@ def test_a_second_ctrl_c_while_the_first_call_traces_stops_at_once(tiny, tmp_pat
   assert process.returncode == 130, stderr[-3000:]
   assert re.search(r'^interrupted: stopped by a second Ctrl-C, at once', stderr, re.M)
   assert 'Traceback' not in stderr and 'KeyboardInterrupt' not in stderr
-
-
-@pytest.mark.slow
-def test_data_errors_inside_the_pipeline_name_the_record_and_value(tiny, tmp_path, run_in_process):
-  result = run_in_process(*tiny, f'--model_dir={tmp_path / "run"}', '--train_steps=3',
-                       '--num_classes=5')
-  assert result.returncode == 1
-  line, = [x for x in result.stderr.splitlines() if x.startswith('error:')]
-  assert re.fullmatch(r'error: Dataset digits split train: label outside \[0, 5\) \(set '
-                      r'--num_classes, or --label_offset=1 for labels counted from 1\) in record '
-                      r'digits-train\.tfrecord-00000-of-00001__\d+: '
-                      r'label [5-9]', line), line
 
 
 @pytest.mark.slow
@@ -786,29 +780,6 @@ def test_labels_counted_from_one_stop_with_the_fix_and_train_with_label_offset(
   results = json.load(open(tmp_path / 'offset' / 'result_4.json'))
   assert results['eval/num_examples'] == 8
   assert json.load(open(tmp_path / 'offset' / 'flags.json'))['label_offset'] == 1
-  result = run_in_process(*args, '--label_offset=-1', f'--model_dir={tmp_path / "negative"}')
-  assert result.returncode == 1
-  assert _error_line(result) == 'error: --label_offset must be >= 0, got -1'
-
-
-@pytest.mark.slow
-def test_an_id_in_two_records_stops_sogclr_naming_it(official_layout, tmp_path, run_in_process):
-  # Ids are 23 - i, except that record 3 carries record 10's (13): one u slot would serve two
-  # images and id 20's stay empty.
-  data_dir = official_layout(tmp_path / 'tfds',
-                             ids=lambda i, n: n - 1 - (10 if i == 3 and n == 24 else i))
-  model_dir = tmp_path / 'run'
-  result = run_in_process(*OFFICIAL_RUN, f'--data_dir={data_dir}', '--num_classes=100',
-                       '--train_steps=8', f'--model_dir={model_dir}')
-  assert result.returncode == 1
-  assert re.fullmatch(r'error: Dataset imagenet2012 split train: id read twice in one epoch '
-                      r'\(two records share it; every image needs its own id\) in record '
-                      r'imagenet2012-train\.tfrecord-0000\d-of-00003__\d+: id 13',
-                      _error_line(result)), result.stderr[-3000:]
-  # SimCLR has no per-image table: the same data trains.
-  result = run_in_process(*OFFICIAL_RUN, f'--data_dir={data_dir}', '--num_classes=100',
-                       '--train_steps=8', '--loss=simclr', f'--model_dir={tmp_path / "simclr"}')
-  assert result.returncode == 0, result.stderr[-3000:]
 
 
 @pytest.mark.slow

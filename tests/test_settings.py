@@ -77,11 +77,21 @@ def test_a_float_flag_that_is_not_a_finite_number_is_an_error_naming_it(name):
     (dict(train_batch_size=1), '--train_batch_size=1 leaves a contrastive batch without '
                                'negatives'),
     (dict(seed=-5), '--seed must be >= 0, got -5'),
+    (dict(label_offset=-1), '--label_offset must be >= 0, got -1'),
 ])
 def test_values_that_cannot_be_right_are_errors_naming_the_flag(changes, message):
   with pytest.raises(ValueError, match=f'^{re.escape(message)}'):
     settings.validate_flags(default_values(**changes))
   settings.validate_flags(default_values(eval_name='on_train-2'))
+
+
+def test_only_an_objective_with_per_image_tables_needs_distinct_ids():
+  # Two records with one id would share a u slot: SogCLR's pipeline stops on them (the check
+  # itself: test_data.py), SimCLR's and fine-tuning's read such data.
+  for changes, unique in ((dict(loss='sogclr'), True), (dict(loss='isogclr'), True),
+                          (dict(loss='simclr'), False), (dict(train_mode='finetune'), False)):
+    config = settings.build_config(default_values(**changes))
+    assert experiment.train_input_config(config, initial_step=0).unique_ids is unique, changes
 
 
 def test_what_flags_json_records_of_a_command_line_config_is_its_flags():
