@@ -357,10 +357,11 @@ class Evaluator:
     results = {'probe/top_1': probe.linear_probe_accuracy(train_x, train_y, test_x, test_y)}
     if config.probe_baselines:
       results.update(self._probe_baselines())
-    logging.info('Linear probe on %s: top-1 %.4f (raw pixels %.4f, random network %.4f, chance '
-                 '%.2f)', self.data.eval_split, results['probe/top_1'],
-                 results.get('probe/raw_pixels_top_1', float('nan')),
-                 results.get('probe/random_network_top_1', float('nan')), 1 / info.num_classes)
+    baselines = ('raw pixels %.4f, random network %.4f, ' % (
+        results['probe/raw_pixels_top_1'], results['probe/random_network_top_1'])
+                 if config.probe_baselines else 'baselines off, ')
+    logging.info('Linear probe on %s: top-1 %.4f (%schance %.2f)', self.data.eval_split,
+                 results['probe/top_1'], baselines, 1 / info.num_classes)
     return results
 
   def _probe_baselines(self):

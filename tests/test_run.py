@@ -719,10 +719,10 @@ def test_a_file_as_data_dir_is_a_one_line_error(run_cli, tiny, tmp_path):
 
 @pytest.mark.slow
 def test_a_full_disk_is_a_one_line_error_keeping_the_last_complete_checkpoint(
-    small_disk, tiny, run_command):
+    small_disk, tiny, run_in_process):
   model_dir = os.path.join(small_disk, 'run')
-  result = run_command(*tiny, f'--model_dir={model_dir}', '--train_steps=40',
-                       '--checkpoint_steps=5')
+  result = run_in_process(*tiny, f'--model_dir={model_dir}', '--train_steps=40',
+                          '--checkpoint_steps=5')
   assert result.returncode == 1
   assert re.search(r'^error: could not save checkpoint ckpt-\d+ in .* No space left on device.*'
                    r'the last complete checkpoint \(.*ckpt-\d+\) is kept', result.stderr, re.M), \
