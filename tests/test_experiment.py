@@ -471,11 +471,12 @@ def test_a_run_configured_without_flags_trains_evaluates_and_restores(repo, tmp_
 
 @pytest.mark.slow
 def test_official_linear_evaluation_command_runs_as_written(tmp_path, not_architecture,
-                                                            pretrained, run_command, restored):
+                                                            pretrained, run_in_process,
+                                                            restored):
   # The official SogCLR linear-evaluation flags, with the demo data and a tiny length
   # substituted, on a checkpoint pretrained with --num_proj_layers=2.
   model_dir = str(tmp_path / 'lineval')
-  result = run_command(
+  result = run_in_process(
       *not_architecture, '--mode=train_then_eval', '--train_mode=finetune',
       '--fine_tune_after_block=4', '--zero_init_logits_layer=True', '--num_proj_layers=0',
       '--ft_proj_selector=-1', '--global_bn=True', '--optimizer=momentum',

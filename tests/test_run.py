@@ -481,7 +481,7 @@ def _copy(source, tmp_path):
 
 @pytest.mark.slow
 def test_a_damaged_newest_checkpoint_resumes_from_the_newest_readable_one(
-    ten_and_twenty, tiny, tmp_path, run_command):
+    ten_and_twenty, tiny, tmp_path, run_in_process):
   # One damage through the command line; test_checkpoints.py holds every kind of damage.
   model_dir = _copy(ten_and_twenty, tmp_path)
   content = bytearray(open(f'{model_dir}/ckpt-20.data-00000-of-00001', 'rb').read())
@@ -489,8 +489,8 @@ def test_a_damaged_newest_checkpoint_resumes_from_the_newest_readable_one(
   open(f'{model_dir}/ckpt-20.data-00000-of-00001', 'wb').write(bytes(content))
   expected = 'ckpt-10'
   ten = open(f'{model_dir}/ckpt-10.data-00000-of-00001', 'rb').read()
-  result = run_command(*tiny, f'--model_dir={model_dir}', '--train_steps=30',
-                       '--checkpoint_steps=10', '--deterministic')
+  result = run_in_process(*tiny, f'--model_dir={model_dir}', '--train_steps=30',
+                          '--checkpoint_steps=10', '--deterministic')
   assert result.returncode == 0, result.stderr[-3000:]
   assert re.search(rf'Resumed from \S+/{expected} at step {expected[5:]}', result.stderr)
   assert 'from step 0 ' not in result.stderr
