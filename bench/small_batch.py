@@ -116,9 +116,20 @@ GRID_FIELDS = ('batch_sizes', 'seeds', 'methods')
 def run_settings(settings, method='simclr'):
   """What one run depends on: a cached run is reused only when all of it matches."""
   fields = {k: v for k, v in dataclasses.asdict(settings).items() if k not in GRID_FIELDS}
-  if fields['resnet_depth'] == 18:  # records made before the field, all of ResNet-18, match
-    del fields['resnet_depth']
   return fields | ({'isogclr': ISOGCLR} if method == 'isogclr' else {})
+
+
+# Settings fields added after runs were recorded, with the value every earlier run had: a record
+# without one was measured with that value.
+ADDED_FIELDS = {'dataset': 'digits', 'random_flip': True, 'objective_images': 0,
+                'eval_every_epochs': 0, 'eval_batch_size': 360, 'resnet_depth': 18}
+
+
+def measured_with(record, settings):
+  """Whether the run of `record` (a cached or published run) was measured with `settings`."""
+  expected = run_settings(settings, record['method'])
+  return ({k: v for k, v in ADDED_FIELDS.items() if k in expected} | record['settings'] ==
+          expected)
 
 
 def run_flags(settings, method, batch_size, seed, model_dir, data_dir):
@@ -214,7 +225,7 @@ def cached_record(settings, method, batch_size, seed, work_dir):
   if not os.path.exists(record_path):
     return None
   record = json.load(open(record_path))
-  if record['settings'] != run_settings(settings, method):
+  if not measured_with(record, settings):
     raise ValueError(f'{record_path} was measured with other settings ({record["settings"]}); '
                      'pass another --work_dir, or delete it to measure again')
   return record
@@ -370,7 +381,7 @@ def reuse_runs(path, work_dir, settings):
     earlier = json.load(f)
   copied = 0
   for record in earlier['runs']:
-    if record['settings'] != run_settings(settings, record['method']):
+    if not measured_with(record, settings):
       continue
     name = f"{record['method']}_b{record['batch_size']}_s{record['seed']}"
     record_path = os.path.join(work_dir, f'{name}.json')
@@ -426,7 +437,10 @@ def summarize(records, settings):
 
 
 def _cell(stats, scale, digits):
+  """mean ± sd, the mean alone for one seed, blank where no run recorded it."""
   mean, sd = stats['mean'] * scale, stats['sd'] * scale
+  if math.isnan(mean):
+    return ''
   return f'{mean:.{digits}f}' if math.isnan(sd) else f'{mean:.{digits}f} ± {sd:.{digits}f}'
 
 
