@@ -10,6 +10,7 @@ import logging
 import os
 import subprocess
 import sys
+import time
 import types
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
@@ -274,3 +275,14 @@ def filling_disk(tmp_path):
 
   yield mount_point, fill
   subprocess.run(['umount', '--lazy', mount_point], check=True)  # a writer may hold a file
+
+
+def wait_for_a_checkpoint(model_dir, *processes, timeout=600):
+  """Returns once model_dir's checkpoint state file names a checkpoint (written after the
+  checkpoint itself: that checkpoint is complete); every process must still run. Imported by
+  the tests that signal a run once it has saved."""
+  deadline = time.time() + timeout
+  while tf.train.latest_checkpoint(model_dir) is None:
+    assert all(p.poll() is None for p in processes), 'a worker ended before the checkpoint'
+    assert time.time() < deadline, 'no checkpoint in time'
+    time.sleep(0.02)

@@ -17,6 +17,7 @@ import pytest
 import tensorflow as tf
 
 import checkpoints
+from conftest import wait_for_a_checkpoint
 import data as data_lib
 import distribution
 import model as model_lib
@@ -224,16 +225,6 @@ def finish(processes, timeout=900):
     for process, _ in processes:
       process.kill()
   return outputs
-
-
-def wait_for_a_checkpoint(model_dir, *processes, timeout=600):
-  """Returns once model_dir's checkpoint state file names a checkpoint (it is written after the
-  checkpoint itself: that checkpoint is complete); every process must still run."""
-  deadline = time.time() + timeout
-  while tf.train.latest_checkpoint(model_dir) is None:
-    assert all(p.poll() is None for p in processes), 'a worker ended before the checkpoint'
-    assert time.time() < deadline, 'no checkpoint in time'
-    time.sleep(0.02)
 
 
 # One command for the uninterrupted run and the killed-and-restarted one; --deterministic makes

@@ -23,6 +23,7 @@ import pytest
 import tensorflow as tf
 
 import checkpoints
+from conftest import wait_for_a_checkpoint
 import data as data_lib
 import distribution
 import evaluation
@@ -433,10 +434,7 @@ def test_sigkilled_deterministic_run_ends_equal_to_an_uninterrupted_one(repo, tm
       _wait_for_progress(process)
       # A random point of the run after its first checkpoint (before it, the restart would
       # start over, as a run with nothing saved does).
-      deadline = time.time() + 120
-      while tf.train.latest_checkpoint(killed) is None and process.poll() is None:
-        assert time.time() < deadline, 'no checkpoint in time'
-        time.sleep(0.02)
+      wait_for_a_checkpoint(killed, process, timeout=120)
       time.sleep(rng.uniform(0.0, 1.5))
       if process.poll() is None:
         process.send_signal(signal.SIGKILL)
