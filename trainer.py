@@ -183,17 +183,35 @@ class Trainer:
     return {k: self.strategy.reduce(tf.distribute.ReduceOp.MEAN, v, axis=None)
             for k, v in per_replica.items()}
 
+  def metric_names(self):
+    """The metrics train_step returns, each a scalar per step."""
+    names = []
+    if self.pretrain:
+      names += [*self.objective.METRICS, 'contrast_acc', 'contrast_entropy',
+                'contrastive_objective']
+    if self.model.has_supervised_head:
+      names += ['supervised_loss', 'supervised_acc']
+    if self.decay_in_loss:
+      names.append('weight_decay')
+    return names + ['total_loss']
+
   def _train_loop(self, iterator, num_steps):
     """Runs `num_steps` >= 1 steps; returns (each metric's mean over them and the replicas, the
     first step's total loss: the loss of the weights the call started from).
 
-    Under LARS (decay inside the optimizer) `weight_decay` is the penalty of the final weights.
+    The step is traced once, inside the loop (not once more before it): half the graph to trace
+    and to optimize at the first call. Under LARS (decay inside the optimizer) `weight_decay` is
+    the penalty of the final weights.
     """
-    totals = self._replicated_step(iterator)
-    first_loss = totals['total_loss']
-    for _ in tf.range(num_steps - 1):
+    totals = {name: tf.constant(0.0) for name in self.metric_names()}
+    first_loss = tf.constant(0.0)
+    for index in tf.range(num_steps):
       step = self._replicated_step(iterator)
-      totals = {k: totals[k] + step[k] for k in totals}
+      if set(step) != set(totals):  # at tracing: metric_names() must list what the step gives
+        raise AssertionError(f'train_step returns {sorted(step)}, metric_names() says '
+                             f'{sorted(totals)}')
+      first_loss = tf.where(index == 0, tf.cast(step['total_loss'], tf.float32), first_loss)
+      totals = {k: totals[k] + tf.cast(step[k], tf.float32) for k in totals}
     means = {k: v / tf.cast(num_steps, tf.float32) for k, v in totals.items()}
     if not self.decay_in_loss:
       # The optimizer decays the weights itself: the penalty is only reported, from the weights

@@ -98,13 +98,19 @@ def test_two_replica_train_steps_equal_one_replica(mode, one_replica, two_replic
 HOST_CALL_OPS = {'PyFunc', 'PyFuncStateless', 'EagerPyFunc'}
 
 
-def host_call_ops(concrete_function):
-  """Ops of the function graph and of every function it calls that run Python on the host."""
+def traced_ops(concrete_function):
+  """(the op types of the function graph and of every function it calls, how many functions
+  it calls)."""
   graph = concrete_function.graph
   ops = [op.type for op in graph.get_operations()]
   library = graph.as_graph_def().library.function
-  ops += [node.op for function in library for node in function.node_def]
-  return sorted({op for op in ops if op in HOST_CALL_OPS}), len(library)
+  return ops + [node.op for function in library for node in function.node_def], len(library)
+
+
+def host_call_ops(concrete_function):
+  """Ops of the function graph and of every function it calls that run Python on the host."""
+  ops, num_functions = traced_ops(concrete_function)
+  return sorted({op for op in ops if op in HOST_CALL_OPS}), num_functions
 
 
 def test_host_call_detector_finds_a_py_function_inside_the_replicated_loop(two_replicas):
@@ -125,7 +131,7 @@ def test_host_call_detector_finds_a_py_function_inside_the_replicated_loop(two_r
 
 
 @pytest.mark.slow
-def test_traced_train_loop_has_no_host_calls(two_replicas, tiny_model_config):
+def test_traced_train_loop_has_no_host_calls_and_the_step_once(two_replicas, tiny_model_config):
   # SogCLR's step computes SimCLR's similarities and logits plus the u table, and pretraining
   # traces the supervised head too: one trace covers the ops of every mode.
   with two_replicas.scope():
@@ -145,6 +151,10 @@ def test_traced_train_loop_has_no_host_calls(two_replicas, tiny_model_config):
   found, num_functions = host_call_ops(concrete)
   assert num_functions > 0  # the tf.range loop body is a nested function: it was searched
   assert not found, f'the train loop calls the host: {found}'
+  # One forward convolution per kernel and replica: the step is in the graph once, inside the
+  # loop (a first step peeled off before it doubled the graph to trace and optimize).
+  kernels = sum(len(v.shape) == 4 for v in model.trainable_variables)
+  assert traced_ops(concrete)[0].count('Conv2D') == 2 * kernels
 
 
 # The outer loop, `trainer.train`.
