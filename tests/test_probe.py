@@ -52,3 +52,28 @@ def test_linear_probe_separates_separable_classes():
   features = np.eye(4)[labels] * 3 + 0.3 * rng.normal(size=(200, 4))
   assert probe.linear_probe_accuracy(features[:150], labels[:150], features[150:],
                                      labels[150:]) > 0.95
+
+
+def test_small_probes_fit_on_one_blas_thread_and_large_ones_on_the_library_default(monkeypatch):
+  import scipy.optimize  # noqa: PLC0415
+  import threadpoolctl  # noqa: PLC0415
+
+  def blas_threads():
+    return {pool['num_threads'] for pool in threadpoolctl.threadpool_info()
+            if pool['user_api'] == 'blas'}
+
+  seen = []
+  minimize = scipy.optimize.minimize
+
+  def recording(*args, **kwargs):
+    seen.append(blas_threads())
+    return minimize(*args, **kwargs)
+
+  monkeypatch.setattr(scipy.optimize, 'minimize', recording)
+  rng = np.random.default_rng(0)
+  features, labels = rng.normal(size=(300, 8)).astype(np.float32), rng.integers(0, 3, 300)
+  probe.fit_logistic_regression(features, labels, l2=1e-4)
+  monkeypatch.setattr(probe, 'ONE_THREAD_BYTES', features.nbytes - 1)  # now a large problem
+  probe.fit_logistic_regression(features, labels, l2=1e-4)
+  assert seen == [{1}, blas_threads()]
+  assert blas_threads()  # numpy's BLAS was found: the first fit's {1} was the limit, not empty
