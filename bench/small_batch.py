@@ -374,6 +374,14 @@ def plot_curves(records, settings, path):
   plt.close(figure)
 
 
+def _portable(path):
+  """`path` relative to the repository when inside it (a published record names no machine's
+  directories), else absolute."""
+  path = os.path.abspath(path)
+  relative = os.path.relpath(path, REPO)
+  return path if relative.startswith(os.pardir) else relative
+
+
 def reuse_runs(path, work_dir, settings):
   """Copies the runs of results.json `path` measured with `settings` (and not already in
   `work_dir`) into `work_dir` as cached records marked 'reused_from'; returns how many."""
@@ -388,7 +396,7 @@ def reuse_runs(path, work_dir, settings):
     if os.path.exists(record_path):
       continue
     with open(record_path, 'w') as f:
-      json.dump(record | {'reused_from': record.get('reused_from', os.path.abspath(path))}, f,
+      json.dump(record | {'reused_from': record.get('reused_from', _portable(path))}, f,
                 indent=2)
     copied += 1
   return copied

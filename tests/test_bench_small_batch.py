@@ -104,6 +104,10 @@ def test_reused_runs_are_copied_once_with_their_source(small_batch, tmp_path):
   assert record['global_objective'] == 8.3 and record['reused_from'] == str(earlier)
   assert not (work_dir / 'sogclr_b16_s0.json').exists()
   assert small_batch.reuse_runs(str(earlier), str(work_dir), settings) == 0  # already there
+  # A results.json inside the repository is named relative to it (a published record names no
+  # machine's directories).
+  assert small_batch._portable(os.path.join(small_batch.REPO, 'bench', 'results', 'x.json')) == \
+      os.path.join('bench', 'results', 'x.json')
   # --collect reads the records there (the copied ones too) and trains nothing.
   assert small_batch.cached_record(settings, 'simclr', 256, 0, str(work_dir))['global_objective'] \
       == 8.5
