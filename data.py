@@ -17,6 +17,7 @@ a bad record stops the run with an error naming the dataset, split and record.
 import dataclasses
 import os
 import re
+import threading
 
 from absl import logging
 import numpy as np
@@ -780,6 +781,21 @@ def build_distributed_dataset(strategy, builder, info, config, num_classes):
   """A distributed dataset of per-replica batches (`batch`)."""
   input_fn = build_input_fn(builder, info, config, num_classes)
   return strategy.distribute_datasets_from_function(input_fn)
+
+
+def release_in_background(references):
+  """Empties the list `references` (the last references to tf.data iterators) on a thread of its
+  own, named 'release-input', and returns the thread.
+
+  Deleting an iterator waits for tf.data's autotuning thread to end its current wait, which can
+  run on after the deletion asked it to stop (measured: 50 s at the end of a Fashion-MNIST run,
+  up to 16 s on one of two localhost workers, where the collective export then waits too).
+  The run goes on meanwhile; the thread is not a daemon, so the interpreter lets it finish
+  before it exits.
+  """
+  thread = threading.Thread(target=references.clear, name='release-input')
+  thread.start()
+  return thread
 
 
 def steps_per_epoch(num_examples, global_batch_size):

@@ -374,13 +374,14 @@ def _train(config, setup, input_config, trainer, manager, summary_writer, learni
   dataset = data_lib.build_distributed_dataset(setup.strategy, setup.builder, setup.info,
                                                input_config, setup.info.num_classes)
   stop_requested = trainer_lib.StopRequest()
+  iterator = [iter(dataset)]  # the only reference, released on a thread of its own at the end
   with trainer_lib.stop_on_signals(stop_requested), _naming_the_data(config):
     # Once SIGTERM and Ctrl-C save and stop: a signal after this line is never lost.
     logging.info('Training %s from step %d to %d (%d steps/epoch, warm-up %d steps).',
                  config.train_mode, initial_step, setup.total_steps, setup.steps_per_epoch,
                  setup.warmup_steps)
-    return trainer_lib.train(
-        trainer, iter(dataset), total_steps=setup.total_steps,
+    seconds = trainer_lib.train(
+        trainer, iterator[0], total_steps=setup.total_steps,
         checkpoint_every=config.loop.checkpoint_every(setup.steps_per_epoch),
         checkpoint_manager=manager, summary_writer=summary_writer,
         learning_rate_fn=learning_rate, stop_requested=stop_requested,
@@ -393,6 +394,8 @@ def _train(config, setup, input_config, trainer, manager, summary_writer, learni
         eval_every=config.loop.eval_every(setup.steps_per_epoch), on_eval=on_eval,
         watchdog=(trainer_lib.CallWatchdog(config.loop.step_timeout_seconds)
                   if distribution_lib.num_workers(setup.strategy) > 1 else None))
+  data_lib.release_in_background(iterator)
+  return seconds
 
 
 VIEW_PAIRS = 4  # images shown by write_view_pairs

@@ -7,6 +7,8 @@ import re
 import shutil
 import subprocess
 import sys
+import threading
+import weakref
 
 import numpy as np
 import pytest
@@ -83,6 +85,25 @@ def test_batch_size_must_divide_over_replicas():
 
 
 # -- Pretraining, resume, divergence ---------------------------------------------------------------
+
+@pytest.mark.slow
+def test_the_training_input_is_released_on_a_thread_of_its_own(tmp_path, tiny, run_main,
+                                                                monkeypatch):
+  # Deleting a tf.data iterator waits for its autotuning thread, which can run on for tens of
+  # seconds: the run must not hold the iterator, so the release thread deletes it.
+  deleted_on, threads = [], []
+
+  def watched(references):
+    weakref.finalize(references[0], lambda: deleted_on.append(threading.current_thread().name))
+    threads.append(release(references))
+    return threads[-1]
+
+  release = data_lib.release_in_background
+  monkeypatch.setattr(data_lib, 'release_in_background', watched)
+  run_main(*tiny, f'--model_dir={tmp_path / "run"}', '--train_steps=2')
+  threads[0].join()
+  assert deleted_on == ['release-input']
+
 
 @pytest.mark.slow
 def test_pretraining_writes_checkpoint_summaries_flags_and_probe(tmp_path, tiny, run_main,
