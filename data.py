@@ -111,15 +111,16 @@ class DataConfig:
   train_split: str = schema.setting('train', defines_run=True, eval_inherits=True)
   eval_split: str = schema.setting('validation', eval_inherits=True)
   # 0: read from the dataset
-  num_classes: int = schema.setting(0, defines_run=True, eval_inherits=True)
+  num_classes: int = schema.setting(0, defines_run=True, eval_inherits=True,
+                                    allowed=schema.at_least(0))
   # subtracted from the records' labels (1: labels 1..K)
-  label_offset: int = schema.setting(0, eval_inherits=True)
+  label_offset: int = schema.setting(0, eval_inherits=True, allowed=schema.at_least(0))
   fashion_mnist_dir: str | None = None  # idx files of fashion_mnist (None: Debian's folder)
-  image_size: int = schema.setting(224, architecture=True)
-  shuffle_buffer: int = 50_000
+  image_size: int = schema.setting(224, architecture=True, allowed=schema.above(0))
+  shuffle_buffer: int = schema.setting(50_000, allowed=schema.at_least(1))
   cache_dataset: bool = False
-  color_jitter_strength: float = 1.0
-  crop_area_min: float = 0.08
+  color_jitter_strength: float = schema.setting(1.0, allowed=schema.at_least(0))
+  crop_area_min: float = schema.setting(0.08, allowed=schema.Range(0, 1, low_open=True))
   random_flip: bool = True
   use_blur: bool = True
   augment_on: str = 'auto'  # where flips, color distortion and blur run: auto | host | device

@@ -28,7 +28,7 @@ class DistributionConfig:
   mixed_precision: str = schema.setting('auto', eval_inherits=True)
   jit_compile: str = 'auto'      # 'auto' | 'true' | 'false'
   # Seconds to wait at start-up for TF_CONFIG's other tasks or a TPU to answer (0: forever).
-  startup_timeout_seconds: float = 900
+  startup_timeout_seconds: float = schema.setting(900, allowed=schema.at_least(0))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -15,21 +15,23 @@ import lars_optimizer
 import model as model_lib
 import probe
 import projector
+import schema
 
 
 @dataclasses.dataclass(frozen=True)
 class EvalConfig:
   """What an evaluation computes and on which data."""
-  eval_batch_size: int = 256
-  eval_steps: int = 0  # 0 = the whole eval split
+  eval_batch_size: int = schema.setting(256, allowed=schema.above(0))
+  eval_steps: int = schema.setting(0, allowed=schema.at_least(0))  # 0 = the whole eval split
   eval_name: str | None = None  # names the evaluation in its results and summary folder
-  eval_timeout_seconds: int = 3600
-  probe_max_examples: int = 100_000
+  eval_timeout_seconds: int = schema.setting(3600, allowed=schema.at_least(0))
+  probe_max_examples: int = schema.setting(100_000, allowed=schema.at_least(0))
   probe_baselines: bool = True
   knn_monitor: bool = False
-  knn_k: int = 200
-  knn_temperature: float = 0.1
-  projector_max_points: int = 10_000  # eval images whose features go to the Projector; 0: none
+  knn_k: int = schema.setting(200, allowed=schema.above(0))
+  knn_temperature: float = schema.setting(0.1, allowed=schema.above(0))
+  # eval images whose features go to the Projector; 0: none
+  projector_max_points: int = schema.setting(10_000, allowed=schema.at_least(0))
 
 
 def eval_dataset(strategy, builder, info, split, *, global_batch_size, image_size,

@@ -11,21 +11,22 @@ import schema
 class ModelConfig:
   """Architecture of the network; `run.py` fills it from flags."""
   resnet_depth: int = schema.setting(50, architecture=True)
-  width_multiplier: float = schema.setting(1.0, architecture=True)
+  width_multiplier: float = schema.setting(1.0, architecture=True, allowed=schema.above(0))
   cifar_stem: bool = False
-  sk_ratio: float = schema.setting(0.0, architecture=True)
-  se_ratio: float = schema.setting(0.0, architecture=True)
-  batch_norm_decay: float = 0.9
+  sk_ratio: float = schema.setting(0.0, architecture=True, allowed=schema.at_least(0))
+  se_ratio: float = schema.setting(0.0, architecture=True, allowed=schema.at_least(0))
+  batch_norm_decay: float = schema.setting(0.9, allowed=schema.Range(0, 1, high_open=True))
   global_bn: bool = True
   # 'none' | 'linear' | 'nonlinear'
   proj_head_mode: str = schema.setting('nonlinear', architecture=True)
-  num_proj_layers: int = schema.setting(3, architecture=True)
-  proj_out_dim: int = schema.setting(128, architecture=True)
+  num_proj_layers: int = schema.setting(3, architecture=True, allowed=schema.at_least(0))
+  proj_out_dim: int = schema.setting(128, architecture=True, allowed=schema.at_least(1))
   num_classes: int = 1000
   train_mode: str = 'pretrain'        # 'pretrain' | 'finetune'
   lineareval_while_pretraining: bool = schema.setting(True, defines_run=True, eval_inherits=True)
   ft_proj_selector: int = schema.setting(0, defines_run=True, eval_inherits=True)
-  fine_tune_after_block: int = schema.setting(-1, defines_run=True, eval_inherits=True)
+  fine_tune_after_block: int = schema.setting(-1, defines_run=True, eval_inherits=True,
+                                              allowed=schema.Range(-1, 4))
   zero_init_logits_layer: bool = False
   supervised_head_bn: bool = schema.setting(True, defines_run=True, eval_inherits=True)
 

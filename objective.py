@@ -28,19 +28,20 @@ class ObjectiveConfig:
   the fields its hyperparameters() name."""
   loss: str = 'sogclr'  # 'sogclr' | 'isogclr' | 'simclr'
   # iSogCLR: every image's initial temperature
-  temperature: float = schema.setting(0.1, defines_run=True)
-  gamma: float = schema.setting(0.9, defines_run=True)
+  temperature: float = schema.setting(0.1, defines_run=True, allowed=schema.above(0))
+  gamma: float = schema.setting(0.9, defines_run=True, allowed=schema.Range(0, 1, low_open=True))
   # 'constant' | 'cosine' (SogCLR and iSogCLR)
   gamma_schedule: str = schema.setting('constant', defines_run=True)
   # cosine: epochs from gamma 1 down to `gamma`
-  gamma_decay_epochs: int = schema.setting(0, defines_run=True)
+  gamma_decay_epochs: int = schema.setting(0, defines_run=True, allowed=schema.at_least(0))
   hidden_norm: bool = schema.setting(True, defines_run=True)
   # iSogCLR's temperature updates (LibAUC's unimodal defaults).
-  isogclr_rho: float = schema.setting(0.3, defines_run=True)
-  isogclr_eta: float = schema.setting(0.01, defines_run=True)
-  isogclr_beta: float = schema.setting(0.9, defines_run=True)
-  isogclr_tau_min: float = schema.setting(0.05, defines_run=True)
-  isogclr_tau_max: float = schema.setting(0.7, defines_run=True)
+  isogclr_rho: float = schema.setting(0.3, defines_run=True, allowed=schema.at_least(0))
+  isogclr_eta: float = schema.setting(0.01, defines_run=True, allowed=schema.above(0))
+  isogclr_beta: float = schema.setting(0.9, defines_run=True,
+                                       allowed=schema.Range(0, 1, low_open=True))
+  isogclr_tau_min: float = schema.setting(0.05, defines_run=True, allowed=schema.above(0))
+  isogclr_tau_max: float = schema.setting(0.7, defines_run=True)  # >= isogclr_tau_min
 
   @property
   def objective_class(self):

@@ -3,22 +3,57 @@
 A field declared with `setting(default, ...)` says whether it defines the run (a resume with
 another value is another run, refused unless allowed by name), whether it is architecture (it
 shapes the checkpoint's variables: fine-tuning inherits it from the pretraining run), and
-whether `--mode=eval` inherits it from the run it evaluates. A field declared plainly is free
-to change on resume and never inherited. Its flag is the field's name unless `flag` says
-otherwise. run_record and settings derive their lists from these declarations:
+whether `--mode=eval` inherits it from the run it evaluates, and the values it allows. A field
+declared without a role (or plainly) is free to change on resume and never inherited. Its flag
+is the field's name unless `flag` says otherwise. run_record and settings derive their lists and
+range checks from these declarations:
 
-  run_defining(Config), architecture(Config), inherited_by_eval(Config), locations(Config)
+  run_defining(Config), architecture(Config), inherited_by_eval(Config), locations(Config),
+  check_ranges(Config, values)
 """
 import dataclasses
 
 _KEY = 'sogclr_setting'
 
 
-def setting(default, *, defines_run=False, architecture=False, eval_inherits=False, flag=None):
-  """A dataclass field with its role in a run (architecture implies both others)."""
+@dataclasses.dataclass(frozen=True)
+class Range:
+  """The numbers a setting allows: from `low` to `high` (None: unbounded), a bound excluded when
+  its `*_open` is set. str() is how an error says it: '>= 0', '> 0', 'in (0, 1]'."""
+  low: float = None
+  high: float = None
+  low_open: bool = False
+  high_open: bool = False
+
+  def __contains__(self, value):
+    if self.low is not None and (value < self.low or self.low_open and value == self.low):
+      return False
+    return self.high is None or not (value > self.high or self.high_open and value == self.high)
+
+  def __str__(self):
+    if self.high is None:
+      return f'{">" if self.low_open else ">="} {self.low}'
+    if self.low is None:
+      return f'{"<" if self.high_open else "<="} {self.high}'
+    return (f'in {"(" if self.low_open else "["}{self.low}, '
+            f'{self.high}{")" if self.high_open else "]"}')
+
+
+def at_least(low):
+  return Range(low)
+
+
+def above(low):
+  return Range(low, low_open=True)
+
+
+def setting(default, *, defines_run=False, architecture=False, eval_inherits=False, flag=None,
+            allowed=None):
+  """A dataclass field with its role in a run (architecture implies both others) and the
+  values it allows (a Range; None: any)."""
   return dataclasses.field(default=default, metadata={_KEY: {
       'defines_run': defines_run or architecture, 'architecture': architecture,
-      'eval_inherits': eval_inherits or architecture, 'flag': flag}})
+      'eval_inherits': eval_inherits or architecture, 'flag': flag, 'allowed': allowed}})
 
 
 def flag_of(field):
@@ -43,6 +78,22 @@ def locations(config_class):
     if declaration['defines_run']:
       found.setdefault(flag, where)
   return found
+
+
+def ranges(config_class):
+  """{flag: Range} of the settings that declare the values they allow."""
+  found = {}
+  for flag, _, declaration in _declared(config_class):
+    if declaration['allowed'] is not None:
+      found.setdefault(flag, declaration['allowed'])
+  return found
+
+
+def check_ranges(config_class, values):
+  """Raises ValueError naming the first flag of `values` ({flag: value}) outside its range."""
+  for flag, allowed in ranges(config_class).items():
+    if flag in values and values[flag] not in allowed:
+      raise ValueError(f'--{flag} must be {allowed}, got {values[flag]}')
 
 
 def _flags(config_class, role):

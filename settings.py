@@ -53,28 +53,13 @@ def validate_flags(values):
       raise ValueError(f'--{name} must be a finite number, got {value}')
   if v.resnet_depth not in resnet.DEPTHS:
     raise ValueError(f'--resnet_depth={v.resnet_depth} is not one of {list(resnet.DEPTHS)}')
-  if v.temperature <= 0:
-    raise ValueError(f'--temperature must be positive, got {v.temperature}')
-  if not 0 < v.gamma <= 1:
-    raise ValueError(f'--gamma must be in (0, 1], got {v.gamma}')
+  schema.check_ranges(experiment.Config, values)  # each setting's declared range
   _check_objective(values)
-  if not 0 < v.crop_area_min <= 1:
-    raise ValueError(f'--crop_area_min must be in (0, 1], got {v.crop_area_min}')
-  if v.width_multiplier <= 0:
-    raise ValueError(f'--width_multiplier must be positive, got {v.width_multiplier}')
-  for name in ('train_batch_size', 'eval_batch_size', 'image_size', 'keep_checkpoint_max',
-               'knn_k'):
-    if values[name] <= 0:
-      raise ValueError(f'--{name} must be positive, got {values[name]}')
-  _check_ranges(values)
+  if not v.train_steps and not v.train_epochs and v.mode != 'eval':
+    raise ValueError('--train_epochs=0 trains nothing; give --train_epochs or --train_steps > 0')
   if v.eval_name is not None and not re.fullmatch(r'[A-Za-z0-9_.=-]+', v.eval_name):
     raise ValueError(f'--eval_name={v.eval_name!r} must be a plain name (letters, digits, '
                      "'_', '-', '.', '='): it names the directory model_dir/eval_<name>")
-  if v.knn_temperature <= 0:
-    raise ValueError(f'--knn_temperature must be positive, got {v.knn_temperature}')
-  if v.keep_hub_module_max < 0:
-    raise ValueError(f'--keep_hub_module_max must be >= 0 (0 = no export), got '
-                     f'{v.keep_hub_module_max}')
   if v.train_mode == 'pretrain' and v.mode != 'eval' and v.train_batch_size < 2:
     raise ValueError(f'--train_batch_size={v.train_batch_size} leaves a contrastive batch '
                      'without negatives; pretraining needs at least 2 images')
@@ -88,21 +73,11 @@ def validate_flags(values):
 
 
 def _check_objective(values):
-  """The gamma schedule's and iSogCLR's flags."""
+  """The objective's settings that depend on each other (each one's range: schema)."""
   v = types.SimpleNamespace(**values)
   if v.gamma_schedule == 'cosine' and v.gamma_decay_epochs <= 0:
     raise ValueError('--gamma_decay_epochs must be > 0 with --gamma_schedule=cosine, got '
                      f'{v.gamma_decay_epochs}')
-  if v.gamma_decay_epochs < 0:
-    raise ValueError(f'--gamma_decay_epochs must be >= 0, got {v.gamma_decay_epochs}')
-  if v.isogclr_rho < 0:
-    raise ValueError(f'--isogclr_rho must be >= 0, got {v.isogclr_rho}')
-  if v.isogclr_eta <= 0:
-    raise ValueError(f'--isogclr_eta must be > 0, got {v.isogclr_eta}')
-  if not 0 < v.isogclr_beta <= 1:
-    raise ValueError(f'--isogclr_beta must be in (0, 1], got {v.isogclr_beta}')
-  if v.isogclr_tau_min <= 0:
-    raise ValueError(f'--isogclr_tau_min must be > 0, got {v.isogclr_tau_min}')
   if v.isogclr_tau_max < v.isogclr_tau_min:
     raise ValueError(f'--isogclr_tau_max={v.isogclr_tau_max} is below '
                      f'--isogclr_tau_min={v.isogclr_tau_min}')
@@ -112,38 +87,6 @@ def _check_objective(values):
     raise ValueError(f'--temperature={v.temperature} (the initial temperature of iSogCLR) must '
                      f'be within [--isogclr_tau_min, --isogclr_tau_max] = '
                      f'[{v.isogclr_tau_min}, {v.isogclr_tau_max}]')
-
-
-# (flag, lowest allowed, whether the lowest is excluded): numbers outside make no sense.
-RANGES = (
-    ('learning_rate', 0, True), ('weight_decay', 0, False), ('momentum', 0, False),
-    ('warmup_epochs', 0, False), ('train_epochs', 0, False), ('train_steps', 0, False),
-    ('eval_steps', 0, False), ('eval_timeout_seconds', 0, False), ('checkpoint_steps', 0, False),
-    ('checkpoint_epochs', 1, False), ('num_classes', 0, False), ('label_offset', 0, False),
-    ('shuffle_buffer', 1, False),
-    ('color_jitter_strength', 0, False), ('sk_ratio', 0, False), ('se_ratio', 0, False),
-    ('proj_out_dim', 1, False), ('num_proj_layers', 0, False), ('log_every_seconds', 0, False),
-    ('probe_max_examples', 0, False), ('projector_max_points', 0, False),
-    ('batch_norm_decay', 0, False),
-    ('eval_every_epochs', 0, False), ('eval_every_steps', 0, False),
-    ('step_timeout_seconds', 0, False), ('seed', 0, False), ('startup_timeout_seconds', 0, False),
-    ('fine_tune_after_block', -1, False))
-
-
-def _check_ranges(values):
-  for name, lowest, excluded in RANGES:
-    value = values[name]
-    if value < lowest or (excluded and value == lowest):
-      bound = f'> {lowest}' if excluded else f'>= {lowest}'
-      raise ValueError(f'--{name} must be {bound}, got {value}')
-  for name in ('momentum', 'batch_norm_decay'):
-    if values[name] >= 1:
-      raise ValueError(f'--{name} must be < 1, got {values[name]}')
-  if values['fine_tune_after_block'] > 4:
-    raise ValueError(f'--fine_tune_after_block must be in [-1, 4], got '
-                     f'{values["fine_tune_after_block"]}')
-  if not values['train_steps'] and not values['train_epochs'] and values['mode'] != 'eval':
-    raise ValueError('--train_epochs=0 trains nothing; give --train_epochs or --train_steps > 0')
 
 
 def _section(config_class, values, **derived):

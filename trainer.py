@@ -31,30 +31,33 @@ class OptimizerConfig:
   """The optimizer and its learning-rate schedule."""
   # 'lars' | 'momentum' | 'adam'
   name: str = schema.setting('lars', defines_run=True, flag='optimizer')
-  learning_rate: float = 0.3
+  learning_rate: float = schema.setting(0.3, allowed=schema.above(0))
   learning_rate_scaling: str = schema.setting('linear', defines_run=True)  # 'linear' | 'sqrt'
-  warmup_epochs: float = 10
-  weight_decay: float = schema.setting(1e-6, eval_inherits=True)
-  momentum: float = 0.9
+  warmup_epochs: float = schema.setting(10, allowed=schema.at_least(0))
+  weight_decay: float = schema.setting(1e-6, eval_inherits=True, allowed=schema.at_least(0))
+  momentum: float = schema.setting(0.9, allowed=schema.Range(0, 1, high_open=True))
 
 
 @dataclasses.dataclass(frozen=True)
 class LoopConfig:
   """Training length, batch, checkpoint cadence, seeding and logging."""
-  train_batch_size: int = schema.setting(512, defines_run=True, eval_inherits=True)
-  train_epochs: int = schema.setting(100, eval_inherits=True)
-  train_steps: int = schema.setting(0, eval_inherits=True)  # > 0 overrides train_epochs
-  checkpoint_epochs: int = 1
-  checkpoint_steps: int = 0  # > 0 overrides checkpoint_epochs
-  keep_checkpoint_max: int = 5
-  keep_hub_module_max: int = 1
-  seed: int = schema.setting(0, defines_run=True)
+  train_batch_size: int = schema.setting(512, defines_run=True, eval_inherits=True,
+                                         allowed=schema.above(0))
+  train_epochs: int = schema.setting(100, eval_inherits=True, allowed=schema.at_least(0))
+  # > 0 overrides train_epochs
+  train_steps: int = schema.setting(0, eval_inherits=True, allowed=schema.at_least(0))
+  checkpoint_epochs: int = schema.setting(1, allowed=schema.at_least(1))
+  checkpoint_steps: int = schema.setting(0, allowed=schema.at_least(0))  # > 0 overrides the epochs
+  keep_checkpoint_max: int = schema.setting(5, allowed=schema.above(0))
+  keep_hub_module_max: int = schema.setting(1, allowed=schema.at_least(0))  # 0: no export
+  seed: int = schema.setting(0, defines_run=True, allowed=schema.at_least(0))
   deterministic: bool = False
-  log_every_seconds: float = 5.0
-  eval_every_epochs: int = 0  # evaluate while training (head top-1, kNN); 0 = only at the end
-  eval_every_steps: int = 0  # > 0 overrides eval_every_epochs
+  log_every_seconds: float = schema.setting(5.0, allowed=schema.at_least(0))
+  # evaluate while training (head top-1, kNN); 0 = only at the end
+  eval_every_epochs: int = schema.setting(0, allowed=schema.at_least(0))
+  eval_every_steps: int = schema.setting(0, allowed=schema.at_least(0))  # > 0 overrides epochs
   # Multi-worker runs: a call of the train loop (after the first) longer than this ends the job.
-  step_timeout_seconds: float = 600.0
+  step_timeout_seconds: float = schema.setting(600.0, allowed=schema.at_least(0))
 
   def total_steps(self, steps_per_epoch):
     return self.train_steps or self.train_epochs * steps_per_epoch

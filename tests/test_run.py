@@ -276,7 +276,7 @@ INVALID_VALUES = [
     (['--image_size=4'], '--image_size=4 is too small'),
     (['--gamma=0'], '--gamma must be in (0, 1]'),
     (['--gamma=1.5'], '--gamma must be in (0, 1]'),
-    (['--temperature=0'], '--temperature must be positive'),
+    (['--temperature=0'], '--temperature must be > 0'),
     (['--DCL_mode=True', '--BI_mode=False'], 'Conflicting loss flags'),
     (['--DCL_mode=False', '--GCL_mode=True'], 'Conflicting loss flags'),
     (['--eval_every_epochs=-1'], '--eval_every_epochs must be >= 0'),
@@ -693,7 +693,7 @@ def test_bad_input_found_after_model_dir_is_made_leaves_no_empty_model_dir(run_c
     ('--checkpoint_steps=-5', '--checkpoint_steps must be >= 0, got -5'),
     ('--warmup_epochs=-3', '--warmup_epochs must be >= 0, got -3.0'),
     ('--train_steps=-5', '--train_steps must be >= 0, got -5'),
-    ('--momentum=1', '--momentum must be < 1, got 1.0'),
+    ('--momentum=1', '--momentum must be in [0, 1), got 1.0'),
     ('--fine_tune_after_block=5', '--fine_tune_after_block must be in [-1, 4], got 5'),
     ('--step_timeout_seconds=-1', '--step_timeout_seconds must be >= 0, got -1.0'),
 ])

@@ -1,6 +1,8 @@
 """schema.py: the roles declared on the config fields, and the lists derived from them."""
 import dataclasses
 
+import pytest
+
 import experiment
 import run
 import schema
@@ -62,3 +64,29 @@ def test_a_plain_field_is_free_and_keeps_its_name_as_flag():
   assert schema.inherited_by_eval(Outer) == ('shape',)
   assert schema.locations(Outer) == {'other': ('inner', 'renamed'), 'shape': (None, 'shape')}
   assert [schema.flag_of(f) for f in dataclasses.fields(Inner)] == ['plain', 'other']
+
+
+def test_a_range_says_what_it_allows_and_the_check_names_the_flag():
+  assert (str(schema.at_least(0)), str(schema.above(0))) == ('>= 0', '> 0')
+  assert str(schema.Range(0, 1, low_open=True)) == 'in (0, 1]'
+  assert str(schema.Range(-1, 4)) == 'in [-1, 4]'
+  unit = schema.Range(0, 1, high_open=True)
+  assert [x in unit for x in (-0.1, 0, 0.5, 1, 2)] == [False, True, True, False, False]
+  assert [x in schema.above(0) for x in (-1, 0, 1e-9)] == [False, False, True]
+
+  @dataclasses.dataclass(frozen=True)
+  class Inner:
+    rate: float = schema.setting(0.1, allowed=schema.above(0), flag='the_rate')
+
+  @dataclasses.dataclass(frozen=True)
+  class Outer:
+    inner: Inner = Inner()
+    depth: int = schema.setting(3, architecture=True, allowed=schema.at_least(1))
+
+  assert schema.ranges(Outer) == {'the_rate': schema.above(0), 'depth': schema.at_least(1)}
+  assert schema.run_defining(Outer) == ('depth',)  # a range alone gives no role
+  schema.check_ranges(Outer, {'the_rate': 0.5, 'depth': 1, 'other': -7})
+  with pytest.raises(ValueError, match=r'^--the_rate must be > 0, got 0\.0$'):
+    schema.check_ranges(Outer, {'the_rate': 0.0, 'depth': 1})
+  with pytest.raises(ValueError, match=r'^--depth must be >= 1, got 0$'):
+    schema.check_ranges(Outer, {'depth': 0})

@@ -41,11 +41,17 @@ def test_loss_aliases_conflicting_is_an_error(loss, aliases):
     settings.resolve_loss(loss, aliases)
 
 
-@pytest.mark.parametrize('name, lowest, excluded', settings.RANGES)
-def test_a_number_out_of_range_is_an_error_naming_its_flag(name, lowest, excluded):
-  low = lowest if excluded else lowest - 1  # just outside
-  with pytest.raises(ValueError, match=f'^--{name} must be >'):
-    settings.validate_flags(default_values(**{name: low}))
+@pytest.mark.parametrize('name, allowed', sorted(schema.ranges(experiment.Config).items()))
+def test_a_number_out_of_range_is_an_error_naming_its_flag(name, allowed):
+  outside = []  # just outside each bound
+  if allowed.low is not None:
+    outside.append(allowed.low if allowed.low_open else allowed.low - 1)
+  if allowed.high is not None:
+    outside.append(allowed.high if allowed.high_open else allowed.high + 1)
+  assert outside
+  for value in outside:
+    with pytest.raises(ValueError, match=f'^--{name} must be {re.escape(str(allowed))}, got '):
+      settings.validate_flags(default_values(**{name: value}))
 
 
 def test_config_of_leaves_its_values_alone_and_records_them():
@@ -54,7 +60,7 @@ def test_config_of_leaves_its_values_alone_and_records_them():
   config = settings.config_of(values, given={'model_dir', 'temperature'})
   assert values == before
   assert config.objective.temperature == 0.2 and dict(config.flags) == values
-  with pytest.raises(ValueError, match='^--temperature must be positive, got 0'):
+  with pytest.raises(ValueError, match='^--temperature must be > 0, got 0'):
     settings.config_of(default_values(temperature=0.0), given=set())
 
 
