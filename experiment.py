@@ -8,6 +8,7 @@ import contextlib
 import dataclasses
 import os
 import time
+import traceback
 import types
 
 from absl import logging
@@ -375,27 +376,44 @@ def _train(config, setup, input_config, trainer, manager, summary_writer, learni
                                                input_config, setup.info.num_classes)
   stop_requested = trainer_lib.StopRequest()
   iterator = [iter(dataset)]  # the only reference, released on a thread of its own at the end
-  with trainer_lib.stop_on_signals(stop_requested), _naming_the_data(config):
-    # Once SIGTERM and Ctrl-C save and stop: a signal after this line is never lost.
-    logging.info('Training %s from step %d to %d (%d steps/epoch, warm-up %d steps).',
-                 config.train_mode, initial_step, setup.total_steps, setup.steps_per_epoch,
-                 setup.warmup_steps)
-    seconds = trainer_lib.train(
-        trainer, iterator[0], total_steps=setup.total_steps,
-        checkpoint_every=config.loop.checkpoint_every(setup.steps_per_epoch),
-        checkpoint_manager=manager, summary_writer=summary_writer,
-        learning_rate_fn=learning_rate, stop_requested=stop_requested,
-        # After the restore and the first steps: flags that cannot resume this model_dir, or
-        # data that stops the first batch, never touch flags.json.
-        on_started=(lambda: run_record.record_start(config, initial_step)) if setup.chief else None,
-        on_progress=trainer_lib.ProgressLogger(
-            config.loop.train_batch_size, config.loop.log_every_seconds,
-            steps_per_epoch=setup.steps_per_epoch, learning_rate=learning_rate),
-        eval_every=config.loop.eval_every(setup.steps_per_epoch), on_eval=on_eval,
-        watchdog=(trainer_lib.CallWatchdog(config.loop.step_timeout_seconds)
-                  if distribution_lib.num_workers(setup.strategy) > 1 else None))
-  data_lib.release_in_background(iterator)
+  try:
+    with trainer_lib.stop_on_signals(stop_requested), _naming_the_data(config):
+      # Once SIGTERM and Ctrl-C save and stop: a signal after this line is never lost.
+      logging.info('Training %s from step %d to %d (%d steps/epoch, warm-up %d steps).',
+                   config.train_mode, initial_step, setup.total_steps, setup.steps_per_epoch,
+                   setup.warmup_steps)
+      seconds = trainer_lib.train(
+          trainer, iterator[0], total_steps=setup.total_steps,
+          checkpoint_every=config.loop.checkpoint_every(setup.steps_per_epoch),
+          checkpoint_manager=manager, summary_writer=summary_writer,
+          learning_rate_fn=learning_rate, stop_requested=stop_requested,
+          # After the restore and the first steps: flags that cannot resume this model_dir, or
+          # data that stops the first batch, never touch flags.json.
+          on_started=((lambda: run_record.record_start(config, initial_step))
+                      if setup.chief else None),
+          on_progress=trainer_lib.ProgressLogger(
+              config.loop.train_batch_size, config.loop.log_every_seconds,
+              steps_per_epoch=setup.steps_per_epoch, learning_rate=learning_rate),
+          eval_every=config.loop.eval_every(setup.steps_per_epoch), on_eval=on_eval,
+          watchdog=(trainer_lib.CallWatchdog(config.loop.step_timeout_seconds)
+                    if distribution_lib.num_workers(setup.strategy) > 1 else None))
+  except BaseException as e:
+    _let_go_of_locals(e)  # the traceback's frames would hold the iterator until it is reported
+    raise
+  finally:
+    data_lib.release_in_background(iterator)
   return seconds
+
+
+def _let_go_of_locals(error):
+  """Clears the local variables of the finished frames in the tracebacks of `error` and the
+  errors it chains (a stop by SIGTERM, divergence or bad data, as the run ends): the error is
+  reported with its lines intact, and what the frames held goes now."""
+  seen = set()
+  while error is not None and id(error) not in seen:
+    seen.add(id(error))
+    traceback.clear_frames(error.__traceback__)  # skips the frames still running
+    error = error.__cause__ or error.__context__
 
 
 VIEW_PAIRS = 4  # images shown by write_view_pairs

@@ -87,10 +87,13 @@ def test_batch_size_must_divide_over_replicas():
 # -- Pretraining, resume, divergence ---------------------------------------------------------------
 
 @pytest.mark.slow
-def test_the_training_input_is_released_on_a_thread_of_its_own(tmp_path, tiny, run_main,
-                                                                monkeypatch):
+@pytest.mark.parametrize('stopped', [False, True])
+def test_the_training_input_is_released_on_a_thread_of_its_own(stopped, tmp_path, tiny,
+                                                                run_main, monkeypatch):
   # Deleting a tf.data iterator waits for its autotuning thread, which can run on for tens of
-  # seconds: the run must not hold the iterator, so the release thread deletes it.
+  # seconds: the run must not hold the iterator, so the release thread deletes it; also when
+  # an error stops the run (here divergence at the second step), whose traceback held the
+  # iterator in its frames until the error was reported.
   deleted_on, threads = [], []
 
   def watched(references):
@@ -100,7 +103,13 @@ def test_the_training_input_is_released_on_a_thread_of_its_own(tmp_path, tiny, r
 
   release = data_lib.release_in_background
   monkeypatch.setattr(data_lib, 'release_in_background', watched)
-  run_main(*tiny, f'--model_dir={tmp_path / "run"}', '--train_steps=2')
+  flags = (*tiny, f'--model_dir={tmp_path / "run"}', '--train_steps=2')
+  if stopped:
+    with pytest.raises(FloatingPointError, match='Non-finite .* between steps 2 and 2') as error:
+      run_main(*flags, '--learning_rate=1e30', '--warmup_epochs=0', '--optimizer=adam')
+    del error
+  else:
+    run_main(*flags)
   threads[0].join()
   assert deleted_on == ['release-input']
 
