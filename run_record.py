@@ -186,8 +186,9 @@ def check_same_run(config, total_steps):
     logging.warning('--allow_flag_changes=all: resuming %s without checking its flags.',
                     config.model_dir)
     return
-  recorded, flags_file = recorded_flags(config.model_dir, history)
   # A run recorded before the gamma schedule and iSogCLR existed ran with their defaults.
+  required = set(run_defining_flags(type(config))) - set(OBJECTIVE_FLAGS)
+  recorded, flags_file = recorded_flags(config.model_dir, history, sorted(required))
   defaults = dataclasses.asdict(objective_lib.ObjectiveConfig())
   recorded = {name: defaults[name] for name in OBJECTIVE_FLAGS} | recorded
   current = recorded_values(config)
@@ -214,26 +215,47 @@ def check_same_run(config, total_steps):
     logging.info('Resuming with --%s=%r (was %r in %s).', name, new, old, flags_file)
 
 
-def recorded_flags(model_dir, history=None):
+def recorded_flags(model_dir, history=None, required=()):
   """(the flags the run in model_dir was started with, where they were read): its flags.json;
-  when that is missing or unreadable, the newest start in flags_history.jsonl that did not
-  diverge, then the flags.json of its newest export (with a warning saying so). A ValueError
-  when none of them is there: a resume never goes unchecked."""
+  when that is missing, unreadable or lacks one of the flags `required`, the newest start in
+  flags_history.jsonl that did not diverge, then the flags.json of its newest export (a warning
+  says which; flags.json's own values still count). A ValueError when none of them is there: a
+  resume never goes unchecked."""
   try:
     recorded, flags_file = read_flags(model_dir)
     problem = f'{flags_file} is missing'
   except ValueError as e:
     recorded, flags_file, problem = None, None, str(e).split('; restore')[0]
-  if recorded is not None:
+  missing = [name for name in required if name not in (recorded or {})]
+  if recorded is not None and not missing:
     return recorded, flags_file
   if history is None:
     history = read_flags_history(model_dir)
+  if recorded is not None:
+    problem = f'{flags_file} does not record {", ".join(missing)}'
+  found = _other_record(model_dir, history, problem)
+  if found is not None and recorded is not None:
+    return found[0] | recorded, f'{flags_file} and {found[1]}'
+  if found is not None:
+    return found
+  if recorded is not None:
+    logging.warning('%s, nor does any other record of the run: resuming without checking '
+                    'them.', problem)
+    return recorded, flags_file
+  raise ValueError(f'--model_dir={model_dir!r} holds checkpoints but no record of the flags its '
+                   f'run was started with ({problem}; {os.path.join(model_dir, HISTORY_FILE)} '
+                   f'holds no start): restore {FLAGS_FILE}, or pass --allow_flag_changes=all to '
+                   'resume with the flags given')
+
+
+def _other_record(model_dir, history, problem):
+  """(flags, where) of the newest start in the history that did not diverge, else of the
+  newest export's flags.json, with a warning naming `problem` and the record used; None."""
   history_file = os.path.join(model_dir, HISTORY_FILE)
   starts = [e for e in history
             if isinstance(e.get('flags'), dict) and 'diverged_at_step' not in e]
   if starts:
-    source = (f"{history_file} (its start of {starts[-1].get('started_utc', '?')}, as "
-              f"{FLAGS_FILE} cannot be read)")
+    source = f"{history_file} (its start of {starts[-1].get('started_utc', '?')})"
     logging.warning('%s; checking the run\'s identity against the flags of %s.', problem,
                     source)
     return starts[-1]['flags'], source
@@ -250,10 +272,7 @@ def recorded_flags(model_dir, history=None):
       logging.warning('%s and %s holds no start; checking the run\'s identity against %s.',
                       problem, history_file, source)
       return recorded, source
-  raise ValueError(f'--model_dir={model_dir!r} holds checkpoints but no record of the flags its '
-                   f'run was started with ({problem}; {history_file} holds no start): restore '
-                   f'{FLAGS_FILE}, or pass --allow_flag_changes=all to resume with '
-                   'the flags given')
+  return None
 
 
 def record_start(config, initial_step):

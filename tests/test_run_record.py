@@ -128,6 +128,34 @@ def test_resume_identity_falls_back_to_the_history_when_flags_json_cannot_be_rea
     run_record.check_same_run(_config(model_dir, loss='sogclr', temperature=0.5), 100)
 
 
+def test_a_flags_json_that_lacks_flags_is_completed_from_the_history(tmp_path, caplog):
+  # Finding (issue 24, rerun): flags.json holding a json object without some flags
+  # ({"dataset": "digits"}) turned the check off for those: a resume with another seed and
+  # batch size went through and rewrote flags.json.
+  model_dir = str(tmp_path / 'run')
+  os.makedirs(model_dir)
+  run_record.record_start(experiment.Config(model_dir=model_dir), initial_step=0)
+  (tmp_path / 'run' / 'ckpt-5.index').write_bytes(b'')
+  json.dump({'dataset': 'imagenet2012', 'temperature': 0.1},
+            open(os.path.join(model_dir, 'flags.json'), 'w'))
+  config = experiment.Config(model_dir=model_dir, loop=trainer_lib.LoopConfig(seed=3))
+  with pytest.raises(ValueError, match=r'--seed=3 \(was 0\); recorded in .*flags\.json and '
+                                       r'.*flags_history\.jsonl'):
+    run_record.check_same_run(config, 100)
+  assert re.search(r'flags\.json does not record .*seed.*; checking the run\'s identity against '
+                   r'the flags of .*flags_history\.jsonl', caplog.text)
+  # flags.json's own values count where it has them (it is the newest start's record).
+  with pytest.raises(ValueError, match=r"--dataset='digits' \(was 'imagenet2012'\)"):
+    run_record.check_same_run(dataclasses.replace(
+        experiment.Config(model_dir=model_dir),
+        data=dataclasses.replace(config.data, dataset='digits')), 100)
+  run_record.check_same_run(experiment.Config(model_dir=model_dir), 100)
+  # Without any other record, what flags.json has is checked and the rest named in a warning.
+  os.remove(os.path.join(model_dir, 'flags_history.jsonl'))
+  run_record.check_same_run(config, 100)
+  assert 'nor does any other record of the run: resuming without checking them' in caplog.text
+
+
 def test_resume_identity_skips_a_diverged_start_and_needs_some_record(tmp_path):
   model_dir = _recorded_run(tmp_path, {'resolved_loss': 'sogclr', 'temperature': 0.1})
   os.remove(os.path.join(model_dir, 'flags.json'))
