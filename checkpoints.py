@@ -440,7 +440,7 @@ def state_fingerprint(model, objective=None):
   return f'weights sum {weights:.10e}' + (f', {tables}' if tables else '')
 
 
-def _file_name_part(text):
+def file_name_part(text):
   """`text` (an eval name or split such as 'test[:50%]') as a part of a file name."""
   return re.sub(r'[^A-Za-z0-9_.=-]', '_', text)
 
@@ -474,13 +474,13 @@ def write_results(model_dir, step, results):
   name = results.get('eval_name')
   split = results.get('eval_split')
   path = os.path.join(model_dir, f'result_{step}' + (
-      f'_{_file_name_part(name)}' if name else '') + '.json')
+      f'_{file_name_part(name)}' if name else '') + '.json')
   merged = _read_results(path)
   recorded_split = merged.get('eval_split')
   if recorded_split is None and any(k.startswith(('eval/', 'probe/')) for k in merged):
     recorded_split = '(not recorded)'
   if split is not None and recorded_split is not None and recorded_split != split:
-    other = f'{path[:-len(".json")]}_{_file_name_part(split)}.json'
+    other = f'{path[:-len(".json")]}_{file_name_part(split)}.json'
     logging.warning('%s holds the evaluation on split %s; this one, on split %s, goes to %s.',
                     path, recorded_split, split, other)
     path = other

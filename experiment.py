@@ -222,10 +222,13 @@ def _summary_writer(config, setup):
   return tf.summary.create_noop_writer()
 
 
-def _evaluator(config, setup, model, summary_writer):
-  logdir = config.model_dir
-  if config.eval.eval_name and setup.chief:
-    logdir = os.path.join(config.model_dir, f'eval_{config.eval.eval_name}')
+def _evaluator(config, setup, model, summary_writer, logdir=None):
+  """The evaluator writing its summaries and Projector files to `logdir` (default: the run's
+  own, model_dir or eval_<name> with --eval_name)."""
+  if logdir is None:
+    logdir = (os.path.join(config.model_dir, f'eval_{config.eval.eval_name}')
+              if config.eval.eval_name else config.model_dir)
+  if logdir != config.model_dir and setup.chief:
     summary_writer = tf.summary.create_file_writer(logdir)
   # The projector's sample is this host's features: one host writes it, for the whole split.
   single_host = setup.chief and distribution_lib.num_workers(setup.strategy) == 1
@@ -487,7 +490,8 @@ def evaluate_checkpoints(config, setup, model):
   (checkpoint_step), so the training run's optimizer and loss flags are not needed. Only the
   chief writes result_<step>.json; another worker's export directory is removed at the end.
   """
-  evaluator = _evaluator(config, setup, model, _summary_writer(config, setup))
+  evaluator = _evaluator(config, setup, model, _summary_writer(config, setup),
+                         _evaluation_logdir(config))
   if setup.chief:
     checkpoints.remove_abandoned_exports(config.model_dir)
   if config.checkpoint:
@@ -517,6 +521,23 @@ def evaluate_checkpoints(config, setup, model):
     raise ValueError(f'no checkpoint to evaluate appeared in --model_dir={config.model_dir!r} '
                      f'within --eval_timeout_seconds={config.eval.eval_timeout_seconds}')
   return results
+
+
+def _evaluation_logdir(config):
+  """Where --mode=eval writes summaries and Projector files: eval_<name> with --eval_name;
+  eval_<split> without one, on another split than the training run's own (its flags.json's
+  --eval_split), whose events and Projector files in model_dir it would otherwise mix with or
+  replace; else model_dir, beside the training run's evaluations."""
+  if config.eval.eval_name:
+    return os.path.join(config.model_dir, f'eval_{config.eval.eval_name}')
+  try:
+    recorded = (run_record.read_flags(config.model_dir)[0] or {}).get('eval_split')
+  except ValueError:
+    recorded = None
+  if recorded is not None and recorded != config.data.eval_split:
+    return os.path.join(config.model_dir,
+                        f'eval_{checkpoints.file_name_part(config.data.eval_split)}')
+  return config.model_dir
 
 
 def _evaluate_one(config, setup, model, evaluator):

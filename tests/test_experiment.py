@@ -345,6 +345,35 @@ def test_eval_mode_without_a_supervised_head_still_runs_the_knn_monitor(
   assert saved['eval/top_1'] == pretrained_results['eval/top_1']
 
 
+@pytest.mark.slow
+def test_eval_mode_on_another_split_leaves_the_runs_files_alone(tmp_path, run_main, pretrained):
+  # Finding (issue 24, rerun): --mode=eval --eval_split=train without --eval_name replaced the
+  # run's Projector tensor (360 test rows by 1,437 train rows, beside the test images' metadata
+  # and sprite) and wrote its eval/ summaries among the run's own.
+  model_dir = copied_model_dir(pretrained, tmp_path)
+  shutil.rmtree(os.path.join(model_dir, 'saved_model'))
+
+  def files():
+    return {os.path.relpath(os.path.join(d, n), model_dir): open(os.path.join(d, n), 'rb').read()
+            for d, _, names in os.walk(model_dir) for n in names}
+
+  before = files()
+  assert 'projector/features_3.tsv' in before
+  results = run_main(f'--model_dir={model_dir}', '--mode=eval', '--eval_split=train',
+                     '--eval_timeout_seconds=60', '--keep_hub_module_max=0')
+  after = files()
+  assert {name: after[name] for name in before} == before
+  assert results['eval/num_examples'] == 1437
+  saved = json.load(open(os.path.join(model_dir, 'result_3_train.json')))
+  assert saved['eval_split'] == 'train' and saved['eval/top_1'] == results['eval/top_1']
+  own = os.path.join(model_dir, 'eval_train')
+  assert summaries.steps(own, 'eval/label_top_1_accuracy') == [3]
+  rows = open(os.path.join(own, 'projector', 'features_3.tsv')).read().splitlines()
+  labels = open(os.path.join(own, 'projector', 'metadata.tsv')).read().splitlines()
+  assert len(rows) == len(labels) - 1 == 1437  # metadata has a header line
+  assert 'tensor_shape: 1437' in open(os.path.join(own, 'projector_config.pbtxt')).read()
+
+
 @pytest.fixture(scope='module')
 def evaluated_copy(tmp_path_factory, run_main, pretrained):
   """(model_dir, results) of --mode=eval on a copy of the pretraining run, given only the
