@@ -276,8 +276,10 @@ def checkpoint_prefix(path):
       raise ValueError(f'--checkpoint={path!r} is a directory without checkpoints')
     path = latest
   if not tf.io.gfile.exists(path + '.index'):
-    raise ValueError(f'--checkpoint={path!r} does not exist (expected a checkpoint prefix, a '
-                     'directory holding checkpoints or a SavedModel export)')
+    what = 'is a file, not a checkpoint' if tf.io.gfile.exists(path) else 'does not exist'
+    raise ValueError(f'--checkpoint={path!r} {what} (expected a checkpoint prefix, the path '
+                     'of its files without .index, a directory holding checkpoints or a '
+                     'SavedModel export)')
   try:
     tf.train.list_variables(path)
   except (tf.errors.OpError, ValueError) as e:

@@ -496,7 +496,7 @@ def evaluate_checkpoints(config, setup, model):
     checkpoints.remove_abandoned_exports(config.model_dir)
   if config.checkpoint:
     return _evaluate_one(config, setup, model, evaluator)
-  results = None
+  results, damaged = None, []
   for path in checkpoints.iterate_checkpoints(config.model_dir,
                                               config.eval.eval_timeout_seconds):
     try:
@@ -509,6 +509,10 @@ def evaluate_checkpoints(config, setup, model):
       # The training run keeps its newest checkpoints only: this one went before its turn.
       logging.warning('%s was deleted before it could be evaluated; skipped.', path)
       continue
+    except tf.errors.OpError as e:  # a damaged index or data file
+      damaged.append(f'{os.path.basename(path)} ({checkpoints.short_reason(e)})')
+      logging.warning('%s cannot be read (%s); skipped.', path, checkpoints.short_reason(e))
+      continue
     results = {**evaluator.evaluate(step), 'eval_split': config.data.eval_split}
     if setup.chief:
       checkpoints.write_results(config.model_dir, step, results)
@@ -517,6 +521,9 @@ def evaluate_checkpoints(config, setup, model):
       break
   if not setup.chief:
     tf.io.gfile.rmtree(setup.write_dir)
+  if results is None and damaged:
+    raise ValueError(f'--model_dir={config.model_dir!r} holds no checkpoint that can be read: '
+                     + '; '.join(damaged))
   if results is None:
     raise ValueError(f'no checkpoint to evaluate appeared in --model_dir={config.model_dir!r} '
                      f'within --eval_timeout_seconds={config.eval.eval_timeout_seconds}')

@@ -126,7 +126,14 @@ class RunLock:
     for _ in range(200):  # each round is decided by another process' progress
       holder = self._read()
       if holder is None:
-        if self._create(json.dumps(self.record)):
+        try:
+          created = self._create(json.dumps(self.record))
+        except (OSError, tf.errors.OpError) as e:  # a full disk, a read-only directory
+          self.record = None
+          reason = getattr(e, 'strerror', None) or getattr(e, 'message', None) or str(e)
+          raise ValueError(f'cannot write the run lock {self.path} ({reason}); make room in '
+                           'or give write access to --model_dir, then rerun') from None
+        if created:
           break
         continue  # created by another start meanwhile: read who holds it
       reason = self._stale_reason(holder)

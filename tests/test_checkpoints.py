@@ -415,6 +415,13 @@ def test_a_damaged_checkpoint_index_is_an_error_naming_the_checkpoint(tmp_path):
   with pytest.raises(ValueError, match=r"^--checkpoint='.*ckpt-5' cannot be read \(.*sstable.*\): "
                                        r'its ckpt-5\.index is damaged'):
     checkpoints.checkpoint_prefix(str(tmp_path / 'ckpt-5'))
+  # Finding (issue 24, rerun): a file that is no checkpoint was said not to exist.
+  (tmp_path / 'garbage').write_text('garbage')
+  with pytest.raises(ValueError, match=r"^--checkpoint='.*garbage' is a file, not a checkpoint "
+                                       r'\(expected a checkpoint prefix'):
+    checkpoints.checkpoint_prefix(str(tmp_path / 'garbage'))
+  with pytest.raises(ValueError, match=r"^--checkpoint='.*missing' does not exist"):
+    checkpoints.checkpoint_prefix(str(tmp_path / 'missing'))
 
 
 def test_iterate_checkpoints_yields_each_once_in_step_order_including_new_ones(tmp_path):

@@ -374,6 +374,18 @@ def test_eval_mode_on_another_split_leaves_the_runs_files_alone(tmp_path, run_ma
   assert 'tensor_shape: 1437' in open(os.path.join(own, 'projector_config.pbtxt')).read()
 
 
+@pytest.mark.slow
+def test_eval_mode_over_damaged_checkpoints_names_each(tmp_path, run_main, pretrained):
+  # Finding (issue 24, rerun): 'error: OpError: file is too short to be an sstable', nothing
+  # named.
+  model_dir = copied_model_dir(pretrained, tmp_path)
+  open(os.path.join(model_dir, 'ckpt-3.index'), 'w').write('garbage')
+  with pytest.raises(ValueError, match=r"^--model_dir='.*' holds no checkpoint that can be read: "
+                                       r'ckpt-3 \(OpError: .*sstable'):
+    run_main(f'--model_dir={model_dir}', '--mode=eval', '--eval_timeout_seconds=1',
+             '--keep_hub_module_max=0')
+
+
 @pytest.fixture(scope='module')
 def evaluated_copy(tmp_path_factory, run_main, pretrained):
   """(model_dir, results) of --mode=eval on a copy of the pretraining run, given only the

@@ -107,3 +107,16 @@ def test_run_lock_heartbeat_refreshes_the_file(tmp_path, where):
   assert _read_json(lock.path)['heartbeat'] > first
   lock.release()
   assert not tf.io.gfile.exists(lock.path)
+
+
+def test_a_lock_that_cannot_be_written_is_an_error_naming_it_and_leaves_nothing(filling_disk):
+  # Finding (issue 24, rerun): a full disk at start was 'error: [Errno 28] No space left on
+  # device', naming no file.
+  directory, fill = filling_disk
+  model_dir = os.path.join(directory, 'run')
+  os.makedirs(model_dir)
+  fill()
+  with pytest.raises(ValueError, match=rf'^cannot write the run lock {model_dir}/run\.lock '
+                                       r'\(No space left on device\); make room'):
+    run_lock.RunLock(model_dir).acquire()
+  assert os.listdir(model_dir) == []
