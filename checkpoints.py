@@ -417,6 +417,7 @@ def iterate_checkpoints(model_dir, timeout_seconds, poll_seconds=1.0):
   training run keeps only its newest) before its turn is skipped with a warning."""
   seen = set()
   last_new = time.time()
+  waiting = False
   while True:
     fresh = sorted((p for p in list_checkpoints(model_dir) if _step_of(p) not in seen),
                    key=_step_of)
@@ -427,10 +428,15 @@ def iterate_checkpoints(model_dir, timeout_seconds, poll_seconds=1.0):
       else:
         logging.warning('%s was deleted before it could be evaluated; skipped.', path)
     if fresh:
-      last_new = time.time()
+      last_new, waiting = time.time(), False
     elif time.time() - last_new > timeout_seconds:
       return
     else:
+      if not waiting:
+        logging.info('Waiting for a new checkpoint in %s (at most %.0f s more: '
+                     '--eval_timeout_seconds).', model_dir,
+                     timeout_seconds - (time.time() - last_new))
+        waiting = True
       time.sleep(poll_seconds)
 
 

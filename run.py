@@ -16,7 +16,10 @@ from absl import flags
 from absl import logging
 
 import host_memory
+import interrupts
 
+if __name__ == '__main__':  # SIGTERM and Ctrl-C: one line at any moment, even during imports
+  interrupts.watch()
 host_memory.tune()  # before TensorFlow allocates anything
 
 import tensorflow as tf  # noqa: E402  (after the malloc tuning above)

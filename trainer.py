@@ -21,6 +21,7 @@ import tensorflow as tf
 
 import checkpoints
 import data_util
+import interrupts
 import lars_optimizer
 import objective as obj_lib
 import schema
@@ -633,9 +634,7 @@ class stop_on_signals:  # noqa: N801  (a context manager, named like one)
     if signum == signal.SIGINT and self.event.is_set():
       # At once: unwinding from here (the first call traces, its threads hold locks) printed a
       # traceback or blocked for minutes. The run lock is taken over by the next start.
-      print('interrupted: stopped by a second Ctrl-C, at once; nothing was saved since the last '
-            'checkpoint', file=sys.stderr, flush=True)
-      os._exit(128 + signal.SIGINT)
+      interrupts.second_ctrl_c()
     self.event.signal_number = signum
     self.event.set()
     if signum == signal.SIGINT:
@@ -645,8 +644,12 @@ class stop_on_signals:  # noqa: N801  (a context manager, named like one)
   def __enter__(self):
     if threading.current_thread() is threading.main_thread():
       self.previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+    # From the command line, a second Ctrl-C is seen even while a call runs (interrupts.py).
+    self.training = interrupts.training()
+    self.training.__enter__()
     return self
 
   def __exit__(self, *exc):
+    self.training.__exit__(*exc)
     for number, handler in self.previous.items():
       signal.signal(number, handler)

@@ -514,7 +514,9 @@ def test_a_taken_port_is_named_and_a_worker_waiting_for_it_honours_sigterm(
       assert waiting.poll() is None and time.time() < deadline
       time.sleep(0.2)
     waiting.send_signal(signal.SIGTERM)
-    assert waiting.wait(timeout=60) == -signal.SIGTERM
+    assert waiting.wait(timeout=60) == 128 + signal.SIGTERM
+    assert open(log.name).read().strip().splitlines()[-1].startswith(
+        'preempted: stopped by SIGTERM outside the training loop, at once')
   finally:
     squatter.close()
     waiting.kill()

@@ -612,6 +612,29 @@ def test_a_second_ctrl_c_while_the_first_call_traces_stops_at_once(tiny, tmp_pat
 
 
 @pytest.mark.slow
+def test_sigterm_outside_training_ends_the_process_at_once_with_one_line(tiny, tmp_path, repo):
+  # Finding (issue 24, rerun): SIGTERM during the end-of-run evaluation and probe ended the
+  # process (143) with no line. Here an evaluation job waiting for a checkpoint.
+  model_dir = tmp_path / 'run'
+  model_dir.mkdir()
+  process = _start(repo, *tiny, f'--model_dir={model_dir}', '--mode=eval',
+                   '--eval_timeout_seconds=300')
+  try:
+    deadline = time.time() + 180
+    while time.time() < deadline and 'Waiting for a new checkpoint' not in (
+        process.stderr.readline()):
+      assert process.poll() is None
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=30)
+  finally:
+    process.kill()
+  assert process.returncode == 143
+  assert stderr.strip().splitlines()[-1].startswith(
+      'preempted: stopped by SIGTERM outside the training loop, at once')
+  assert os.listdir(model_dir) == []
+
+
+@pytest.mark.slow
 def test_eval_of_a_missing_model_dir_is_an_error_and_creates_nothing(tiny, tmp_path,
                                                                      run_in_process):
   missing = str(tmp_path / 'mistyped')

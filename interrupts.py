@@ -1,0 +1,97 @@
+"""How `python run.py` answers SIGTERM and Ctrl-C, at every moment of the process.
+
+Python runs a signal handler only when the main thread is back in the interpreter: while a
+TensorFlow call runs (the first training call traces and runs for seconds to minutes; an
+evaluation; the probe) the handler waits, and two Ctrl-C within that time reach it as one.
+The C-level handler, though, writes each signal's number at once to a wakeup file descriptor;
+`watch()` starts a thread that reads it and so sees every signal as it arrives:
+
+* outside training (the imports, start-up, restoring, evaluation, the export, the probe),
+  SIGTERM and Ctrl-C end the process at once with one line (`preempted:`, exit code 143, or
+  `interrupted:`, 130): nothing is being trained, the newest checkpoint stays, and the run lock
+  left behind is taken over by the next start;
+* while training (`training(event)`, which trainer.stop_on_signals enters), the Python handler
+  asks the loop to save at the next step boundary and stop; a second Ctrl-C ends the process at
+  once (`interrupted: stopped by a second Ctrl-C, at once`).
+
+Only the command line starts the watch: a notebook or a test calling run.cli keeps Python's
+own handling (KeyboardInterrupt).
+"""
+import contextlib
+import os
+import signal
+import sys
+import threading
+
+SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+_state = {'training': False, 'ctrl_c': 0}
+_exiting = threading.Lock()
+
+
+def exit_at_once(line, code):
+  """Prints `line` to stderr and ends the process with `code` without unwinding (threads hold
+  TensorFlow's locks while a call traces or runs). Of two callers (the watch thread and a
+  handler), the first wins and the other waits for the end."""
+  _exiting.acquire()
+  print(line, file=sys.stderr, flush=True)
+  os._exit(code)
+
+
+def _outside_training(signum):
+  if signum == signal.SIGTERM:
+    exit_at_once('preempted: stopped by SIGTERM outside the training loop, at once; nothing was '
+                 'saved since the last checkpoint: rerun the same command to resume (a finished '
+                 'run is evaluated again)', 128 + signal.SIGTERM)
+  exit_at_once('interrupted: stopped by Ctrl-C outside the training loop, at once; nothing was '
+               'saved since the last checkpoint', 128 + signal.SIGINT)
+
+
+def second_ctrl_c():
+  exit_at_once('interrupted: stopped by a second Ctrl-C, at once; nothing was saved since the '
+               'last checkpoint', 128 + signal.SIGINT)
+
+
+def _handle(signum, frame):
+  """The Python handler outside training (the watch thread usually acts first)."""
+  del frame
+  _outside_training(signum)
+
+
+def _read(descriptor):
+  while True:
+    try:
+      numbers = os.read(descriptor, 64)
+    except InterruptedError:
+      continue
+    for signum in numbers:
+      if signum not in SIGNALS:
+        continue
+      if not _state['training']:
+        _outside_training(signum)
+      elif signum == signal.SIGINT:
+        _state['ctrl_c'] += 1
+        if _state['ctrl_c'] >= 2:
+          second_ctrl_c()
+
+
+def watch():
+  """From now on, SIGTERM and Ctrl-C act as the module says. Call from the main thread, as
+  early as possible (before the imports of TensorFlow)."""
+  read_end, write_end = os.pipe()
+  os.set_blocking(write_end, False)
+  for signum in SIGNALS:
+    signal.signal(signum, _handle)
+  signal.set_wakeup_fd(write_end, warn_on_full_buffer=False)
+  threading.Thread(target=_read, args=(read_end,), name='signal-watch', daemon=True).start()
+
+
+@contextlib.contextmanager
+def training():
+  """While the training loop runs: the watch leaves SIGTERM and a first Ctrl-C to the Python
+  handler (save, then stop) and ends the process at a second Ctrl-C."""
+  _state['training'], _state['ctrl_c'] = True, 0
+  try:
+    yield
+  finally:
+    _state['training'] = False
