@@ -74,6 +74,8 @@ def check_batch_size(global_batch_size, num_replicas, num_examples, split):
   if global_batch_size % num_replicas:
     raise ValueError(f'--train_batch_size={global_batch_size} is not divisible by the '
                      f'{num_replicas} replicas; use a multiple of {num_replicas}')
+  if not num_examples:
+    raise ValueError(f'--train_split={split!r} holds no images')
   if global_batch_size > num_examples:
     raise ValueError(f'--train_batch_size={global_batch_size} is larger than split {split!r} '
                      f'({num_examples} images)')

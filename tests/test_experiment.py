@@ -82,6 +82,9 @@ def test_batch_size_must_divide_over_replicas():
   experiment.check_batch_size(16, 2, 100, 'train')
   with pytest.raises(ValueError, match="larger than split 'train' \\(100 images\\)"):
     experiment.check_batch_size(128, 2, 100, 'train')
+  # Finding (issue 24, rerun): an empty training slice blamed the batch size.
+  with pytest.raises(ValueError, match=r"^--train_split='train\[:0\]' holds no images$"):
+    experiment.check_batch_size(16, 2, 0, 'train[:0]')
 
 
 # -- Pretraining, resume, divergence ---------------------------------------------------------------
