@@ -166,23 +166,35 @@ def _answer_peers(listener, stop, greetings, me, seen_by):
 
 
 def _greet(address, greeting, poll_seconds):
-  """The first line `address` answers to `greeting`, or None when nothing answers."""
+  """The first line `address` answers to `greeting`: b'' when it takes the connection but
+  answers nothing, None when nothing takes it."""
   try:
-    with socket.create_connection(_host_port(address), timeout=poll_seconds) as connection:
+    connection = socket.create_connection(_host_port(address), timeout=poll_seconds)
+  except OSError:
+    return None
+  with connection:
+    try:
       connection.settimeout(2.0)
       connection.sendall(greeting)
       return connection.makefile('rb').readline()
-  except OSError:
-    return None
+    except OSError:
+      return b''
+
+
+def _heard(answer):
+  """What a task's address gave instead of its greeting (None: no connection)."""
+  if answer is None:
+    return 'nothing answers'
+  if not answer:
+    return 'a program takes connections there but does not answer (another program on its port?)'
+  return 'something else answers there'
 
 
 def _startup_error(names, addresses, others, seen, seen_by, strangers, timeout_seconds):
   silent = [t for t in others if t not in seen]
   if silent:
     what = '; '.join(
-        f'{names[t]} at {addresses[t]}: ' + ('something else answers there' if t in strangers
-                                             else 'nothing answers')
-        for t in silent)
+        f'{names[t]} at {addresses[t]}: ' + _heard(strangers.get(t)) for t in silent)
     advice = 'start every task TF_CONFIG lists, each with its own task index'
   else:
     what = ', '.join(f'{names[t]} has not reached this task' for t in others

@@ -195,6 +195,24 @@ def free_ports(count):
   return ports
 
 
+def test_the_start_up_wait_says_what_is_at_an_address_instead_of_the_task():
+  # Finding (issue 24, rerun): a port held by another program that takes connections but says
+  # nothing was reported as 'nothing answers'.
+  ports = free_ports(3)
+  tasks = [('worker', i, f'localhost:{port}') for i, port in enumerate(ports)]
+  squatter = socket.socket()
+  squatter.bind(('localhost', ports[1]))
+  squatter.listen(8)
+  try:
+    with pytest.raises(ValueError, match=(
+        rf'within --startup_timeout_seconds=3 \(worker 1 at localhost:{ports[1]}: a program '
+        r'takes connections there but does not answer \(another program on its port\?\); '
+        rf'worker 2 at localhost:{ports[2]}: nothing answers\); start every task')):
+      distribution.rendezvous(tasks, ('worker', 0), timeout_seconds=3)
+  finally:
+    squatter.close()
+
+
 def start_workers(repo, flags, model_dir, log_dir, *extra, prefixes=((), ()), own=((), ())):
   """Starts two workers of run.py with `flags` (worker i's command after prefixes[i], e.g.
   `nice`, and with its own flags own[i] last); each writes its log to a file (a pipe read only
