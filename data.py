@@ -799,6 +799,17 @@ def release_in_background(references):
   return thread
 
 
+def batches(dataset):
+  """The elements of `dataset` (a tf.data or distributed dataset), as a for loop over it gives
+  them; when the loop ends (exhausted, broken off or by an error) its iterator goes to
+  release_in_background, so the loop's end does not wait for tf.data's autotuning."""
+  references = [iter(dataset)]
+  try:
+    yield from references[0]
+  finally:
+    release_in_background(references)
+
+
 def steps_per_epoch(num_examples, global_batch_size):
   """Training steps in one pass over the data (a step never spans two epochs)."""
   return num_examples // global_batch_size

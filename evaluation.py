@@ -91,7 +91,7 @@ class HeadMetrics:
   def __call__(self, dataset, num_steps=0):
     """{'top_1', 'top_5', 'num_examples'} over `dataset` (or its first `num_steps` batches)."""
     sums = {'top_1': 0.0, 'top_5': 0.0, 'count': 0.0}
-    for i, inputs in enumerate(dataset):
+    for i, inputs in enumerate(data_lib.batches(dataset)):
       if num_steps and i >= num_steps:
         break
       for k, v in self._sums(inputs).items():
@@ -121,7 +121,7 @@ class FeatureExtractor:
     """(features, labels), and their ids with `with_ids`."""
     features, labels, ids = [], [], []
     local = self.strategy.experimental_local_results
-    for inputs in dataset:
+    for inputs in data_lib.batches(dataset):
       for x, y, i, mask in zip(*(local(t) for t in self._run(inputs))):
         mask = mask.numpy()
         features.append(x.numpy()[mask])

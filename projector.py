@@ -56,7 +56,7 @@ def _sample_images(builder, info, split, ids, size):
   position = {int(i): n for n, i in enumerate(ids)}
   images = np.zeros((len(ids), size, size, 3), np.uint8)
   labels = np.zeros(len(ids), np.int64)
-  for batch in dataset:
+  for batch in data_lib.batches(dataset):
     for image, label, record_id in zip(batch['views'][0].numpy(), batch['labels'].numpy(),
                                        batch['ids'].numpy()):
       n = position.get(int(record_id))
