@@ -7,10 +7,10 @@ The C-level handler, though, writes each signal's number at once to a wakeup fil
 `watch()` starts a thread that reads it and so sees every signal as it arrives:
 
 * outside training (the imports, start-up, restoring, evaluation, the export, the probe),
-  SIGTERM and Ctrl-C end the process at once with one line (`preempted:`, exit code 143, or
-  `interrupted:`, 130): nothing is being trained, the newest checkpoint stays, and the run lock
-  left behind is taken over by the next start;
-* while training (`training(event)`, which trainer.stop_on_signals enters), the Python handler
+  SIGTERM, SIGHUP (the terminal closed) and Ctrl-C end the process at once with one line
+  (`preempted:`, exit code 143 or 129, or `interrupted:`, 130): nothing is being trained, the
+  newest checkpoint stays, and the run lock left behind is taken over by the next start;
+* while training (`training()`, which trainer.stop_on_signals enters), the Python handler
   asks the loop to save at the next step boundary and stop; a second Ctrl-C ends the process at
   once (`interrupted: stopped by a second Ctrl-C, at once`).
 
@@ -23,28 +23,34 @@ import signal
 import sys
 import threading
 
-SIGNALS = (signal.SIGTERM, signal.SIGINT)
+SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+NAMES = {signal.SIGTERM: 'SIGTERM', signal.SIGINT: 'Ctrl-C', signal.SIGHUP: 'SIGHUP'}
 
 _state = {'training': False, 'ctrl_c': 0}
 _exiting = threading.Lock()
 
 
 def exit_at_once(line, code):
-  """Prints `line` to stderr and ends the process with `code` without unwinding (threads hold
+  """Writes `line` to stderr and ends the process with `code` without unwinding (threads hold
   TensorFlow's locks while a call traces or runs). Of two callers (the watch thread and a
-  handler), the first wins and the other waits for the end."""
+  handler), the first wins and the other waits for the end. One write, on a line of its own: a
+  log line or a progress bar written meanwhile cannot split it."""
   _exiting.acquire()
-  print(line, file=sys.stderr, flush=True)
+  try:
+    sys.stderr.flush()
+    os.write(sys.stderr.fileno(), f'\n{line}\n'.encode())
+  except (OSError, ValueError):  # a terminal gone (SIGHUP), a closed stderr
+    pass
   os._exit(code)
 
 
 def _outside_training(signum):
-  if signum == signal.SIGTERM:
-    exit_at_once('preempted: stopped by SIGTERM outside the training loop, at once; nothing was '
-                 'saved since the last checkpoint: rerun the same command to resume (a finished '
-                 'run is evaluated again)', 128 + signal.SIGTERM)
-  exit_at_once('interrupted: stopped by Ctrl-C outside the training loop, at once; nothing was '
-               'saved since the last checkpoint', 128 + signal.SIGINT)
+  if signum == signal.SIGINT:
+    exit_at_once('interrupted: stopped by Ctrl-C outside the training loop, at once; nothing '
+                 'was saved since the last checkpoint', 128 + signal.SIGINT)
+  exit_at_once(f'preempted: stopped by {NAMES[signum]} outside the training loop, at once; '
+               'nothing was saved since the last checkpoint: rerun the same command to resume '
+               '(a finished run is evaluated again)', 128 + signum)
 
 
 def second_ctrl_c():

@@ -7,6 +7,7 @@ embedded demo data, a CPU):
   python run.py --train_mode=pretrain --DCL_mode=True --gamma=0.9 --model_dir=runs/sogclr \
       --dataset=digits --image_size=16 --resnet_depth=18 --width_multiplier=0.25 ...
 """
+import contextlib
 import os
 import signal
 import sys
@@ -312,7 +313,8 @@ def cli(argv):
   except trainer_lib.Preempted as e:
     logging.warning('%s', e)
     kind = 'interrupted' if e.signal_number == signal.SIGINT else 'preempted'
-    print(f'{kind}: {e}', file=sys.stderr)
+    with contextlib.suppress(OSError):  # a terminal gone with SIGHUP
+      print(f'{kind}: {e}', file=sys.stderr)
     sys.exit(128 + e.signal_number)
   except KeyboardInterrupt:
     print('interrupted: stopped by Ctrl-C; nothing was saved since the last checkpoint',

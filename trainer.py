@@ -619,11 +619,12 @@ class StopRequest(threading.Event):
 
 
 class stop_on_signals:  # noqa: N801  (a context manager, named like one)
-  """While training runs, SIGTERM (the preemption notice of cloud VMs) and a first Ctrl-C
-  (SIGINT) set `event` (a StopRequest): the loop saves at the next step boundary and stops. A
-  second Ctrl-C ends the process at once (exit code 130), without saving."""
+  """While training runs, SIGTERM (the preemption notice of cloud VMs), SIGHUP (the terminal
+  closed) and a first Ctrl-C (SIGINT) set `event` (a StopRequest): the loop saves at the next
+  step boundary and stops. A second Ctrl-C ends the process at once (exit code 130), without
+  saving."""
 
-  SIGNALS = (signal.SIGTERM, signal.SIGINT)
+  SIGNALS = interrupts.SIGNALS  # SIGTERM, SIGINT (Ctrl-C), SIGHUP (the terminal closed)
 
   def __init__(self, event):
     self.event = event

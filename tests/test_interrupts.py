@@ -55,7 +55,8 @@ def test_one_ctrl_c_in_training_is_left_to_the_loop(repo):
 @pytest.mark.slow
 @pytest.mark.parametrize('signum, code, line', [
     (signal.SIGTERM, 143, 'preempted: stopped by SIGTERM outside the training loop, at once'),
-    (signal.SIGINT, 130, 'interrupted: stopped by Ctrl-C outside the training loop, at once')])
+    (signal.SIGINT, 130, 'interrupted: stopped by Ctrl-C outside the training loop, at once'),
+    (signal.SIGHUP, 129, 'preempted: stopped by SIGHUP outside the training loop, at once')])
 def test_outside_training_a_signal_ends_the_process_at_once_with_one_line(repo, signum, code,
                                                                            line):
   returncode, out, err = _signalled(repo, 'outside', [signum])

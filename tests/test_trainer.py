@@ -342,7 +342,7 @@ def test_stop_request_saves_at_the_next_loop_boundary_and_raises_preempted(
   # Resumed, then a SIGTERM (a cloud VM's preemption notice) while it trains after step 3: the
   # next call ends (1 -> 2, 2 -> 4, then 4 -> at most the end), its step is saved.
   stop_requested = trainer_lib.StopRequest()
-  previous_handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+  previous_handlers = {s: signal.getsignal(s) for s in trainer_lib.stop_on_signals.SIGNALS}
 
   def on_progress(p):
     progress.append(p)
@@ -360,6 +360,18 @@ def test_stop_request_saves_at_the_next_loop_boundary_and_raises_preempted(
   assert f'Stopped at step {stopped}/10' in str(preempted.value)
   assert preempted.value.signal_number == signal.SIGTERM
   assert written_steps(model_dir) == [1, stopped]
+
+
+def test_a_closed_terminal_asks_the_loop_to_save_and_stop_as_sigterm_does():
+  # Finding (issue 24, rerun): SIGHUP (the terminal or ssh session closed) ended a training run
+  # at once with no line and nothing saved.
+  stop_requested = trainer_lib.StopRequest()
+  with trainer_lib.stop_on_signals(stop_requested):
+    os.kill(os.getpid(), signal.SIGHUP)
+    for _ in range(100):  # the handler runs between bytecodes
+      if stop_requested.is_set():
+        break
+  assert stop_requested.is_set() and stop_requested.signal_number == signal.SIGHUP
 
 
 def test_a_summary_that_cannot_be_written_saves_the_step_reached_then_stops(
