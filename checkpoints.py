@@ -453,6 +453,16 @@ def file_name_part(text):
   return re.sub(r'[^A-Za-z0-9_.=-]', '_', text)
 
 
+def read_results(model_dir, step, eval_name=None):
+  """The results recorded for `step` in model_dir (write_results' file of `eval_name`); {}."""
+  return _read_results(_results_path(model_dir, step, eval_name))
+
+
+def _results_path(model_dir, step, eval_name):
+  return os.path.join(model_dir, f'result_{step}' + (
+      f'_{file_name_part(eval_name)}' if eval_name else '') + '.json')
+
+
 def _read_results(path):
   """The dict in result file `path`, {} when there is none; a file that is not json is moved to
   `path`.unreadable (kept, not overwritten)."""
@@ -479,10 +489,8 @@ def write_results(model_dir, step, results):
   result_<step>[_<eval_name>]_<split>.json instead. The file is written under another name, then
   renamed: a crash never leaves a truncated json.
   """
-  name = results.get('eval_name')
   split = results.get('eval_split')
-  path = os.path.join(model_dir, f'result_{step}' + (
-      f'_{file_name_part(name)}' if name else '') + '.json')
+  path = _results_path(model_dir, step, results.get('eval_name'))
   merged = _read_results(path)
   recorded_split = merged.get('eval_split')
   if recorded_split is None and any(k.startswith(('eval/', 'probe/')) for k in merged):

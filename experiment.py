@@ -316,16 +316,31 @@ def _train_and_monitor(config, setup, input_config, trainer, manager, summary_wr
   (train_seconds, the monitor's evaluations). A run that diverges leaves the run's record of
   its flags as it was and marks its start in the history as diverged."""
   monitored = []
+  on_eval = _monitor(config, setup, evaluator, monitored)
+  if on_eval is not None and _evaluation_missing(config, setup, input_config.initial_step):
+    logging.info('Evaluating step %d first: the stopped run did not record its evaluation.',
+                 input_config.initial_step)
+    on_eval(input_config.initial_step, 0.0)
   with run_record.kept_on_divergence(config.model_dir, setup.chief,
                                      lambda: int(trainer.optimizer.iterations.numpy())):
     seconds = _train(config, setup, input_config, trainer, manager, summary_writer,
-                     learning_rate,
-                     _monitor(config, setup, evaluator, monitored))
+                     learning_rate, on_eval)
   results = {'train_seconds': round(seconds, 1)}
   if monitored:
     results['monitor'] = monitored
     results['monitor_seconds'] = round(sum(r['eval_seconds'] for r in monitored), 1)
   return results
+
+
+def _evaluation_missing(config, setup, step):
+  """Whether the run resumes at `step`, a step to evaluate while training (--eval_every_*),
+  without a recorded evaluation of it (a kill during that evaluation, or between the checkpoint
+  and it): the resumed run would go past it."""
+  eval_every = config.loop.eval_every(setup.steps_per_epoch)
+  if not (eval_every and 0 < step < setup.total_steps and step % eval_every == 0):
+    return False
+  recorded = checkpoints.read_results(config.model_dir, step, config.eval.eval_name)
+  return 'eval/knn_top_1' not in recorded
 
 
 def _probe(config, evaluator, step):

@@ -617,6 +617,21 @@ def test_eval_every_steps_logs_head_and_knn_top_1_at_each_evaluation(monitored_r
 
 
 @pytest.mark.slow
+def test_a_resumed_run_evaluates_the_step_whose_evaluation_the_stopped_run_lost(
+    tmp_path, tiny, run_main):
+  # Finding (issue 24, rerun): killed during the evaluation at step 10 (its checkpoint written),
+  # the resumed run went on from step 10 and never evaluated it.
+  model_dir = str(tmp_path / 'run')
+  flags = (*tiny, *MONITORS, f'--model_dir={model_dir}', '--eval_every_steps=2')
+  run_main(*flags, '--train_steps=2')
+  os.remove(os.path.join(model_dir, 'result_2.json'))  # as if killed during its evaluation
+  results = run_main(*flags, '--train_steps=4')
+  assert [r['global_step'] for r in results['monitor']] == [2, 4]
+  saved = json.load(open(os.path.join(model_dir, 'result_2.json')))
+  assert saved['eval/knn_top_1'] == results['monitor'][0]['eval/knn_top_1']
+
+
+@pytest.mark.slow
 def test_summaries_hold_the_u_table_the_augmented_views_and_the_hparams(monitored_run):
   from tensorboard.plugins.hparams import plugin_data_pb2  # noqa: PLC0415
 
