@@ -7,6 +7,7 @@ import io
 import os
 import re
 import tarfile
+import time
 
 from absl import logging
 import numpy as np
@@ -361,10 +362,31 @@ def write_dataset(name, features, split_examples, data_dir, *, version='1.0.0', 
       for index, example in enumerate(examples):
         yield index, example
 
+  remove_abandoned_preparations(os.path.join(data_dir, name))
   builder = Writer(data_dir=data_dir)
   builder.download_and_prepare(
       download_config=tfds.download.DownloadConfig(num_shards=num_shards))
   return builder
+
+
+# A preparation writes its shards continuously: one untouched this long was stopped.
+ABANDONED_AFTER_SECONDS = 600
+
+
+def remove_abandoned_preparations(dataset_dir):
+  """Removes the `incomplete.*` folders TFDS left in `dataset_dir` (data_dir/<name>) when a
+  preparation was stopped (SIGTERM, a kill), once nothing in them changed for
+  ABANDONED_AFTER_SECONDS; a preparation running meanwhile keeps its own. Returns the paths."""
+  removed = []
+  for path in tf.io.gfile.glob(os.path.join(dataset_dir, 'incomplete.*')):
+    times = [tf.io.gfile.stat(os.path.join(root, n)).mtime_nsec / 1e9
+             for root, _, names in tf.io.gfile.walk(path) for n in names]
+    times.append(tf.io.gfile.stat(path).mtime_nsec / 1e9)
+    if time.time() - max(times) > ABANDONED_AFTER_SECONDS:
+      logging.warning('Removing %s, left by a preparation that was stopped.', path)
+      tf.io.gfile.rmtree(path)
+      removed.append(path)
+  return removed
 
 
 def main(argv=None):

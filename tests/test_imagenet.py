@@ -3,6 +3,7 @@ miniature prepared directories (official SogCLR layout, TFDS's layout, ours)."""
 import io
 import os
 import tarfile
+import time
 
 import numpy as np
 from PIL import Image
@@ -225,3 +226,20 @@ def test_tfds_own_imagenet2012_layout_gets_ids_derived_from_record_ids(tmp_path,
   ids = [i for batch in data.build_input_fn(builder, info, config, 100)(
       tf.distribute.InputContext()).take(3) for i in batch['ids'].numpy()]
   assert sorted(ids) == list(range(24))
+
+
+def test_a_stopped_preparations_folder_is_removed_by_the_next_one(tmp_path):
+  # Finding (issue 24, rerun): SIGTERM during the preparation of fashion_mnist left
+  # data_dir/fashion_mnist/incomplete.<random>_1.0.0/ (an 11 MB half shard) for good.
+  dataset_dir = tmp_path / 'tiny_set'
+  stale, live = dataset_dir / 'incomplete.AbC_1.0.0', dataset_dir / 'incomplete.XyZ_1.0.0'
+  for folder in (stale, live):
+    folder.mkdir(parents=True)
+    (folder / 'tiny_set-train.tfrecord-00000-of-00001').write_bytes(b'half')
+  old = time.time() - imagenet.ABANDONED_AFTER_SECONDS - 60
+  for path in (stale / 'tiny_set-train.tfrecord-00000-of-00001', stale):
+    os.utime(path, (old, old))
+  features = tfds.features.FeaturesDict({'label': tfds.features.ClassLabel(num_classes=2)})
+  imagenet.write_dataset('tiny_set', features, {'train': [{'label': 1}]}, str(tmp_path))
+  assert not stale.exists() and live.exists()  # another preparation may still write that one
+  assert data.get_builder('tiny_set', str(tmp_path)).info.splits['train'].num_examples == 1
