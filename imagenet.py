@@ -366,6 +366,8 @@ def write_dataset(name, features, split_examples, data_dir, *, version='1.0.0', 
   builder = Writer(data_dir=data_dir)
   builder.download_and_prepare(
       download_config=tfds.download.DownloadConfig(num_shards=num_shards))
+  # Prepared: another preparation of it still writing could not put its copy in place either.
+  remove_abandoned_preparations(os.path.join(data_dir, name), untouched_seconds=0)
   return builder
 
 
@@ -373,16 +375,16 @@ def write_dataset(name, features, split_examples, data_dir, *, version='1.0.0', 
 ABANDONED_AFTER_SECONDS = 600
 
 
-def remove_abandoned_preparations(dataset_dir):
+def remove_abandoned_preparations(dataset_dir, untouched_seconds=ABANDONED_AFTER_SECONDS):
   """Removes the `incomplete.*` folders TFDS left in `dataset_dir` (data_dir/<name>) when a
   preparation was stopped (SIGTERM, a kill), once nothing in them changed for
-  ABANDONED_AFTER_SECONDS; a preparation running meanwhile keeps its own. Returns the paths."""
+  `untouched_seconds`; a preparation running meanwhile keeps its own. Returns the paths."""
   removed = []
   for path in tf.io.gfile.glob(os.path.join(dataset_dir, 'incomplete.*')):
     times = [tf.io.gfile.stat(os.path.join(root, n)).mtime_nsec / 1e9
              for root, _, names in tf.io.gfile.walk(path) for n in names]
     times.append(tf.io.gfile.stat(path).mtime_nsec / 1e9)
-    if time.time() - max(times) > ABANDONED_AFTER_SECONDS:
+    if time.time() - max(times) >= untouched_seconds:
       logging.warning('Removing %s, left by a preparation that was stopped.', path)
       tf.io.gfile.rmtree(path)
       removed.append(path)

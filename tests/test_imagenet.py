@@ -239,7 +239,10 @@ def test_a_stopped_preparations_folder_is_removed_by_the_next_one(tmp_path):
   old = time.time() - imagenet.ABANDONED_AFTER_SECONDS - 60
   for path in (stale / 'tiny_set-train.tfrecord-00000-of-00001', stale):
     os.utime(path, (old, old))
+  assert imagenet.remove_abandoned_preparations(str(dataset_dir)) == [str(stale)]
+  assert live.exists()  # another preparation may still write that one ...
   features = tfds.features.FeaturesDict({'label': tfds.features.ClassLabel(num_classes=2)})
   imagenet.write_dataset('tiny_set', features, {'train': [{'label': 1}]}, str(tmp_path))
-  assert not stale.exists() and live.exists()  # another preparation may still write that one
+  assert not live.exists()  # ... but once this one is in place, it could not put its own
   assert data.get_builder('tiny_set', str(tmp_path)).info.splits['train'].num_examples == 1
+  assert os.listdir(dataset_dir) == ['1.0.0']
