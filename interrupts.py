@@ -1,4 +1,4 @@
-"""How `python run.py` answers SIGTERM and Ctrl-C, at every moment of the process.
+"""How `python run.py` answers SIGTERM, SIGHUP and Ctrl-C, at every moment of the process.
 
 Python runs a signal handler only when the main thread is back in the interpreter: while a
 TensorFlow call runs (the first training call traces and runs for seconds to minutes; an
@@ -82,8 +82,8 @@ def _read(descriptor):
 
 
 def watch():
-  """From now on, SIGTERM and Ctrl-C act as the module says. Call from the main thread, as
-  early as possible (before the imports of TensorFlow)."""
+  """From now on, SIGTERM, SIGHUP and Ctrl-C act as the module says. Call from the main thread,
+  as early as possible (before the imports of TensorFlow)."""
   read_end, write_end = os.pipe()
   os.set_blocking(write_end, False)
   for signum in SIGNALS:
@@ -94,8 +94,8 @@ def watch():
 
 @contextlib.contextmanager
 def training():
-  """While the training loop runs: the watch leaves SIGTERM and a first Ctrl-C to the Python
-  handler (save, then stop) and ends the process at a second Ctrl-C."""
+  """While the training loop runs: the watch leaves SIGTERM, SIGHUP and a first Ctrl-C to the
+  Python handler (save, then stop) and ends the process at a second Ctrl-C."""
   _state['training'], _state['ctrl_c'] = True, 0
   try:
     yield
