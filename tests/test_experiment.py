@@ -96,7 +96,8 @@ def test_the_training_input_is_released_on_a_thread_of_its_own(stopped, tmp_path
   # Deleting a tf.data iterator waits for its autotuning thread, which can run on for tens of
   # seconds: the run must not hold the iterator, so the release thread deletes it; also when
   # an error stops the run (here divergence at the second step), whose traceback held the
-  # iterator in its frames until the error was reported.
+  # iterator in its frames until the error was reported. The evaluation loops' iterators
+  # (data.batches) go the same way.
   deleted_on, threads = [], []
 
   def watched(references):
@@ -113,8 +114,11 @@ def test_the_training_input_is_released_on_a_thread_of_its_own(stopped, tmp_path
     del error
   else:
     run_main(*flags)
-  threads[0].join()
-  assert deleted_on == ['release-input']
+  for thread in threads:
+    thread.join()
+  # The training input first; then, but for the stopped run, the final evaluation's loops.
+  assert (len(threads) == 1) == stopped
+  assert deleted_on == ['release-input'] * len(threads)
 
 
 @pytest.mark.slow
