@@ -454,8 +454,13 @@ def file_name_part(text):
 
 
 def read_results(model_dir, step, eval_name=None):
-  """The results recorded for `step` in model_dir (write_results' file of `eval_name`); {}."""
-  return _read_results(_results_path(model_dir, step, eval_name))
+  """The results recorded for `step` in model_dir (write_results' file of `eval_name`); {} when
+  there are none or the file is not json (left as it is: any worker may read)."""
+  text = files.read_bytes(_results_path(model_dir, step, eval_name))
+  try:
+    return json.loads(text) if text is not None else {}
+  except (json.JSONDecodeError, UnicodeDecodeError):
+    return {}
 
 
 def _results_path(model_dir, step, eval_name):

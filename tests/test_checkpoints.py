@@ -98,6 +98,12 @@ def test_results_of_another_eval_name_or_split_never_overwrite_a_step_s_results(
       'result_20_on_train.json': {'eval/top_1': 0.3, 'eval_split': 'train',
                                   'eval_name': 'on_train'},
       'result_20_test__50__.json': {'eval/top_1': 0.5, 'eval_split': 'test[:50%]'}}
+  # Read back by step and name; a file that is not json reads as none and stays as it was.
+  assert checkpoints.read_results(model_dir, 20, 'on_train')['eval/top_1'] == 0.3
+  assert checkpoints.read_results(model_dir, 30) == {}
+  (tmp_path / 'result_40.json').write_text('{"eval/to')
+  assert checkpoints.read_results(model_dir, 40) == {}
+  assert (tmp_path / 'result_40.json').read_text() == '{"eval/to'
   # A file written before splits were recorded is not overwritten by an evaluation either.
   open(os.path.join(model_dir, 'result_30.json'), 'w').write('{"eval/top_1": 0.1}')
   checkpoints.write_results(model_dir, 30, {'eval/top_1': 0.9, 'eval_split': 'test'})
