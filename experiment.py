@@ -224,12 +224,17 @@ def _summary_writer(config, setup):
   return tf.summary.create_noop_writer()
 
 
+def _named_logdir(config):
+  """model_dir, or model_dir/eval_<name> with --eval_name."""
+  if config.eval.eval_name:
+    return os.path.join(config.model_dir, f'eval_{config.eval.eval_name}')
+  return config.model_dir
+
+
 def _evaluator(config, setup, model, summary_writer, logdir=None):
-  """The evaluator writing its summaries and Projector files to `logdir` (default: the run's
-  own, model_dir or eval_<name> with --eval_name)."""
-  if logdir is None:
-    logdir = (os.path.join(config.model_dir, f'eval_{config.eval.eval_name}')
-              if config.eval.eval_name else config.model_dir)
+  """The evaluator writing its summaries and Projector files to `logdir` (default:
+  _named_logdir)."""
+  logdir = logdir or _named_logdir(config)
   if logdir != config.model_dir and setup.chief:
     summary_writer = tf.summary.create_file_writer(logdir)
   # The projector's sample is this host's features: one host writes it, for the whole split.
@@ -553,7 +558,7 @@ def _evaluation_logdir(config):
   --eval_split), whose events and Projector files in model_dir it would otherwise mix with or
   replace; else model_dir, beside the training run's evaluations."""
   if config.eval.eval_name:
-    return os.path.join(config.model_dir, f'eval_{config.eval.eval_name}')
+    return _named_logdir(config)
   try:
     recorded = (run_record.read_flags(config.model_dir)[0] or {}).get('eval_split')
   except ValueError:

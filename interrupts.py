@@ -10,14 +10,13 @@ The C-level handler, though, writes each signal's number at once to a wakeup fil
   SIGTERM, SIGHUP (the terminal closed) and Ctrl-C end the process at once with one line
   (`preempted:`, exit code 143 or 129, or `interrupted:`, 130): nothing is being trained, the
   newest checkpoint stays, and the run lock left behind is taken over by the next start;
-* while training (`training()`, which trainer.stop_on_signals enters), the Python handler
+* while training (`set_training(True)`, from trainer.stop_on_signals), the Python handler
   asks the loop to save at the next step boundary and stop; a second Ctrl-C ends the process at
   once (`interrupted: stopped by a second Ctrl-C, at once`).
 
 Only the command line starts the watch: a notebook or a test calling run.cli keeps Python's
 own handling (KeyboardInterrupt).
 """
-import contextlib
 import os
 import signal
 import sys
@@ -92,12 +91,8 @@ def watch():
   threading.Thread(target=_read, args=(read_end,), name='signal-watch', daemon=True).start()
 
 
-@contextlib.contextmanager
-def training():
-  """While the training loop runs: the watch leaves SIGTERM, SIGHUP and a first Ctrl-C to the
-  Python handler (save, then stop) and ends the process at a second Ctrl-C."""
-  _state['training'], _state['ctrl_c'] = True, 0
-  try:
-    yield
-  finally:
-    _state['training'] = False
+def set_training(active):
+  """Whether the training loop runs (trainer.stop_on_signals sets it): while it does, the watch
+  leaves SIGTERM, SIGHUP and a first Ctrl-C to the Python handler (save, then stop) and ends the
+  process at a second Ctrl-C."""
+  _state['training'], _state['ctrl_c'] = bool(active), 0

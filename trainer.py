@@ -646,11 +646,10 @@ class stop_on_signals:  # noqa: N801  (a context manager, named like one)
     if threading.current_thread() is threading.main_thread():
       self.previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
     # From the command line, a second Ctrl-C is seen even while a call runs (interrupts.py).
-    self.training = interrupts.training()
-    self.training.__enter__()
+    interrupts.set_training(True)
     return self
 
   def __exit__(self, *exc):
-    self.training.__exit__(*exc)
+    interrupts.set_training(False)
     for number, handler in self.previous.items():
       signal.signal(number, handler)
