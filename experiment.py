@@ -91,6 +91,8 @@ def run(config):
       # One training run per model_dir; a multi-worker job is one run (its chief holds it).
       lock = run_lock.RunLock(config.model_dir).acquire()
       checkpoints.remove_stale_saves(config.model_dir)
+    elif setup.chief:  # beside training, but one evaluation job per log directory
+      lock = run_lock.evaluation_lock(config.model_dir, _evaluation_logdir(config)).acquire()
     with setup.strategy.scope():
       model = model_lib.build_model(
           dataclasses.replace(config.model, num_classes=setup.info.num_classes),

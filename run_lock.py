@@ -1,4 +1,5 @@
-"""model_dir/run.lock: at most one live training run per model_dir (RunLock)."""
+"""model_dir/run.lock: at most one live training run per model_dir (RunLock); and one live
+--mode=eval job per evaluation log directory (evaluation_lock)."""
 import json
 import os
 import socket
@@ -35,8 +36,11 @@ class RunLock:
   other can both pass.
   """
 
-  def __init__(self, model_dir, heartbeat_seconds=60.0, stale_seconds=600.0):
-    self.path = os.path.join(model_dir, LOCK_FILE)
+  def __init__(self, model_dir, heartbeat_seconds=60.0, stale_seconds=600.0, *,
+               file_name=LOCK_FILE, held_by=None):
+    self.path = os.path.join(model_dir, file_name)
+    # holder description -> the error line when a live holder has it (default: another run's).
+    self.held_by = held_by
     self.heartbeat_seconds = heartbeat_seconds
     self.stale_seconds = stale_seconds
     self.record = None
@@ -153,9 +157,12 @@ class RunLock:
     return self
 
   def _held_message(self, holder):
-    return (f"--model_dir={os.path.dirname(self.path)!r} is in use by another run (host "
-            f"{holder.get('host')}, pid {holder.get('pid')}, since {holder.get('since_utc')}; "
-            f'lock file {self.path}); wait for it to end or use another --model_dir')
+    who = (f"host {holder.get('host')}, pid {holder.get('pid')}, since "
+           f"{holder.get('since_utc')}; lock file {self.path}")
+    if self.held_by is not None:
+      return self.held_by(who)
+    return (f'--model_dir={os.path.dirname(self.path)!r} is in use by another run ({who}); '
+            'wait for it to end or use another --model_dir')
 
   def _beat(self):
     while not self._stop.wait(self.heartbeat_seconds):
@@ -181,3 +188,20 @@ class RunLock:
 
   def __exit__(self, *exc):
     self.release()
+
+
+def evaluation_lock(model_dir, logdir):
+  """The lock of a --mode=eval job writing its summaries to `logdir` (model_dir, or a
+  subdirectory eval_<name>): model_dir/eval.lock or model_dir/eval_<name>.lock. Evaluation runs
+  beside training by design, but two evaluations writing the same log directory would write
+  every step's scalars twice and race on its result files."""
+  name = 'eval' if os.path.normpath(logdir) == os.path.normpath(model_dir) else (
+      os.path.basename(os.path.normpath(logdir)))
+
+  def held_by(who):
+    where = 'model_dir' if name == 'eval' else name
+    return (f'--model_dir={model_dir!r}: its evaluation in {where} is being written by another '
+            f'--mode=eval job ({who}); wait for it to end, or give another --eval_name to '
+            'evaluate beside it')
+
+  return RunLock(model_dir, file_name=f'{name}.lock', held_by=held_by)

@@ -536,6 +536,22 @@ def test_a_second_run_on_a_live_model_dir_exits_at_once_naming_the_holder(
     holder.release()
 
 
+def test_a_second_evaluation_into_the_same_log_directory_is_refused(run_cli, snapshot, tiny,
+                                                                      trained):
+  # Two --mode=eval jobs writing one log directory would write each step's scalars twice.
+  holder = run_lock.evaluation_lock(trained.model_dir, trained.model_dir).acquire()
+  try:
+    before = snapshot(trained.model_dir)
+    code, err = run_cli(*tiny, f'--model_dir={trained.model_dir}', '--mode=eval')
+    assert code == 1
+    assert re.search(rf'^error: --model_dir=.*: its evaluation in model_dir is being written by '
+                     rf'another --mode=eval job \(host \S+, pid {os.getpid()}, since .*\); wait '
+                     'for it to end, or give another --eval_name', err, re.M), err[-2000:]
+    assert snapshot(trained.model_dir) == before
+  finally:
+    holder.release()
+
+
 @pytest.mark.slow
 def test_resuming_with_run_defining_flags_changed_is_an_error_unless_allowed(
     ten_and_twenty, tiny, tmp_path, run_in_process, snapshot):

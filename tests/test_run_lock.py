@@ -120,3 +120,17 @@ def test_a_lock_that_cannot_be_written_is_an_error_naming_it_and_leaves_nothing(
                                        r'\(No space left on device\); make room'):
     run_lock.RunLock(model_dir).acquire()
   assert os.listdir(model_dir) == []
+
+
+def test_evaluation_lock_is_one_per_log_directory_beside_the_run_lock(tmp_path):
+  model_dir = str(tmp_path)
+  with run_lock.RunLock(model_dir), run_lock.evaluation_lock(model_dir, model_dir) as default:
+    assert os.path.basename(default.path) == 'eval.lock'
+    named = run_lock.evaluation_lock(model_dir, os.path.join(model_dir, 'eval_on_train'))
+    with named:
+      assert os.path.basename(named.path) == 'eval_on_train.lock'
+      with pytest.raises(ValueError, match=r"^--model_dir='.*': its evaluation in eval_on_train "
+                                           r'is being written by another --mode=eval job \(host '
+                                           rf'\S+, pid {os.getpid()}, .*another --eval_name'):
+        run_lock.evaluation_lock(model_dir, os.path.join(model_dir, 'eval_on_train/')).acquire()
+  assert sorted(os.listdir(model_dir)) == []
