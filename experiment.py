@@ -323,7 +323,7 @@ def _train_and_monitor(config, setup, input_config, trainer, manager, summary_wr
   (train_seconds, the monitor's evaluations). A run that diverges leaves the run's record of
   its flags as it was and marks its start in the history as diverged."""
   monitored = []
-  on_eval = _monitor(config, setup, evaluator, monitored)
+  on_eval = _monitor(config, setup, evaluator, monitored, input_config.initial_step)
   if on_eval is not None and _evaluation_missing(config, setup, input_config.initial_step):
     logging.info('Evaluating step %d first: the stopped run did not record its evaluation.',
                  input_config.initial_step)
@@ -332,7 +332,9 @@ def _train_and_monitor(config, setup, input_config, trainer, manager, summary_wr
                                      lambda: int(trainer.optimizer.iterations.numpy())):
     seconds = _train(config, setup, input_config, trainer, manager, summary_writer,
                      learning_rate, on_eval)
-  results = {'train_seconds': round(seconds, 1)}
+  # This process' training: from the step it resumed at (a run stopped and resumed counts each
+  # start's seconds in that start's results).
+  results = {'train_seconds': round(seconds, 1), 'trained_from_step': input_config.initial_step}
   if monitored:
     results['monitor'] = monitored
     results['monitor_seconds'] = round(sum(r['eval_seconds'] for r in monitored), 1)
@@ -365,9 +367,10 @@ def _probe(config, evaluator, step):
     return {'probe/skipped': 'train split without labels in [0, num_classes)'}
 
 
-def _monitor(config, setup, evaluator, monitored):
+def _monitor(config, setup, evaluator, monitored, trained_from_step):
   """on_eval for trainer.train: the head's top-1 and the kNN monitor on the eval split, logged
-  with their cost, in the eval/ summaries, result_<step>.json and `monitored` (a list)."""
+  with their cost, in the eval/ summaries, result_<step>.json and `monitored` (a list). The
+  training seconds so far are this process', from `trained_from_step`."""
   if not config.loop.eval_every(setup.steps_per_epoch):
     return None
 
@@ -377,8 +380,9 @@ def _monitor(config, setup, evaluator, monitored):
     seconds = time.time() - started
     head = f"{results['eval/top_1']:.4f}" if 'eval/top_1' in results else 'n/a'
     logging.info('Eval at step %d (epoch %.3g): head top-1 %s, kNN top-1 %.4f (took %.1f s, '
-                 'training so far %.1f s)', step, step / setup.steps_per_epoch, head,
-                 results['eval/knn_top_1'], seconds, train_seconds)
+                 'training so far %.1f s%s)', step, step / setup.steps_per_epoch, head,
+                 results['eval/knn_top_1'], seconds, train_seconds,
+                 f' from step {trained_from_step}' if trained_from_step else '')
     record = {'global_step': step, 'epoch': step / setup.steps_per_epoch,
               **{k: results[k] for k in ('eval/top_1', 'eval/knn_top_1') if k in results},
               'eval_seconds': round(seconds, 2), 'train_seconds': round(train_seconds, 1)}
@@ -386,7 +390,7 @@ def _monitor(config, setup, evaluator, monitored):
     if setup.chief:
       checkpoints.write_results(config.model_dir, step, results | {
           'eval_seconds': record['eval_seconds'], 'train_seconds_so_far': record['train_seconds'],
-          'eval_split': config.data.eval_split})
+          'trained_from_step': trained_from_step, 'eval_split': config.data.eval_split})
 
   return on_eval
 
@@ -594,7 +598,9 @@ def summary_line(results, eval_split):
   """The run's headline numbers, one line."""
   parts = []
   if 'train_seconds' in results:
-    parts.append(f"trained in {results['train_seconds']:.0f} s")
+    resumed = results.get('trained_from_step')
+    parts.append(f"trained in {results['train_seconds']:.0f} s"
+                 + (f' (from step {resumed}, where it resumed)' if resumed else ''))
   if 'eval/top_1' in results:
     parts.append(f"linear head top-1 {results['eval/top_1']:.4f} on {eval_split}")
   if 'eval/knn_top_1' in results:

@@ -256,8 +256,8 @@ def pretrain_and_measure(settings, method, batch_size, seed, work_dir, data_dir,
   record = {
       'method': method, 'batch_size': batch_size, 'seed': seed,
       'steps': results['global_step'], 'train_seconds': results['train_seconds'],
-      'images_per_second': round(results['global_step'] * batch_size /
-                                 results['train_seconds'], 1),
+      'images_per_second': round((results['global_step'] - results['trained_from_step']) *
+                                 batch_size / results['train_seconds'], 1),
       'linear_head_top_1': results['eval/top_1'],
       **measure(model, builder, info, views, settings),
       # The kNN monitor after each --eval_every_epochs (the last one is the end of training).

@@ -633,6 +633,9 @@ def test_a_resumed_run_evaluates_the_step_whose_evaluation_the_stopped_run_lost(
   assert [r['global_step'] for r in results['monitor']] == [2, 4]
   saved = json.load(open(os.path.join(model_dir, 'result_2.json')))
   assert saved['eval/knn_top_1'] == results['monitor'][0]['eval/knn_top_1']
+  # Before this start trained: 0 of its seconds, from the step it resumed at.
+  assert (saved['train_seconds_so_far'], saved['trained_from_step']) == (0.0, 2)
+  assert results['trained_from_step'] == 2
 
 
 @pytest.mark.slow

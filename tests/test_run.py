@@ -413,6 +413,10 @@ def test_sigterm_saves_a_checkpoint_and_exits_then_resumes(repo, tmp_path, tiny,
   assert resumed.returncode == 0, resumed.stderr[-2000:]
   assert tf.train.latest_checkpoint(model_dir).endswith(f'ckpt-{step + 2}')
   assert re.search(rf'Resumed from \S+ckpt-{step} at step {step}', resumed.stderr)
+  # Its train_seconds are the resumed start's, and its results say from which step.
+  assert checkpoints.read_results(model_dir, step + 2)['trained_from_step'] == step
+  assert 'trained in ' in resumed.stdout
+  assert f'(from step {step}, where it resumed)' in resumed.stdout
 
 
 @pytest.mark.slow
