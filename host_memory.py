@@ -15,6 +15,8 @@ import ctypes
 import os
 import platform
 
+import interrupts
+
 # mallopt parameters (glibc's malloc.h).
 _M_TRIM_THRESHOLD = -1
 _M_TOP_PAD = -2
@@ -181,8 +183,7 @@ class MemoryWatch:
       except (OSError, ValueError):  # /proc or a cgroup file unreadable: stop watching, quietly
         return
       if line is not None:
-        os.write(2, (line + '\n').encode())
-        os._exit(1)
+        interrupts.exit_at_once(line, 1)  # the run's lock is removed on the way
 
   def start(self):
     import threading  # noqa: PLC0415  (only the command line watches)

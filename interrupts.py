@@ -9,7 +9,8 @@ The C-level handler, though, writes each signal's number at once to a wakeup fil
 * outside training (the imports, start-up, restoring, evaluation, the export, the probe),
   SIGTERM, SIGHUP (the terminal closed) and Ctrl-C end the process at once with one line
   (`preempted:`, exit code 143 or 129, or `interrupted:`, 130): nothing is being trained, the
-  newest checkpoint stays, and the run lock left behind is taken over by the next start;
+  newest checkpoint stays, and the locks this process holds are removed on the way out
+  (`on_exit_at_once`);
 * while training (`set_training(True)`, from trainer.stop_on_signals), the Python handler
   asks the loop to save at the next step boundary and stop; a second Ctrl-C ends the process at
   once (`interrupted: stopped by a second Ctrl-C, at once`).
@@ -27,14 +28,30 @@ NAMES = {signal.SIGTERM: 'SIGTERM', signal.SIGINT: 'Ctrl-C', signal.SIGHUP: 'SIG
 
 _state = {'training': False, 'ctrl_c': 0}
 _exiting = threading.Lock()
+_on_exit = {}  # key -> a quick callable run before an at-once exit (removing a lock file)
+
+
+def on_exit_at_once(key, callback):
+  """Runs `callback()` before an at-once exit (until `forget(key)`): a quick step that needs no
+  other thread, such as removing this process' lock file. Its errors are ignored."""
+  _on_exit[key] = callback
+
+
+def forget(key):
+  _on_exit.pop(key, None)
 
 
 def exit_at_once(line, code):
   """Writes `line` to stderr and ends the process with `code` without unwinding (threads hold
-  TensorFlow's locks while a call traces or runs). Of two callers (the watch thread and a
-  handler), the first wins and the other waits for the end. One write, on a line of its own: a
-  log line or a progress bar written meanwhile cannot split it."""
+  TensorFlow's locks while a call traces or runs), after the `on_exit_at_once` callbacks. Of two
+  callers (the watch thread and a handler), the first wins and the other waits for the end. One
+  write, on a line of its own: a log line or a progress bar written meanwhile cannot split it."""
   _exiting.acquire()
+  for callback in list(_on_exit.values()):
+    try:
+      callback()
+    except Exception:  # noqa: BLE001  (the exit must happen whatever a callback meets)
+      pass
   try:
     sys.stderr.flush()
     os.write(sys.stderr.fileno(), f'\n{line}\n'.encode())

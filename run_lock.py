@@ -10,6 +10,7 @@ from absl import logging
 import tensorflow as tf
 
 import files
+import interrupts
 
 LOCK_FILE = 'run.lock'
 
@@ -154,6 +155,8 @@ class RunLock:
       raise ValueError(f'could not take {self.path}: other starts kept changing it; retry')
     self._thread = threading.Thread(target=self._beat, daemon=True, name='run-lock-heartbeat')
     self._thread.start()
+    # A signal outside training (or out of memory) ends the process at once: the lock goes too.
+    interrupts.on_exit_at_once(id(self), self._remove_if_held)
     return self
 
   def _held_message(self, holder):
@@ -174,14 +177,19 @@ class RunLock:
 
   def release(self):
     """Stops the heartbeat and removes the lock file if this process still holds it."""
+    interrupts.forget(id(self))
     self._stop.set()
     if self._thread is not None:
       self._thread.join()
+    self._remove_if_held()
+    self.record = None
+
+  def _remove_if_held(self):
+    self._stop.set()  # no heartbeat after this (an at-once exit does not wait for the thread)
     holder = self._read() or {}
     if self.record is not None and all(holder.get(k) == self.record[k]
                                        for k in ('host', 'pid', 'since')):
       tf.io.gfile.remove(self.path)
-    self.record = None
 
   def __enter__(self):
     return self.acquire()

@@ -303,7 +303,7 @@ class Trainer:
 
 
 class Preempted(Exception):
-  """Training stopped early on request (SIGTERM, SIGINT); a checkpoint of the last step was
+  """Training stopped early on request (SIGTERM, SIGHUP, SIGINT); a checkpoint of the last step was
   saved. `signal_number`: the signal that asked (the command line exits with 128 + it)."""
 
   def __init__(self, message, signal_number=signal.SIGTERM):
@@ -560,11 +560,20 @@ def _summaries_failed(error, trainer, checkpoint_manager, last_saved, step):
                  'command to resume')
 
 
+SIGNAL_NAMES = {signal.SIGTERM: 'SIGTERM', signal.SIGINT: 'Ctrl-C', signal.SIGHUP: 'SIGHUP'}
+
+
 def _preempted(step, total_steps, checkpoint_manager, stop_requested):
-  return Preempted(f'Stopped at step {step}/{total_steps} on request; checkpoint saved to '
+  """Preempted, naming what asked: a signal to this process, a call (stop_requested set without
+  one), or another worker (stop_requested not set here: the workers agreed to stop)."""
+  number = getattr(stop_requested, 'signal_number', None) if _is_set(stop_requested) else None
+  if number is not None:
+    cause = f'by {SIGNAL_NAMES.get(number, signal.Signals(number).name)}'
+  else:
+    cause = 'on request' if _is_set(stop_requested) else "at another worker's request"
+  return Preempted(f'Stopped at step {step}/{total_steps} {cause}; checkpoint saved to '
                    f'{checkpoint_manager.latest_checkpoint}. Rerun the same command to resume.',
-                   getattr(stop_requested, 'signal_number', signal.SIGTERM)
-                   if _is_set(stop_requested) else signal.SIGTERM)
+                   number or signal.SIGTERM)
 
 
 def format_duration(seconds):
@@ -613,9 +622,9 @@ class ProgressLogger:
 
 
 class StopRequest(threading.Event):
-  """A threading.Event set by a stop signal; `signal_number` says which."""
+  """A threading.Event set by a stop signal; `signal_number` says which (None: set by a call)."""
 
-  signal_number = signal.SIGTERM
+  signal_number = None
 
 
 class stop_on_signals:  # noqa: N801  (a context manager, named like one)
@@ -634,7 +643,7 @@ class stop_on_signals:  # noqa: N801  (a context manager, named like one)
     del frame
     if signum == signal.SIGINT and self.event.is_set():
       # At once: unwinding from here (the first call traces, its threads hold locks) printed a
-      # traceback or blocked for minutes. The run lock is taken over by the next start.
+      # traceback or blocked for minutes. The run lock is removed on the way out.
       interrupts.second_ctrl_c()
     self.event.signal_number = signum
     self.event.set()

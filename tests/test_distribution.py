@@ -395,9 +395,10 @@ def test_sigterm_to_one_worker_stops_every_worker_at_one_step_with_a_checkpoint(
       log.close()
   outputs = [open(log.name).read() for _, log in processes]
   stopped = []
-  for process, output in zip((chief, worker), outputs):
+  for process, output, cause in zip((chief, worker), outputs,
+                                    ("at another worker's request", 'by SIGTERM')):
     assert process.returncode == 128 + signal.SIGTERM, output[-3000:]
-    match = re.search(r'^preempted: Stopped at step (\d+)/400 on request', output, re.M)
+    match = re.search(rf'^preempted: Stopped at step (\d+)/400 {cause};', output, re.M)
     assert match, output[-3000:]
     stopped.append(int(match.group(1)))
   assert stopped[0] == stopped[1] and 20 < stopped[0] < 400  # the same step on both

@@ -374,12 +374,13 @@ def _start(repo, *args):
                           cwd=repo, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2'))
 
 
-def _stopped_by_sigterm(repo, *args):
-  """(process, stderr) of `python run.py *args` sent SIGTERM once training is under way."""
+def _stopped_by_sigterm(repo, *args, signal_number=signal.SIGTERM):
+  """(process, stderr) of `python run.py *args` sent SIGTERM (or `signal_number`) once training
+  is under way."""
   process = _start(repo, *args)
   try:
     _wait_for_progress(process)
-    process.send_signal(signal.SIGTERM)
+    process.send_signal(signal_number)
     _, err = process.communicate(timeout=120)
   finally:
     process.kill()
@@ -405,7 +406,7 @@ def test_sigterm_saves_a_checkpoint_and_exits_then_resumes(repo, tmp_path, tiny,
   common = [*tiny, f'--model_dir={model_dir}', '--DCL_mode=True', '--checkpoint_steps=100000']
   process, err = _stopped_by_sigterm(repo, *common, '--train_steps=100000')
   assert process.returncode == run.PREEMPTED_EXIT_CODE, err[-2000:]
-  assert 'preempted: Stopped at step' in err
+  assert 'preempted: Stopped at step' in err and 'by SIGTERM; checkpoint saved' in err
   latest = tf.train.latest_checkpoint(model_dir)
   step = int(latest.rsplit('-', 1)[1])
   assert 0 < step < 100000
@@ -417,6 +418,19 @@ def test_sigterm_saves_a_checkpoint_and_exits_then_resumes(repo, tmp_path, tiny,
   assert checkpoints.read_results(model_dir, step + 2)['trained_from_step'] == step
   assert 'trained in ' in resumed.stdout
   assert f'(from step {step}, where it resumed)' in resumed.stdout
+
+
+@pytest.mark.slow
+def test_sighup_in_training_saves_a_checkpoint_and_exits_129(repo, tmp_path, tiny):
+  # The terminal or ssh session closed: saved like a preemption, exit code 128 + SIGHUP.
+  model_dir = str(tmp_path / 'run')
+  process, err = _stopped_by_sigterm(repo, *tiny, f'--model_dir={model_dir}',
+                                     '--train_steps=100000', '--checkpoint_steps=100000',
+                                     signal_number=signal.SIGHUP)
+  assert process.returncode == 128 + signal.SIGHUP, err[-2000:]
+  step = int(tf.train.latest_checkpoint(model_dir).rsplit('-', 1)[1])
+  assert re.search(rf'^preempted: Stopped at step {step}/100000 by SIGHUP; checkpoint saved',
+                   err, re.M), err[-2000:]
 
 
 @pytest.mark.slow
@@ -602,7 +616,7 @@ def test_ctrl_c_saves_a_checkpoint_and_exits_130(tiny, tmp_path, repo):
   _, stderr = process.communicate(timeout=120)
   assert process.returncode == 130, stderr[-3000:]
   # A Ctrl-C is an interruption, not a preemption (issue 24: it said 'preempted:').
-  assert re.search(r'^interrupted: Stopped at step \d+/100000 on request; checkpoint saved',
+  assert re.search(r'^interrupted: Stopped at step \d+/100000 by Ctrl-C; checkpoint saved',
                    stderr, re.M)
   assert 'KeyboardInterrupt' not in stderr
   assert tf.train.latest_checkpoint(model_dir) is not None
@@ -629,6 +643,7 @@ def test_a_second_ctrl_c_while_the_first_call_traces_stops_at_once(tiny, tmp_pat
   assert process.returncode == 130, stderr[-3000:]
   assert re.search(r'^interrupted: stopped by a second Ctrl-C, at once', stderr, re.M)
   assert 'Traceback' not in stderr and 'KeyboardInterrupt' not in stderr
+  assert not os.path.exists(os.path.join(model_dir, run_lock.LOCK_FILE))  # removed on the way
 
 
 @pytest.mark.slow

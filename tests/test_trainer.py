@@ -357,7 +357,7 @@ def test_stop_request_saves_at_the_next_loop_boundary_and_raises_preempted(
   assert {s: signal.getsignal(s) for s in previous_handlers} == previous_handlers
   stopped = int(trainer.optimizer.iterations.numpy())
   assert [p.step for p in progress] == [2, 4] and 4 < stopped <= 10
-  assert f'Stopped at step {stopped}/10' in str(preempted.value)
+  assert f'Stopped at step {stopped}/10 by SIGTERM;' in str(preempted.value)
   assert preempted.value.signal_number == signal.SIGTERM
   assert written_steps(model_dir) == [1, stopped]
 
