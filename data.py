@@ -14,7 +14,9 @@ Ids come from the records' `image/ID`, from a numeric `id` proved dense, or else
 ids (shard offset + index in the shard). Ids, labels and image decoding are checked on the host:
 a bad record stops the run with an error naming the dataset, split and record.
 """
+import contextlib
 import dataclasses
+import itertools
 import os
 import re
 import threading
@@ -799,13 +801,23 @@ def release_in_background(references):
   return thread
 
 
-def batches(dataset):
+def batches(dataset, watching=None, what='batch'):
   """The elements of `dataset` (a tf.data or distributed dataset), as a for loop over it gives
   them; when the loop ends (exhausted, broken off or by an error) its iterator goes to
-  release_in_background, so the loop's end does not wait for tf.data's autotuning."""
+  release_in_background, so the loop's end does not wait for tf.data's autotuning.
+
+  watching: None, or watching(description) -> a context manager (trainer.CallWatchdog.watching)
+  around each element's reading and the loop's work on it, described as f'{what} {n}'.
+  """
   references = [iter(dataset)]
+  end = object()
   try:
-    yield from references[0]
+    for number in itertools.count(1):
+      with watching(f'{what} {number}') if watching else contextlib.nullcontext():
+        element = next(references[0], end)
+        if element is end:
+          return
+        yield element
   finally:
     release_in_background(references)
 

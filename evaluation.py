@@ -88,10 +88,11 @@ class HeadMetrics:
     return {k: self.strategy.reduce(tf.distribute.ReduceOp.SUM, v, axis=None)
             for k, v in per_replica.items()}
 
-  def __call__(self, dataset, num_steps=0):
-    """{'top_1', 'top_5', 'num_examples'} over `dataset` (or its first `num_steps` batches)."""
+  def __call__(self, dataset, num_steps=0, **watch):
+    """{'top_1', 'top_5', 'num_examples'} over `dataset` (or its first `num_steps` batches).
+    watch: data.batches' `watching` and `what`."""
     sums = {'top_1': 0.0, 'top_5': 0.0, 'count': 0.0}
-    for i, inputs in enumerate(data_lib.batches(dataset)):
+    for i, inputs in enumerate(data_lib.batches(dataset, **watch)):
       if num_steps and i >= num_steps:
         break
       for k, v in self._sums(inputs).items():
@@ -203,26 +204,28 @@ class StreamingKNN:
   def _update_replicated(self, values, labels, eval_features, inputs):
     return self.strategy.run(self._update, args=(values, labels, eval_features, inputs))
 
-  def gather_eval_features(self, eval_data):
+  def gather_eval_features(self, eval_data, **watch):
     """(features [n_eval, D], labels [n_eval]) of the whole eval split, on this host (every
     worker gets all of them)."""
     features, labels = [], []
-    for inputs in eval_data:
+    for inputs in data_lib.batches(eval_data, **watch):
       x, y, mask = (self.strategy.experimental_local_results(t)[0].numpy()
                     for t in self._eval_step(inputs))
       features.append(x[mask == 1])
       labels.append(y[mask == 1])
     return np.concatenate(features), np.concatenate(labels)
 
-  def __call__(self, train_data, eval_data):
-    """kNN top-1 of the eval split's images against the train split's."""
-    eval_features, eval_labels = self.gather_eval_features(eval_data)
+  def __call__(self, train_data, eval_data, watching=None, what='batch'):
+    """kNN top-1 of the eval split's images against the train split's. watching, what: as
+    data.batches'."""
+    eval_features, eval_labels = self.gather_eval_features(
+        eval_data, watching=watching, what=f'{what}: eval split, batch')
     n = len(eval_features)
     per_replica = self.strategy.experimental_distribute_values_from_function
     on_replicas = per_replica(lambda _: tf.constant(eval_features))
     values = per_replica(lambda _: tf.fill([n, self.k], -np.inf))
     labels = per_replica(lambda _: tf.zeros([n, self.k], tf.int64))
-    for inputs in train_data:
+    for inputs in data_lib.batches(train_data, watching, f'{what}: train split, batch'):
       values, labels = self._train_step(values, labels, on_replicas, inputs)
     values, labels = self._merge(values, labels)
     return knn_votes_top_1(values.numpy(), labels.numpy(), eval_labels, self.num_classes,
@@ -234,12 +237,15 @@ class Evaluator:
 
   config: an EvalConfig; data: the run's data.DataConfig (splits, image size); weight_decay: the
   factor of eval/regularization_loss; summary_writer: where eval/ scalars go (None: nowhere);
-  projector_dir: where each evaluation writes the Projector's embedding (None: nowhere).
+  projector_dir: where each evaluation writes the Projector's embedding (None: nowhere);
+  watchdog: a trainer.CallWatchdog bounding each batch of the evaluations every worker of a
+  multi-worker job takes part in (the head's and kNN's: a hung peer blocks them), or None.
   """
 
   def __init__(self, strategy, model, builder, info, config, *, data, weight_decay=0.0,
-               summary_writer=None, projector_dir=None):
+               summary_writer=None, projector_dir=None, watchdog=None):
     self.strategy = strategy
+    self.watching = watchdog.watching if watchdog is not None else None
     self.model = model
     self.builder = builder
     self.info = info
@@ -294,12 +300,14 @@ class Evaluator:
         lars_optimizer.weight_decay_loss(self.model.trainable_variables, self.weight_decay))}
     parts = [f"regularization loss {results['eval/regularization_loss']:.6g}"]
     if self.model.has_supervised_head:
-      metrics = self.head_metrics(self.dataset(self.data.eval_split), config.eval_steps)
+      metrics = self.head_metrics(self.dataset(self.data.eval_split), config.eval_steps,
+                                  watching=self.watching,
+                                  what=f"the head's evaluation at step {step}, batch")
       results.update({f'eval/{k}': v for k, v in metrics.items()})
       parts.append(f"{metrics['num_examples']} images: top-1 {metrics['top_1']:.4f}, "
                    f"top-5 {metrics['top_5']:.4f}")
     if knn:
-      results.update(self.knn())
+      results.update(self.knn(step))
       parts.append(f"kNN top-1 {results['eval/knn_top_1']:.4f} (k={config.knn_k})")
     if log:
       logging.info('Eval at step %d on %s: %s', step, self.data.eval_split, '; '.join(parts))
@@ -336,12 +344,13 @@ class Evaluator:
         tf.summary.scalar('eval/knn_top_1', results['eval/knn_top_1'])
     self.summary_writer.flush()
 
-  def knn(self):
+  def knn(self, step):
     """{'eval/knn_top_1': ...}: a weighted kNN (probe.knn_accuracy's classifier) of the eval
     split's trunk features against the train split's, both without augmentation, streamed on
     the replicas (StreamingKNN); every worker of a multi-worker run takes part."""
-    return {'eval/knn_top_1': self.streaming_knn(self.dataset(self.data.train_split),
-                                                 self.dataset(self.data.eval_split))}
+    return {'eval/knn_top_1': self.streaming_knn(
+        self.dataset(self.data.train_split), self.dataset(self.data.eval_split),
+        watching=self.watching, what=f'the kNN evaluation at step {step}')}
 
   def probe(self, step):
     """A logistic-regression probe on frozen trunk features, beside raw-pixel and

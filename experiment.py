@@ -241,10 +241,13 @@ def _evaluator(config, setup, model, summary_writer, logdir=None):
     summary_writer = tf.summary.create_file_writer(logdir)
   # The projector's sample is this host's features: one host writes it, for the whole split.
   single_host = setup.chief and distribution_lib.num_workers(setup.strategy) == 1
+  # A hung peer blocks an evaluation's collectives as it blocks a train step's.
+  watchdog = (trainer_lib.CallWatchdog(config.loop.step_timeout_seconds)
+              if distribution_lib.num_workers(setup.strategy) > 1 else None)
   return evaluation_lib.Evaluator(setup.strategy, model, setup.builder, setup.info, config.eval,
                               data=config.data, weight_decay=config.optimizer.weight_decay,
                               summary_writer=summary_writer,
-                              projector_dir=logdir if single_host else None)
+                              projector_dir=logdir if single_host else None, watchdog=watchdog)
 
 
 def _export(config, setup, model, step):

@@ -258,9 +258,9 @@ flags.DEFINE_float('startup_timeout_seconds', 900,
                    'did not answer (exit 1). 0 = wait forever.')
 flags.DEFINE_float('step_timeout_seconds', 600,
                    'Multi-worker runs: a call of the train loop (about a second of steps; the '
-                   'first, which traces, excepted) that takes longer ends the job with an error '
-                   'and exit 1 (a worker hung while alive would otherwise block every worker '
-                   'forever). 0 = never.')
+                   'first, which traces, excepted) or a batch of an evaluation that takes longer '
+                   'ends the job with an error and exit 1 (a worker hung while alive would '
+                   'otherwise block every worker forever). 0 = never.')
 
 
 def flag_values():

@@ -521,3 +521,21 @@ def test_a_loop_over_batches_releases_its_iterator_on_a_thread_of_its_own(ending
         break
   assert seen == list(range(0, 20, 2))[:10 if ending == 'exhausted' else 4]
   assert deleted_on == ['release-input']
+
+
+def test_a_watched_loop_over_batches_watches_each_batch_and_the_work_on_it():
+  # trainer.CallWatchdog.watching bounds each evaluation batch of a multi-worker job: the batch's
+  # reading and what the loop does with it (the collectives), then the read that ends the loop.
+  events = []
+
+  @contextlib.contextmanager
+  def watching(what):
+    events.append(('start', what))
+    yield
+    events.append(('end', what))
+
+  for value in data.batches(tf.data.Dataset.range(2), watching, 'the test batch'):
+    events.append(('work', int(value)))
+  assert events == [('start', 'the test batch 1'), ('work', 0), ('end', 'the test batch 1'),
+                    ('start', 'the test batch 2'), ('work', 1), ('end', 'the test batch 2'),
+                    ('start', 'the test batch 3'), ('end', 'the test batch 3')]

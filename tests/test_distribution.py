@@ -445,6 +445,42 @@ def test_a_worker_stalled_while_alive_ends_the_job_with_one_line_within_the_step
   assert tf.train.latest_checkpoint(model_dir).endswith('ckpt-10')
 
 
+@pytest.mark.slow
+def test_a_worker_stalled_during_the_evaluation_ends_the_job_within_the_step_timeout(
+    tmp_path, workers):
+  # Finding: the watchdog bounded train calls only; a peer stalled while the workers evaluated
+  # (the head's metrics and the kNN are collectives) left the chief waiting without a bound.
+  # Worker 1 stalls once the final checkpoint is written: what is left is the export and the
+  # evaluation.
+  model_dir = str(tmp_path / 'run')
+  processes = workers(model_dir, str(tmp_path), '--train_steps=4', '--checkpoint_steps=100',
+                      '--knn_monitor', '--keep_hub_module_max=1', '--step_timeout_seconds=8')
+  (chief, _), (worker, _) = processes
+  try:
+    wait_for_a_checkpoint(model_dir, chief, worker)
+    stalled = time.time()
+    while chief.poll() is None and time.time() < stalled + 120:
+      worker.send_signal(signal.SIGSTOP)
+      time.sleep(2)
+      worker.send_signal(signal.SIGCONT)
+      time.sleep(0.005)
+    worker.send_signal(signal.SIGSTOP)
+    stall_seconds = time.time() - stalled
+  finally:
+    for process, log in processes:
+      process.kill()
+      log.close()
+  chief_output = open(processes[0][1].name).read()
+  assert chief.returncode == 1 and stall_seconds < 60, chief_output[-3000:]
+  error_lines = [x for x in chief_output.splitlines() if x.startswith('error:')]
+  assert len(error_lines) == 1, chief_output[-3000:]
+  assert re.fullmatch(r"error: (the head's evaluation at step 4, batch \d+|the kNN evaluation at "
+                      r'step 4: (eval|train) split, batch \d+) did not finish within '
+                      r'--step_timeout_seconds=8: a worker of this job is hung .*',
+                      error_lines[0]), error_lines[0]
+  assert tf.train.latest_checkpoint(model_dir).endswith('ckpt-4')
+
+
 def eager_features(model, data_dir, split):
   """(trunk features, labels) of a digits split, computed eagerly on one pipeline here."""
   builder = data_lib.get_builder('digits', data_dir)

@@ -324,7 +324,7 @@ def test_a_step_evaluated_while_training_is_not_evaluated_again(one_replica, dig
       weight_decay=1e-3)
   knn_calls = []
   knn = evaluator.knn
-  evaluator.knn = lambda: knn_calls.append(1) or knn()
+  evaluator.knn = lambda step: knn_calls.append(step) or knn(step)
   monitored = evaluator.evaluate(5, knn=True, log=False)  # the last --eval_every_epochs one
   assert evaluator.evaluate(5) == monitored  # the end of training: the same step, not redone
   assert evaluator.evaluate(5, knn=True) == monitored
