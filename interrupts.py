@@ -45,7 +45,8 @@ def exit_at_once(line, code):
   """Writes `line` to stderr and ends the process with `code` without unwinding (threads hold
   TensorFlow's locks while a call traces or runs), after the `on_exit_at_once` callbacks. Of two
   callers (the watch thread and a handler), the first wins and the other waits for the end. One
-  write, on a line of its own: a log line or a progress bar written meanwhile cannot split it."""
+  write, on a line of its own, and the last: a log line or a progress bar written meanwhile
+  cannot split it or follow it."""
   _exiting.acquire()
   for callback in list(_on_exit.values()):
     try:
@@ -54,7 +55,11 @@ def exit_at_once(line, code):
       pass
   try:
     sys.stderr.flush()
-    os.write(sys.stderr.fileno(), f'\n{line}\n'.encode())
+    # The line is the last one: stderr is pointed at /dev/null first (another thread's log
+    # line written meanwhile goes nowhere), the line goes to a copy of it.
+    stderr = os.dup(sys.stderr.fileno())
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stderr.fileno())
+    os.write(stderr, f'\n{line}\n'.encode())
   except (OSError, ValueError):  # a terminal gone (SIGHUP), a closed stderr
     pass
   os._exit(code)
