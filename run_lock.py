@@ -155,8 +155,11 @@ class RunLock:
       raise ValueError(f'could not take {self.path}: other starts kept changing it; retry')
     self._thread = threading.Thread(target=self._beat, daemon=True, name='run-lock-heartbeat')
     self._thread.start()
-    # A signal outside training (or out of memory) ends the process at once: the lock goes too.
-    interrupts.on_exit_at_once(id(self), self._remove_if_held)
+    # A signal outside training (or out of memory) ends the process at once: a local lock goes
+    # too (plain file calls: the main thread may hold TensorFlow's locks; one on gs:// stays
+    # until its heartbeat is stale).
+    if '://' not in self.path:
+      interrupts.on_exit_at_once(id(self), self._remove_local_file_if_held)
     return self
 
   def _held_message(self, holder):
@@ -184,12 +187,21 @@ class RunLock:
     self._remove_if_held()
     self.record = None
 
+  def _held_here(self, holder):
+    return self.record is not None and all(holder.get(k) == self.record[k]
+                                           for k in ('host', 'pid', 'since'))
+
   def _remove_if_held(self):
-    self._stop.set()  # no heartbeat after this (an at-once exit does not wait for the thread)
-    holder = self._read() or {}
-    if self.record is not None and all(holder.get(k) == self.record[k]
-                                       for k in ('host', 'pid', 'since')):
+    if self._held_here(self._read() or {}):
       tf.io.gfile.remove(self.path)
+
+  def _remove_local_file_if_held(self):
+    """_remove_if_held without TensorFlow, for an exit at once."""
+    self._stop.set()  # no heartbeat after this (an at-once exit does not wait for the thread)
+    with open(self.path) as f:
+      holder = json.loads(f.read())
+    if self._held_here(holder):
+      os.remove(self.path)
 
   def __enter__(self):
     return self.acquire()
