@@ -44,10 +44,18 @@ def forget(key):
 def exit_at_once(line, code):
   """Writes `line` to stderr and ends the process with `code` without unwinding (threads hold
   TensorFlow's locks while a call traces or runs), after the `on_exit_at_once` callbacks. Of two
-  callers (the watch thread and a handler), the first wins and the other waits for the end. One
+  callers (the watch thread and a handler), the first wins: the watch thread waits for the end,
+  the main thread returns (see below) and the exit follows. One
   write, on a line of its own, and the last: a log line or a progress bar written meanwhile
   cannot split it or follow it."""
-  _exiting.acquire()
+  if threading.current_thread() is threading.main_thread():
+    # The main thread runs Python's signal handlers, nested in whatever it runs, this call
+    # included: it never waits here (a second SIGTERM arriving during this call, as `timeout`
+    # sends one to the process and one to its group, waited for this very call: a hang).
+    if not _exiting.acquire(blocking=False):
+      return  # an exit is under way, this call's own or the watch thread's
+  else:
+    _exiting.acquire()
   for callback in list(_on_exit.values()):
     try:
       callback()
@@ -69,6 +77,7 @@ def _outside_training(signum):
   if signum == signal.SIGINT:
     exit_at_once('interrupted: stopped by Ctrl-C outside the training loop, at once; nothing '
                  'was saved since the last checkpoint', 128 + signal.SIGINT)
+    return
   exit_at_once(f'preempted: stopped by {NAMES[signum]} outside the training loop, at once; '
                'nothing was saved since the last checkpoint: rerun the same command to resume '
                '(a finished run is evaluated again)', 128 + signum)

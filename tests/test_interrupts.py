@@ -62,3 +62,37 @@ def test_outside_training_a_signal_ends_the_process_at_once_with_one_line(repo, 
   assert returncode == code and 'returned' not in out
   assert err.strip().startswith(line) and len(err.strip().splitlines()) == 1
 
+
+
+# A main thread running Python (its signal handlers run at once, nested in whatever it runs).
+BUSY = r'''
+import interrupts
+interrupts.watch()
+print('ready', flush=True)
+while True:
+  pass
+'''
+
+
+def test_a_second_sigterm_during_the_exit_does_not_hang_it(repo):
+  # Finding (issue 24, red team rerun): under `timeout`, which sends SIGTERM to the process and
+  # again to its group, the second one's handler, nested in the first's exit, waited for the
+  # lock that exit held: `preempted:` printed, then a hang until SIGKILL (7 of 60 tries here
+  # with the second signal 0-0.5 ms after the first).
+  outcomes = []
+  for attempt in range(40):
+    process = subprocess.Popen([sys.executable, '-c', BUSY], cwd=repo, text=True,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+      assert process.stdout.readline() == 'ready\n'
+      process.send_signal(signal.SIGTERM)
+      time.sleep(0.0001 * (attempt % 10))
+      process.send_signal(signal.SIGTERM)
+      try:
+        _, err = process.communicate(timeout=10)
+        outcomes.append((process.returncode, err.count('preempted:')))
+      except subprocess.TimeoutExpired:
+        outcomes.append('hung')
+    finally:
+      process.kill()
+  assert outcomes == [(143, 1)] * 40
