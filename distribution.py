@@ -13,6 +13,7 @@ import time
 from absl import logging
 import tensorflow as tf
 
+import interrupts
 import schema
 
 
@@ -288,10 +289,15 @@ def build_strategy(config=DistributionConfig()):
       logging.info('Waiting for the TPU at %s (up to --startup_timeout_seconds=%g).', address,
                    timeout)
       wait_for_address(address[len('grpc://'):], timeout)
-    resolver = tf.distribute.cluster_resolver.TPUClusterResolver(**plan.tpu_resolver_kwargs)
-    if plan.connect_to_cluster:
-      tf.config.experimental_connect_to_cluster(resolver)
-    tf.tpu.experimental.initialize_tpu_system(resolver)
+    # Inside TensorFlow's calls: a program that accepts connections but is no TPU server keeps
+    # them waiting for ever.
+    with interrupts.deadline(timeout, f'the TPU at {address} did not connect and initialize '
+                             f'within --startup_timeout_seconds={timeout:g} (is a TPU serving '
+                             'there?); check --tpu_name/--master'):
+      resolver = tf.distribute.cluster_resolver.TPUClusterResolver(**plan.tpu_resolver_kwargs)
+      if plan.connect_to_cluster:
+        tf.config.experimental_connect_to_cluster(resolver)
+      tf.tpu.experimental.initialize_tpu_system(resolver)
     return tf.distribute.TPUStrategy(resolver)
   if plan.kind == 'multi_worker':
     task = tf_config.get('task', {})

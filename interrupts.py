@@ -18,6 +18,7 @@ The C-level handler, though, writes each signal's number at once to a wakeup fil
 Only the command line starts the watch: a notebook or a test calling run.cli keeps Python's
 own handling (KeyboardInterrupt).
 """
+import contextlib
 import os
 import signal
 import sys
@@ -39,6 +40,22 @@ def on_exit_at_once(key, callback):
 
 def forget(key):
   _on_exit.pop(key, None)
+
+
+@contextlib.contextmanager
+def deadline(seconds, line):
+  """Ends the process at once with `error: <line>` (exit code 1) unless the block ends within
+  `seconds` (0: never): a bound on a wait inside a call that no Python code can interrupt."""
+  if not seconds:
+    yield
+    return
+  timer = threading.Timer(seconds, exit_at_once, (f'error: {line}', 1))
+  timer.daemon = True
+  timer.start()
+  try:
+    yield
+  finally:
+    timer.cancel()
 
 
 def exit_at_once(line, code):

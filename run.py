@@ -254,8 +254,9 @@ flags.DEFINE_string('master', None,
                     'TensorFlow master address (a TPU grpc:// address), when --tpu_name is unset.')
 flags.DEFINE_float('startup_timeout_seconds', 900,
                    'Seconds to wait at start-up for the other tasks of TF_CONFIG (a multi-worker '
-                   'job) or for a TPU to answer; past it the run ends with an error naming what '
-                   'did not answer (exit 1). 0 = wait forever.')
+                   'job) or for a TPU to answer, and again for the TPU to connect and '
+                   'initialize; past it the run ends with an error naming what did not answer '
+                   '(exit 1). 0 = wait forever.')
 flags.DEFINE_float('step_timeout_seconds', 600,
                    'Multi-worker runs: a call of the train loop (about a second of steps; the '
                    'first, which traces, excepted) or a batch of an evaluation that takes longer '

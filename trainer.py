@@ -9,9 +9,7 @@ drive them without flags.
 import contextlib
 import dataclasses
 import math
-import os
 import signal
-import sys
 import threading
 import time
 
@@ -429,8 +427,7 @@ class CallWatchdog:
 def _exit_now(line):
   """From a thread, while the main thread is blocked inside TensorFlow: nothing else can end it."""
   logging.error('%s', line)
-  print(f'error: {line}', file=sys.stderr, flush=True)
-  os._exit(1)
+  interrupts.exit_at_once(f'error: {line}', 1)  # the run's lock is removed on the way
 
 
 def train(trainer, iterator, *, total_steps, checkpoint_every, checkpoint_manager,

@@ -578,6 +578,29 @@ def test_a_taken_port_is_named_and_a_worker_waiting_for_it_honours_sigterm(
 
 
 @pytest.mark.slow
+def test_a_tpu_address_that_accepts_but_is_no_tpu_is_an_error_within_the_start_timeout(
+    run_command, tiny, tmp_path):
+  # Finding: a program that accepts connections at the address but is no TPU server (here a
+  # silent one; a proxy answering HTTP 404 alike) kept the connection in TensorFlow for ever:
+  # still running, without a line, after 120 s.
+  listener = socket.socket()
+  listener.bind(('127.0.0.1', 0))
+  listener.listen(8)
+  port = listener.getsockname()[1]
+  try:
+    result = run_command(*tiny, f'--model_dir={tmp_path / "run"}',
+                         f'--tpu_name=grpc://127.0.0.1:{port}', '--startup_timeout_seconds=3',
+                         timeout=300)
+  finally:
+    listener.close()
+  assert result.returncode == 1
+  assert result.stderr.strip().splitlines()[-1] == (
+      f'error: the TPU at grpc://127.0.0.1:{port} did not connect and initialize within '
+      '--startup_timeout_seconds=3 (is a TPU serving there?); check --tpu_name/--master')
+  assert not os.path.exists(tmp_path / 'run')
+
+
+@pytest.mark.slow
 def test_a_tpu_address_that_does_not_answer_is_an_error_within_the_start_timeout(
     run_command, tiny, tmp_path):
   # Finding (issue 24): --tpu_name=grpc://127.0.0.1:1 hung for 300 s without a line.
