@@ -302,6 +302,13 @@ def memory_advice(config):
           'then rerun: the run resumes from its newest checkpoint (docs/reliability.md)')
 
 
+def _to_log_file(level, line):
+  """Logs `line` where absl writes to a log file (--log_dir): on stderr, the `error:` line
+  that follows says it once."""
+  if logging.get_absl_handler().python_handler.stream not in (sys.stderr, sys.__stderr__):
+    logging.log(level, '%s', line)
+
+
 def cli(argv):
   """main() with one-line errors for bad input (non-zero exit, nothing written is touched)."""
   del argv
@@ -312,7 +319,7 @@ def cli(argv):
     watch = host_memory.MemoryWatch(memory_advice(config)).start()
     results = experiment.run(config)
   except trainer_lib.Preempted as e:
-    logging.warning('%s', e)
+    _to_log_file(logging.WARNING, str(e))
     kind = 'interrupted' if e.signal_number == signal.SIGINT else 'preempted'
     with contextlib.suppress(OSError):  # a terminal gone with SIGHUP
       print(f'{kind}: {e}', file=sys.stderr)
@@ -325,7 +332,7 @@ def cli(argv):
     if debug:
       raise
     line = errors.advice(e, errors.one_line_error(e))
-    logging.error('%s', line)
+    _to_log_file(logging.ERROR, line)
     print(f'error: {line}', file=sys.stderr)
     sys.exit(1)
   finally:
