@@ -232,6 +232,16 @@ class StreamingKNN:
                            self.temperature)
 
 
+# The probe's baselines: result key, name.
+BASELINES = (('probe/raw_pixels_top_1', 'raw pixels'),
+             ('probe/random_network_top_1', 'random network'))
+
+
+def baseline_texts(results):
+  """'raw pixels 0.8410', ... of the probe's baselines in `results`."""
+  return [f'{name} {results[key]:.4f}' for key, name in BASELINES if key in results]
+
+
 class Evaluator:
   """Evaluates one model (whose weights change between calls: pass the step) on a run's data.
 
@@ -368,23 +378,27 @@ class Evaluator:
     results = {'probe/top_1': probe.linear_probe_accuracy(train_x, train_y, test_x, test_y)}
     if config.probe_baselines:
       results.update(self._probe_baselines())
-    baselines = ('raw pixels %.4f, random network %.4f, ' % (
-        results['probe/raw_pixels_top_1'], results['probe/random_network_top_1'])
+    baselines = (''.join(f'{text}, ' for text in baseline_texts(results))
                  if config.probe_baselines else 'baselines off, ')
+
     logging.info('Linear probe on %s: top-1 %.4f (%schance %.2f)', self.data.eval_split,
                  results['probe/top_1'], baselines, 1 / info.num_classes)
     return results
 
   def _probe_baselines(self):
-    """The probe on a randomly initialised network of the same shape and on raw pixels."""
+    """The probe on a randomly initialised network of the same shape and on raw pixels (the
+    latter only for images of one size: the run's other results stand without it)."""
     with self.strategy.scope():
       random_model = model_lib.build_model(self.model.config, self.data.image_size)
     extract = FeatureExtractor(self.strategy, random_model)
     random_train = extract(self.dataset(self.data.train_split))
     random_test = extract(self.dataset(self.data.eval_split))
+    results = {
+        'probe/random_network_top_1': probe.linear_probe_accuracy(*random_train, *random_test)}
+    if probe.fixed_image_shape(self.builder, self.info) is None:
+      logging.warning('No raw-pixel baseline: the images of %s vary in size.', self.info.name)
+      return results | {'probe/raw_pixels_skipped': 'images of varying size'}
     raw_train = probe.pixels(self.builder, self.info, self.data.train_split)
     raw_test = probe.pixels(self.builder, self.info, self.data.eval_split)
-    return {
-        'probe/random_network_top_1': probe.linear_probe_accuracy(*random_train, *random_test),
-        'probe/raw_pixels_top_1': probe.linear_probe_accuracy(*raw_train, *raw_test),
-    }
+    return results | {
+        'probe/raw_pixels_top_1': probe.linear_probe_accuracy(*raw_train, *raw_test)}

@@ -610,8 +610,8 @@ def summary_line(results, eval_split):
     parts.append(f"kNN top-1 {results['eval/knn_top_1']:.4f}")
   if 'probe/top_1' in results:
     text = f"linear probe on frozen features top-1 {results['probe/top_1']:.4f}"
-    if 'probe/raw_pixels_top_1' in results:
-      text += (f" (baselines: raw pixels {results['probe/raw_pixels_top_1']:.4f}, random "
-               f"network {results['probe/random_network_top_1']:.4f})")
+    baselines = evaluation_lib.baseline_texts(results)
+    if baselines:
+      text += f" (baselines: {', '.join(baselines)})"
     parts.append(text)
   return 'Result: ' + '; '.join(parts) if parts else 'Result: nothing evaluated'

@@ -28,8 +28,8 @@ SEED_COMMAND = ['--train_mode=pretrain', '--train_batch_size=8', '--dataset=imag
                 '--eval_split=validation', '--num_classes=100', '--DCL_mode=True', '--gamma=0.9']
 
 
-def jpeg(seed, mode='RGB', fmt='JPEG'):
-  pixels = np.random.RandomState(seed).randint(0, 256, (20, 24, 3), np.uint8)
+def jpeg(seed, mode='RGB', fmt='JPEG', size=(20, 24)):
+  pixels = np.random.RandomState(seed).randint(0, 256, (*size, 3), np.uint8)
   out = io.BytesIO()
   Image.fromarray(pixels).convert(mode).save(out, format=fmt)
   return out.getvalue()
@@ -136,8 +136,9 @@ def test_an_image_folder_becomes_an_id_tagged_dataset_to_train_on(tmp_path, run_
   root = tmp_path / 'shapes'
   for label in ('circle', 'square', 'triangle'):
     os.makedirs(root / label)
-    for i in range(4):
-      (root / label / f'{i}.png').write_bytes(jpeg(i, fmt='PNG'))
+    for i in range(4):  # photographs of two sizes
+      size = (20, 24) if i % 2 else (30, 18)
+      (root / label / f'{i}.png').write_bytes(jpeg(i, fmt='PNG', size=size))
   (root / 'square' / 'notes.txt').write_text('not an image')
   data_dir = str(tmp_path / 'tfds')
   imagenet.main(['--folder', str(root), '--name', 'shapes', '--data_dir', data_dir])
@@ -145,10 +146,14 @@ def test_an_image_folder_becomes_an_id_tagged_dataset_to_train_on(tmp_path, run_
   train = read_split(builder, 'train')
   assert sorted(i for i, _, _, _ in train) == list(range(12))
   assert sorted(f for _, _, f, _ in train)[0] == os.path.join('circle', '0.png')
+  # With the probe: images of several sizes have no raw-pixel baseline (a finding: the run
+  # trained, then stopped with "all input arrays must have the same shape" and no results).
   results = run_main(*TINY_RUN, '--dataset=shapes', '--eval_split=train',
                      '--train_batch_size=4', f'--data_dir={data_dir}',
-                     f'--model_dir={tmp_path / "run"}')
+                     f'--model_dir={tmp_path / "run"}', '--probe_max_examples=100')
   assert results['global_step'] == 2 and results['eval/num_examples'] == 12
+  assert results['probe/raw_pixels_skipped'] == 'images of varying size'
+  assert 0 <= results['probe/top_1'] <= 1 and 'probe/random_network_top_1' in results
 
 
 def miniature_imagenet2012(data_dir, version, features, example):
