@@ -294,10 +294,16 @@ def build_strategy(config=DistributionConfig()):
     with interrupts.deadline(timeout, f'the TPU at {address} did not connect and initialize '
                              f'within --startup_timeout_seconds={timeout:g} (is a TPU serving '
                              'there?); check --tpu_name/--master'):
-      resolver = tf.distribute.cluster_resolver.TPUClusterResolver(**plan.tpu_resolver_kwargs)
-      if plan.connect_to_cluster:
-        tf.config.experimental_connect_to_cluster(resolver)
-      tf.tpu.experimental.initialize_tpu_system(resolver)
+      try:
+        resolver = tf.distribute.cluster_resolver.TPUClusterResolver(**plan.tpu_resolver_kwargs)
+        if plan.connect_to_cluster:
+          tf.config.experimental_connect_to_cluster(resolver)
+        tf.tpu.experimental.initialize_tpu_system(resolver)
+      except tf.errors.OpError as e:  # another gRPC server there, a proxy's answer
+        first_line = (e.message or '').strip().splitlines()[:1]
+        raise ValueError(f'the TPU at {address} could not be connected to and initialized '
+                         f'({type(e).__name__}: {first_line[0] if first_line else e}; is a TPU '
+                         'serving there?); check --tpu_name/--master') from None
     return tf.distribute.TPUStrategy(resolver)
   if plan.kind == 'multi_worker':
     task = tf_config.get('task', {})

@@ -2,6 +2,7 @@
 address, the CPU's bfloat16 default, and two worker processes on localhost (TF_CONFIG) that
 train as one, resume together after a worker is killed, and stop with one line when a worker
 stalls while alive."""
+import concurrent.futures
 import glob
 import json
 import os
@@ -597,6 +598,29 @@ def test_a_tpu_address_that_accepts_but_is_no_tpu_is_an_error_within_the_start_t
   assert result.stderr.strip().splitlines()[-1] == (
       f'error: the TPU at grpc://127.0.0.1:{port} did not connect and initialize within '
       '--startup_timeout_seconds=3 (is a TPU serving there?); check --tpu_name/--master')
+  assert not os.path.exists(tmp_path / 'run')
+
+
+@pytest.mark.slow
+def test_a_grpc_server_that_is_no_tpu_is_an_error_naming_the_address(run_command, tiny, tmp_path):
+  # Finding (issue 24 rerun): another gRPC server at the address (here one with no services; a
+  # proxy answering HTTP 404 alike) ended the run with `error: UnimplementedError: Method not
+  # found!`, naming neither the address nor the flag.
+  import grpc  # noqa: PLC0415  (TensorFlow's own dependency)
+  server = grpc.server(concurrent.futures.ThreadPoolExecutor(max_workers=2))
+  port = server.add_insecure_port('127.0.0.1:0')
+  server.start()
+  try:
+    result = run_command(*tiny, f'--model_dir={tmp_path / "run"}',
+                         f'--tpu_name=grpc://127.0.0.1:{port}', '--startup_timeout_seconds=60',
+                         timeout=300)
+  finally:
+    server.stop(None)
+  assert result.returncode == 1
+  assert result.stderr.strip().splitlines()[-1] == (
+      f'error: the TPU at grpc://127.0.0.1:{port} could not be connected to and initialized '
+      '(UnimplementedError: Method not found!; is a TPU serving there?); check '
+      '--tpu_name/--master')
   assert not os.path.exists(tmp_path / 'run')
 
 
