@@ -13,6 +13,7 @@ import time
 from absl import logging
 import tensorflow as tf
 
+import errors
 import interrupts
 import schema
 
@@ -300,10 +301,9 @@ def build_strategy(config=DistributionConfig()):
           tf.config.experimental_connect_to_cluster(resolver)
         tf.tpu.experimental.initialize_tpu_system(resolver)
       except tf.errors.OpError as e:  # another gRPC server there, a proxy's answer
-        first_line = (e.message or '').strip().splitlines()[:1]
         raise ValueError(f'the TPU at {address} could not be connected to and initialized '
-                         f'({type(e).__name__}: {first_line[0] if first_line else e}; is a TPU '
-                         'serving there?); check --tpu_name/--master') from None
+                         f'({errors.one_line_error(e)}; is a TPU serving there?); check '
+                         '--tpu_name/--master') from None
     return tf.distribute.TPUStrategy(resolver)
   if plan.kind == 'multi_worker':
     task = tf_config.get('task', {})

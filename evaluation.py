@@ -380,7 +380,6 @@ class Evaluator:
       results.update(self._probe_baselines())
     baselines = (''.join(f'{text}, ' for text in baseline_texts(results))
                  if config.probe_baselines else 'baselines off, ')
-
     logging.info('Linear probe on %s: top-1 %.4f (%schance %.2f)', self.data.eval_split,
                  results['probe/top_1'], baselines, 1 / info.num_classes)
     return results

@@ -42,14 +42,20 @@ def forget(key):
   _on_exit.pop(key, None)
 
 
+def exit_with_error(line):
+  """exit_at_once with `error: <line>` and exit code 1."""
+  exit_at_once(f'error: {line}', 1)
+
+
 @contextlib.contextmanager
-def deadline(seconds, line):
-  """Ends the process at once with `error: <line>` (exit code 1) unless the block ends within
-  `seconds` (0: never): a bound on a wait inside a call that no Python code can interrupt."""
+def deadline(seconds, line, on_timeout=exit_with_error):
+  """Ends the process at once with `error: <line>` (exit code 1; or calls `on_timeout(line)`)
+  unless the block ends within `seconds` (0: never): a bound on a wait inside a call that no
+  Python code can interrupt."""
   if not seconds:
     yield
     return
-  timer = threading.Timer(seconds, exit_at_once, (f'error: {line}', 1))
+  timer = threading.Timer(seconds, on_timeout, (line,))
   timer.daemon = True
   timer.start()
   try:

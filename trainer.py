@@ -398,36 +398,20 @@ class CallWatchdog:
   service sees nothing wrong) leaves every other worker waiting inside a collective, where no
   Python code runs and signal handlers wait: without this the job blocks forever and ignores
   SIGTERM. Nothing can be saved from inside the stuck step; the newest checkpoint stays, and a
-  restart of every worker resumes from it. `on_timeout(line)` (default: print, exit 1) is for
-  tests.
+  restart of every worker resumes from it. `on_timeout(line)` (default: the `error:` line and
+  exit 1 at once, from the timer's thread, the run's lock removed on the way) is for tests.
   """
 
-  def __init__(self, timeout_seconds, on_timeout=None):
+  def __init__(self, timeout_seconds, on_timeout=interrupts.exit_with_error):
     self.timeout_seconds = timeout_seconds
-    self.on_timeout = on_timeout or _exit_now
+    self.on_timeout = on_timeout
 
-  @contextlib.contextmanager
   def watching(self, what):
-    """`what` (e.g. 'train steps 11-13') runs inside this block."""
-    if not self.timeout_seconds:
-      yield
-      return
+    """A context manager: `what` (e.g. 'train steps 11-13') runs inside it."""
     line = (f'{what} did not finish within --step_timeout_seconds={self.timeout_seconds:g}: a '
             'worker of this job is hung or far slower than the others; restart every worker '
             'with the same command (each resumes from the newest checkpoint)')
-    timer = threading.Timer(self.timeout_seconds, self.on_timeout, (line,))
-    timer.daemon = True
-    timer.start()
-    try:
-      yield
-    finally:
-      timer.cancel()
-
-
-def _exit_now(line):
-  """From a thread, while the main thread is blocked inside TensorFlow: nothing else can end it."""
-  logging.error('%s', line)
-  interrupts.exit_at_once(f'error: {line}', 1)  # the run's lock is removed on the way
+    return interrupts.deadline(self.timeout_seconds, line, self.on_timeout)
 
 
 def train(trainer, iterator, *, total_steps, checkpoint_every, checkpoint_manager,
@@ -557,15 +541,12 @@ def _summaries_failed(error, trainer, checkpoint_manager, last_saved, step):
                  'command to resume')
 
 
-SIGNAL_NAMES = {signal.SIGTERM: 'SIGTERM', signal.SIGINT: 'Ctrl-C', signal.SIGHUP: 'SIGHUP'}
-
-
 def _preempted(step, total_steps, checkpoint_manager, stop_requested):
   """Preempted, naming what asked: a signal to this process, a call (stop_requested set without
   one), or another worker (stop_requested not set here: the workers agreed to stop)."""
   number = getattr(stop_requested, 'signal_number', None) if _is_set(stop_requested) else None
   if number is not None:
-    cause = f'by {SIGNAL_NAMES.get(number, signal.Signals(number).name)}'
+    cause = f'by {interrupts.NAMES.get(number, signal.Signals(number).name)}'
   else:
     cause = 'on request' if _is_set(stop_requested) else "at another worker's request"
   return Preempted(f'Stopped at step {step}/{total_steps} {cause}; checkpoint saved to '

@@ -407,16 +407,11 @@ def test_sigterm_to_one_worker_stops_every_worker_at_one_step_with_a_checkpoint(
   assert not glob.glob(os.path.join(model_dir, '.worker_*'))
 
 
-@pytest.mark.slow
-def test_a_worker_stalled_while_alive_ends_the_job_with_one_line_within_the_step_timeout(
-    tmp_path, workers):
-  # Worker 1 is stopped but for 5 ms every 2 s: its heartbeats go on (the coordination service
-  # sees it alive) and it makes no progress, as a host swapping or stuck on a network disk. The
-  # chief waits inside a collective, where before --step_timeout_seconds it waited for as long
-  # as the stall lasted (150 s seen, no line, SIGTERM ignored).
-  model_dir = str(tmp_path / 'run')
-  processes = workers(model_dir, str(tmp_path), '--train_steps=400', '--checkpoint_steps=10',
-                      '--step_timeout_seconds=8')
+def stalled_job_error_line(model_dir, processes):
+  """Once model_dir has a checkpoint, stalls worker 1 (stopped but for 5 ms every 2 s: its
+  heartbeats go on, so the coordination service sees it alive, and it makes no progress, as a
+  host swapping or stuck on a network disk) until the chief ends; returns the chief's one
+  `error:` line, after checking it ended with exit code 1 within 60 s of the stall."""
   (chief, _), (worker, _) = processes
   try:
     wait_for_a_checkpoint(model_dir, chief, worker)
@@ -436,13 +431,24 @@ def test_a_worker_stalled_while_alive_ends_the_job_with_one_line_within_the_step
   assert chief.returncode == 1 and stall_seconds < 60, chief_output[-3000:]
   error_lines = [x for x in chief_output.splitlines() if x.startswith('error:')]
   assert len(error_lines) == 1, chief_output[-3000:]
+  return error_lines[0]
+
+
+@pytest.mark.slow
+def test_a_worker_stalled_while_alive_ends_the_job_with_one_line_within_the_step_timeout(
+    tmp_path, workers):
+  # The chief waits inside a collective, where before --step_timeout_seconds it waited for as
+  # long as the stall lasted (150 s seen, no line, SIGTERM ignored).
+  model_dir = str(tmp_path / 'run')
+  line = stalled_job_error_line(model_dir, workers(
+      model_dir, str(tmp_path), '--train_steps=400', '--checkpoint_steps=10',
+      '--step_timeout_seconds=8'))
   # Stuck in its next steps or in the agreement after them, whichever the stall caught.
   assert re.fullmatch(r"error: (train steps \d+-(\d+)|the workers' agreement after step (\d+)) "
                       r'did not finish within --step_timeout_seconds=8: a worker of this job is '
                       r'hung or far slower than the others; restart every worker with the same '
-                      r'command \(each resumes from the newest checkpoint\)', error_lines[0]), \
-      error_lines[0]
-  assert int(re.findall(r'\d+', error_lines[0].split(' within ')[0])[-1]) > 10
+                      r'command \(each resumes from the newest checkpoint\)', line), line
+  assert int(re.findall(r'\d+', line.split(' within ')[0])[-1]) > 10
   assert tf.train.latest_checkpoint(model_dir).endswith('ckpt-10')
 
 
@@ -454,31 +460,12 @@ def test_a_worker_stalled_during_the_evaluation_ends_the_job_within_the_step_tim
   # Worker 1 stalls once the final checkpoint is written: what is left is the export and the
   # evaluation.
   model_dir = str(tmp_path / 'run')
-  processes = workers(model_dir, str(tmp_path), '--train_steps=4', '--checkpoint_steps=100',
-                      '--knn_monitor', '--keep_hub_module_max=1', '--step_timeout_seconds=8')
-  (chief, _), (worker, _) = processes
-  try:
-    wait_for_a_checkpoint(model_dir, chief, worker)
-    stalled = time.time()
-    while chief.poll() is None and time.time() < stalled + 120:
-      worker.send_signal(signal.SIGSTOP)
-      time.sleep(2)
-      worker.send_signal(signal.SIGCONT)
-      time.sleep(0.005)
-    worker.send_signal(signal.SIGSTOP)
-    stall_seconds = time.time() - stalled
-  finally:
-    for process, log in processes:
-      process.kill()
-      log.close()
-  chief_output = open(processes[0][1].name).read()
-  assert chief.returncode == 1 and stall_seconds < 60, chief_output[-3000:]
-  error_lines = [x for x in chief_output.splitlines() if x.startswith('error:')]
-  assert len(error_lines) == 1, chief_output[-3000:]
+  line = stalled_job_error_line(model_dir, workers(
+      model_dir, str(tmp_path), '--train_steps=4', '--checkpoint_steps=100', '--knn_monitor',
+      '--keep_hub_module_max=1', '--step_timeout_seconds=8'))
   assert re.fullmatch(r"error: (the head's evaluation at step 4, batch \d+|the kNN evaluation at "
                       r'step 4: (eval|train) split, batch \d+) did not finish within '
-                      r'--step_timeout_seconds=8: a worker of this job is hung .*',
-                      error_lines[0]), error_lines[0]
+                      r'--step_timeout_seconds=8: a worker of this job is hung .*', line), line
   assert tf.train.latest_checkpoint(model_dir).endswith('ckpt-4')
 
 
