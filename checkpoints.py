@@ -541,7 +541,7 @@ def export_saved_model(model, export_dir, step, *, image_size, keep, flags_file=
   module = tf.Module()
   module.model = model
 
-  @tf.function(input_signature=[
+  @tf.function(autograph=False, input_signature=[
       tf.TensorSpec([None, image_size, image_size, 3], tf.float32, name='images')])
   def serve(images):
     return {k: tf.cast(v, tf.float32) for k, v in model(images, training=False).items()}

@@ -747,6 +747,9 @@ def _eval_dataset(stages, split, per_replica_batch_size):
   return dataset.batch(per_replica_batch_size)
 
 
+# Built with AutoGraph off, so every function the pipeline maps is traced as written: they branch
+# on settings alone, and converting them cost seconds of each process' start.
+@tf.autograph.experimental.do_not_convert
 def _pipeline_dataset(stages, input_context):
   """Returns the dataset of per-replica batches of the input pipeline `input_context` names."""
   config = stages.config

@@ -2,7 +2,8 @@
 (extracted once per step and shared), the kNN monitor and the logistic-regression probe.
 
 `Evaluator` holds what every evaluation of one run shares (strategy, model, data, settings) and
-builds its `tf.function`s once, so evaluating checkpoint after checkpoint never retraces.
+builds its `tf.function`s once (without AutoGraph: no tensor-dependent Python branches), so
+evaluating checkpoint after checkpoint never retraces.
 """
 import dataclasses
 
@@ -54,7 +55,7 @@ def eval_dataset(strategy, builder, info, split, *, global_batch_size, image_siz
     pipeline_examples = -(-num_examples // input_context.num_input_pipelines)
     steps = max(1, -(-pipeline_examples // (per_replica * replicas)))
     unpadded = input_fn(input_context).unbatch()
-    images = unpadded.map(lambda x: x | {'mask': True})
+    images = unpadded.map(tf.autograph.experimental.do_not_convert(lambda x: x | {'mask': True}))
     padding = tf.data.Dataset.from_tensors(tf.nest.map_structure(
         lambda spec: tf.zeros(spec.shape, spec.dtype), unpadded.element_spec) | {'mask': False})
     images = images.concatenate(padding.repeat()).take(steps * replicas * per_replica)
@@ -70,7 +71,7 @@ class HeadMetrics:
   def __init__(self, strategy, model):
     self.strategy = strategy
     self.model = model
-    self._sums = tf.function(self._batch_sums_replicated)
+    self._sums = tf.function(self._batch_sums_replicated, autograph=False)
 
   def _batch_sums(self, batch):
     logits = self.model(batch['views'][0], training=False)['supervised_logits']
@@ -109,7 +110,7 @@ class FeatureExtractor:
   def __init__(self, strategy, model):
     self.strategy = strategy
     self.model = model
-    self._run = tf.function(self._replicated)
+    self._run = tf.function(self._replicated, autograph=False)
 
   def _replica_features(self, batch):
     return (self.model(batch['views'][0], training=False)['features'],
@@ -174,9 +175,9 @@ class StreamingKNN:
     self.k = k
     self.temperature = temperature
     self.num_classes = num_classes
-    self._eval_step = tf.function(self._eval_features_replicated)
-    self._train_step = tf.function(self._update_replicated)
-    self._merge = tf.function(self._merged)
+    self._eval_step = tf.function(self._eval_features_replicated, autograph=False)
+    self._train_step = tf.function(self._update_replicated, autograph=False)
+    self._merge = tf.function(self._merged, autograph=False)
 
   def _normalised(self, views):
     return tf.math.l2_normalize(tf.cast(self.embed(views), tf.float32), axis=1)

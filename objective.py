@@ -519,7 +519,7 @@ class ISogCLRLoss(SogCLRLoss):
   def tables(self):
     return {'log_u': self.log_u, 'tau': self.tau, 'tau_momentum': self.tau_momentum}
 
-  @tf.function
+  @tf.function(autograph=False)
   def _temperature_stats(self):
     # Masked reductions, not the visited subset: no dynamic shape (TPUs) on every call.
     visited = tf.math.is_finite(self.log_u)

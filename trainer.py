@@ -115,11 +115,13 @@ class Trainer:
     if self.pretrain and objective is None:
       raise ValueError('pretraining needs an objective (objective.build)')
     self.loss_scaling = isinstance(optimizer, tf.keras.optimizers.LossScaleOptimizer)
-    # XLA compiles the per-replica step; the loop around it stays a plain tf.function.
-    self._step = (tf.function(self.train_step, jit_compile=True) if jit_compile
-                  else self.train_step)
+    # XLA compiles the per-replica step; the loop around it stays a plain tf.function. Only the
+    # loop needs AutoGraph (its tf.range): the step and everything it calls branch on settings
+    # alone, and converting them cost seconds of every process' first call.
+    self._step = (tf.function(self.train_step, jit_compile=True, autograph=False) if jit_compile
+                  else tf.autograph.experimental.do_not_convert(self.train_step))
     self._loop = tf.function(self._train_loop)
-    self._agree = tf.function(self._fewest_steps)
+    self._agree = tf.function(self._fewest_steps, autograph=False)
 
   def _contrastive_loss(self, projection, ids, metrics):
     """The contrastive loss of the two views' projections [2b, D]; fills its metrics."""
@@ -267,7 +269,7 @@ class Trainer:
               for name, v in self.objective_tables().items()]
     return [(name, v) for name, v in named if tf.as_dtype(v.dtype).is_floating]
 
-  @tf.function
+  @tf.function(autograph=False)
   def _finite_flags(self):
     # The objective says what a sound table holds (SogCLR's log u is -inf where unvisited).
     tables = {id(v): name for name, v in self.objective_tables().items()}

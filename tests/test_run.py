@@ -355,6 +355,25 @@ def test_bad_input_through_the_process_exits_1_with_one_line_and_keeps_the_run(
 
 
 @pytest.mark.slow
+def test_the_command_line_starts_without_keras_optional_imports_which_still_load_later(repo):
+  # Keras imported scikit-learn (with scipy.stats), matplotlib and IPython while TensorFlow was
+  # imported: 3.4 of 12 s of every start on a slow 2-core host, for nothing a run uses.
+  code = ('import runpy, sys\n'
+          "sys.argv = ['run.py']\n"
+          'try:\n'
+          "  runpy.run_path('run.py', run_name='__main__')\n"
+          'except SystemExit as e:\n'
+          "  extras = {'sklearn', 'matplotlib', 'IPython'} & set(sys.modules)\n"
+          "  print('exit', e.code, sorted(extras))\n"
+          'import sklearn.datasets\n'
+          "print('then', sklearn.datasets.load_digits().target.shape)\n")
+  result = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, cwd=repo,
+                          env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2'), timeout=300)
+  assert result.stdout.splitlines() == ['exit 1 []', 'then (1797,)'], result.stderr[-2000:]
+  assert result.stderr.strip().splitlines()[-1].startswith('error: --model_dir is required')
+
+
+@pytest.mark.slow
 def test_unwritable_model_dir_is_an_error(run_in_process, tmp_path, tiny):
   blocker = tmp_path / 'a_file'
   blocker.write_text('not a directory')
