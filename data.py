@@ -510,16 +510,19 @@ class _RecordStages:
     self.select = _select_fn(builder, info, config.split, num_classes,
                              check_labels=config.labels_required)
 
-  def read(self, split, deterministic):
-    """Returns the checked records of (sub-)split `split`, images still encoded, cached if asked."""
-    # Images are decoded after the cache, so a cached dataset holds the compact encoded bytes.
-    dataset = self.builder.as_dataset(
+  def stored(self, split):
+    """Returns the records of (sub-)split `split` as stored, in file order, images encoded."""
+    return self.builder.as_dataset(
         split=split, shuffle_files=False,
         decoders={self.info.image_key: tfds.decode.SkipDecoding()} if self.encoded else None,
         read_config=tfds.ReadConfig(try_autocache=False, add_tfds_id=True,
                                     num_parallel_calls_for_decode=tf.data.AUTOTUNE))
-    dataset = dataset.map(self.select, num_parallel_calls=tf.data.AUTOTUNE,
-                          deterministic=deterministic)
+
+  def read(self, split, deterministic):
+    """Returns the checked records of (sub-)split `split`, images still encoded, cached if asked."""
+    # Images are decoded after the cache, so a cached dataset holds the compact encoded bytes.
+    dataset = self.stored(split).map(self.select, num_parallel_calls=tf.data.AUTOTUNE,
+                                     deterministic=deterministic)
     return dataset.cache() if self.config.cache_dataset else dataset
 
   def read_epoch(self, split, seed):
@@ -781,6 +784,32 @@ def build_input_fn(builder, info, config, num_classes):
     return _pipeline_dataset(stages, input_context)
 
   return input_fn
+
+
+def first_elements(builder, info, config, num_classes, count):
+  """The batch element (`batch`) of the first `count` records of config.split in file order,
+  each made into views as the pipeline makes the record at that position of epoch 0 (its
+  augmentations and their seeds), computed eagerly: a handful of images without a pipeline to
+  trace (4 s of a tiny run on 2 cores)."""
+  stages = _RecordStages(builder, info, config, num_classes)
+  # int64 positions and epoch, as the pipeline's (a fold-in draws in the dtype of its data).
+  epoch_seed = tf.random.experimental.stateless_fold_in(
+      tf.constant([config.seed, 0], tf.int64), tf.constant(0, tf.int64))
+  # The checks of `select` fail as in the pipeline (errors.one_line_error reads them).
+  select = tf.function(stages.select, autograph=False)
+  elements = []
+  for position, stored in enumerate(stages.stored(config.split).take(count)):
+    record = select(stored)
+    if stages.encoded:
+      try:
+        record['image'] = _decode_image(record['image'])
+      except tf.errors.InvalidArgumentError:  # the pipeline's line for it
+        raise ValueError(f'Dataset {info.name} split {config.split}: undecodable image in '
+                         f'record {record["record"].numpy().decode()}: id '
+                         f'{int(record["id"])}') from None
+    elements.append(stages.to_views(record, tf.random.experimental.stateless_fold_in(
+        epoch_seed, tf.constant(position, tf.int64))))
+  return tf.nest.map_structure(lambda *parts: tf.stack(parts), *elements)
 
 
 def build_distributed_dataset(strategy, builder, info, config, num_classes):

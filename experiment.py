@@ -455,18 +455,17 @@ VIEW_PAIRS = 4  # images shown by write_view_pairs
 
 def write_view_pairs(setup, input_config, summary_writer, step, num_images=VIEW_PAIRS):
   """An image summary train/augmented_views of the first `num_images` training images as the
-  step sees them (pretraining: the two views side by side), from a pipeline of their own.
+  step sees them (pretraining: the two views side by side), each with the augmentations of its
+  position in the first epoch.
 
-  Built before the training pipeline, whose construction resets the global seed: this leaves
-  the training data and every later random draw unchanged.
+  Computed eagerly with stateless random ops: the training data and every later random draw
+  stay unchanged.
   """
-  # No shuffle buffer to fill, no cache filled only in part: a few records read, no more. The
-  # host applies every augmentation, so the images are the pixels the step sees.
-  input_config = dataclasses.replace(input_config, global_batch_size=num_images,
-                                     shuffle_buffer=1, cache_dataset=False, augment_on='host')
-  dataset = data_lib.build_input_fn(setup.builder, setup.info, input_config,
-                                    setup.info.num_classes)(tf.distribute.InputContext())
-  views = next(iter(dataset))['views']
+  # No cache filled only in part: a few records read, no more. The host applies every
+  # augmentation, so the images are the pixels the step sees.
+  input_config = dataclasses.replace(input_config, cache_dataset=False, augment_on='host')
+  views = data_lib.first_elements(setup.builder, setup.info, input_config,
+                                  setup.info.num_classes, num_images)['views']
   with summary_writer.as_default(step=step):
     tf.summary.image('train/augmented_views', tf.concat(views, 2), max_outputs=num_images)
 

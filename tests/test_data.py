@@ -11,6 +11,7 @@ import tensorflow_datasets as tfds
 
 import data
 import data_util
+import errors
 import imagenet
 
 NUM_TRAIN = 37  # not a multiple of the shard count or the batch size
@@ -284,6 +285,34 @@ def test_undecodable_image_stops_the_run_naming_the_record(tmp_path):
     line = first_error_line(builder, info, split, **mode)
     assert f'Dataset broken_image split {split}: undecodable image in record' in line
     assert f'broken_image-{split}.tfrecord-' in line and '[id]' in line
+  # The first training images, computed eagerly for the summary of the views, say the same.
+  config = data.InputConfig(split='train', global_batch_size=8, image_size=4, is_training=True,
+                            use_blur=False)
+  with pytest.raises(tf.errors.InvalidArgumentError) as in_pipeline:
+    for _ in data.build_input_fn(builder, info, config, 3)(tf.distribute.InputContext()):
+      pass
+  with pytest.raises(ValueError) as eagerly:
+    data.first_elements(builder, info, config, 3, NUM_TRAIN)
+  assert str(eagerly.value) == errors.one_line_error(in_pipeline.value)
+
+
+def test_first_elements_are_the_unshuffled_pipeline_s_first_batch_computed_eagerly(tmp_path):
+  # One shard and a shuffle buffer of 1: the pipeline's first batch is the split's first records
+  # in file order, each augmented with the seeds of its position in epoch 0.
+  builder = write_dataset(str(tmp_path), 'one_shard', plain_features(), plain_examples(12),
+                          num_shards=1)
+  info = data.describe(builder, 'train', 'test')
+  config = data.InputConfig(split='train', global_batch_size=4, image_size=4, is_training=True,
+                            use_blur=False, shuffle_buffer=1, seed=5)
+  expected = next(iter(data.build_input_fn(builder, info, config, 3)(
+      tf.distribute.InputContext())))
+  first = data.first_elements(builder, info, config, 3, 4)
+  assert len(first['views']) == 2 and first['views'][0].shape == (4, 4, 4, 3)
+  for view, pipeline_view in zip(first['views'], expected['views'], strict=True):
+    np.testing.assert_allclose(view, pipeline_view, atol=1e-6)
+  np.testing.assert_array_equal(first['ids'], expected['ids'])
+  np.testing.assert_array_equal(first['labels'], expected['labels'])
+  assert not np.allclose(first['views'][0], first['views'][1])  # two augmentations
 
 
 def test_unknown_or_unprepared_dataset_is_an_error(tmp_path, plain):
