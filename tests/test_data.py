@@ -149,6 +149,7 @@ def test_resume_position_counts_whole_steps_within_one_epoch(
   assert data.resume_position(initial_step, batches_per_epoch, replicas) == expected
 
 
+@pytest.mark.slow  # 5-9 s each
 @pytest.mark.parametrize('replicas, initial_step', [(1, 6), (2, 4), (2, 6)])
 def test_resumed_pipeline_continues_the_uninterrupted_one(plain, replicas, initial_step):
   # 37 records, per-replica batches of 3: 12 batches, i.e. 12 // replicas steps, per epoch.

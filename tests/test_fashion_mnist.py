@@ -63,6 +63,7 @@ def test_prepared_on_first_use_with_dense_ids_labels_and_pixels(tmp_path, gz):
   assert data_lib.get_builder('fashion_mnist', data_dir).info.splits['train'].num_examples == 12
 
 
+@pytest.mark.slow  # 13 s
 def test_a_data_dir_with_tfds_own_fashion_mnist_is_read_with_record_ids(tmp_path):
   # TFDS's builder writes image (28x28x1) and label, version 3.0.1, no ids.
   rng = np.random.default_rng(1)

@@ -311,7 +311,8 @@ BAD_INPUT = [
      'holds a checkpoint of another configuration'),
     # Bad data found by the first batch of a resumed run: flags.json, its history and the
     # events files stay as they were.
-    (['--model_dir=TRAINED', '--label_offset=3'], 'label outside [3, 13)'),
+    pytest.param(['--model_dir=TRAINED', '--label_offset=3'], 'label outside [3, 13)',
+                 marks=pytest.mark.slow),  # 11 s: it traces the resumed run's first call
 ]
 
 
