@@ -412,6 +412,10 @@ def _decode_image(encoded):
   return tf.io.decode_image(encoded, channels=3, expand_animations=False)
 
 
+def _undecodable(dataset_name, split):
+  return f'Dataset {dataset_name} split {split}: undecodable image in record'
+
+
 def _decode_naming_failures(dataset, dataset_name, split, deterministic):
   """Decodes `image` of each record dict; an undecodable image stops the pipeline with an
   error naming the record (its tfds_id) and its id.
@@ -433,7 +437,7 @@ def _decode_naming_failures(dataset, dataset_name, split, deterministic):
       missing = tf.minimum(expected, size - 1)
       check_op = tf.debugging.Assert(
           tf.equal(position, expected),
-          [f'Dataset {dataset_name} split {split}: undecodable image in record',
+          [_undecodable(dataset_name, split),
            chunk['record'][missing], 'id', chunk['id'][missing]])
       with tf.control_dependencies([check_op]):
         return expected + 1, (tf.identity(position), example)
@@ -789,8 +793,7 @@ def build_input_fn(builder, info, config, num_classes):
 def first_elements(builder, info, config, num_classes, count):
   """The batch element (`batch`) of the first `count` records of config.split in file order,
   each made into views as the pipeline makes the record at that position of epoch 0 (its
-  augmentations and their seeds), computed eagerly: a handful of images without a pipeline to
-  trace (4 s of a tiny run on 2 cores)."""
+  augmentations and their seeds), computed eagerly: a handful of images, no pipeline to trace."""
   stages = _RecordStages(builder, info, config, num_classes)
   # int64 positions and epoch, as the pipeline's (a fold-in draws in the dtype of its data).
   epoch_seed = tf.random.experimental.stateless_fold_in(
@@ -804,9 +807,8 @@ def first_elements(builder, info, config, num_classes, count):
       try:
         record['image'] = _decode_image(record['image'])
       except tf.errors.InvalidArgumentError:  # the pipeline's line for it
-        raise ValueError(f'Dataset {info.name} split {config.split}: undecodable image in '
-                         f'record {record["record"].numpy().decode()}: id '
-                         f'{int(record["id"])}') from None
+        raise ValueError(f'{_undecodable(info.name, config.split)} '
+                         f'{record["record"].numpy().decode()}: id {int(record["id"])}') from None
     elements.append(stages.to_views(record, tf.random.experimental.stateless_fold_in(
         epoch_seed, tf.constant(position, tf.int64))))
   return tf.nest.map_structure(lambda *parts: tf.stack(parts), *elements)
