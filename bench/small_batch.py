@@ -97,6 +97,8 @@ class Settings:
 # width 0.25 on 16x16 views is the demo's model (98% linear top-1 at 50 epochs).
 FULL = Settings(batch_sizes=(16, 32, 128, 256), seeds=(0, 1, 2), train_epochs=30,
                 width_multiplier=0.25)
+# A smoke test of the script: its global objectives are at chance (5-22 steps leave the projection
+# head's inference-mode BatchNorm statistics near their initial 1s; docs/results.md).
 QUICK = Settings(batch_sizes=(64, 256), seeds=(0,), train_epochs=1, width_multiplier=0.125,
                  warmup_epochs=0, resnet_depth=10)
 # Fashion-MNIST (60,000 training images, 28x28 grey, upsampled to 32): the recipe of the README's

@@ -134,8 +134,10 @@ def test_quick_run_writes_table_plot_and_json(tmp_path):
   # 1,437 training digits: 5 steps of 256 in one epoch.
   assert [row['steps'] for row in results['summary']] == [5]
   for run in results['runs']:
-    # Each anchor's NT-Xent is positive; 2 * log(2N - 1) = 15.9 is chance.
-    assert 0 < run['global_objective'] < 40
+    # At chance, 2 * log(2N - 1): after 5 steps the projections in inference mode are nearly
+    # one vector (the projection head's BatchNorm statistics still hold most of their initial
+    # 1s; docs/results.md).
+    assert run['global_objective'] == pytest.approx(2 * math.log(2 * 1437 - 1), abs=0.01)
     assert 0 <= run['linear_top_1'] <= 1 and 0 <= run['knn_top_1'] <= 1
     # Features of even one epoch beat chance (10%) on the held-out digits.
     assert run['linear_top_1'] > 0.3
