@@ -6,6 +6,7 @@ builds its `tf.function`s once (without AutoGraph: no tensor-dependent Python br
 evaluating checkpoint after checkpoint never retraces.
 """
 import dataclasses
+import math
 
 from absl import logging
 import numpy as np
@@ -33,6 +34,27 @@ class EvalConfig:
   knn_temperature: float = schema.setting(0.1, allowed=schema.above(0))
   # eval images whose features go to the Projector; 0: none
   projector_max_points: int = schema.setting(10_000, allowed=schema.at_least(0))
+
+
+def unsettled_statistics(step, decay, share=0.01):
+  """The warning for an evaluation at `step` of a model whose BatchNorm moving statistics
+  (updated with momentum `decay` from their initial means 0 and variances 1) still hold more
+  than `share` of those initial values, or None.
+
+  Inference mode normalizes with the moving statistics. The projection head's and the linear
+  head's BatchNorm layers see inputs of variance about 1e-3 at the start, so until the initial
+  1s have decayed their outputs are nearly the same for every image: the head's top-1 and the
+  projections sit near chance (a 10-step run's head scores chance; bench/small_batch.py --quick's
+  global objective is exactly chance at 5 steps).
+  """
+  held = decay ** step
+  if held <= share:
+    return None
+  settled = 1 if decay == 0 else math.ceil(math.log(share) / math.log(decay))
+  return (f'Evaluated at step {step}: the BatchNorm moving statistics (--batch_norm_decay='
+          f'{decay:g}) still hold {held:.0%} of their initial values, which inference mode '
+          "uses: the head's top-1 and the projections can be near chance until about step "
+          f'{settled}')
 
 
 def eval_dataset(strategy, builder, info, split, *, global_batch_size, image_size,
@@ -322,6 +344,9 @@ class Evaluator:
       parts.append(f"kNN top-1 {results['eval/knn_top_1']:.4f} (k={config.knn_k})")
     if log:
       logging.info('Eval at step %d on %s: %s', step, self.data.eval_split, '; '.join(parts))
+      unsettled = unsettled_statistics(step, self.model.config.batch_norm_decay)
+      if unsettled:
+        logging.warning(unsettled)
     self._write_summaries(step, results)
     if self.projector_dir:
       self.project(step)

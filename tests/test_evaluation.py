@@ -310,18 +310,23 @@ def test_evaluator_traces_once_for_the_whole_run_and_follows_the_weights(
   assert len({(r['eval/top_1'], r['eval/knn_top_1']) for r in results}) == 3
 
 
-@pytest.mark.slow
-def test_a_step_evaluated_while_training_is_not_evaluated_again(one_replica, digits, data_dir,
-                                                                tiny_model_config):
+def tiny_evaluator(strategy, digits, data_dir, model_config):
+  """(model, Evaluator) of a new tiny model on the digits' test split."""
   builder, info = digits
-  with one_replica.scope():
-    model = model_lib.build_model(tiny_model_config(), 16)
-  evaluator = evaluation.Evaluator(
-      one_replica, model, builder, info,
+  with strategy.scope():
+    model = model_lib.build_model(model_config, 16)
+  return model, evaluation.Evaluator(
+      strategy, model, builder, info,
       evaluation.EvalConfig(eval_batch_size=100, knn_k=20, projector_max_points=0),
       data=data_lib.DataConfig(dataset='digits', data_dir=data_dir, train_split='train',
                                eval_split='test', image_size=16),
       weight_decay=1e-3)
+
+
+@pytest.mark.slow
+def test_a_step_evaluated_while_training_is_not_evaluated_again(one_replica, digits, data_dir,
+                                                                tiny_model_config):
+  model, evaluator = tiny_evaluator(one_replica, digits, data_dir, tiny_model_config())
   knn_calls = []
   knn = evaluator.knn
   evaluator.knn = lambda step: knn_calls.append(step) or knn(step)
@@ -333,3 +338,26 @@ def test_a_step_evaluated_while_training_is_not_evaluated_again(one_replica, dig
   later = evaluator.evaluate(6, knn=True)
   assert len(knn_calls) == 2 and later['global_step'] == 6
   assert later['eval/regularization_loss'] > monitored['eval/regularization_loss']
+
+
+def test_an_evaluation_before_the_batch_norm_statistics_settle_says_so(one_replica, digits,
+                                                                       data_dir, tiny_model_config,
+                                                                       caplog):
+  # 0.9 ** 43 = 1.08% of the initial statistics left, 0.9 ** 44 = 0.97%.
+  assert evaluation.unsettled_statistics(44, 0.9) is None
+  assert evaluation.unsettled_statistics(43, 0.9) == (
+      'Evaluated at step 43: the BatchNorm moving statistics (--batch_norm_decay=0.9) still hold '
+      "1% of their initial values, which inference mode uses: the head's top-1 and the "
+      'projections can be near chance until about step 44')
+  assert evaluation.unsettled_statistics(0, 0.0).endswith('until about step 1')
+  assert evaluation.unsettled_statistics(100, 0.99).startswith(
+      'Evaluated at step 100: the BatchNorm moving statistics (--batch_norm_decay=0.99) still '
+      'hold 37% ')
+  # The evaluator logs it with its line (not for an evaluation while training, log=False), and
+  # not once the statistics have settled.
+  _, evaluator = tiny_evaluator(one_replica, digits, data_dir, tiny_model_config())
+  with caplog.at_level('INFO', logger='absl'):
+    for step, log in ((5, False), (6, True), (44, True)):
+      evaluator.evaluate(step, log=log)
+  warnings = [r.getMessage() for r in caplog.records if r.levelname == 'WARNING']
+  assert warnings == [evaluation.unsettled_statistics(6, 0.9)]
