@@ -243,8 +243,7 @@ class SimCLRLoss(Objective):
 
   def __init__(self, temperature, hidden_norm=True, name='simclr'):
     super().__init__(name=name)
-    if temperature <= 0:
-      raise ValueError(f'temperature must be positive, got {temperature}')
+    schema.check(ObjectiveConfig, temperature=temperature)
     self.temperature = float(temperature)
     self.hidden_norm = hidden_norm
 
@@ -296,10 +295,7 @@ class SogCLRLoss(Objective):
   def __init__(self, num_examples, temperature, gamma, hidden_norm=True, name='sogclr', *,
                gamma_schedule='constant', gamma_decay_epochs=0, steps_per_epoch=None):
     super().__init__(name=name)
-    if not 0.0 < gamma <= 1.0:
-      raise ValueError(f'gamma must be in (0, 1], got {gamma}')
-    if temperature <= 0:
-      raise ValueError(f'temperature must be positive, got {temperature}')
+    schema.check(ObjectiveConfig, temperature=temperature, gamma=gamma)
     if gamma_schedule not in GAMMA_SCHEDULES:
       raise ValueError(f'Unknown gamma_schedule {gamma_schedule!r}; expected one of '
                        f'{GAMMA_SCHEDULES}')
@@ -470,13 +466,9 @@ class ISogCLRLoss(SogCLRLoss):
   def __init__(self, num_examples, temperature, gamma, hidden_norm=True, name='sogclr', *,
                rho=0.3, eta=0.01, beta=0.9, tau_min=0.05, tau_max=0.7, **schedule):
     super().__init__(num_examples, temperature, gamma, hidden_norm, name, **schedule)
-    if rho < 0:
-      raise ValueError(f'rho must be >= 0, got {rho}')
-    if eta <= 0:
-      raise ValueError(f'eta must be positive, got {eta}')
-    if not 0.0 < beta <= 1.0:
-      raise ValueError(f'beta must be in (0, 1], got {beta}')
-    if not 0.0 < tau_min <= temperature <= tau_max:
+    schema.check(ObjectiveConfig, isogclr_rho=rho, isogclr_eta=eta, isogclr_beta=beta,
+                 isogclr_tau_min=tau_min)
+    if not tau_min <= temperature <= tau_max:
       raise ValueError(f'need 0 < tau_min <= temperature <= tau_max, got {tau_min}, '
                        f'{temperature}, {tau_max}')
     self.rho, self.eta, self.beta = float(rho), float(eta), float(beta)

@@ -9,7 +9,7 @@ is the field's name unless `flag` says otherwise. run_record and settings derive
 range checks from these declarations:
 
   run_defining(Config), architecture(Config), inherited_by_eval(Config), locations(Config),
-  check_ranges(Config, values)
+  check_ranges(Config, values), check(ConfigSection, field=value, ...)
 """
 import dataclasses
 
@@ -26,6 +26,8 @@ class Range:
   high_open: bool = False
 
   def __contains__(self, value):
+    if value != value:  # NaN: outside every range (it fails every comparison below)
+      return False
     if self.low is not None and (value < self.low or self.low_open and value == self.low):
       return False
     return self.high is None or not (value > self.high or self.high_open and value == self.high)
@@ -94,6 +96,17 @@ def check_ranges(config_class, values):
   for flag, allowed in ranges(config_class).items():
     if flag in values and values[flag] not in allowed:
       raise ValueError(f'--{flag} must be {allowed}, got {values[flag]}')
+
+
+def check(config_class, **values):
+  """Raises ValueError naming the first of `values` ({field name: value}) outside the range its
+  field of `config_class` declares: a library class's check of its arguments, from the same
+  declaration as the flag's."""
+  allowed = {field.name: (field.metadata.get(_KEY) or {}).get('allowed')
+             for field in dataclasses.fields(config_class)}
+  for name, value in values.items():
+    if allowed[name] is not None and value not in allowed[name]:
+      raise ValueError(f'{name} must be {allowed[name]}, got {value}')
 
 
 def _flags(config_class, role):

@@ -164,12 +164,15 @@ def test_sogclr_stable_at_temperature_001():
 
 
 def test_sogclr_rejects_bad_hyperparameters():
-  with pytest.raises(ValueError, match='gamma'):
-    objective.SogCLRLoss(4, 0.1, 0.0)
-  with pytest.raises(ValueError, match='gamma'):
-    objective.SogCLRLoss(4, 0.1, 1.5)
-  with pytest.raises(ValueError, match='temperature'):
-    objective.SogCLRLoss(4, -0.1, 0.9)
+  # The ranges ObjectiveConfig declares for the flags (schema), NaN outside each.
+  for args, message in (((0.1, 0.0), r'gamma must be in \(0, 1\], got 0.0'),
+                        ((0.1, 1.5), r'gamma must be in \(0, 1\], got 1.5'),
+                        ((-0.1, 0.9), 'temperature must be > 0, got -0.1'),
+                        ((float('nan'), 0.9), 'temperature must be > 0, got nan')):
+    with pytest.raises(ValueError, match=f'^{message}$'):
+      objective.SogCLRLoss(4, *args)
+  with pytest.raises(ValueError, match='^temperature must be > 0, got 0$'):
+    objective.SimCLRLoss(0)
 
 
 def test_u_table_survives_checkpoint_save_and_restore(tmp_path):
@@ -430,9 +433,12 @@ def test_isogclr_stable_at_small_temperatures():
 
 
 def test_isogclr_rejects_bad_hyperparameters():
-  for bad, match in ((dict(rho=-0.1), 'rho'), (dict(eta=0.0), 'eta'), (dict(beta=0.0), 'beta'),
-                     (dict(beta=1.5), 'beta'), (dict(tau_min=0.2), 'tau_min'),
-                     (dict(tau_max=0.05), 'tau_max')):
+  for bad, match in ((dict(rho=-0.1), '^isogclr_rho must be >= 0, got -0.1$'),
+                     (dict(eta=0.0), '^isogclr_eta must be > 0, got 0.0$'),
+                     (dict(beta=0.0), r'^isogclr_beta must be in \(0, 1\], got 0.0$'),
+                     (dict(beta=1.5), 'isogclr_beta'), (dict(tau_min=0.0), 'isogclr_tau_min'),
+                     (dict(tau_min=0.2), 'tau_min <= temperature'),
+                     (dict(tau_max=0.05), 'temperature <= tau_max')):
     with pytest.raises(ValueError, match=match):
       objective.ISogCLRLoss(4, 0.1, 0.9, **bad)
 

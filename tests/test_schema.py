@@ -90,3 +90,14 @@ def test_a_range_says_what_it_allows_and_the_check_names_the_flag():
     schema.check_ranges(Outer, {'the_rate': 0.0, 'depth': 1})
   with pytest.raises(ValueError, match=r'^--depth must be >= 1, got 0$'):
     schema.check_ranges(Outer, {'depth': 0})
+
+
+def test_a_class_checks_its_arguments_against_the_declared_ranges():
+  import objective  # noqa: PLC0415
+  schema.check(objective.ObjectiveConfig, gamma=1.0, temperature=0.01, loss='anything')
+  with pytest.raises(ValueError, match=r'^gamma must be in \(0, 1\], got 0$'):
+    schema.check(objective.ObjectiveConfig, temperature=0.1, gamma=0)
+  # NaN is outside every range (it fails every comparison).
+  assert float('nan') not in schema.Range(0, 1) and float('nan') not in schema.at_least(0)
+  assert 0.5 in schema.Range(0, 1) and 0 not in schema.above(0) and 1 not in schema.Range(
+      0, 1, high_open=True)
