@@ -119,7 +119,8 @@ def parse_args(argv):
   parser.add_argument('--track_every', type=int, default=20, help='Steps per loss-curve point.')
   parser.add_argument('--data_dir', default=None, help="TFDS directory for the digits demo.")
   parser.add_argument('--quick', action='store_true',
-                      help='A smoke test of this script: a tiny model, no XLA, few steps.')
+                      help='A smoke test of this script: a tiny model, no XLA, few steps, '
+                           'reference matmul and convolution of 1/64 and 1/8 the work.')
   args = parser.parse_args(argv)
   if args.quick:
     args.models, args.rounds, args.steps, args.xla = '10:16:8:0.125', 2, 1, 'none'
@@ -303,11 +304,12 @@ def describe(variant):
 class Micro:
   """A matmul or a 3x3 convolution in one dtype, timed as a reference FLOP rate."""
 
-  def __init__(self, kind, dtype, seconds):
+  def __init__(self, kind, dtype, seconds, small=False):
     self.kind, self.dtype, self.seconds = kind, dtype, seconds
     rng = np.random.default_rng(0)
     if kind == 'matmul':
-      n = 2048
+      # small (--quick): 1/64 of the work, which a CPU without native bfloat16 emulates slowly.
+      n = 512 if small else 2048
       a = tf.constant(rng.standard_normal((n, n)), dtype)
       b = tf.constant(rng.standard_normal((n, n)), dtype)
       self.flops = 2 * n**3
@@ -315,7 +317,7 @@ class Micro:
       self._op = lambda: tf.matmul(a, b)
     else:
       # The shape of the middle of ResNet-18's group 2 on 32x32 images at batch 64 x 2 views.
-      batch, side, channels = 128, 16, 128
+      batch, side, channels = 16 if small else 128, 16, 128
       x = tf.constant(rng.standard_normal((batch, side, side, channels)), dtype)
       w = tf.constant(rng.standard_normal((3, 3, channels, channels)) * 0.05, dtype)
       self.flops = 2 * 9 * channels * channels * side * side * batch
@@ -460,7 +462,7 @@ def main(argv=None):
   strategy = tf.distribute.MirroredStrategy(['/cpu:0'])  # what run.py builds on a CPU
   print(f'TensorFlow {tf.__version__} on {platform.processor() or platform.machine()}, '
         f'{os.cpu_count()} CPUs; load average {os.getloadavg()[0]:.1f} at start', flush=True)
-  micros = [Micro(kind, dtype, args.micro_seconds)
+  micros = [Micro(kind, dtype, args.micro_seconds, small=args.quick)
             for kind in ('matmul', 'conv3x3') for dtype in (tf.float32, tf.bfloat16)]
   progress('reference matmul and convolution calibrated')
   variants = []
