@@ -602,20 +602,22 @@ def run_grid(args, settings, work_dir, started):
   from work_dir."""
   builder = data_lib.get_builder(settings.dataset, args.data_dir)
   info = data_lib.describe(builder, 'train', 'test')
-  views = None if args.collect else fixed_views(builder, info, settings)
+  views = None  # made for the first run measured here: a rerun of a finished grid needs none
   records = []
   # Seed-major: an interrupted run has whole seeds; the two methods of a pair run back to back.
   for seed in settings.seeds:
     for batch_size in settings.batch_sizes:
       for method in settings.methods:
-        if args.collect:
-          record = cached_record(settings, method, batch_size, seed, work_dir)
-          if record is not None:
-            records.append(record)
+        record = cached_record(settings, method, batch_size, seed, work_dir)
+        if record is None and not args.collect:
+          views = fixed_views(builder, info, settings) if views is None else views
+          record = pretrain_and_measure(settings, method, batch_size, seed, work_dir,
+                                        args.data_dir, builder, info, views)
+        if record is None:
           continue
-        record = pretrain_and_measure(settings, method, batch_size, seed, work_dir,
-                                      args.data_dir, builder, info, views)
         records.append(record)
+        if args.collect:
+          continue
         print(f"[{time.time() - started:6.0f} s] {method} batch {batch_size} seed {seed}: "
               f"global objective {record['global_objective']:.4f}, linear top-1 "
               f"{record['linear_top_1']:.4f}, kNN top-1 {record['knn_top_1']:.4f} "
