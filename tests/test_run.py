@@ -461,7 +461,7 @@ def test_sighup_in_training_saves_a_checkpoint_and_exits_129(repo, tmp_path, tin
 
 @pytest.mark.slow
 def test_sigkilled_deterministic_run_ends_equal_to_an_uninterrupted_one(repo, tmp_path, tiny,
-                                                                        run_main, run_command):
+                                                                        run_main, run_in_process):
   # iSogCLR: every per-image table (u, each image's temperature and its momentum) comes back
   # from the checkpoint, as the weights and the optimizer do; 100 steps of 16 are 1.1 epochs of
   # the 1,437 digits, so revisits read the tables restored.
@@ -486,7 +486,8 @@ def test_sigkilled_deterministic_run_ends_equal_to_an_uninterrupted_one(repo, tm
       process.wait(timeout=60)
     finally:
       process.kill()
-  finished = run_command(*common, f'--model_dir={killed}', timeout=300)
+  # The kill is the process' own; the restart that resumes from it runs in this one.
+  finished = run_in_process(*common, f'--model_dir={killed}')
   assert finished.returncode == 0, finished.stderr[-2000:]
   assert re.search(r'Resumed from \S+ckpt-\d+ at step \d+: .*tau sum', finished.stderr)
   final, expected = (tf.train.latest_checkpoint(d) for d in (killed, straight))
