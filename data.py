@@ -339,8 +339,12 @@ def describe(builder, train_split, eval_split, num_classes=0, label_offset=0):
     try:
       splits[split]
     except (KeyError, ValueError):
+      # The default --eval_split is ImageNet's 'validation'; most other datasets name it 'test'.
+      others = [name for name in sorted(splits) if name != train_split.split('[')[0]]
+      hint = (f': evaluate on --eval_split={others[0]}'
+              if flag == 'eval_split' and len(others) == 1 else '')
       raise ValueError(f'--{flag}={split!r} is not a split of dataset {name!r}; '
-                       f'it has {sorted(splits)}') from None
+                       f'it has {sorted(splits)}{hint}') from None
   features = builder.info.features
   image_key = _first_key(features, IMAGE_KEYS)
   if not image_key:

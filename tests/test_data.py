@@ -321,8 +321,14 @@ def test_unknown_or_unprepared_dataset_is_an_error(tmp_path, plain):
     data.get_builder('no_such_dataset', str(tmp_path))
   with pytest.raises(ValueError, match=r"'mnist' is not prepared under --data_dir=.*tfds build"):
     data.get_builder('mnist', str(tmp_path))
-  with pytest.raises(ValueError, match="'eval' is not a split of dataset 'plain_images'"):
-    data.describe(plain, 'train', 'eval')
+  # The one split besides the training one is named (the default 'validation' is ImageNet's).
+  with pytest.raises(ValueError, match=(r"^--eval_split='validation' is not a split of dataset "
+                                        r"'plain_images'; it has \['test', 'train'\]: evaluate on "
+                                        r"--eval_split=test$")):
+    data.describe(plain, 'train[:50%]', 'validation')
+  with pytest.raises(ValueError, match=r"^--train_split='eval' is not a split of dataset "
+                                       r"'plain_images'; it has \['test', 'train'\]$"):
+    data.describe(plain, 'eval', 'test')
 
 
 @pytest.mark.slow
