@@ -52,13 +52,20 @@ class ModelConfig:
 
 
 class ProjectionHead(tf.keras.layers.Layer):
-  """SimCLR's projection head; also returns every intermediate output for `ft_proj_selector`."""
+  """SimCLR's projection head; also returns every intermediate output for `ft_proj_selector`.
+
+  A fine-tuning model holds only the layers its linear head reads (the first `ft_proj_selector`,
+  all of them for -1): the others would never be called (Keras warns of a layer whose sublayers
+  are never built) and never hold variables.
+  """
 
   def __init__(self, config, input_dim, name='projection_head'):
     super().__init__(name=name)
     self.mode = config.proj_head_mode
     self.num_layers = config.projection_layers
-    for j in range(self.num_layers):
+    used = (self.num_layers if config.train_mode == 'pretrain' or config.ft_proj_selector < 0
+            else config.ft_proj_selector)
+    for j in range(used):
       last = j == self.num_layers - 1
       # Attributes, not a list: tf.train.Checkpoint does not see Keras 3 layers held in lists.
       setattr(self, f'proj_{j}_dense', tf.keras.layers.Dense(

@@ -1,5 +1,7 @@
 """model.py: the linear head's inputs (the selected projection output, stop-gradient while
 pretraining, optionally batch-normalized) and the projection head's layers."""
+import warnings
+
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -76,3 +78,22 @@ def test_selector_beyond_the_projection_layers_names_both_flags(layers, selector
   with pytest.raises(ValueError, match=rf'--ft_proj_selector={selector} selects beyond .* '
                                        rf'{layers} layer'):
     model_lib.ModelConfig(num_proj_layers=layers, ft_proj_selector=selector)
+
+
+@pytest.mark.parametrize('selector, layers', [(0, 0), (1, 1), (-1, 2)])
+def test_a_fine_tuning_model_holds_the_projection_layers_its_head_reads(selector, layers):
+  # The layers past the selected output are never called: made anyway, Keras warned at every
+  # fine-tuning run that the head 'has unbuilt state' and 'may cause failures down the line'.
+  with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter('always')
+    model = tiny_model(train_mode='finetune', ft_proj_selector=selector, fine_tune_after_block=4)
+  assert not [w for w in caught if 'unbuilt state' in str(w.message)]
+  kernels = [v.path for v in model.projection_head.variables if v.path.endswith('kernel')]
+  assert kernels == [f'contrastive_model/projection_head/proj_{j}_dense/kernel'
+                     for j in range(layers)]
+  images = tf.random.stateless_uniform([4, 16, 16, 3], seed=[5, 6])
+  features = model.trunk(images, training=False)
+  _, hiddens = model.projection_head(features, training=False, num_layers=layers)
+  head = model.supervised_head_bn(hiddens[selector], training=False)
+  np.testing.assert_allclose(model(images, training=False)['supervised_logits'],
+                             model.supervised_head(head), rtol=1e-5, atol=1e-6)
