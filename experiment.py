@@ -161,7 +161,9 @@ def prepare(config):
   steps_per_epoch = data_lib.steps_per_epoch(info.num_train_examples,
                                              config.loop.train_batch_size)
   total_steps = config.loop.total_steps(steps_per_epoch)
-  warmup_steps = trainer_lib.warmup_steps(config.optimizer, steps_per_epoch, total_steps)
+  # --mode=eval trains nothing: no schedule (nor a warning that its warm-up is too long).
+  warmup_steps = (0 if config.mode == 'eval' else
+                  trainer_lib.warmup_steps(config.optimizer, steps_per_epoch, total_steps))
   policy, jit_compile = distribution_lib.resolve_precision_and_jit(
       strategy, config.distribution.mixed_precision, config.distribution.jit_compile)
   tf.keras.mixed_precision.set_global_policy(policy)

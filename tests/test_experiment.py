@@ -87,6 +87,20 @@ def test_batch_size_must_divide_over_replicas():
     experiment.check_batch_size(16, 2, 0, 'train[:0]')
 
 
+def test_only_a_training_job_schedules_a_warm_up(tmp_path, tiny, caplog):
+  # --mode=eval warned 'Warm-up (890 steps) is longer than training (4 steps); shortened.'
+  import run  # noqa: PLC0415
+  (tmp_path / 'run').mkdir()
+  flags = [*tiny, f'--model_dir={tmp_path / "run"}', '--train_steps=4', '--warmup_epochs=10']
+  with caplog.at_level('WARNING', logger='absl'):
+    evaluating = experiment.prepare(run.parse_config(['run.py', *flags, '--mode=eval']))
+    assert evaluating.warmup_steps == 0 and not caplog.records
+    training = experiment.prepare(run.parse_config(['run.py', *flags]))
+  assert training.warmup_steps == 4
+  assert [r.getMessage() for r in caplog.records] == [
+      'Warm-up (890 steps) is longer than training (4 steps); shortened.']
+
+
 # -- Pretraining, resume, divergence ---------------------------------------------------------------
 
 @pytest.mark.slow
