@@ -13,7 +13,7 @@ They are written as the TFDS dataset `fashion_mnist` (version 1.0.0) into a data
 or, once for a data_dir:
 
     python fashion_mnist.py --data_dir=~/tensorflow_datasets \
-        [--source_dir=/usr/share/datasets/fashion-mnist]
+        [--fashion_mnist_dir=/usr/share/datasets/fashion-mnist]
 
 A data_dir where TFDS's own `fashion_mnist` (3.0.1, no ids: they are derived from the record ids)
 is prepared is read as it is.
@@ -139,7 +139,9 @@ def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument('--data_dir', required=True, help='TFDS data directory to write into.')
-  parser.add_argument('--source_dir', default=DEFAULT_SOURCE_DIR,
+  # run.py's flag name (its errors name it); --source_dir as well.
+  parser.add_argument('--fashion_mnist_dir', '--source_dir', dest='source_dir',
+                      default=DEFAULT_SOURCE_DIR,
                       help='Folder of the four idx files (gzipped or not).')
   args = parser.parse_args(argv)
   try:

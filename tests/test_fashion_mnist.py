@@ -128,3 +128,14 @@ def test_missing_files_and_disagreeing_counts_are_errors_naming_the_files(tmp_pa
   _write(os.path.join(source, 't10k-labels-idx1-ubyte'), _idx(np.zeros(4), 0x801), gz=False)
   with pytest.raises(fashion_mnist.IdxError, match='disagree: 5 images, 4 labels'):
     fashion_mnist.prepare(str(tmp_path / 'tfds'), source)
+
+
+def test_the_command_line_prepares_from_the_folder_run_py_names(tmp_path, capsys):
+  # Its error told to give --fashion_mnist_dir, which only run.py took (the script: --source_dir).
+  source = str(tmp_path / 'idx')
+  with pytest.raises(SystemExit, match=r'^error: Fashion-MNIST file .*idx.train-images-idx3-ubyte'
+                                       r'\[\.gz\] not found .*give --fashion_mnist_dir'):
+    fashion_mnist.main([f'--data_dir={tmp_path / "tfds"}', f'--fashion_mnist_dir={source}'])
+  write_idx_files(source)
+  fashion_mnist.main([f'--data_dir={tmp_path / "tfds"}', f'--fashion_mnist_dir={source}'])
+  assert capsys.readouterr().out.endswith('(test: 5, train: 12)\n')
