@@ -65,7 +65,9 @@ flags.DEFINE_string('train_split', 'train',
                     "records' own ids keep the whole split's, so SogCLR's table has a slot per "
                     "image of 'train') or a union ('train+validation': ids derived from the "
                     "record ids); docs/datasets.md.")
-flags.DEFINE_string('eval_split', 'validation', 'Split to evaluate on (a split, slice or union).')
+flags.DEFINE_string('eval_split', 'validation',
+                    "Split to evaluate on (a split, slice or union); the default is ImageNet's, "
+                    "the digits, Fashion-MNIST and CIFAR name theirs 'test'.")
 flags.DEFINE_integer('num_classes', 0,
                      'Number of classes of the supervised head; 0 = read from the dataset.')
 flags.DEFINE_integer('label_offset', 0,
