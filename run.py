@@ -364,5 +364,15 @@ def cli(argv):
   print(experiment.summary_line(results, config.data.eval_split))
 
 
+def _tensorflow_logs_through_absl():
+  """Removes the handler TensorFlow gave its logger at import (the root logger had none yet):
+  under app.run its records also reach absl's handler on the root logger, and each line of
+  TensorFlow's (`Using MirroredStrategy ...`, deprecations) was printed twice."""
+  logger = tf.get_logger()
+  for handler in list(logger.handlers):
+    logger.removeHandler(handler)
+
+
 if __name__ == '__main__':
+  _tensorflow_logs_through_absl()
   app.run(cli)

@@ -378,6 +378,10 @@ def test_the_command_line_starts_without_keras_optional_imports_which_still_load
               if name in ('sklearn', 'matplotlib', 'IPython') and us > 1000]
   assert ('sklearn', True) in [(name, us > 100_000) for name, us in imports[tensorflow:]]
   assert not os.path.exists(tmp_path / 'run')
+  # TensorFlow's own log lines, once, in absl's format (its handler printed each a second time).
+  assert 'INFO:tensorflow:' not in result.stderr
+  assert re.search(r'^I\d{4} .* mirrored_strategy\.py:\d+\] Using MirroredStrategy', result.stderr,
+                   re.M)
 
 
 @pytest.mark.slow
