@@ -15,7 +15,9 @@ class ModelConfig:
   cifar_stem: bool = False
   sk_ratio: float = schema.setting(0.0, architecture=True, allowed=schema.at_least(0))
   se_ratio: float = schema.setting(0.0, architecture=True, allowed=schema.at_least(0))
-  batch_norm_decay: float = schema.setting(0.9, allowed=schema.Range(0, 1, high_open=True))
+  # Inherited by --mode=eval for the warning of evaluations before the statistics settle.
+  batch_norm_decay: float = schema.setting(0.9, eval_inherits=True,
+                                          allowed=schema.Range(0, 1, high_open=True))
   global_bn: bool = True
   # 'none' | 'linear' | 'nonlinear'
   proj_head_mode: str = schema.setting('nonlinear', architecture=True)

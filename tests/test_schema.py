@@ -24,7 +24,7 @@ def test_the_derived_lists_are_the_declared_roles():
       'train_mode', 'lineareval_while_pretraining', 'ft_proj_selector', 'fine_tune_after_block',
       'num_classes', 'label_offset', 'dataset', 'data_dir', 'train_split', 'eval_split',
       'weight_decay', 'train_batch_size', 'train_epochs', 'train_steps', 'mixed_precision',
-      'supervised_head_bn'}
+      'supervised_head_bn', 'batch_norm_decay'}
   # Each run-defining flag is read where it is declared (the first of two fields with one flag:
   # Config.train_mode, DataConfig.num_classes).
   locations = schema.locations(config)
