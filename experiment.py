@@ -297,6 +297,8 @@ def train_and_evaluate(config, setup, model):
   if config.pretrain and distribution_lib.num_workers(strategy) == 1:
     results.update(_probe(config, evaluator, step))
   results['eval_split'] = config.data.eval_split
+  # The compute dtypes this start trained in (--mixed_precision=auto chooses by the device).
+  results['precision'] = tf.keras.mixed_precision.global_policy().name
   if setup.chief:
     checkpoints.write_results(config.model_dir, step, results)
     run_record.write_hparams(summary_writer, config, step, results)

@@ -233,6 +233,18 @@ def cached_record(settings, method, batch_size, seed, work_dir):
   return record
 
 
+def cpu_model(cpuinfo_path='/proc/cpuinfo'):
+  """The CPU's model name ('model name' of /proc/cpuinfo; elsewhere the platform's)."""
+  try:
+    with open(cpuinfo_path) as f:
+      for line in f:
+        if line.startswith('model name'):
+          return line.split(':', 1)[1].strip()
+  except OSError:
+    pass
+  return platform.processor() or platform.machine()
+
+
 def pretrain_and_measure(settings, method, batch_size, seed, work_dir, data_dir, builder, info,
                          views):
   """One run of run.py in-process, then its measurements; cached in work_dir (resumable)."""
@@ -265,6 +277,8 @@ def pretrain_and_measure(settings, method, batch_size, seed, work_dir, data_dir,
       # The kNN monitor after each --eval_every_epochs (the last one is the end of training).
       'curve': [[r['epoch'], r['eval/knn_top_1']] for r in results.get('monitor', [])],
       'seconds': round(time.time() - started, 1),
+      # Where it was measured: the compute dtypes --mixed_precision=auto chose, the CPU.
+      'precision': results['precision'], 'cpu': cpu_model(),
       'settings': run_settings(settings, method),
   }
   with open(record_path, 'w') as f:
@@ -641,7 +655,7 @@ def write_results(records, settings, args, out_dir, started, load_before, baseli
       'seconds': round(time.time() - started, 1),
       # Training and measuring, summed over runs (several processes may have shared the grid).
       'run_seconds_total': round(sum(r['seconds'] for r in records), 1),
-      'machine': {'cpus': os.cpu_count(), 'load_average_before': load_before,
+      'machine': {'cpu': cpu_model(), 'cpus': os.cpu_count(), 'load_average_before': load_before,
                   'load_average_after': os.getloadavg(), 'tensorflow': tf.__version__,
                   'python': platform.python_version()},
   }

@@ -121,7 +121,7 @@ def test_reused_runs_are_copied_once_with_their_source(small_batch, tmp_path):
 
 
 @pytest.mark.slow
-def test_quick_run_writes_table_plot_and_json(tmp_path):
+def test_quick_run_writes_table_plot_and_json(tmp_path, small_batch):
   # Two of the quick grid's six runs (the script's loop and its outputs are the same).
   out_dir, work_dir, data_dir = (str(tmp_path / name) for name in ('out', 'work', 'tfds'))
   command = [sys.executable, SCRIPT, '--quick', '--methods=simclr,sogclr', '--batch_sizes=256',
@@ -133,6 +133,14 @@ def test_quick_run_writes_table_plot_and_json(tmp_path):
   assert [row['batch_size'] for row in results['summary']] == [256]
   # 1,437 training digits: 5 steps of 256 in one epoch.
   assert [row['steps'] for row in results['summary']] == [5]
+  # Each run says where it was measured: the dtypes --mixed_precision=auto chose on this CPU.
+  import distribution  # noqa: PLC0415
+  expected = 'mixed_bfloat16' if distribution.cpu_supports_bfloat16() else 'float32'
+  assert [run['precision'] for run in results['runs']] == [expected] * 2
+  assert results['runs'][0]['cpu'] == results['machine']['cpu'] == small_batch.cpu_model()
+  cpuinfo = tmp_path / 'cpuinfo'
+  cpuinfo.write_text('processor\t: 0\nmodel name\t: Some CPU @ 2.0GHz\nflags\t: fpu\n')
+  assert small_batch.cpu_model(str(cpuinfo)) == 'Some CPU @ 2.0GHz'
   for run in results['runs']:
     # At chance, 2 * log(2N - 1): after 5 steps the projections in inference mode are nearly
     # one vector (the projection head's BatchNorm statistics still hold most of their initial
