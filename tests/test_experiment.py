@@ -229,8 +229,10 @@ def test_sogclr_trains_finite_at_temperature_001_in_bfloat16(tmp_path, tiny, run
   results = run_main(*tiny, f'--model_dir={model_dir}', '--DCL_mode=True', '--temperature=0.01',
                      '--mixed_precision=bfloat16', '--train_steps=4')
   assert np.isfinite(results['eval/top_1'])
-  # run() hands the float32 policy back, whatever the run computed in.
+  # run() hands the float32 policy back, whatever the run computed in; its results say which.
   assert tf.keras.mixed_precision.global_policy().name == 'float32'
+  assert results['precision'] == 'mixed_bfloat16'
+  assert json.load(open(os.path.join(model_dir, 'result_4.json')))['precision'] == 'mixed_bfloat16'
   latest = tf.train.latest_checkpoint(model_dir)
   log_u = tf.train.load_variable(latest, checkpoints.LOG_U_KEY)
   visited = np.isfinite(log_u)
