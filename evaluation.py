@@ -326,6 +326,7 @@ class Evaluator:
       if log:
         logging.info('Eval at step %d on %s: as evaluated while training.', step,
                      self.data.eval_split)
+        self._warn_if_unsettled(step)
       return dict(evaluated)
     # The quantity the train step logs as train/weight_decay.
     results = {'eval_name': config.eval_name} if config.eval_name else {}
@@ -344,9 +345,7 @@ class Evaluator:
       parts.append(f"kNN top-1 {results['eval/knn_top_1']:.4f} (k={config.knn_k})")
     if log:
       logging.info('Eval at step %d on %s: %s', step, self.data.eval_split, '; '.join(parts))
-      unsettled = unsettled_statistics(step, self.model.config.batch_norm_decay)
-      if unsettled:
-        logging.warning(unsettled)
+      self._warn_if_unsettled(step)
     self._write_summaries(step, results)
     if self.projector_dir:
       self.project(step)
@@ -379,6 +378,11 @@ class Evaluator:
       if 'eval/knn_top_1' in results:
         tf.summary.scalar('eval/knn_top_1', results['eval/knn_top_1'])
     self.summary_writer.flush()
+
+  def _warn_if_unsettled(self, step):
+    unsettled = unsettled_statistics(step, self.model.config.batch_norm_decay)
+    if unsettled:
+      logging.warning(unsettled)
 
   def knn(self, step):
     """{'eval/knn_top_1': ...}: a weighted kNN (probe.knn_accuracy's classifier) of the eval

@@ -356,8 +356,9 @@ def test_an_evaluation_before_the_batch_norm_statistics_settle_says_so(one_repli
   # The evaluator logs it with its line (not for an evaluation while training, log=False), and
   # not once the statistics have settled.
   _, evaluator = tiny_evaluator(one_replica, digits, data_dir, tiny_model_config())
+  # The end of training's evaluation of a step evaluated while training warns too.
   with caplog.at_level('INFO', logger='absl'):
-    for step, log in ((5, False), (6, True), (44, True)):
+    for step, log in ((5, False), (5, True), (6, True), (44, True)):
       evaluator.evaluate(step, log=log)
   warnings = [r.getMessage() for r in caplog.records if r.levelname == 'WARNING']
-  assert warnings == [evaluation.unsettled_statistics(6, 0.9)]
+  assert warnings == [evaluation.unsettled_statistics(step, 0.9) for step in (5, 6)]
