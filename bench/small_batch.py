@@ -627,16 +627,14 @@ def run_grid(args, settings, work_dir, started):
           views = fixed_views(builder, info, settings) if views is None else views
           record = pretrain_and_measure(settings, method, batch_size, seed, work_dir,
                                         args.data_dir, builder, info, views)
-        if record is None:
-          continue
-        records.append(record)
-        if args.collect:
-          continue
-        print(f"[{time.time() - started:6.0f} s] {method} batch {batch_size} seed {seed}: "
-              f"global objective {record['global_objective']:.4f}, linear top-1 "
-              f"{record['linear_top_1']:.4f}, kNN top-1 {record['knn_top_1']:.4f} "
-              f"({record['train_seconds']:.0f} s training, {record['seconds']:.0f} s in all)",
-              flush=True)
+        if record is not None:
+          records.append(record)
+        if not args.collect:
+          print(f"[{time.time() - started:6.0f} s] {method} batch {batch_size} seed {seed}: "
+                f"global objective {record['global_objective']:.4f}, linear top-1 "
+                f"{record['linear_top_1']:.4f}, kNN top-1 {record['knn_top_1']:.4f} "
+                f"({record['train_seconds']:.0f} s training, {record['seconds']:.0f} s in all)",
+                flush=True)
   return records
 
 
