@@ -131,7 +131,7 @@ class Trainer:
     metrics.update({name: result[key] for name, key in self.objective.METRICS.items()})
     metrics['contrast_acc'], metrics['contrast_entropy'] = obj_lib.contrast_metrics(
         result['logits_a'], result['positive_mask'])
-    metrics['contrastive_objective'] = result['loss']
+    metrics['objective_loss'] = result['loss']
     return result['loss']
 
   @staticmethod
@@ -192,7 +192,7 @@ class Trainer:
     names = []
     if self.pretrain:
       names += [*self.objective.METRICS, 'contrast_acc', 'contrast_entropy',
-                'contrastive_objective']
+                'objective_loss']
     if self.model.has_supervised_head:
       names += ['supervised_loss', 'supervised_acc']
     if self.decay_in_loss:

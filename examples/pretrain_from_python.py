@@ -71,7 +71,7 @@ def pretrain(data_dir, model_dir, steps=200):
   step = int(optimizer.iterations.numpy())
   results = evaluator.evaluate(step) | evaluator.probe(step)
   return {'step': step, 'train_seconds': round(seconds, 1),
-          'contrastive_objective': progress[-1].metrics['contrastive_objective'],
+          'objective_loss': progress[-1].metrics['objective_loss'],
           'u_visited': float(tf.reduce_mean(tf.cast(tf.math.is_finite(sogclr.log_u), tf.float32))),
           'checkpoints': [checkpoints.checkpoint_step(path) for path in manager.checkpoints],
           **{k: results[k] for k in ('eval/top_1', 'eval/knn_top_1', 'probe/top_1')}}

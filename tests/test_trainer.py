@@ -95,6 +95,31 @@ def test_two_replica_train_steps_equal_one_replica(mode, one_replica, two_replic
     np.testing.assert_allclose(table, one[3][0], rtol=1e-4)
 
 
+@pytest.mark.slow  # about 8 s
+def test_objective_loss_is_what_the_step_minimizes_and_contrast_loss_the_batch_nt_xent(
+    one_replica, tiny_model_config):
+  # The tag once named contrastive_objective held SogCLR's surrogate, which is not the
+  # objective (-0.067 in examples/pretrain_from_python.py's output): it is objective_loss, and
+  # contrast_loss is the batch NT-Xent for every loss.
+  rng = np.random.default_rng(0)
+  views = tuple(rng.uniform(size=(8, 16, 16, 3)).astype(np.float32) for _ in range(2))
+  labels = np.eye(10, dtype=np.float32)[rng.integers(0, 10, 8)]
+  ids = rng.permutation(20)[:8].astype(np.int32)
+  dataset = tf.data.Dataset.from_tensor_slices(data_lib.batch(views, labels, ids)).batch(8)
+  metrics = {}
+  for mode in ('simclr', 'sogclr'):
+    tf.keras.utils.set_random_seed(1)
+    trainer, _ = lars_trainer(one_replica, tiny_model_config(), mode)
+    metrics[mode] = trainer.train_loop(iter(one_replica.experimental_distribute_dataset(dataset)),
+                                       1)
+    assert set(trainer.metric_names()) <= set(metrics[mode])
+  simclr, sogclr = metrics['simclr'], metrics['sogclr']
+  np.testing.assert_allclose(simclr['objective_loss'], simclr['contrast_loss'], rtol=1e-6)
+  # The same weights and batch: the same NT-Xent; SogCLR's surrogate is another number.
+  np.testing.assert_allclose(sogclr['contrast_loss'], simclr['contrast_loss'], rtol=1e-5)
+  assert abs(sogclr['objective_loss'] - sogclr['contrast_loss']) > 1.0
+
+
 HOST_CALL_OPS = {'PyFunc', 'PyFuncStateless', 'EagerPyFunc'}
 
 
