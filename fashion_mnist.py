@@ -20,6 +20,7 @@ is prepared is read as it is.
 """
 import gzip
 import os
+import zlib
 
 import numpy as np
 
@@ -59,8 +60,9 @@ def _read_bytes(path):
         return f.read()
     with open(path, 'rb') as f:
       return f.read()
-  except (OSError, EOFError, gzip.BadGzipFile) as e:
-    raise IdxError(f'Fashion-MNIST file {path} cannot be read ({type(e).__name__}: {e})') from None
+  except (OSError, EOFError, gzip.BadGzipFile, zlib.error) as e:
+    kind = 'zlib.error' if isinstance(e, zlib.error) else type(e).__name__
+    raise IdxError(f'Fashion-MNIST file {path} cannot be read ({kind}: {e})') from None
 
 
 def read_idx(path, magic, shape=()):
@@ -98,6 +100,8 @@ def read_split(source_dir, split):
   images_path, labels_path = _find(source_dir, images_stem), _find(source_dir, labels_stem)
   images = read_idx(images_path, _IMAGES_MAGIC, IMAGE_SHAPE)
   labels = read_idx(labels_path, _LABELS_MAGIC)
+  if not len(images):
+    raise IdxError(f'Fashion-MNIST file {images_path} holds no images')
   if len(images) != len(labels):
     raise IdxError(f'Fashion-MNIST files {images_path} and {labels_path} disagree: '
                    f'{len(images)} images, {len(labels)} labels')
@@ -111,6 +115,12 @@ def read_split(source_dir, split):
 def _examples(images, labels):
   for dense_id, (image, label) in enumerate(zip(images, labels)):
     yield {'image': image[:, :, None], 'label': int(label), 'image/ID': dense_id}
+
+
+def prepared_dir(data_dir):
+  """The folder of this module's `fashion_mnist` in `data_dir` when it is prepared, else None."""
+  folder = os.path.join(os.path.expanduser(data_dir), NAME, VERSION)
+  return folder if os.path.isfile(os.path.join(folder, 'dataset_info.json')) else None
 
 
 def prepare(data_dir, source_dir=None):
@@ -144,6 +154,11 @@ def main(argv=None):
                       default=DEFAULT_SOURCE_DIR,
                       help='Folder of the four idx files (gzipped or not).')
   args = parser.parse_args(argv)
+  prepared = prepared_dir(args.data_dir)
+  if prepared:
+    print(f'Already prepared: {prepared}; nothing read or written (remove that folder to prepare '
+          'it again from other files)')
+    return
   try:
     builder = prepare(args.data_dir, args.source_dir)
   except IdxError as e:

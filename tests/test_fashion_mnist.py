@@ -89,11 +89,17 @@ def _damage(source, stem, how):
     payload = payload[:-7]
   elif how == 'label':
     payload = payload[:-1] + bytes([10])
-  if how == 'gzip':
+  elif how == 'empty':
+    payload = payload[:4] + bytes(4) + payload[8:16]
+  if how in ('gzip', 'deflate'):
     with open(path, 'rb') as f:
-      compressed = f.read()
+      compressed = bytearray(f.read())
+    if how == 'gzip':
+      compressed = compressed[:len(compressed) // 2]
+    else:  # a damaged deflate stream: zlib.error, which gzip does not wrap
+      compressed[30:60] = bytes(b ^ 0xFF for b in compressed[30:60])
     with open(path, 'wb') as f:
-      f.write(compressed[:len(compressed) // 2])
+      f.write(compressed)
   else:
     with gzip.open(path, 'wb') as f:
       f.write(payload)
@@ -105,6 +111,8 @@ def _damage(source, stem, how):
     ('t10k-labels-idx1-ubyte', 'magic', 'is not an idx file of this kind'),
     ('train-images-idx3-ubyte', 'truncated', 'is truncated'),
     ('t10k-images-idx3-ubyte', 'gzip', 'cannot be read'),
+    ('train-images-idx3-ubyte', 'deflate', 'cannot be read (zlib.error: '),
+    ('t10k-images-idx3-ubyte', 'empty', 'holds no images'),
     ('train-labels-idx1-ubyte', 'label', 'outside [0, 10)'),
 ])
 def test_a_bad_idx_file_is_an_error_naming_it_and_writes_nothing(tmp_path, stem, how, message):
@@ -139,3 +147,9 @@ def test_the_command_line_prepares_from_the_folder_run_py_names(tmp_path, capsys
   write_idx_files(source)
   fashion_mnist.main([f'--data_dir={tmp_path / "tfds"}', f'--fashion_mnist_dir={source}'])
   assert capsys.readouterr().out.endswith('(test: 5, train: 12)\n')
+  # Finding (red team): preparing again from other files said "Wrote" of the old data.
+  write_idx_files(str(tmp_path / 'other'), seed=1)
+  fashion_mnist.main([f'--data_dir={tmp_path / "tfds"}', f'--fashion_mnist_dir={tmp_path / "other"}'])
+  assert capsys.readouterr().out == (
+      f'Already prepared: {tmp_path / "tfds" / "fashion_mnist" / "1.0.0"}; nothing read or written '
+      '(remove that folder to prepare it again from other files)\n')
