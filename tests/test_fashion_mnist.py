@@ -149,7 +149,8 @@ def test_the_command_line_prepares_from_the_folder_run_py_names(tmp_path, capsys
   assert capsys.readouterr().out.endswith('(test: 5, train: 12)\n')
   # Finding (red team): preparing again from other files said "Wrote" of the old data.
   write_idx_files(str(tmp_path / 'other'), seed=1)
-  fashion_mnist.main([f'--data_dir={tmp_path / "tfds"}', f'--fashion_mnist_dir={tmp_path / "other"}'])
+  fashion_mnist.main([f'--data_dir={tmp_path / "tfds"}',
+                      f'--fashion_mnist_dir={tmp_path / "other"}'])
   assert capsys.readouterr().out == (
       f'Already prepared: {tmp_path / "tfds" / "fashion_mnist" / "1.0.0"}; nothing read or written '
       '(remove that folder to prepare it again from other files)\n')
