@@ -70,8 +70,9 @@ def pretrain(data_dir, model_dir, steps=200):
                            eval_split='test', image_size=IMAGE_SIZE))
   step = int(optimizer.iterations.numpy())
   results = evaluator.evaluate(step) | evaluator.probe(step)
+  # A directory already at `steps` (or beyond) trains nothing: no loss to report.
   return {'step': step, 'train_seconds': round(seconds, 1),
-          'objective_loss': progress[-1].metrics['objective_loss'],
+          'objective_loss': progress[-1].metrics['objective_loss'] if progress else None,
           'u_visited': float(tf.reduce_mean(tf.cast(tf.math.is_finite(sogclr.log_u), tf.float32))),
           'checkpoints': [checkpoints.checkpoint_step(path) for path in manager.checkpoints],
           **{k: results[k] for k in ('eval/top_1', 'eval/knn_top_1', 'probe/top_1')}}
