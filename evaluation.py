@@ -363,9 +363,9 @@ class Evaluator:
       return
     # The same images at every step: a fixed sample of the split's ids in increasing order.
     rows = np.argsort(ids)[projector.sample_ids(len(ids), self.config.projector_max_points)]
-    thumbnail = projector.write_sample(self.projector_dir, self.builder, self.info, split,
-                                       ids[rows], self.data.image_size)
-    projector.write_embedding(self.projector_dir, step, features[rows], thumbnail)
+    sample = projector.write_sample(self.projector_dir, self.builder, self.info, split,
+                                    ids[rows], self.data.image_size)
+    projector.write_embedding(self.projector_dir, step, features[rows], sample)
 
   def _write_summaries(self, step, results):
     if self.summary_writer is None:

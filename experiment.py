@@ -18,6 +18,7 @@ import checkpoints
 import data as data_lib
 import distribution as distribution_lib
 import evaluation as evaluation_lib
+import files
 import model as model_lib
 import objective as objective_lib
 import run_lock
@@ -241,6 +242,8 @@ def _evaluator(config, setup, model, summary_writer, logdir=None):
   logdir = logdir or _named_logdir(config)
   if logdir != config.model_dir and setup.chief:
     summary_writer = tf.summary.create_file_writer(logdir)
+    tf.io.gfile.makedirs(logdir)
+    files.write_atomically(os.path.join(logdir, SPLIT_FILE), config.data.eval_split + '\n')
   # The projector's sample is this host's features: one host writes it, for the whole split.
   single_host = setup.chief and distribution_lib.num_workers(setup.strategy) == 1
   # A hung peer blocks an evaluation's collectives as it blocks a train step's.
@@ -564,21 +567,40 @@ def evaluate_checkpoints(config, setup, model):
   return results
 
 
+# In an evaluation log directory other than model_dir: the split its summaries and Projector
+# files are of (model_dir's is its flags.json's --eval_split).
+SPLIT_FILE = 'eval_split.txt'
+
+
 def _evaluation_logdir(config):
-  """Where --mode=eval writes summaries and Projector files: eval_<name> with --eval_name;
-  eval_<split> without one, on another split than the training run's own (its flags.json's
-  --eval_split), whose events and Projector files in model_dir it would otherwise mix with or
-  replace; else model_dir, beside the training run's evaluations."""
-  if config.eval.eval_name:
-    return _named_logdir(config)
+  """Where --mode=eval writes summaries and Projector files, so that no directory holds two
+  splits': eval_<name> with --eval_name, or eval_<name>_<split> when eval_<name> holds another
+  split; eval_<split> without a name, on another split than the training run's own (its
+  flags.json's --eval_split); else model_dir, beside the training run's evaluations."""
+  split = config.data.eval_split
   try:
-    recorded = (run_record.read_flags(config.model_dir)[0] or {}).get('eval_split')
+    own = (run_record.read_flags(config.model_dir)[0] or {}).get('eval_split')
   except ValueError:
-    recorded = None
-  if recorded is not None and recorded != config.data.eval_split:
-    return os.path.join(config.model_dir,
-                        f'eval_{checkpoints.file_name_part(config.data.eval_split)}')
+    own = None
+  if config.eval.eval_name:
+    logdir = _named_logdir(config)
+    held = _logdir_split(logdir, own)
+    if held is None or held == split:
+      return logdir
+    return f'{logdir}_{checkpoints.file_name_part(split)}'
+  if own is not None and own != split:
+    return os.path.join(config.model_dir, f'eval_{checkpoints.file_name_part(split)}')
   return config.model_dir
+
+
+def _logdir_split(logdir, training_split):
+  """The split evaluation log directory `logdir` holds: its SPLIT_FILE's, else (written by
+  training's evaluations, which name no split) `training_split`; None when it does not exist."""
+  path = os.path.join(logdir, SPLIT_FILE)
+  if tf.io.gfile.exists(path):
+    with tf.io.gfile.GFile(path) as f:
+      return f.read().strip()
+  return training_split if tf.io.gfile.isdir(logdir) else None
 
 
 def _evaluate_one(config, setup, model, evaluator):

@@ -2,10 +2,16 @@
 split, with their labels as metadata and the images as a sprite (PCA, t-SNE, UMAP in the
 browser: `tensorboard --logdir <model_dir>`, tab Projector).
 
-Files, in `<logdir>/projector/`: `features_<step>.tsv` (one per evaluated step), `metadata.tsv`
-(id, label, class name) and `sprite.png` (the sample's thumbnails in rows, in metadata order),
-both written once per run; `<logdir>/projector_config.pbtxt` lists one embedding per step.
+Files, in `<logdir>/projector/`: `features_<step>.tsv` (one per evaluated step),
+`metadata_<sample>.tsv` (id, label, class name) and `sprite_<sample>.png` (the sample's thumbnails
+in rows, in metadata order), written once per sample: `<sample>` names the split, the ids and the
+thumbnail size, so an evaluation of another sample in the same logdir (another
+--projector_max_points, split or image size) never pairs its features with another sample's
+labels. `<logdir>/projector_config.pbtxt` lists one embedding per step, each with its sample's
+files.
 """
+import collections
+import hashlib
 import io
 import os
 
@@ -17,8 +23,6 @@ import data as data_lib
 
 CONFIG_FILE = 'projector_config.pbtxt'
 FOLDER = 'projector'
-METADATA_FILE = 'metadata.tsv'
-SPRITE_FILE = 'sprite.png'
 # TensorBoard's Projector reads sprites of at most 8192 px a side.
 MAX_SPRITE_SIDE = 8192
 
@@ -77,26 +81,39 @@ def _class_names(builder, info):
   return list(names) if names else [str(i) for i in range(info.num_classes)]
 
 
+# A sample's files, relative to the logdir, and the side of a sprite cell.
+Sample = collections.namedtuple('Sample', ['metadata_path', 'sprite_path', 'thumbnail'])
+
+
+def sample_files(split, ids, thumbnail):
+  """The Sample of `ids` of `split` at `thumbnail` px: files named by a digest of all three."""
+  digest = hashlib.sha256(f'{split}\t{thumbnail}\t'.encode() +
+                          np.asarray(ids, np.int64).tobytes()).hexdigest()[:12]
+  return Sample(f'{FOLDER}/metadata_{digest}.tsv', f'{FOLDER}/sprite_{digest}.png', thumbnail)
+
+
 def write_sample(logdir, builder, info, split, ids, image_size):
-  """metadata.tsv and sprite.png of the sample `ids` of `split` in logdir/projector, unless
-  already there (they do not change between steps); returns the thumbnail side."""
-  folder = os.path.join(logdir, FOLDER)
-  size = thumbnail_size(image_size, len(ids))
-  if tf.io.gfile.exists(os.path.join(folder, SPRITE_FILE)):
-    return size
-  tf.io.gfile.makedirs(folder)
-  images, labels = _sample_images(builder, info, split, ids, size)
+  """The metadata and sprite of the sample `ids` of `split` in logdir/projector, unless already
+  there (they do not change between steps); returns its Sample."""
+  sample = sample_files(split, ids, thumbnail_size(image_size, len(ids)))
+  sprite_path = os.path.join(logdir, sample.sprite_path)
+  if tf.io.gfile.exists(sprite_path):
+    return sample
+  tf.io.gfile.makedirs(os.path.join(logdir, FOLDER))
+  images, labels = _sample_images(builder, info, split, ids, sample.thumbnail)
   names = _class_names(builder, info)
   rows = ['id\tlabel\tclass'] + [f'{i}\t{label}\t{names[label] if label < len(names) else label}'
                                   for i, label in zip(ids, labels)]
-  _write(os.path.join(folder, METADATA_FILE), '\n'.join(rows) + '\n')
-  _write(os.path.join(folder, SPRITE_FILE), tf.io.encode_png(sprite(images)).numpy())
-  return size
+  _write(os.path.join(logdir, sample.metadata_path), '\n'.join(rows) + '\n')
+  # The sprite last, whole: its presence says the sample's files are complete.
+  _write(sprite_path + '.tmp', tf.io.encode_png(sprite(images)).numpy())
+  tf.io.gfile.rename(sprite_path + '.tmp', sprite_path, overwrite=True)
+  return sample
 
 
-def write_embedding(logdir, step, features, thumbnail):
-  """features [N, C] (rows in the sample's order, as metadata.tsv) as this step's embedding;
-  the config lists every step written so far."""
+def write_embedding(logdir, step, features, sample):
+  """features [N, C] (rows in the order of `sample`'s metadata) as this step's embedding; the
+  config lists every step written so far."""
   from tensorboard.plugins import projector  # pylint: disable=import-outside-toplevel
   folder = os.path.join(logdir, FOLDER)
   tensor_file = f'features_{step}.tsv'
@@ -116,9 +133,9 @@ def write_embedding(logdir, step, features, thumbnail):
   embedding.tensor_name = name
   embedding.tensor_path = f'{FOLDER}/{tensor_file}'
   embedding.tensor_shape.extend(features.shape)
-  embedding.metadata_path = f'{FOLDER}/{METADATA_FILE}'
-  embedding.sprite.image_path = f'{FOLDER}/{SPRITE_FILE}'
-  embedding.sprite.single_image_dim.extend([thumbnail, thumbnail])
+  embedding.metadata_path = sample.metadata_path
+  embedding.sprite.image_path = sample.sprite_path
+  embedding.sprite.single_image_dim.extend([sample.thumbnail, sample.thumbnail])
   # Written whole, then renamed: TensorBoard may read it at any moment.
   _write(config_path + '.tmp', text_format.MessageToString(config))
   tf.io.gfile.rename(config_path + '.tmp', config_path, overwrite=True)

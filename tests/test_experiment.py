@@ -20,6 +20,7 @@ import data as data_lib
 import evaluation
 import experiment
 import model as model_lib
+import projector
 import run_record
 import schema
 import summaries
@@ -397,9 +398,43 @@ def test_eval_mode_on_another_split_leaves_the_runs_files_alone(tmp_path, run_ma
   own = os.path.join(model_dir, 'eval_train')
   assert summaries.steps(own, 'eval/label_top_1_accuracy') == [3]
   rows = open(os.path.join(own, 'projector', 'features_3.tsv')).read().splitlines()
-  labels = open(os.path.join(own, 'projector', 'metadata.tsv')).read().splitlines()
+  config = open(os.path.join(own, 'projector_config.pbtxt')).read()
+  metadata = re.search(r'metadata_path: "(.*)"', config).group(1)
+  labels = open(os.path.join(own, metadata)).read().splitlines()
   assert len(rows) == len(labels) - 1 == 1437  # metadata has a header line
-  assert 'tensor_shape: 1437' in open(os.path.join(own, 'projector_config.pbtxt')).read()
+  assert 'tensor_shape: 1437' in config
+
+
+@pytest.mark.slow
+def test_a_named_evaluation_on_another_split_gets_its_own_directory(tmp_path, run_main,
+                                                                   pretrained):
+  # Finding (red team): --eval_name=foo on test, then on train, wrote both splits' scalars at
+  # the same step into eval_foo/ and replaced its Projector tensor by the train split's.
+  model_dir = copied_model_dir(pretrained, tmp_path)
+  shutil.rmtree(os.path.join(model_dir, 'saved_model'))
+  flags = [f'--model_dir={model_dir}', '--mode=eval', '--eval_name=foo',
+           '--eval_timeout_seconds=60', '--keep_hub_module_max=0', '--projector_max_points=50']
+  on_test = run_main(*flags)
+  on_train = run_main(*flags, '--eval_split=train')
+  again = run_main(*flags, '--eval_split=train')
+  assert on_train['eval/top_1'] == again['eval/top_1'] != on_test['eval/top_1']
+  for logdir, split, results in (('eval_foo', 'test', on_test),
+                                 ('eval_foo_train', 'train', on_train)):
+    path = os.path.join(model_dir, logdir)
+    assert open(os.path.join(path, 'eval_split.txt')).read() == split + '\n'
+    # (eval_foo_train: once per evaluation of it, the same value.)
+    steps, values = summaries.scalars(path, 'eval/label_top_1_accuracy')
+    assert set(steps) == {3} and values == pytest.approx([results['eval/top_1']] * len(values))
+    # Its Projector tensor is its split's sample.
+    ids = [int(line.split('\t')[0]) for line in glob_one(path, 'projector/metadata_*.tsv')[1:]]
+    np.testing.assert_array_equal(
+        ids, projector.sample_ids(results['eval/num_examples'], 50))
+
+
+def glob_one(folder, pattern):
+  """The lines of the one file matching `pattern` in `folder`."""
+  [path] = glob.glob(os.path.join(folder, pattern))
+  return open(path).read().splitlines()
 
 
 @pytest.mark.slow

@@ -58,16 +58,15 @@ def test_each_evaluation_writes_an_embedding_whose_rows_match_metadata_and_sprit
                                eval_split='test', image_size=16),
       projector_dir=logdir)
   evaluator.evaluate(1)
-  sprite_path = os.path.join(logdir, 'projector', 'sprite.png')
+  sprite_path = os.path.join(logdir, read_config(logdir).embeddings[0].sprite.image_path)
   sprite_written = os.path.getmtime(sprite_path)
   model.set_weights([w * 1.5 for w in model.get_weights()])
   evaluator.evaluate(2)
 
-  config = tb_projector.ProjectorConfig()
-  with open(os.path.join(logdir, 'projector_config.pbtxt')) as f:
-    text_format.Parse(f.read(), config)
+  config = read_config(logdir)
   assert [e.tensor_name for e in config.embeddings] == ['trunk features, step 1',
                                                        'trunk features, step 2']
+  assert len({e.metadata_path for e in config.embeddings}) == 1  # one sample, one set of files
   tensors = [projector_plugin._read_tensor_tsv_file(os.path.join(logdir, e.tensor_path))
              for e in config.embeddings]
   assert all(t.shape == (100, 64) == tuple(e.tensor_shape)
@@ -93,6 +92,49 @@ def test_each_evaluation_writes_an_embedding_whose_rows_match_metadata_and_sprit
   # Row n of the tensor is the trunk features of image n, at the weights of its step.
   features = model(images, training=False)['features'].numpy()
   np.testing.assert_allclose(tensors[1], features, rtol=1e-4, atol=1e-4)
+
+
+def read_config(logdir):
+  config = tb_projector.ProjectorConfig()
+  with open(os.path.join(logdir, 'projector_config.pbtxt')) as f:
+    text_format.Parse(f.read(), config)
+  return config
+
+
+def embedding_sizes(logdir):
+  """{tensor name: (tensor rows, metadata rows, sprite cells at least)} of each embedding."""
+  sizes = {}
+  for e in read_config(logdir).embeddings:
+    tensor = projector_plugin._read_tensor_tsv_file(os.path.join(logdir, e.tensor_path))
+    metadata = open(os.path.join(logdir, e.metadata_path)).read().splitlines()[1:]
+    sprite = tf.io.decode_png(open(os.path.join(logdir, e.sprite.image_path), 'rb').read())
+    cells = (sprite.shape[0] // e.sprite.single_image_dim[0]) ** 2
+    assert tuple(e.tensor_shape) == tensor.shape
+    sizes[e.tensor_name] = (len(tensor), len(metadata), cells)
+  return sizes
+
+
+@pytest.mark.slow
+def test_another_sample_in_the_same_logdir_gets_its_own_metadata_and_sprite(
+    tmp_path, one_replica, data_dir, tiny_model_config):
+  # Finding (red team): metadata.tsv and sprite.png were written once per logdir, so a
+  # --mode=eval with another --projector_max_points paired 100 feature rows with 360 labels.
+  builder = data_lib.get_builder('digits', data_dir)
+  info = data_lib.describe(builder, 'train', 'test')
+  with one_replica.scope():
+    model = model_lib.build_model(tiny_model_config(), 16)
+  for step, points in ((1, 360), (2, 360), (2, 100), (3, 30)):
+    evaluation.Evaluator(
+        one_replica, model, builder, info,
+        evaluation.EvalConfig(eval_batch_size=100, projector_max_points=points),
+        data=data_lib.DataConfig(dataset='digits', data_dir=data_dir, train_split='train',
+                                 eval_split='test', image_size=16),
+        projector_dir=str(tmp_path)).evaluate(step)
+  # Step 2 re-evaluated on 100 points: its embedding is the new one, with the new sample's files.
+  assert embedding_sizes(str(tmp_path)) == {'trunk features, step 1': (360, 360, 361),
+                                            'trunk features, step 2': (100, 100, 100),
+                                            'trunk features, step 3': (30, 30, 36)}
+  assert len(os.listdir(tmp_path / 'projector')) == 3 + 2 * 3  # features, then metadata+sprite
 
 
 def test_no_projector_when_its_cap_is_zero(tmp_path, one_replica, data_dir, tiny_model_config):
