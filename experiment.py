@@ -83,9 +83,16 @@ def check_batch_size(global_batch_size, num_replicas, num_examples, split):
 
 
 def run(config):
-  """Runs the job `config` describes; returns its results dict."""
+  """Runs the job `config` describes; returns its results dict.
+
+  Process-wide effects a caller (a notebook) sees: the Keras dtype policy is the run's while it
+  runs and the caller's again after; Python's, NumPy's and TensorFlow's global random
+  generators are seeded from the config's seed; `deterministic` turns TensorFlow's op
+  determinism on for the rest of the process (TensorFlow has no public switch back).
+  """
   lock = setup = None
   created = not tf.io.gfile.exists(config.model_dir)
+  callers_policy = tf.keras.mixed_precision.global_policy()
   try:
     setup = prepare(config)
     if config.mode != 'eval' and setup.chief:
@@ -108,8 +115,8 @@ def run(config):
     # dead peer): only the chief's checkpoints are resumed from.
     if setup is not None and not setup.chief and tf.io.gfile.exists(setup.write_dir):
       tf.io.gfile.rmtree(setup.write_dir)
-    # The compute policy is process-global: a caller (a notebook, the tests) gets float32 back.
-    tf.keras.mixed_precision.set_global_policy('float32')
+    # The compute policy is process-global: a caller (a notebook, the tests) gets its own back.
+    tf.keras.mixed_precision.set_global_policy(callers_policy)
     if created and (setup is None or setup.chief):  # bad input leaves no empty model_dir
       _remove_if_empty(config.model_dir)
 

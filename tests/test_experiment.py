@@ -232,11 +232,16 @@ def test_sogclr_trains_finite_at_temperature_001_in_bfloat16(tmp_path, tiny, run
   # exp(1/0.01) overflows float32: the log-domain u table and the loss math, in float32 under
   # the bfloat16 policy, must not (in float32 alone: test_objective.py).
   model_dir = str(tmp_path / 'run')
-  results = run_main(*tiny, f'--model_dir={model_dir}', '--DCL_mode=True', '--temperature=0.01',
-                     '--mixed_precision=bfloat16', '--train_steps=4')
+  # Finding (red team): run() handed back float32 whatever policy its caller had set.
+  tf.keras.mixed_precision.set_global_policy('mixed_float16')
+  try:
+    results = run_main(*tiny, f'--model_dir={model_dir}', '--DCL_mode=True',
+                       '--temperature=0.01', '--mixed_precision=bfloat16', '--train_steps=4')
+    # run() hands the caller's policy back, whatever the run computed in; its results say which.
+    assert tf.keras.mixed_precision.global_policy().name == 'mixed_float16'
+  finally:
+    tf.keras.mixed_precision.set_global_policy('float32')
   assert np.isfinite(results['eval/top_1'])
-  # run() hands the float32 policy back, whatever the run computed in; its results say which.
-  assert tf.keras.mixed_precision.global_policy().name == 'float32'
   assert results['precision'] == 'mixed_bfloat16'
   assert json.load(open(os.path.join(model_dir, 'result_4.json')))['precision'] == 'mixed_bfloat16'
   latest = tf.train.latest_checkpoint(model_dir)
