@@ -161,12 +161,18 @@ OBJECTIVE_FLAGS = tuple(f.name for f in dataclasses.fields(objective_lib.Objecti
 
 
 def recorded_values(config):
-  """What flags.json records of a run: its flag values (config.flags) and, from the config
-  itself, every run-defining value and the resolved loss, so a Config built in a notebook
-  (no flags) is recorded and checked on resume like a command line's."""
-  values = {name: getattr(config if section is None else getattr(config, section), field)
-            for name, (section, field) in schema.locations(type(config)).items()}
-  return dict(config.flags) | values | {'resolved_loss': _resolved_loss(config)}
+  """What flags.json records of a run: its flag values (config.flags), every run-defining value
+  from the config itself and the resolved loss. A Config built in a notebook carries no flag
+  values: then every setting of the config, so its run is recorded whole, checked on resume and
+  inherited by --mode=eval like a command line's."""
+
+  def values(found):
+    return {name: getattr(config if section is None else getattr(config, section), field)
+            for name, (section, field) in found.items() if name != 'flags'}
+
+  recorded = dict(config.flags) or values(schema.every_location(type(config)))
+  return recorded | values(schema.locations(type(config))) | {
+      'resolved_loss': _resolved_loss(config)}
 
 
 def _resolved_loss(config):

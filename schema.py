@@ -82,6 +82,19 @@ def locations(config_class):
   return found
 
 
+def every_location(config_class, section=None):
+  """{flag: (section, field name)} of every leaf field of `config_class` and its nested config
+  classes, declared or not (the first of a flag two fields read)."""
+  found = {}
+  for field in dataclasses.fields(config_class):
+    if dataclasses.is_dataclass(field.type if isinstance(field.type, type) else None):
+      for flag, where in every_location(field.type, field.name).items():
+        found.setdefault(flag, where)
+    else:
+      found.setdefault(flag_of(field), (section, field.name))
+  return found
+
+
 def ranges(config_class):
   """{flag: Range} of the settings that declare the values they allow."""
   found = {}

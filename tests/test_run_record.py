@@ -6,9 +6,11 @@ import re
 
 import pytest
 
+import data as data_lib
 import experiment
 import objective as objective_lib
 import run_record
+import schema
 import trainer as trainer_lib
 
 
@@ -75,15 +77,26 @@ def test_resume_identity_covers_the_gamma_schedule_and_isogclr_flags(tmp_path):
 def test_a_notebook_run_is_recorded_and_its_identity_checked_on_resume(tmp_path):
   # Finding: a Config built without flags recorded only its resolved loss, so a resume with
   # another temperature or seed went unnoticed.
+  # Finding (red team): it then recorded only the run-defining ones, so --mode=eval of its
+  # model_dir looked for --eval_split='validation' of digits in the default data_dir.
   config = experiment.Config(model_dir=str(tmp_path / 'run'),
                              objective=objective_lib.ObjectiveConfig(temperature=0.2),
-                             loop=trainer_lib.LoopConfig(seed=3))
+                             loop=trainer_lib.LoopConfig(seed=3),
+                             data=data_lib.DataConfig(dataset='digits', data_dir='/tmp/tfds',
+                                                      eval_split='test'))
   os.makedirs(config.model_dir)
   run_record.record_start(config, initial_step=0)
   recorded = json.load(open(os.path.join(config.model_dir, 'flags.json')))
-  assert set(recorded) == set(run_record.run_defining_flags(experiment.Config))
+  assert set(recorded) > set(run_record.run_defining_flags(experiment.Config))
   assert (recorded['temperature'], recorded['seed'], recorded['resolved_loss'],
           recorded['resnet_depth'], recorded['optimizer']) == (0.2, 3, 'sogclr', 50, 'lars')
+  evaluated = run_record.inherit_flags(
+      {name: None for name in recorded}, {'mode', 'model_dir'}, config.model_dir,
+      schema.inherited_by_eval(experiment.Config))
+  assert {name: evaluated[name] for name in ('dataset', 'data_dir', 'eval_split',
+                                             'weight_decay', 'train_steps')} == {
+      'dataset': 'digits', 'data_dir': '/tmp/tfds', 'eval_split': 'test',
+      'weight_decay': trainer_lib.OptimizerConfig().weight_decay, 'train_steps': 0}
   (tmp_path / 'run' / 'ckpt-5.index').write_bytes(b'')  # a checkpoint to resume
   run_record.check_same_run(config, 100)
   changed = dataclasses.replace(config, objective=objective_lib.ObjectiveConfig(temperature=0.5),
