@@ -342,7 +342,10 @@ class Evaluator:
                    f"top-5 {metrics['top_5']:.4f}")
     if knn:
       results.update(self.knn(step))
-      parts.append(f"kNN top-1 {results['eval/knn_top_1']:.4f} (k={config.knn_k})")
+      k = results['eval/knn_k']
+      parts.append(f"kNN top-1 {results['eval/knn_top_1']:.4f} (k={k}" + (
+          f", all of --train_split={self.data.train_split}: --knn_k={config.knn_k} is more)"
+          if k < config.knn_k else ')'))
     if log:
       logging.info('Eval at step %d on %s: %s', step, self.data.eval_split, '; '.join(parts))
       self._warn_if_unsettled(step)
@@ -387,10 +390,12 @@ class Evaluator:
   def knn(self, step):
     """{'eval/knn_top_1': ...}: a weighted kNN (probe.knn_accuracy's classifier) of the eval
     split's trunk features against the train split's, both without augmentation, streamed on
-    the replicas (StreamingKNN); every worker of a multi-worker run takes part."""
+    the replicas (StreamingKNN); every worker of a multi-worker run takes part. 'eval/knn_k': the
+    neighbours it used, at most the train split's images (a larger --knn_k votes with them all)."""
     return {'eval/knn_top_1': self.streaming_knn(
         self.dataset(self.data.train_split), self.dataset(self.data.eval_split),
-        watching=self.watching, what=f'the kNN evaluation at step {step}')}
+        watching=self.watching, what=f'the kNN evaluation at step {step}'),
+            'eval/knn_k': min(self.config.knn_k, self.info.num_train_examples)}
 
   def probe(self, step):
     """A logistic-regression probe on frozen trunk features, beside raw-pixel and

@@ -222,6 +222,32 @@ def test_streaming_knn_equals_numpy_knn_on_random_features(one_replica, two_repl
     knn = evaluation.StreamingKNN(strategy, lambda views: views[0], k=100, temperature=0.1,
                                   num_classes=5)
     assert knn(dataset(strategy, *train, 64), dataset(strategy, *test, 32)) == expected
+  # k above the train split's size votes with all of it (the padding never counts).
+  everything = evaluation.StreamingKNN(one_replica, lambda views: views[0], k=5000,
+                                       temperature=0.1, num_classes=5)
+  assert everything(dataset(one_replica, *train, 64), dataset(one_replica, *test, 32)) == (
+      probe.knn_accuracy(*train, *test, k=300, temperature=0.1))
+
+
+@pytest.mark.slow  # about 5 s
+def test_the_knn_records_the_neighbours_it_used(one_replica, digits, data_dir, tiny_model_config,
+                                                caplog):
+  # Finding (red team): --knn_k=5000 on 1,437 training digits logged k=5000 and recorded no k.
+  builder, info = digits
+  with one_replica.scope():
+    model = model_lib.build_model(tiny_model_config(), 16)
+  found = {}
+  for k in (20, 5000):
+    evaluator = evaluation.Evaluator(
+        one_replica, model, builder, info,
+        evaluation.EvalConfig(eval_batch_size=360, knn_k=k, projector_max_points=0),
+        data=data_lib.DataConfig(dataset='digits', data_dir=data_dir, train_split='train',
+                                 eval_split='test', image_size=16))
+    with caplog.at_level('INFO', logger='absl'):
+      found[k] = evaluator.evaluate(44, knn=True)['eval/knn_k']
+  assert found == {20: 20, 5000: 1437}
+  assert '(k=20)' in caplog.text
+  assert '(k=1437, all of --train_split=train: --knn_k=5000 is more)' in caplog.text
 
 
 @pytest.mark.slow
