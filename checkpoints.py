@@ -326,6 +326,11 @@ def restore_pretrained(model, path):
     logging.info('%s: the checkpoint holds another shape (another number of classes, or another '
                  'input width: --ft_proj_selector reads another layer); it starts as initialized',
                  name)
+  keys = _variable_keys(model, path)
+  for name, layer in model.named_layers().items():
+    if name in head_names and layer.variables and not any(keys.get(id(v)) for v in layer.variables):
+      logging.info('%s: not in the checkpoint (its run trained no linear head); it starts as '
+                   'initialized', name)
 
 
 # Where a pretraining checkpoint keeps SogCLR's u table (log domain, one float per image).
