@@ -563,6 +563,13 @@ def evaluate_checkpoints(config, setup, model):
     _export(config, setup, model, step)
     if step >= setup.total_steps:
       break
+  else:
+    if results is not None:
+      logging.warning(
+          'Stopped waiting: no new checkpoint in --model_dir=%s for --eval_timeout_seconds=%s; '
+          'the newest evaluated is step %d of the run\'s %d (a longer --eval_timeout_seconds '
+          'waits for a run still training).', config.model_dir,
+          config.eval.eval_timeout_seconds, results['global_step'], setup.total_steps)
   if not setup.chief:
     tf.io.gfile.rmtree(setup.write_dir)
   if results is None and damaged:

@@ -443,6 +443,22 @@ def glob_one(folder, pattern):
 
 
 @pytest.mark.slow
+def test_eval_mode_that_stops_waiting_before_the_final_step_says_so(tmp_path, run_main,
+                                                                   pretrained, caplog):
+  # Finding (red team): it ended with a normal Result line, nothing said the final step was
+  # never evaluated.
+  model_dir = copied_model_dir(pretrained, tmp_path)
+  with caplog.at_level('WARNING', logger='absl'):
+    results = run_main(f'--model_dir={model_dir}', '--mode=eval', '--eval_timeout_seconds=1',
+                       '--keep_hub_module_max=0', '--train_steps=6')
+  assert results['global_step'] == 3
+  assert [r.getMessage() for r in caplog.records if r.getMessage().startswith('Stopped')] == [
+      f'Stopped waiting: no new checkpoint in --model_dir={model_dir} for '
+      "--eval_timeout_seconds=1; the newest evaluated is step 3 of the run's 6 (a longer "
+      '--eval_timeout_seconds waits for a run still training).']
+
+
+@pytest.mark.slow
 def test_eval_mode_over_damaged_checkpoints_names_each(tmp_path, run_main, pretrained):
   # Finding (issue 24, rerun): 'error: OpError: file is too short to be an sstable', nothing
   # named.
