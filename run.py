@@ -190,7 +190,10 @@ flags.DEFINE_integer('train_batch_size', 512, 'Global training batch size, in im
 flags.DEFINE_integer('train_epochs', 100, 'Training length, in epochs.')
 flags.DEFINE_integer('train_steps', 0, 'Training length, in steps; > 0 overrides train_epochs.')
 flags.DEFINE_integer('eval_batch_size', 256, 'Global evaluation batch size, in images.')
-flags.DEFINE_integer('eval_steps', 0, 'Evaluation steps; 0 = the whole eval split.')
+flags.DEFINE_integer('eval_steps', 0,
+                     'Batches of the eval split the linear head\'s top-1/top-5 (eval/top_1, '
+                     'eval/num_examples) are computed on; 0 = the whole split. The kNN, the '
+                     'probe and the Projector always use the whole split.')
 flags.DEFINE_string('eval_name', None,
                     'Name of this evaluation (official flag): its eval/ summaries go to '
                     'model_dir/eval_<name> and its results carry eval_name, so evaluations of '
