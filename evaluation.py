@@ -268,6 +268,11 @@ def baseline_texts(results):
 class Evaluator:
   """Evaluates one model (whose weights change between calls: pass the step) on a run's data.
 
+  The step names the weights: the latest step's results and trunk features are kept, and
+  evaluating that step again returns them without computing (the end of training's evaluation
+  of a step evaluated while training). To evaluate other weights at a step already evaluated
+  (another checkpoint restored into the model), pass another step or build a new Evaluator.
+
   config: an EvalConfig; data: the run's data.DataConfig (splits, image size); weight_decay: the
   factor of eval/regularization_loss; summary_writer: where eval/ scalars go (None: nowhere);
   projector_dir: where each evaluation writes the Projector's embedding (None: nowhere);
