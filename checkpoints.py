@@ -66,6 +66,9 @@ def restore_or_initialize(model, optimizer, objective=None, *, model_dir, write_
     # The state restored (u included), comparable with the 'Final state' line of any run.
     logging.info('Resumed from %s at step %d: %s', resumed, int(optimizer.iterations.numpy()),
                  state_fingerprint(model, objective))
+    if checkpoint:
+      logging.info('--checkpoint=%s not read: a resumed run goes on from its own weights (its '
+                   'first start\'s --checkpoint is in flags_history.jsonl).', checkpoint)
   elif checkpoint:
     restore_pretrained(model, checkpoint)
     if zero_init_logits_layer and model.has_supervised_head:

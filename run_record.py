@@ -282,8 +282,15 @@ def _other_record(model_dir, history, problem):
 
 
 def record_start(config, initial_step):
-  """flags.json (the flags of this start) and one more line of flags_history.jsonl."""
+  """flags.json (the flags of this start) and one more line of flags_history.jsonl. A resumed
+  run records the --checkpoint its first start was initialized from (a resume does not read
+  --checkpoint)."""
   record = recorded_values(config)
+  if initial_step:
+    first = [s['flags'] for s in read_flags_history(config.model_dir)
+             if s.get('from_step') == 0 and isinstance(s.get('flags'), dict)]
+    if first and first[0].get('checkpoint') != record.get('checkpoint'):
+      record['checkpoint'] = first[0].get('checkpoint')
   append_flags_history(config.model_dir, {
       'started_utc': time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime()),
       'host': socket.gethostname(), 'pid': os.getpid(), 'from_step': initial_step,

@@ -194,3 +194,21 @@ def test_a_history_that_is_not_utf8_is_an_error_naming_it_before_training(tmp_pa
     run_record.check_same_run(_config(model_dir, loss='sogclr'), 100)
 
 
+
+
+def test_a_resumed_fine_tuning_records_the_checkpoint_it_was_initialized_from(tmp_path):
+  # Finding (red team): resuming with another --checkpoint (which a resume does not read)
+  # recorded that one in flags.json as the run's source.
+  model_dir = str(tmp_path / 'run')
+  os.makedirs(model_dir)
+  first = experiment.Config(model_dir=model_dir, train_mode='finetune', checkpoint='/runs/a')
+  run_record.record_start(first, initial_step=0)
+  run_record.record_start(dataclasses.replace(first, checkpoint='/runs/b'), initial_step=5)
+  assert json.load(open(os.path.join(model_dir, 'flags.json')))['checkpoint'] == '/runs/a'
+  assert [s['flags']['checkpoint'] for s in run_record.read_flags_history(model_dir)] == [
+      '/runs/a', '/runs/a']
+  # A run that started from nothing did not start from a --checkpoint given on resume.
+  run_record.record_start(dataclasses.replace(first, model_dir=str(tmp_path), checkpoint=None),
+                          initial_step=0)
+  run_record.record_start(dataclasses.replace(first, model_dir=str(tmp_path)), initial_step=3)
+  assert json.load(open(tmp_path / 'flags.json'))['checkpoint'] is None
