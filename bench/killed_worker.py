@@ -127,7 +127,7 @@ def kill_worker_after_first_checkpoint(args, model_dir, log_dir):
 
 
 def main():
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
   parser.add_argument('--work_dir', default=None, help='Directory for runs and logs (default: a '
                       'new temporary directory).')
   parser.add_argument('--train_steps', type=int, default=6)

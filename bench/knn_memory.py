@@ -84,13 +84,15 @@ def measure(method, train_size, eval_size, dim, k, batch):
 
 
 def main():
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument('--train_sizes', default='10000,40000,160000')
-  parser.add_argument('--eval_size', type=int, default=2000)
-  parser.add_argument('--dim', type=int, default=512)
-  parser.add_argument('--k', type=int, default=200)
+  parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+  parser.add_argument('--train_sizes', default='10000,40000,160000',
+                      help='train-split sizes (rows), comma-separated')
+  parser.add_argument('--eval_size', type=int, default=2000, help='eval-split rows')
+  parser.add_argument('--dim', type=int, default=512, help='feature dimension')
+  parser.add_argument('--k', type=int, default=200, help='neighbours')
   parser.add_argument('--batch', type=int, default=1024, help='train and eval chunk (rows)')
-  parser.add_argument('--methods', default='streaming,host')
+  parser.add_argument('--methods', default='streaming,host',
+                      help='comma-separated: streaming (on the replicas), host (NumPy)')
   parser.add_argument('--one', help=argparse.SUPPRESS)  # method:train_size, in a child process
   args = parser.parse_args()
   if args.one:

@@ -551,7 +551,7 @@ def plot(summary, records, settings, path):
 
 
 def parse_args(argv):
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
   parser.add_argument('--dataset', choices=sorted(PRESETS), default='digits',
                       help='The benchmark: the demo digits, or Fashion-MNIST (prepared from its '
                       'idx files on first use, docs/datasets.md).')

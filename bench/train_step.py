@@ -91,7 +91,7 @@ class Variant:
 
 
 def parse_args(argv):
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
   parser.add_argument('--models', default='18:32:64,50:64:32',
                       help='Comma-separated depth:image_size:batch[:width] specs.')
   parser.add_argument('--losses', default='simclr,sogclr')
