@@ -401,14 +401,41 @@ def _record_offsets(builder, split, name):
   if len(dirnames) != 1:
     raise ValueError(f'Dataset {name!r} split {split!r} spans several directories {dirnames}; '
                      "ids cannot be derived from TFDS's record ids: add an 'image/ID' feature")
-  prefixes, offsets, start = [], [], 0
+  prefixes, skips, takes, offsets, start = [], [], [], [], 0
   for instruction in instructions:
     # A record's tfds_id index counts from the start of its shard file, not of the slice.
     prefixes.append(os.path.basename(os.fspath(instruction.filename)))
+    skips.append(instruction.skip)
+    takes.append(instruction.take)
     offsets.append(start - instruction.skip)
     start += instruction.take
   assert start == builder.info.splits[split].num_examples, (split, start)
-  return prefixes, offsets
+  return prefixes, skips, takes, offsets
+
+
+def _record_id_fn(builder, split, name):
+  """tfds_id -> the record's dense id in `split` (-2**62 for a record outside it).
+
+  A shard read once: a hash table of its offset. A union of slices of one shard
+  (`train[:25%]+train[75%:]`): the slice the record's index in the shard falls in.
+  """
+  prefixes, skips, takes, offsets = _record_offsets(builder, split, name)
+  if len(set(prefixes)) == len(prefixes):
+    table = tf.lookup.StaticHashTable(
+        tf.lookup.KeyValueTensorInitializer(tf.constant(prefixes), tf.constant(offsets, tf.int64)),
+        default_value=-2**62)
+    return lambda prefix, index: table.lookup(prefix) + index
+  prefixes, offsets = tf.constant(prefixes), tf.constant(offsets, tf.int64)
+  skips, ends = tf.constant(skips, tf.int64), tf.constant(skips, tf.int64) + tf.constant(
+      takes, tf.int64)
+
+  def record_id(prefix, index):
+    inside = tf.equal(prefixes, prefix) & (skips <= index) & (index < ends)
+    return tf.where(tf.reduce_any(inside),
+                    tf.gather(offsets, tf.argmax(tf.cast(inside, tf.int32))) + index,
+                    tf.constant(-2**62, tf.int64))
+
+  return record_id
 
 
 def _decode_image(encoded):
@@ -470,10 +497,7 @@ def _select_fn(builder, info, split, num_classes, check_labels=True):
   # No quotes: TF escapes them in assertion messages.
   where = f'Dataset {info.name} split {split}:'
   if not info.id_key:
-    prefixes, offsets = _record_offsets(builder, split, info.name)
-    offset_table = tf.lookup.StaticHashTable(
-        tf.lookup.KeyValueTensorInitializer(tf.constant(prefixes), tf.constant(offsets, tf.int64)),
-        default_value=-2**62)
+    record_id = _record_id_fn(builder, split, info.name)
 
   def select(example):
     """The fields the pipeline needs, ids and labels checked; the image still encoded."""
@@ -483,7 +507,7 @@ def _select_fn(builder, info, split, num_classes, check_labels=True):
     else:
       prefix = tf.strings.regex_replace(record, r'__[0-9]+$', '')
       index = tf.strings.to_number(tf.strings.regex_replace(record, r'^.*__', ''), tf.int64)
-      ids = offset_table.lookup(prefix) + index
+      ids = record_id(prefix, index)
     checks = [tf.debugging.Assert(
         tf.logical_and(ids >= 0, ids < split_size),
         [f'{where} id outside [0, {split_size}) in record', record, 'id', ids])]

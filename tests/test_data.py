@@ -422,6 +422,25 @@ def test_a_slice_of_an_image_id_split_keeps_the_ids_of_the_whole_split(tmp_path)
     assert plain_info.id_key == '' and plain_info.num_ids == size
 
 
+def test_a_union_of_slices_of_one_shard_derives_dense_ids(tmp_path):
+  # Finding (red team): --train_split='train[:25%]+train[75%:]' of a one-shard split stopped
+  # with 'HashTable has different value for same key': two slices of one shard file, two
+  # offsets.
+  builder = write_dataset(str(tmp_path), 'one_shard', plain_features(),
+                          plain_examples(NUM_TRAIN), num_shards=1)
+  union = 'train[:3]+train[5:8]'
+  info = data.describe(builder, union, 'test')
+  assert info.id_key == '' and info.num_ids == 6
+  ids = {pixel: i for i, pixel, _ in read_eval(builder, info, union)}
+  first = {pixel: i for i, pixel, _ in read_eval(builder, data.describe(
+      builder, 'train[:3]', 'test'), 'train[:3]')}
+  second = {pixel: i for i, pixel, _ in read_eval(builder, data.describe(
+      builder, 'train[5:8]', 'test'), 'train[5:8]')}
+  # Each record keeps its place: the first slice's ids, then the second's after them.
+  assert ids == first | {pixel: 3 + i for pixel, i in second.items()}
+  assert sorted(ids.values()) == list(range(6))
+
+
 @pytest.mark.parametrize('batched', [True, False])
 @pytest.mark.parametrize('first, second', [(3, 9), (3, 70), (0, 99)])
 def test_the_distinct_id_check_finds_a_repeat_within_and_across_chunks(batched, first, second):
