@@ -49,12 +49,16 @@ def imagenet1k_classes():
 
 def jpeg_bytes(data, name):
   """`data` as RGB or grayscale JPEG bytes: other formats and CMYK JPEGs are re-encoded (TF's
-  decoder rejects CMYK); an unreadable file is an error naming it."""
+  decoder rejects CMYK); 16-bit grey images are scaled to 8 bits (PIL's RGB conversion would
+  clip them to white); an unreadable file is an error naming it."""
   from PIL import Image  # pylint: disable=import-outside-toplevel
   try:
     image = Image.open(io.BytesIO(data))
     if image.format == 'JPEG' and image.mode in ('RGB', 'L'):
       return data
+    if image.mode.startswith('I'):  # 'I;16', 'I;16B', 'I': 16-bit grey (0..65535)
+      pixels = np.clip(np.asarray(image, np.float64), 0, 65535) / 257.0
+      image = Image.fromarray(np.round(pixels).astype(np.uint8))
     out = io.BytesIO()
     image.convert('RGB').save(out, format='JPEG', quality=95)
     return out.getvalue()
@@ -67,14 +71,24 @@ def _is_image(name):
 
 
 def _folder_images(root):
-  """[(class, path)] of root/<class>/<image>, sorted by class then file name."""
+  """[(class, path)] of root/<class>/<image>, sorted by class then file name. A class folder
+  with sub-folders (not read) or without images is named in a warning."""
   items = []
   for label in sorted(tf.io.gfile.listdir(root)):
     label = label.rstrip('/')
     directory = os.path.join(root, label)
-    if tf.io.gfile.isdir(directory):
-      items += [(label, os.path.join(directory, f)) for f in sorted(tf.io.gfile.listdir(directory))
-                if _is_image(f)]
+    if not tf.io.gfile.isdir(directory):
+      continue
+    entries = sorted(e.rstrip('/') for e in tf.io.gfile.listdir(directory))
+    images = [(label, os.path.join(directory, f)) for f in entries if _is_image(f)]
+    nested = [e for e in entries if tf.io.gfile.isdir(os.path.join(directory, e))]
+    if nested:
+      logging.warning('%s: sub-folders %s are not read (root/<class>/<image>: the images must be '
+                      'in the class folder itself)', directory, nested[:3])
+    if not images:
+      logging.warning('%s holds no images (%s); class %r left out', directory,
+                      ', '.join(IMAGE_EXTENSIONS), label)
+    items += images
   return items
 
 
@@ -407,15 +421,24 @@ def main(argv=None):
                                      'of ImageNet (default imagenet1k_ids / imagenet_s; '
                                      'imagenet2012 suits the official SogCLR command lines).')
   args = parser.parse_args(argv)
-  if args.folder:
-    if not args.name:
-      raise ValueError('--folder needs --name, the dataset name to train on (--dataset=<name>)')
-    builder = build_image_folder(args.folder, args.name, args.data_dir)
-  elif args.manual_dir:
-    builder = build_imagenet(args.subset, args.manual_dir, args.data_dir, args.class_list,
-                             args.name)
-  else:
-    raise ValueError('Give --manual_dir (ImageNet from ILSVRC2012 files) or --folder and --name')
+  try:
+    if args.folder:
+      if not args.name:
+        raise ValueError('--folder needs --name, the dataset name to train on (--dataset=<name>)')
+      prepared = os.path.join(os.path.expanduser(args.data_dir), args.name, '1.0.0')
+      if tf.io.gfile.exists(os.path.join(prepared, 'dataset_info.json')):
+        print(f'Already prepared: {prepared}; nothing read or written (remove that folder, or '
+              'give another --name, to prepare it from --folder again)')
+        return
+      builder = build_image_folder(args.folder, args.name, args.data_dir)
+    elif args.manual_dir:
+      builder = build_imagenet(args.subset, args.manual_dir, args.data_dir, args.class_list,
+                               args.name)
+    else:
+      raise ValueError('Give --manual_dir (ImageNet from ILSVRC2012 files) or --folder and '
+                       '--name')
+  except ValueError as e:  # a bad file or argument: one line, as run.py's errors
+    raise SystemExit(f'error: {e}') from None
   splits = ', '.join(f'{k}: {v.num_examples}' for k, v in sorted(builder.info.splits.items()))
   print(f'Wrote {builder.data_dir} ({splits})')
 

@@ -251,3 +251,49 @@ def test_a_stopped_preparations_folder_is_removed_by_the_next_one(tmp_path):
   assert not live.exists()  # ... but once this one is in place, it could not put its own
   assert data.get_builder('tiny_set', str(tmp_path)).info.splits['train'].num_examples == 1
   assert os.listdir(dataset_dir) == ['1.0.0']
+
+
+def test_a_16_bit_grey_image_keeps_its_values_in_8_bits():
+  # Finding (red team): PIL's RGB conversion clipped a 16-bit grey PNG to solid white.
+  grey = np.random.RandomState(0).randint(0, 65536, (20, 24)).astype(np.uint16)
+  out = io.BytesIO()
+  Image.fromarray(grey).save(out, format='PNG')
+  decoded = tf.io.decode_jpeg(imagenet.jpeg_bytes(out.getvalue(), 'g16.png')).numpy()
+  assert decoded.shape == (20, 24, 3)
+  # JPEG at quality 95 on random pixels: each within a few levels of value / 257.
+  assert np.abs(decoded[..., 0].astype(float) - grey / 257.0).mean() < 6
+  assert abs(decoded.mean() - grey.mean() / 257.0) < 1
+
+
+def test_an_image_folder_names_what_it_leaves_out_and_bad_files_in_one_line(tmp_path, caplog,
+                                                                          capsys):
+  # Findings (red team): images in sub-folders of a class folder, and an empty class folder,
+  # were left out without a word; preparing again said "Wrote" of the old data; a truncated
+  # image was a 75-line traceback.
+  root = tmp_path / 'folder'
+  for label in ('cat', 'dog'):
+    os.makedirs(root / label)
+    for i in range(2):
+      (root / label / f'{i}.png').write_bytes(jpeg(i, fmt='PNG'))
+  os.makedirs(root / 'empty')
+  os.makedirs(root / 'fish' / 'batch1')
+  (root / 'fish' / 'batch1' / '0.png').write_bytes(jpeg(0, fmt='PNG'))
+  flags = ['--folder', str(root), '--name', 'pets', '--data_dir', str(tmp_path / 'tfds')]
+  with caplog.at_level('WARNING', logger='absl'):
+    imagenet.main(flags)
+  warnings = [r.getMessage() for r in caplog.records if r.name == 'absl']
+  assert f"{root / 'empty'} holds no images" in warnings[0]
+  assert warnings[1] == f"{root / 'fish'}: sub-folders ['batch1'] are not read (root/<class>/" \
+                        '<image>: the images must be in the class folder itself)'
+  assert f"{root / 'fish'} holds no images" in warnings[2]
+  assert capsys.readouterr().out.endswith('(train: 4)\n')
+  imagenet.main(flags)
+  assert capsys.readouterr().out == (
+      f"Already prepared: {tmp_path / 'tfds' / 'pets' / '1.0.0'}; nothing read or written "
+      '(remove that folder, or give another --name, to prepare it from --folder again)\n')
+  (root / 'dog' / '1.png').write_bytes(jpeg(1, fmt='PNG')[:60])
+  with pytest.raises(SystemExit, match=r"^error: Image 'dog/1\.png' cannot be read \(.*\); "
+                                       r'remove or replace it$'):
+    imagenet.main(['--folder', str(root), '--name', 'pets2', '--data_dir', str(tmp_path / 'tfds')])
+  assert not (tmp_path / 'tfds' / 'pets2').exists() or not list(
+      (tmp_path / 'tfds' / 'pets2').rglob('dataset_info.json'))
