@@ -407,7 +407,8 @@ def _monitor(config, setup, evaluator, monitored, trained_from_step):
     if setup.chief:
       checkpoints.write_results(config.model_dir, step, results | {
           'eval_seconds': record['eval_seconds'], 'train_seconds_so_far': record['train_seconds'],
-          'trained_from_step': trained_from_step, 'eval_split': config.data.eval_split})
+          'trained_from_step': trained_from_step, 'eval_split': config.data.eval_split,
+          'precision': tf.keras.mixed_precision.global_policy().name})
 
   return on_eval
 

@@ -689,6 +689,8 @@ def test_eval_every_steps_logs_head_and_knn_top_1_at_each_evaluation(monitored_r
   saved = json.load(open(os.path.join(model_dir, 'result_2.json')))
   assert saved['global_step'] == 2 and saved['eval/knn_top_1'] == monitor[0]['eval/knn_top_1']
   assert saved['eval/top_1'] == monitor[0]['eval/top_1']
+  # Finding (red team): an evaluation while training did not record the precision.
+  assert saved['precision'] == results['precision']
   assert json.load(open(os.path.join(model_dir, 'result_4.json')))['monitor'] == monitor
   # TensorBoard: each evaluation once at its step (the final one is step 4's, not repeated).
   steps, values = summaries.scalars(model_dir, 'eval/knn_top_1')
