@@ -63,13 +63,21 @@ def flag_of(field):
   return (field.metadata.get(_KEY) or {}).get('flag') or field.name
 
 
-def _declared(config_class, section=None):
-  """(flag, (section, field name), declaration) of every declared field of `config_class` and
-  of its nested config classes (section: the attribute holding the nested config)."""
+def _leaves(config_class, section=None):
+  """(field, section) of every field of `config_class` and of its nested config classes that is
+  not itself a config (section: the attribute holding the nested config; None: top level)."""
   for field in dataclasses.fields(config_class):
     if dataclasses.is_dataclass(field.type if isinstance(field.type, type) else None):
-      yield from _declared(field.type, field.name)
-    elif _KEY in field.metadata:
+      yield from _leaves(field.type, field.name)
+    else:
+      yield field, section
+
+
+def _declared(config_class):
+  """(flag, (section, field name), declaration) of every declared field of `config_class` and
+  of its nested config classes."""
+  for field, section in _leaves(config_class):
+    if _KEY in field.metadata:
       yield flag_of(field), (section, field.name), field.metadata[_KEY]
 
 
@@ -82,16 +90,12 @@ def locations(config_class):
   return found
 
 
-def every_location(config_class, section=None):
-  """{flag: (section, field name)} of every leaf field of `config_class` and its nested config
+def every_location(config_class):
+  """{flag: (section, field name)} of every setting of `config_class` and its nested config
   classes, declared or not (the first of a flag two fields read)."""
   found = {}
-  for field in dataclasses.fields(config_class):
-    if dataclasses.is_dataclass(field.type if isinstance(field.type, type) else None):
-      for flag, where in every_location(field.type, field.name).items():
-        found.setdefault(flag, where)
-    else:
-      found.setdefault(flag_of(field), (section, field.name))
+  for field, section in _leaves(config_class):
+    found.setdefault(flag_of(field), (section, field.name))
   return found
 
 
