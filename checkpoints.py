@@ -325,15 +325,11 @@ def restore_pretrained(model, path):
     raise ValueError(f'--checkpoint={path!r} {message}; repeat the pretraining run\'s model '
                      'flags (its flags.json lists them)') from None
   logging.info('Initialized the model from %s', path)
-  for name in left_out:
-    logging.info('%s: the checkpoint holds another shape (another number of classes, or another '
-                 'input width: --ft_proj_selector reads another layer); it starts as initialized',
-                 name)
-  keys = _variable_keys(model, path)
-  for name, layer in model.named_layers().items():
-    if name in head_names and layer.variables and not any(keys.get(id(v)) for v in layer.variables):
-      logging.info('%s: not in the checkpoint (its run trained no linear head); it starts as '
-                   'initialized', name)
+  reasons = {'shape': 'the checkpoint holds another shape (another number of classes, or another '
+                      'input width: --ft_proj_selector reads another layer)',
+             'absent': 'not in the checkpoint (its run trained no linear head)'}
+  for name, why in left_out.items():
+    logging.info('%s: %s; it starts as initialized', name, reasons[why])
 
 
 # Where a pretraining checkpoint keeps SogCLR's u table (log domain, one float per image).
@@ -382,7 +378,8 @@ def _variable_keys(model, path):
 
 def restore_model(model, path, required=None, replaceable=()):
   """Restores the variables of `model` from checkpoint `path`, ignoring the rest (optimizer,
-  step, SogCLR's u table); returns the names of the layers it left as they were.
+  step, SogCLR's u table); returns {layer name: why} of the `replaceable` layers it left as they
+  were: 'shape' (held with another shape) or 'absent' (none of its variables there).
 
   Raises ValueError, before anything is assigned, naming the `required` variables (default: all
   of the model's) that the checkpoint lacks and any variable it holds with another shape. A layer
@@ -416,7 +413,9 @@ def restore_model(model, path, required=None, replaceable=()):
                                   if name not in left_out})
   # expect_partial: the optimizer, step and u table of the checkpoint are not the model's.
   tf.train.Checkpoint(model=root).restore(path).expect_partial()
-  return sorted(left_out)
+  absent = [name for name, layer in model.named_layers().items() if name in replaceable
+            and layer.variables and not any(id(v) in keys for v in layer.variables)]
+  return {name: 'shape' for name in sorted(left_out)} | {name: 'absent' for name in absent}
 
 
 def iterate_checkpoints(model_dir, timeout_seconds, poll_seconds=1.0):
