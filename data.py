@@ -426,8 +426,8 @@ def _record_id_fn(builder, split, name):
         default_value=-2**62)
     return lambda prefix, index: table.lookup(prefix) + index
   prefixes, offsets = tf.constant(prefixes), tf.constant(offsets, tf.int64)
-  skips, ends = tf.constant(skips, tf.int64), tf.constant(skips, tf.int64) + tf.constant(
-      takes, tf.int64)
+  ends = tf.constant(np.add(skips, takes), tf.int64)
+  skips = tf.constant(skips, tf.int64)
 
   def record_id(prefix, index):
     inside = tf.equal(prefixes, prefix) & (skips <= index) & (index < ends)

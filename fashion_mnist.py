@@ -117,12 +117,6 @@ def _examples(images, labels):
     yield {'image': image[:, :, None], 'label': int(label), 'image/ID': dense_id}
 
 
-def prepared_dir(data_dir):
-  """The folder of this module's `fashion_mnist` in `data_dir` when it is prepared, else None."""
-  folder = os.path.join(os.path.expanduser(data_dir), NAME, VERSION)
-  return folder if os.path.isfile(os.path.join(folder, 'dataset_info.json')) else None
-
-
 def prepare(data_dir, source_dir=None):
   """Writes `fashion_mnist` into `data_dir` from the idx files in `source_dir` (default: the
   Debian package's folder); returns the builder. Every file is read and checked first, so a
@@ -154,7 +148,8 @@ def main(argv=None):
                       default=DEFAULT_SOURCE_DIR,
                       help='Folder of the four idx files (gzipped or not).')
   args = parser.parse_args(argv)
-  prepared = prepared_dir(args.data_dir)
+  import imagenet  # pylint: disable=import-outside-toplevel  (its TFDS writer)
+  prepared = imagenet.prepared_dir(args.data_dir, NAME, VERSION)
   if prepared:
     print(f'Already prepared: {prepared}; nothing read or written (remove that folder to prepare '
           'it again from other files)')

@@ -349,6 +349,13 @@ def build_image_folder(root, name, data_dir, version='1.0.0'):
                        data_dir, version=version, description=f'Images of {root} with dense ids.')
 
 
+def prepared_dir(data_dir, name, version='1.0.0'):
+  """data_dir/name/version when a dataset is prepared there (its dataset_info.json), else None:
+  the preparation scripts leave a prepared dataset as it is."""
+  folder = os.path.join(os.path.expanduser(data_dir), name, version)
+  return folder if tf.io.gfile.exists(os.path.join(folder, 'dataset_info.json')) else None
+
+
 def write_dataset(name, features, split_examples, data_dir, *, version='1.0.0', description='',
                   num_shards=None):
   """Writes `{split: iterable of example dicts}` as the TFDS dataset `name` into `data_dir`
@@ -425,8 +432,8 @@ def main(argv=None):
     if args.folder:
       if not args.name:
         raise ValueError('--folder needs --name, the dataset name to train on (--dataset=<name>)')
-      prepared = os.path.join(os.path.expanduser(args.data_dir), args.name, '1.0.0')
-      if tf.io.gfile.exists(os.path.join(prepared, 'dataset_info.json')):
+      prepared = prepared_dir(args.data_dir, args.name)
+      if prepared:
         print(f'Already prepared: {prepared}; nothing read or written (remove that folder, or '
               'give another --name, to prepare it from --folder again)')
         return
