@@ -43,20 +43,26 @@ def _images_by_id(builder, info, split):
                                      batch['ids'].numpy())}
 
 
-@pytest.mark.slow
-def test_each_evaluation_writes_an_embedding_whose_rows_match_metadata_and_sprite(
-    tmp_path, one_replica, data_dir, tiny_model_config):
+def projecting_evaluator(strategy, data_dir, model, logdir, points):
+  """An Evaluator of `model` on the digits' test split writing the Projector's files of up to
+  `points` images to `logdir`."""
   builder = data_lib.get_builder('digits', data_dir)
-  info = data_lib.describe(builder, 'train', 'test')
-  with one_replica.scope():
-    model = model_lib.build_model(tiny_model_config(), 16)
-  logdir = str(tmp_path)
-  evaluator = evaluation.Evaluator(
-      one_replica, model, builder, info,
-      evaluation.EvalConfig(eval_batch_size=100, projector_max_points=100),
+  return evaluation.Evaluator(
+      strategy, model, builder, data_lib.describe(builder, 'train', 'test'),
+      evaluation.EvalConfig(eval_batch_size=100, projector_max_points=points),
       data=data_lib.DataConfig(dataset='digits', data_dir=data_dir, train_split='train',
                                eval_split='test', image_size=16),
       projector_dir=logdir)
+
+
+@pytest.mark.slow
+def test_each_evaluation_writes_an_embedding_whose_rows_match_metadata_and_sprite(
+    tmp_path, one_replica, data_dir, tiny_model_config):
+  with one_replica.scope():
+    model = model_lib.build_model(tiny_model_config(), 16)
+  logdir = str(tmp_path)
+  evaluator = projecting_evaluator(one_replica, data_dir, model, logdir, 100)
+  builder, info = evaluator.builder, evaluator.info
   evaluator.evaluate(1)
   sprite_path = os.path.join(logdir, read_config(logdir).embeddings[0].sprite.image_path)
   sprite_written = os.path.getmtime(sprite_path)
@@ -119,17 +125,10 @@ def test_another_sample_in_the_same_logdir_gets_its_own_metadata_and_sprite(
     tmp_path, one_replica, data_dir, tiny_model_config):
   # Finding (red team): metadata.tsv and sprite.png were written once per logdir, so a
   # --mode=eval with another --projector_max_points paired 100 feature rows with 360 labels.
-  builder = data_lib.get_builder('digits', data_dir)
-  info = data_lib.describe(builder, 'train', 'test')
   with one_replica.scope():
     model = model_lib.build_model(tiny_model_config(), 16)
   for step, points in ((1, 360), (2, 360), (2, 100), (3, 30)):
-    evaluation.Evaluator(
-        one_replica, model, builder, info,
-        evaluation.EvalConfig(eval_batch_size=100, projector_max_points=points),
-        data=data_lib.DataConfig(dataset='digits', data_dir=data_dir, train_split='train',
-                                 eval_split='test', image_size=16),
-        projector_dir=str(tmp_path)).evaluate(step)
+    projecting_evaluator(one_replica, data_dir, model, str(tmp_path), points).evaluate(step)
   # Step 2 re-evaluated on 100 points: its embedding is the new one, with the new sample's files.
   assert embedding_sizes(str(tmp_path)) == {'trunk features, step 1': (360, 360, 361),
                                             'trunk features, step 2': (100, 100, 100),
@@ -138,14 +137,7 @@ def test_another_sample_in_the_same_logdir_gets_its_own_metadata_and_sprite(
 
 
 def test_no_projector_when_its_cap_is_zero(tmp_path, one_replica, data_dir, tiny_model_config):
-  builder = data_lib.get_builder('digits', data_dir)
-  info = data_lib.describe(builder, 'train', 'test')
   with one_replica.scope():
     model = model_lib.build_model(tiny_model_config(), 16)
-  evaluation.Evaluator(
-      one_replica, model, builder, info,
-      evaluation.EvalConfig(eval_batch_size=100, projector_max_points=0),
-      data=data_lib.DataConfig(dataset='digits', data_dir=data_dir, eval_split='test',
-                               image_size=16),
-      projector_dir=str(tmp_path)).evaluate(1)
+  projecting_evaluator(one_replica, data_dir, model, str(tmp_path), 0).evaluate(1)
   assert os.listdir(tmp_path) == []
