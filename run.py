@@ -376,6 +376,29 @@ def _tensorflow_logs_through_absl():
     logger.removeHandler(handler)
 
 
+# absl prints these and exits with status 1; asked-for help is not a failure.
+SHORT_HELP_ARGS = ('--help', '-help', '-?', '--helpshort', '-helpshort')
+FULL_HELP_ARGS = ('--helpfull', '-helpfull')
+
+
+def help_asked(argv):
+  """'full' or 'short' when command line `argv` asks for help (before any '--'), else None."""
+  asked = argv[1:argv.index('--')] if '--' in argv else argv[1:]
+  if any(arg in FULL_HELP_ARGS for arg in asked):
+    return 'full'
+  return 'short' if any(arg in SHORT_HELP_ARGS for arg in asked) else None
+
+
+def help_or_run(argv):
+  """Prints the help `argv` asks for and exits 0, or runs the command line (app.run)."""
+  asked = help_asked(argv)
+  if asked:
+    app.usage(shorthelp=asked == 'short', writeto_stdout=True, exitcode=0,
+              detailed_error='Try --helpfull to get a list of all flags.' if asked == 'short'
+              else None)
+  app.run(cli, argv)
+
+
 if __name__ == '__main__':
   _tensorflow_logs_through_absl()
-  app.run(cli)
+  help_or_run(sys.argv)

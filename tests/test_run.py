@@ -356,6 +356,30 @@ def test_bad_input_through_the_process_exits_1_with_one_line_and_keeps_the_run(
 
 
 @pytest.mark.slow
+def test_help_prints_the_flags_on_stdout_and_exits_0(run_command):
+  # absl ends --help with status 1, which reads as a failure to a script or a scheduler.
+  result = run_command('--help', timeout=300)
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert '--train_mode' in result.stdout and 'Try --helpfull' in result.stdout
+  assert '--log_dir' not in result.stdout  # absl's own flags: only under --helpfull
+
+
+@pytest.mark.parametrize('args, asked', [
+    (['--helpfull'], 'full'), (['-?'], 'short'), (['--seed=1', '--helpshort'], 'short'),
+    (['--seed=1'], None), (['--seed=1', '--', '--help'], None), (['--nohelp'], None)])
+def test_help_asked_reads_absl_s_help_forms_up_to_a_double_dash(args, asked):
+  assert run.help_asked(['run.py', *args]) == asked
+
+
+def test_full_help_lists_absl_s_flags_too_and_exits_0(capsys):
+  with pytest.raises(SystemExit) as stop:
+    run.help_or_run(['run.py', '--helpfull'])
+  assert stop.value.code == 0
+  out = capsys.readouterr().out
+  assert '--train_mode' in out and '--log_dir' in out
+
+
+@pytest.mark.slow
 def test_the_command_line_starts_without_keras_optional_imports_which_still_load_later(
     run_command, tmp_path):
   # Keras imported scikit-learn (with scipy.stats), matplotlib and IPython while TensorFlow was
