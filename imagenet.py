@@ -287,7 +287,17 @@ def imagenet_s_config(class_list):
 
 
 def build_imagenet(subset, manual_dir, data_dir, class_list=None, name=None):
-  """Writes ImageNet-1K (subset '1k') or ImageNet-S ('s') into `data_dir`; returns the builder.
+  """Writes ImageNet-1K (subset '1k') or ImageNet-S ('s') into `data_dir` (imagenet_builder);
+  returns the builder."""
+  builder = imagenet_builder(subset, data_dir, class_list, name)
+  builder.download_and_prepare(
+      download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
+  return builder
+
+
+def imagenet_builder(subset, data_dir, class_list=None, name=None):
+  """The builder of ImageNet-1K (subset '1k') or ImageNet-S ('s') in `data_dir`, prepared there
+  or not.
 
   `name` writes the same records under another dataset name, e.g. 'imagenet2012' so that the
   official SogCLR command lines (`--dataset=imagenet2012`) run unchanged on them; the name need
@@ -305,10 +315,7 @@ def build_imagenet(subset, manual_dir, data_dir, class_list=None, name=None):
       raise ValueError(f'--name={name!r}: a dataset name is lower case letters, digits and _')
     builder_cls = type(builder_cls.__name__, (builder_cls,), {'name': name},
                        skip_registration=True)
-  builder = builder_cls(data_dir=data_dir, config=config)
-  builder.download_and_prepare(
-      download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
-  return builder
+  return builder_cls(data_dir=data_dir, config=config)
 
 
 def build_image_folder(root, name, data_dir, version='1.0.0'):
@@ -439,6 +446,11 @@ def main(argv=None):
         return
       builder = build_image_folder(args.folder, args.name, args.data_dir)
     elif args.manual_dir:
+      builder = imagenet_builder(args.subset, args.data_dir, args.class_list, args.name)
+      if tf.io.gfile.exists(os.path.join(builder.data_dir, 'dataset_info.json')):
+        print(f'Already prepared: {builder.data_dir}; nothing read or written (remove that '
+              'folder, or give another --name, to prepare it from --manual_dir again)')
+        return
       builder = build_imagenet(args.subset, args.manual_dir, args.data_dir, args.class_list,
                                args.name)
     else:

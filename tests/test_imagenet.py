@@ -89,10 +89,17 @@ def read_split(builder, split):
           for ex in tfds.as_numpy(builder.as_dataset(split=split, shuffle_files=False))]
 
 
-def test_imagenet1k_and_imagenet_s_from_the_ilsvrc_tars(ilsvrc_tars, tmp_path):
+def test_imagenet1k_and_imagenet_s_from_the_ilsvrc_tars(ilsvrc_tars, tmp_path, capsys):
   data_dir = str(tmp_path)
   imagenet.main(['--manual_dir', ilsvrc_tars, '--data_dir', data_dir, '--subset', '1k'])
   imagenet.main(['--manual_dir', ilsvrc_tars, '--data_dir', data_dir, '--subset', 's'])
+  assert f'Wrote {tmp_path / "imagenet1k_ids" / "1.0.0"} (' in capsys.readouterr().out
+  # Finding (red team): preparing again said "Wrote" of the data already there.
+  imagenet.main(['--manual_dir', ilsvrc_tars, '--data_dir', data_dir, '--subset', 's'])
+  assert capsys.readouterr().out == (
+      f'Already prepared: {tmp_path / "imagenet_s" / "imagenet100" / "1.0.0"}; nothing read or '
+      'written (remove that folder, or give another --name, to prepare it from --manual_dir '
+      'again)\n')
   for name, class_names in (('imagenet1k_ids', IMAGENET1K), ('imagenet_s', IMAGENET100)):
     builder = data.get_builder(name, data_dir)
     assert builder.info.features['image/class/label'].names == class_names
