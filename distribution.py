@@ -31,6 +31,8 @@ class DistributionConfig:
   jit_compile: str = 'auto'      # 'auto' | 'true' | 'false'
   # Seconds to wait at start-up for TF_CONFIG's other tasks or a TPU to answer (0: forever).
   startup_timeout_seconds: float = schema.setting(900, allowed=schema.at_least(0))
+  # Replicas on a host without GPUs or TPU: its CPU split into this many logical devices.
+  cpu_replicas: int = schema.setting(1, allowed=schema.at_least(1))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,18 +45,37 @@ class StrategyPlan:
   connect_to_cluster: bool = False
   # MirroredStrategy devices; None = every local GPU.
   devices: tuple | None = None
+  # Logical CPU devices to make of the host's CPU first (--cpu_replicas; 1: none).
+  split_cpu: int = 1
   warnings: tuple = ()
 
 
 def strategy_plan(use_tpu, tpu_name, master, tpu_zone, gcp_project, *, tpu_attached, tf_config,
-                  num_gpus):
+                  num_gpus, cpu_replicas=1):
   """The strategy for the infrastructure flags and the machine, without touching a device.
 
   A TPU when --use_tpu=True, or when it is unset and a TPU is named or attached; its address is
   --tpu_name, else --master, else 'local' (a TPU VM's own TPU). Otherwise
   MultiWorkerMirroredStrategy when `tf_config` (TF_CONFIG, parsed) lists several chief/worker
-  tasks, else MirroredStrategy over the local GPUs or the CPU.
+  tasks, else MirroredStrategy over the local GPUs or the CPU (`cpu_replicas` logical devices
+  of it: the multi-replica path without an accelerator).
   """
+  plan = _accelerator_plan(use_tpu, tpu_name, master, tpu_zone, gcp_project,
+                           tpu_attached=tpu_attached, tf_config=tf_config, num_gpus=num_gpus)
+  if cpu_replicas == 1:
+    return plan
+  if plan.kind != 'mirrored' or num_gpus:
+    runs_on = {'tpu': 'a TPU', 'multi_worker': "TF_CONFIG's workers"}.get(
+        plan.kind, f'the {num_gpus} local GPU(s)')
+    return dataclasses.replace(plan, warnings=plan.warnings + (
+        f'--cpu_replicas={cpu_replicas} ignored: the run is on {runs_on}',))
+  return dataclasses.replace(plan, devices=tuple(f'/cpu:{i}' for i in range(cpu_replicas)),
+                             split_cpu=cpu_replicas)
+
+
+def _accelerator_plan(use_tpu, tpu_name, master, tpu_zone, gcp_project, *, tpu_attached,
+                      tf_config, num_gpus):
+  """strategy_plan with the CPU whole."""
   warnings = []
   named = {'tpu_name': tpu_name, 'master': master, 'tpu_zone': tpu_zone,
            'gcp_project': gcp_project}
@@ -280,7 +301,8 @@ def build_strategy(config=DistributionConfig()):
   plan = strategy_plan(config.use_tpu, config.tpu_name, config.master, config.tpu_zone,
                        config.gcp_project,
                        tpu_attached=bool(tf.config.list_physical_devices('TPU')),
-                       tf_config=tf_config, num_gpus=len(tf.config.list_physical_devices('GPU')))
+                       tf_config=tf_config, num_gpus=len(tf.config.list_physical_devices('GPU')),
+                       cpu_replicas=config.cpu_replicas)
   for warning in plan.warnings:
     logging.warning('%s', warning)
   timeout = config.startup_timeout_seconds
@@ -316,7 +338,25 @@ def build_strategy(config=DistributionConfig()):
                  timeout)
     rendezvous(tasks, me, timeout)
     return tf.distribute.MultiWorkerMirroredStrategy()
+  if plan.split_cpu > 1:
+    split_cpu(plan.split_cpu)
   return tf.distribute.MirroredStrategy(plan.devices)
+
+
+def split_cpu(count):
+  """Makes the host's CPU `count` logical devices (/cpu:0 ...), which must happen before the
+  TensorFlow runtime starts; a process that started it with at least as many keeps them."""
+  cpu = tf.config.list_physical_devices('CPU')[0]
+  made = len(tf.config.get_logical_device_configuration(cpu) or ())
+  if made >= count:
+    return
+  try:
+    tf.config.set_logical_device_configuration(
+        cpu, [tf.config.LogicalDeviceConfiguration()] * count)
+  except RuntimeError:  # the runtime started already (a notebook that ran TensorFlow before)
+    raise ValueError(f'--cpu_replicas={count}: TensorFlow already started in this process with '
+                     f'{max(made, 1)} CPU device(s), and devices cannot be added once it has; '
+                     'run it in a new process') from None
 
 
 def num_workers(strategy):

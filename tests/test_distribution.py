@@ -3,6 +3,7 @@ address, the CPU's bfloat16 default, and two worker processes on localhost (TF_C
 train as one, resume together after a worker is killed, and stop with one line when a worker
 stalls while alive."""
 import concurrent.futures
+import dataclasses
 import glob
 import json
 import os
@@ -96,6 +97,42 @@ def test_tpu_name_wins_over_master_with_a_warning():
   # A grpc:// address given as --tpu_name is remote too; an attached TPU does not override it.
   result = plan(tpu_name=TPU_ADDRESS, tpu_attached=True)
   assert result.tpu_resolver_kwargs['tpu'] == TPU_ADDRESS and result.connect_to_cluster
+
+
+@pytest.mark.parametrize('setting, ignored_for', [
+    (dict(), None), (dict(num_gpus=2), 'the 2 local GPU(s)'),
+    (dict(tf_config=TWO_TASKS), "TF_CONFIG's workers"), (dict(tpu_attached=True), 'a TPU')])
+def test_cpu_replicas_split_only_a_cpu_running_alone(setting, ignored_for):
+  result = distribution.strategy_plan(None, None, None, None, None, cpu_replicas=3,
+                                      **{'tpu_attached': False, 'tf_config': {}, 'num_gpus': 0,
+                                         **setting})
+  if ignored_for is None:
+    assert result.devices == ('/cpu:0', '/cpu:1', '/cpu:2') and result.split_cpu == 3
+  else:
+    assert result.split_cpu == 1 and result.devices != ('/cpu:0', '/cpu:1', '/cpu:2')
+    assert result.warnings == (f'--cpu_replicas=3 ignored: the run is on {ignored_for}',)
+
+
+def test_cpu_replicas_use_the_logical_cpus_made_before_tensorflow_started():
+  # This process made 2 logical CPUs before TensorFlow started (conftest.py): 2 replicas run,
+  # 3 cannot be made any more.
+  config = distribution.DistributionConfig(cpu_replicas=2)
+  assert distribution.build_strategy(config).num_replicas_in_sync == 2
+  with pytest.raises(ValueError, match=r'^--cpu_replicas=3: TensorFlow already started in '
+                                       r'this process with 2 CPU device\(s\), .*new process$'):
+    distribution.build_strategy(dataclasses.replace(config, cpu_replicas=3))
+
+
+@pytest.mark.slow
+def test_cpu_replicas_from_the_command_line_train_on_that_many_replicas(run_command, tiny,
+                                                                         tmp_path):
+  result = run_command(*tiny, f'--model_dir={tmp_path}', '--train_steps=2', '--cpu_replicas=2',
+                       '--keep_hub_module_max=0', '--probe_max_examples=0')
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert 'Strategy MirroredStrategy with 2 replica(s)' in result.stderr
+  # TensorFlow's per-variable INFO lines of its cross-replica sums: 120 before the first step.
+  assert 'then broadcast to' not in result.stderr
+  assert tf.train.latest_checkpoint(str(tmp_path)).endswith('ckpt-2')
 
 
 @pytest.mark.parametrize('use_tpu', [None, True])
