@@ -1,0 +1,220 @@
+r"""Fashion-MNIST runs at the recipe's budget (docs/fashion_mnist.md, "Prepare and pretrain"):
+records of whole `run.py` runs, and their table and per-epoch curves.
+
+A record is one run's last result file (`result_<step>.json`, with its per-epoch monitor and the
+end-of-run probe), its `flags.json`, the command and the host, kept in
+bench/results/fashion_mnist/<name>.json. The table groups the runs by objective, width and
+epochs (mean ± sample sd over seeds) and gives each pretraining run's probe against raw pixels
+(baselines.json) and against SimCLR of the same seed, width and epochs.
+
+  python bench/long_runs.py --record=runs/fmnist_sogclr --name=sogclr_w05_e6_s0 \
+      --command='docs/fashion_mnist.md "Prepare and pretrain"' --host='2 cores, ...'
+  python bench/long_runs.py          # long_runs.md and long_runs.png from every record
+"""
+import argparse
+import decimal
+import glob
+import json
+import os
+import re
+
+import numpy as np
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+OUT_DIR = os.path.join(REPO, 'bench', 'results', 'fashion_mnist')
+# Records of long runs: <objective>_<...>_e<epochs>[_s<seed>].json (the grid's files differ).
+RECORD_PATTERN = re.compile(r'^(simclr|sogclr|isogclr|supervised)_.*e\d+(_s\d+)?\.json$')
+LABELS = {'simclr': 'SimCLR', 'sogclr': 'SogCLR', 'isogclr': 'iSogCLR',
+          'supervised': 'supervised (every layer, crops and flips)'}
+COLORS = {'simclr': 'tab:blue', 'sogclr': 'tab:red', 'isogclr': 'tab:green',
+          'supervised': 'black'}
+
+
+def record(model_dir, command, host):
+  """The record of the run in `model_dir`: its newest result file, flags.json, command, host."""
+  results = glob.glob(os.path.join(model_dir, 'result_*.json'))
+  steps = {int(m.group(1)): path for path in results
+           if (m := re.fullmatch(r'result_(\d+)\.json', os.path.basename(path)))}
+  if not steps:
+    raise SystemExit(f'error: {model_dir} holds no result_<step>.json (a finished run)')
+  with open(os.path.join(model_dir, 'flags.json')) as f:
+    flags = json.load(f)
+  with open(steps[max(steps)]) as f:
+    results = json.load(f)
+  return {'command': command, 'flags': flags, 'host': host, 'results': results}
+
+
+def objective_of(flags):
+  """'supervised', 'simclr', 'sogclr' or 'isogclr' from a run's flags.json."""
+  if flags['train_mode'] == 'finetune':
+    return 'supervised'
+  if flags.get('loss'):
+    return flags['loss']
+  return 'sogclr' if flags.get('DCL_mode') else 'simclr'
+
+
+def run_row(name, rec):
+  """One run's measurements from its record."""
+  flags, results = rec['flags'], rec['results']
+  steps = results['global_step'] - results.get('trained_from_step', 0)
+  return {
+      'name': name, 'objective': objective_of(flags), 'width': flags['width_multiplier'],
+      'epochs': flags['train_epochs'], 'seed': flags['seed'],
+      'probe': results.get('probe/top_1'), 'knn': results.get('eval/knn_top_1'),
+      'head': results.get('eval/top_1'), 'train_seconds': results['train_seconds'],
+      'images_per_second': steps * flags['train_batch_size'] / results['train_seconds'],
+      'curve': [(m['epoch'], m.get('eval/knn_top_1')) for m in results.get('monitor', [])],
+      'host': rec['host']}
+
+
+def read_runs(out_dir):
+  """Every long-run record in `out_dir`, as run_row()s, in file-name order."""
+  runs = []
+  for path in sorted(glob.glob(os.path.join(out_dir, '*.json'))):
+    name = os.path.basename(path)
+    if RECORD_PATTERN.match(name):
+      with open(path) as f:
+        runs.append(run_row(name[:-len('.json')], json.load(f)))
+  return runs
+
+
+def percent(value, signed=False):
+  """`value` (a fraction) in % to one decimal, halves rounded up as written by hand (0.8825:
+  88.3), where binary floats would round 88.24999... down."""
+  digits = decimal.Decimal(repr(round(100 * float(value), 6))).quantize(
+      decimal.Decimal('0.1'), rounding=decimal.ROUND_HALF_UP)
+  return f'{digits:+}' if signed else f'{digits}'
+
+
+def _mean_sd(values):
+  """'mean ± sd' in %, or the value alone; '' when nothing was measured."""
+  values = [v for v in values if v is not None]
+  if not values:
+    return ''
+  if len(values) == 1:
+    return percent(values[0])
+  return f'{percent(np.mean(values))} ± {percent(np.std(values, ddof=1))}'
+
+
+def markdown_table(runs, raw_pixels):
+  """A row per run and a mean ± sd row per group of two or more seeds."""
+  simclr = {(r['width'], r['epochs'], r['seed']): r['probe'] for r in runs
+            if r['objective'] == 'simclr'}
+  lines = ['| objective | width | epochs | seed | linear probe % | Δ raw pixels | Δ SimCLR '
+           '(same seed) | kNN % | linear head % | training s | images/s |',
+           '| :--- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |']
+  groups = {}
+  for r in runs:
+    groups.setdefault((r['objective'], r['width'], r['epochs']), []).append(r)
+  for (objective, width, epochs), members in groups.items():
+    differences = []
+    for r in sorted(members, key=lambda r: r['seed']):
+      paired = simclr.get((width, epochs, r['seed']))
+      difference = ''
+      if objective not in ('simclr', 'supervised') and r['probe'] is not None and paired:
+        differences.append(r['probe'] - paired)
+        difference = percent(differences[-1], signed=True)
+      lines.append(
+          f"| {LABELS[objective]} | {width:g} | {epochs} | {r['seed']} | {_mean_sd([r['probe']])} "
+          f"| {_signed(r['probe'], raw_pixels)} | {difference} | {_mean_sd([r['knn']])} | "
+          f"{_mean_sd([r['head']])} | {r['train_seconds']:.0f} | {r['images_per_second']:.0f} |")
+    if len(members) > 1:
+      probes = [r['probe'] for r in members]
+      mean_probe = np.mean(probes) if None not in probes else None
+      lines.append(
+          f"| {LABELS[objective]}, mean ± sd | {width:g} | {epochs} | "
+          f"{', '.join(str(r['seed']) for r in members)} | **{_mean_sd(probes)}** | "
+          f"{_signed(mean_probe, raw_pixels)} | {_mean_sd_signed(differences)} | "
+          f"{_mean_sd([r['knn'] for r in members])} | {_mean_sd([r['head'] for r in members])} "
+          '| | |')
+  return '\n'.join(lines) + '\n'
+
+
+def _signed(value, reference):
+  return '' if value is None or reference is None else percent(value - reference, signed=True)
+
+
+def _mean_sd_signed(values):
+  if len(values) < 2:
+    return percent(values[0], signed=True) if values else ''
+  return f'{percent(np.mean(values), signed=True)} ± {percent(np.std(values, ddof=1))}'
+
+
+def curves_table(runs):
+  """kNN top-1 (%) after each epoch, a row per pretraining run."""
+  epochs = max((len(r['curve']) for r in runs), default=0)
+  lines = ['| run | ' + ' | '.join(str(e + 1) for e in range(epochs)) + ' |',
+           '| :--- |' + ' ---: |' * epochs]
+  for r in runs:
+    if r['curve'] and r['curve'][0][1] is not None:
+      cells = [percent(v) for _, v in r['curve']]
+      lines.append(f"| {r['name']} | " + ' | '.join(cells + [''] * (epochs - len(cells))) + ' |')
+  return '\n'.join(lines) + '\n'
+
+
+def plot(runs, path):
+  """kNN top-1 after each epoch of every pretraining run."""
+  import matplotlib  # pylint: disable=import-outside-toplevel  (only the plot needs it)
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+
+  figure, axis = plt.subplots(figsize=(7, 4.5))
+  for r in runs:
+    points = [(e, v) for e, v in r['curve'] if v is not None]
+    if points:
+      epochs, values = zip(*points)
+      axis.plot(epochs, [100 * v for v in values], marker='o', color=COLORS[r['objective']],
+                linestyle='-' if r['width'] == 0.5 else ':',
+                label=f"{LABELS[r['objective']]} x{r['width']:g} seed {r['seed']}")
+  axis.set_xlabel('epoch')
+  axis.set_ylabel('kNN top-1 % (10,000 test images, k=200)')
+  axis.set_title('Fashion-MNIST, batch 64: kNN after each epoch')
+  axis.grid(alpha=0.3)
+  axis.legend(fontsize=8)
+  figure.tight_layout()
+  figure.savefig(path, dpi=110)
+  plt.close(figure)
+
+
+def raw_pixels(out_dir):
+  """The raw-pixel baseline of the benchmark's baselines.json ({'linear_top_1', 'knn_top_1'};
+  empty without it)."""
+  path = os.path.join(out_dir, 'baselines.json')
+  if not os.path.exists(path):
+    return {}
+  with open(path) as f:
+    return json.load(f).get('raw_pixels', {})
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+  parser.add_argument('--record', metavar='MODEL_DIR',
+                      help='Write the record of the finished run in MODEL_DIR (then stop).')
+  parser.add_argument('--name', help='The record\'s name, e.g. sogclr_w05_e6_s0 (--record).')
+  parser.add_argument('--command', default='', help='How the run was started (--record).')
+  parser.add_argument('--host', default='', help='The host and what ran beside (--record).')
+  parser.add_argument('--out_dir', default=OUT_DIR)
+  args = parser.parse_args(argv)
+  if args.record:
+    if not args.name or not RECORD_PATTERN.match(args.name + '.json'):
+      parser.error('--record needs --name=<objective>_..._e<epochs>[_s<seed>], e.g. '
+                   'sogclr_w05_e6_s0')
+    path = os.path.join(args.out_dir, args.name + '.json')
+    with open(path, 'w') as f:
+      json.dump(record(args.record, args.command, args.host), f, indent=1)
+      f.write('\n')
+    print(f'Wrote {path}')
+    return
+  runs = read_runs(args.out_dir)
+  pixels = raw_pixels(args.out_dir)
+  text = markdown_table(runs, pixels.get('linear_top_1'))
+  knn = f" (raw pixels: {100 * pixels['knn_top_1']:.2f}%)" if 'knn_top_1' in pixels else ''
+  text += f'\nkNN top-1 % after each epoch{knn}:\n\n' + curves_table(runs)
+  with open(os.path.join(args.out_dir, 'long_runs.md'), 'w') as f:
+    f.write(text)
+  plot(runs, os.path.join(args.out_dir, 'long_runs.png'))
+  print(text)
+
+
+if __name__ == '__main__':
+  main()
