@@ -6,6 +6,7 @@ builds its `tf.function`s once (without AutoGraph: no tensor-dependent Python br
 evaluating checkpoint after checkpoint never retraces.
 """
 import dataclasses
+import functools
 import math
 
 from absl import logging
@@ -18,6 +19,16 @@ import model as model_lib
 import probe
 import projector
 import schema
+
+
+def graph_function(method):
+  """tf.function(method) without AutoGraph, its tracing counted for this object alone.
+
+  TensorFlow counts the traces of every function made from one Python code object together and
+  warns of "excessive retracing" when 5 calls in a row trace: each new evaluator (a run after
+  runs in one process, a notebook) traces its own functions once, which is no retracing. A
+  functools.partial has no code object, so TensorFlow keys its count on the partial itself."""
+  return tf.function(functools.partial(method), autograph=False)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,7 +104,7 @@ class HeadMetrics:
   def __init__(self, strategy, model):
     self.strategy = strategy
     self.model = model
-    self._sums = tf.function(self._batch_sums_replicated, autograph=False)
+    self._sums = graph_function(self._batch_sums_replicated)
 
   def _batch_sums(self, batch):
     logits = self.model(batch['views'][0], training=False)['supervised_logits']
@@ -132,7 +143,7 @@ class FeatureExtractor:
   def __init__(self, strategy, model):
     self.strategy = strategy
     self.model = model
-    self._run = tf.function(self._replicated, autograph=False)
+    self._run = graph_function(self._replicated)
 
   def _replica_features(self, batch):
     return (self.model(batch['views'][0], training=False)['features'],
@@ -197,9 +208,9 @@ class StreamingKNN:
     self.k = k
     self.temperature = temperature
     self.num_classes = num_classes
-    self._eval_step = tf.function(self._eval_features_replicated, autograph=False)
-    self._train_step = tf.function(self._update_replicated, autograph=False)
-    self._merge = tf.function(self._merged, autograph=False)
+    self._eval_step = graph_function(self._eval_features_replicated)
+    self._train_step = graph_function(self._update_replicated)
+    self._merge = graph_function(self._merged)
 
   def _normalised(self, views):
     return tf.math.l2_normalize(tf.cast(self.embed(views), tf.float32), axis=1)
