@@ -163,7 +163,8 @@ def plot(runs, path):
     points = [(e, v) for e, v in r['curve'] if v is not None]
     if points:
       epochs, values = zip(*points)
-      axis.plot(epochs, [100 * v for v in values], marker='o', color=COLORS[r['objective']],
+      axis.plot(epochs, [100 * v for v in values], marker='os^v'[r['seed'] % 4],
+                color=COLORS[r['objective']],
                 linestyle='-' if r['width'] == 0.5 else ':',
                 label=f"{LABELS[r['objective']]} x{r['width']:g} seed {r['seed']}")
   axis.set_xlabel('epoch')
