@@ -68,7 +68,8 @@ def run_row(name, rec):
 
 
 def read_runs(out_dir):
-  """Every long-run record in `out_dir`, as run_row()s, in file-name order."""
+  """Every long-run record in `out_dir`, as run_row()s, in file-name order (the table sorts
+  them by objective: SimCLR, SogCLR, iSogCLR, supervised)."""
   runs = []
   for path in sorted(glob.glob(os.path.join(out_dir, '*.json'))):
     name = os.path.basename(path)
@@ -106,7 +107,9 @@ def markdown_table(runs, raw_pixels):
   groups = {}
   for r in runs:
     groups.setdefault((r['objective'], r['width'], r['epochs']), []).append(r)
-  for (objective, width, epochs), members in groups.items():
+  order = list(LABELS)
+  for (objective, width, epochs), members in sorted(
+      groups.items(), key=lambda item: (order.index(item[0][0]), item[0][1:])):
     differences = []
     for r in sorted(members, key=lambda r: r['seed']):
       paired = simclr.get((width, epochs, r['seed']))
