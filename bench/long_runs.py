@@ -17,8 +17,12 @@ import glob
 import json
 import os
 import re
+import sys
 
 import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import knn_curves  # noqa: E402  (bench/)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OUT_DIR = os.path.join(REPO, 'bench', 'results', 'fashion_mnist')
@@ -26,8 +30,6 @@ OUT_DIR = os.path.join(REPO, 'bench', 'results', 'fashion_mnist')
 RECORD_PATTERN = re.compile(r'^(simclr|sogclr|isogclr|supervised)_.*e\d+(_s\d+)?\.json$')
 LABELS = {'simclr': 'SimCLR', 'sogclr': 'SogCLR', 'isogclr': 'iSogCLR',
           'supervised': 'supervised (every layer, crops and flips)'}
-COLORS = {'simclr': 'tab:blue', 'sogclr': 'tab:red', 'isogclr': 'tab:green',
-          'supervised': 'black'}
 
 
 def record(model_dir, command, host):
@@ -156,28 +158,13 @@ def curves_table(runs):
 
 
 def plot(runs, path):
-  """kNN top-1 after each epoch of every pretraining run."""
-  import matplotlib  # pylint: disable=import-outside-toplevel  (only the plot needs it)
-  matplotlib.use('Agg')
-  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
-
-  figure, axis = plt.subplots(figsize=(7, 4.5))
-  for r in runs:
-    points = [(e, v) for e, v in r['curve'] if v is not None]
-    if points:
-      epochs, values = zip(*points)
-      axis.plot(epochs, [100 * v for v in values], marker='os^v'[r['seed'] % 4],
-                color=COLORS[r['objective']],
-                linestyle='-' if r['width'] == 0.5 else ':',
-                label=f"{LABELS[r['objective']]} x{r['width']:g} seed {r['seed']}")
-  axis.set_xlabel('epoch')
-  axis.set_ylabel('kNN top-1 % (10,000 test images, k=200)')
-  axis.set_title('Fashion-MNIST, batch 64: kNN after each epoch')
-  axis.grid(alpha=0.3)
-  axis.legend(fontsize=8)
-  figure.tight_layout()
-  figure.savefig(path, dpi=110)
-  plt.close(figure)
+  """kNN top-1 after each epoch of every run."""
+  knn_curves.plot(
+      [(f"{LABELS[r['objective']]} x{r['width']:g} seed {r['seed']}", r['objective'],
+        '-' if r['width'] == 0.5 else ':', 'os^v'[r['seed'] % 4],
+        [(e, v) for e, v in r['curve'] if v is not None]) for r in runs],
+      path, ylabel='kNN top-1 % (10,000 test images, k=200)',
+      title='Fashion-MNIST, batch 64: kNN after each epoch')
 
 
 def raw_pixels(out_dir):

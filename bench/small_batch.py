@@ -30,12 +30,14 @@ import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # bench/'s knn_curves
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 import host_memory  # noqa: E402
 
 host_memory.tune()  # before TensorFlow allocates, as run.py does
 
 from absl import logging  # noqa: E402  (after the path and environment set-up above)
+import knn_curves  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
@@ -368,26 +370,13 @@ def baselines_table(baselines):
 
 def plot_curves(records, settings, path):
   """The per-epoch kNN top-1 of every run, one line each."""
-  import matplotlib  # pylint: disable=import-outside-toplevel
-  matplotlib.use('Agg')
-  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
-  colors = {'simclr': 'tab:blue', 'sogclr': 'tab:red', 'isogclr': 'tab:green'}
   styles = dict(zip(sorted({r['batch_size'] for r in records}), ('-', '--', ':', '-.')))
-  figure, axis = plt.subplots(figsize=(7, 4.5))
-  for r in sorted(records, key=lambda r: (r['method'], r['batch_size'], r['seed'])):
-    if r.get('curve'):
-      epochs, values = zip(*r['curve'])
-      axis.plot(epochs, [100 * v for v in values], color=colors[r['method']], marker='o',
-                linestyle=styles[r['batch_size']],
-                label=f"{LABELS[r['method']]} b{r['batch_size']} s{r['seed']}")
-  axis.set_xlabel('epoch')
-  axis.set_ylabel(f'kNN top-1 % (k={settings.knn_k}, test split)')
-  axis.set_title(f'{settings.dataset}: kNN monitor while pretraining')
-  axis.grid(alpha=0.3)
-  axis.legend(fontsize=7)
-  figure.tight_layout()
-  figure.savefig(path, dpi=110)
-  plt.close(figure)
+  knn_curves.plot(
+      [(f"{LABELS[r['method']]} b{r['batch_size']} s{r['seed']}", r['method'],
+        styles[r['batch_size']], 'o', r.get('curve'))
+       for r in sorted(records, key=lambda r: (r['method'], r['batch_size'], r['seed']))],
+      path, ylabel=f'kNN top-1 % (k={settings.knn_k}, test split)',
+      title=f'{settings.dataset}: kNN monitor while pretraining', legend_size=7)
 
 
 def _portable(path):
