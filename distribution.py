@@ -367,6 +367,15 @@ def num_workers(strategy):
   return len(cluster.get('chief', [])) + len(cluster.get('worker', []))
 
 
+def num_hosts(strategy):
+  """Hosts the run's replicas (and each split an evaluation reads) are spread over: the workers
+  of a MultiWorkerMirroredStrategy, the hosts of a TPU pod slice, else 1. What one host's
+  replicas extract is the whole split only when this is 1."""
+  if isinstance(strategy, tf.distribute.TPUStrategy):
+    return strategy.extended.num_hosts
+  return num_workers(strategy)
+
+
 def is_chief(strategy):
   """True on the one host that writes model_dir (the chief, else worker 0)."""
   resolver = getattr(strategy, 'cluster_resolver', None)

@@ -14,6 +14,7 @@ import numpy as np
 import tensorflow as tf
 
 import data as data_lib
+import distribution as distribution_lib
 import lars_optimizer
 import model as model_lib
 import probe
@@ -136,34 +137,64 @@ class HeadMetrics:
             'num_examples': int(sums['count'])}
 
 
+@dataclasses.dataclass(frozen=True)
+class SplitOutputs:
+  """A model's outputs over a whole split (its padding dropped), on the host."""
+  features: np.ndarray  # [N, C] trunk features
+  labels: np.ndarray  # [N] class indices
+  ids: np.ndarray  # [N] image ids
+  top_1: np.ndarray | None = None  # [N] bool: the head's top-1 is the label (None: no head)
+  top_5: np.ndarray | None = None  # [N] bool: the label is in the head's top 5
+
+  def head_metrics(self):
+    """HeadMetrics' {'top_1', 'top_5', 'num_examples'} from the per-image hits."""
+    count = max(len(self.labels), 1)
+    return {'top_1': float(np.sum(self.top_1)) / count, 'top_5': float(np.sum(self.top_5)) / count,
+            'num_examples': len(self.labels)}
+
+
 class FeatureExtractor:
-  """(features [N, C], labels [N]) of a model's trunk over an eval_dataset (its padding
-  dropped), on this host's replicas; one tf.function for all calls."""
+  """A model's trunk features, labels, ids and (with a linear head) the head's per-image
+  top-1/top-5 hits over an eval_dataset (its padding dropped), on this host's replicas: one
+  forward pass for the head's metrics and the features. One tf.function for all calls."""
 
   def __init__(self, strategy, model):
     self.strategy = strategy
     self.model = model
     self._run = graph_function(self._replicated)
 
-  def _replica_features(self, batch):
-    return (self.model(batch['views'][0], training=False)['features'],
-            tf.argmax(batch['labels'], 1), batch['ids'], batch['mask'])
+  def _replica_outputs(self, batch):
+    outputs = self.model(batch['views'][0], training=False)
+    targets = tf.argmax(batch['labels'], 1)
+    found = {'features': outputs['features'], 'labels': targets, 'ids': batch['ids'],
+             'mask': batch['mask']}
+    if outputs.get('supervised_logits') is not None:
+      logits = outputs['supervised_logits']
+      found['top_1'] = tf.math.in_top_k(targets, logits, 1)
+      found['top_5'] = tf.math.in_top_k(targets, logits, min(5, logits.shape[-1]))
+    return found
 
   def _replicated(self, inputs):
-    return self.strategy.run(self._replica_features, args=(inputs,))
+    return self.strategy.run(self._replica_outputs, args=(inputs,))
+
+  def outputs(self, dataset):
+    """The SplitOutputs of `dataset`."""
+    parts = {}
+    local = self.strategy.experimental_local_results
+    for inputs in data_lib.batches(dataset):
+      found = self._run(inputs)
+      for replica in range(len(local(found['mask']))):
+        mask = local(found['mask'])[replica].numpy()
+        for key, value in found.items():
+          if key != 'mask':
+            parts.setdefault(key, []).append(local(value)[replica].numpy()[mask])
+    return SplitOutputs(**{key: np.concatenate(value) for key, value in parts.items()})
 
   def __call__(self, dataset, with_ids=False):
     """(features, labels), and their ids with `with_ids`."""
-    features, labels, ids = [], [], []
-    local = self.strategy.experimental_local_results
-    for inputs in data_lib.batches(dataset):
-      for x, y, i, mask in zip(*(local(t) for t in self._run(inputs))):
-        mask = mask.numpy()
-        features.append(x.numpy()[mask])
-        labels.append(y.numpy()[mask])
-        ids.append(i.numpy()[mask])
-    outputs = np.concatenate(features), np.concatenate(labels)
-    return (*outputs, np.concatenate(ids)) if with_ids else outputs
+    found = self.outputs(dataset)
+    return ((found.features, found.labels, found.ids) if with_ids
+            else (found.features, found.labels))
 
 
 def merge_top_k(values, labels, similarities, chunk_labels, k):
@@ -187,6 +218,25 @@ def knn_votes_top_1(values, labels, eval_labels, num_classes, temperature):
   votes = np.zeros((len(values), num_classes))
   np.add.at(votes, (np.arange(len(values))[:, None], np.asarray(labels)), weights)
   return float(np.mean(votes.argmax(1) == np.asarray(eval_labels)))
+
+
+def knn_top_1(train_features, train_labels, eval_features, eval_labels, *, k, temperature,
+              num_classes, chunk_size=1024):
+  """probe.knn_accuracy's classifier on features held on the host, in TensorFlow (float32
+  similarities, the top-k by tf.math.top_k: about 4 times NumPy's argpartition on 2 cores), in
+  chunks of eval rows that bound the [chunk, n_train] similarities."""
+  train = tf.math.l2_normalize(tf.constant(train_features, tf.float32), axis=1)
+  train_labels = np.asarray(train_labels, np.int64)
+  k = min(k, len(train_labels))
+  values, labels = [], []
+  for start in range(0, len(eval_features), chunk_size):
+    rows = tf.math.l2_normalize(
+        tf.constant(eval_features[start:start + chunk_size], tf.float32), axis=1)
+    top, index = tf.math.top_k(tf.matmul(rows, train, transpose_b=True), k)
+    values.append(top.numpy())
+    labels.append(train_labels[index.numpy()])
+  return knn_votes_top_1(np.concatenate(values), np.concatenate(labels), eval_labels,
+                         num_classes, temperature)
 
 
 class StreamingKNN:
@@ -284,6 +334,12 @@ class Evaluator:
   of a step evaluated while training). To evaluate other weights at a step already evaluated
   (another checkpoint restored into the model), pass another step or build a new Evaluator.
 
+  On one host, with a train split of at most `probe_max_examples` images (the features the
+  probe holds anyway), each split is read once per step: one forward pass gives the trunk
+  features and the head's hits, shared by the head's metrics, the kNN, the probe and the
+  Projector. Otherwise the head's metrics and the kNN run on the replicas (HeadMetrics,
+  StreamingKNN), holding nothing of the train split's size.
+
   config: an EvalConfig; data: the run's data.DataConfig (splits, image size); weight_decay: the
   factor of eval/regularization_loss; summary_writer: where eval/ scalars go (None: nowhere);
   projector_dir: where each evaluation writes the Projector's embedding (None: nowhere);
@@ -303,12 +359,16 @@ class Evaluator:
     self.weight_decay = weight_decay
     self.summary_writer = summary_writer
     self.projector_dir = projector_dir if config.projector_max_points else None
+    self.one_host = distribution_lib.num_hosts(strategy) == 1
+    # The train split's features fit where the probe would hold them.
+    self.holds_features = self.one_host and (
+        0 < info.num_train_examples <= config.probe_max_examples)
     self.head_metrics = HeadMetrics(strategy, model)
     self.extract_features = FeatureExtractor(strategy, model)
     self.streaming_knn = StreamingKNN(
         strategy, lambda views: model(views[0], training=False)['features'], k=config.knn_k,
         temperature=config.knn_temperature, num_classes=info.num_classes)
-    self._features = {}  # {(step, split): (features, labels)} of the current step only
+    self._features = {}  # {(step, split): SplitOutputs} of the current step only
     self._evaluated = {}  # {step: results} of the latest step evaluated
 
   def dataset(self, split):
@@ -318,13 +378,19 @@ class Evaluator:
                         image_size=self.data.image_size,
                         num_examples=int(self.builder.info.splits[split].num_examples))
 
-  def features(self, step, split, with_ids=False):
-    """Trunk features and labels (and ids) of `split` at `step`, extracted once per step."""
+  def outputs(self, step, split):
+    """The SplitOutputs of `split` at `step` (features, labels, ids, the head's hits),
+    extracted once per step."""
     if (step, split) not in self._features:
       self._features = {key: value for key, value in self._features.items() if key[0] == step}
-      self._features[step, split] = self.extract_features(self.dataset(split), with_ids=True)
-    features = self._features[step, split]
-    return features if with_ids else features[:2]
+      self._features[step, split] = self.extract_features.outputs(self.dataset(split))
+    return self._features[step, split]
+
+  def features(self, step, split, with_ids=False):
+    """Trunk features and labels (and ids) of `split` at `step`, extracted once per step."""
+    found = self.outputs(step, split)
+    return (found.features, found.labels, found.ids) if with_ids else (found.features,
+                                                                         found.labels)
 
   def evaluate(self, step, knn=None, log=True):
     """Evaluates the model at `step`: its weight-decay loss, the supervised head's top-1/top-5
@@ -350,9 +416,7 @@ class Evaluator:
         lars_optimizer.weight_decay_loss(self.model.trainable_variables, self.weight_decay))}
     parts = [f"regularization loss {results['eval/regularization_loss']:.6g}"]
     if self.model.has_supervised_head:
-      metrics = self.head_metrics(self.dataset(self.data.eval_split), config.eval_steps,
-                                  watching=self.watching,
-                                  what=f"the head's evaluation at step {step}, batch")
+      metrics = self._head_metrics(step, knn)
       results.update({f'eval/{k}': v for k, v in metrics.items()})
       parts.append(f"{metrics['num_examples']} images: top-1 {metrics['top_1']:.4f}, "
                    f"top-5 {metrics['top_5']:.4f}")
@@ -386,6 +450,16 @@ class Evaluator:
                                     ids[rows], self.data.image_size)
     projector.write_embedding(self.projector_dir, step, features[rows], sample)
 
+  def _head_metrics(self, step, knn):
+    """The head's metrics: from the eval split's features pass when this evaluation makes
+    one anyway (the kNN on held features, the Projector) and the whole split is evaluated."""
+    shared = self.holds_features and knn or self.one_host and self.projector_dir
+    if shared and not self.config.eval_steps:
+      return self.outputs(step, self.data.eval_split).head_metrics()
+    return self.head_metrics(self.dataset(self.data.eval_split), self.config.eval_steps,
+                             watching=self.watching,
+                             what=f"the head's evaluation at step {step}, batch")
+
   def _write_summaries(self, step, results):
     if self.summary_writer is None:
       return
@@ -405,13 +479,22 @@ class Evaluator:
 
   def knn(self, step):
     """{'eval/knn_top_1': ...}: a weighted kNN (probe.knn_accuracy's classifier) of the eval
-    split's trunk features against the train split's, both without augmentation, streamed on
-    the replicas (StreamingKNN); every worker of a multi-worker run takes part. 'eval/knn_k': the
+    split's trunk features against the train split's, both without augmentation: on the
+    features held on the host (holds_features; knn_top_1), else streamed on the replicas
+    (StreamingKNN; every worker of a multi-worker run takes part). 'eval/knn_k': the
     neighbours it used, at most the train split's images (a larger --knn_k votes with them all)."""
-    return {'eval/knn_top_1': self.streaming_knn(
-        self.dataset(self.data.train_split), self.dataset(self.data.eval_split),
-        watching=self.watching, what=f'the kNN evaluation at step {step}'),
-            'eval/knn_k': min(self.config.knn_k, self.info.num_train_examples)}
+    k = min(self.config.knn_k, self.info.num_train_examples)
+    if self.holds_features:
+      train = self.outputs(step, self.data.train_split)
+      test = self.outputs(step, self.data.eval_split)
+      top_1 = knn_top_1(train.features, train.labels, test.features, test.labels, k=k,
+                        temperature=self.config.knn_temperature,
+                        num_classes=self.info.num_classes)
+    else:
+      top_1 = self.streaming_knn(
+          self.dataset(self.data.train_split), self.dataset(self.data.eval_split),
+          watching=self.watching, what=f'the kNN evaluation at step {step}')
+    return {'eval/knn_top_1': top_1, 'eval/knn_k': k}
 
   def probe(self, step):
     """A logistic-regression probe on frozen trunk features, beside raw-pixel and

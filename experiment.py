@@ -252,7 +252,7 @@ def _evaluator(config, setup, model, summary_writer, logdir=None):
     tf.io.gfile.makedirs(logdir)
     files.write_atomically(os.path.join(logdir, SPLIT_FILE), config.data.eval_split + '\n')
   # The projector's sample is this host's features: one host writes it, for the whole split.
-  single_host = setup.chief and distribution_lib.num_workers(setup.strategy) == 1
+  single_host = setup.chief and distribution_lib.num_hosts(setup.strategy) == 1
   # A hung peer blocks an evaluation's collectives as it blocks a train step's.
   watchdog = (trainer_lib.CallWatchdog(config.loop.step_timeout_seconds)
               if distribution_lib.num_workers(setup.strategy) > 1 else None)
@@ -303,8 +303,8 @@ def train_and_evaluate(config, setup, model):
     tf.io.gfile.rmtree(setup.write_dir)
   results.update(evaluator.evaluate(step))
   logging.info('Final state at step %d: %s', step, checkpoints.state_fingerprint(model, objective))
-  # The probe fits on the features one host sees: multi-worker runs skip it.
-  if config.pretrain and distribution_lib.num_workers(strategy) == 1:
+  # The probe fits on the features one host sees: runs over several hosts skip it.
+  if config.pretrain and distribution_lib.num_hosts(strategy) == 1:
     results.update(_probe(config, evaluator, step))
   results['eval_split'] = config.data.eval_split
   # The compute dtypes this start trained in (--mixed_precision=auto chooses by the device).

@@ -234,7 +234,10 @@ flags.DEFINE_integer('probe_max_examples', 100_000,
                      'After pretraining, fit a logistic-regression probe on the frozen trunk '
                      'features of the whole train split (L-BFGS; under a minute for 60,000 '
                      'images on 2 cores) when it has at most this many images; a larger split '
-                     'is not probed (a log line says so, never a cut of the split); 0 = never.')
+                     'is not probed (a log line says so, never a cut of the split); 0 = never. '
+                     'Up to this size (one host) each evaluation reads each split once, its '
+                     'features held on the host for the head, the kNN and the probe; above it '
+                     'the kNN streams the train split on the replicas.')
 flags.DEFINE_bool('probe_baselines', True,
                   'With the probe, also report raw-pixel and random-network probes.')
 flags.DEFINE_bool('knn_monitor', False,

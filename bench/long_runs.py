@@ -3,9 +3,9 @@ records of whole `run.py` runs, and their table and per-epoch curves.
 
 A record is one run's last result file (`result_<step>.json`, with its per-epoch monitor and the
 end-of-run probe), its `flags.json`, the command and the host, kept in
-bench/results/fashion_mnist/<name>.json. The table groups the runs by objective, width and
-epochs (mean ± sample sd over seeds) and gives each pretraining run's probe against raw pixels
-(baselines.json) and against SimCLR of the same seed, width and epochs.
+bench/results/fashion_mnist/<name>.json. The table groups the runs by objective, width, batch
+size and epochs (mean ± sample sd over seeds) and gives each pretraining run's probe against raw
+pixels (baselines.json) and against SimCLR of the same seed, width, batch size and epochs.
 
   python bench/long_runs.py --record=runs/fmnist_sogclr --name=sogclr_w05_e6_s0 \
       --command='docs/fashion_mnist.md "Prepare and pretrain"' --host='2 cores, ...'
@@ -61,7 +61,7 @@ def run_row(name, rec):
   steps = results['global_step'] - results.get('trained_from_step', 0)
   return {
       'name': name, 'objective': objective_of(flags), 'width': flags['width_multiplier'],
-      'epochs': flags['train_epochs'], 'seed': flags['seed'],
+      'batch': flags['train_batch_size'], 'epochs': flags['train_epochs'], 'seed': flags['seed'],
       'probe': results.get('probe/top_1'), 'knn': results.get('eval/knn_top_1'),
       'head': results.get('eval/top_1'), 'train_seconds': results['train_seconds'],
       'images_per_second': steps * flags['train_batch_size'] / results['train_seconds'],
@@ -101,33 +101,34 @@ def _mean_sd(values):
 
 def markdown_table(runs, raw_pixels):
   """A row per run and a mean ± sd row per group of two or more seeds."""
-  simclr = {(r['width'], r['epochs'], r['seed']): r['probe'] for r in runs
+  simclr = {(r['width'], r['batch'], r['epochs'], r['seed']): r['probe'] for r in runs
             if r['objective'] == 'simclr'}
-  lines = ['| objective | width | epochs | seed | linear probe % | Δ raw pixels | Δ SimCLR '
-           '(same seed) | kNN % | linear head % | training s | images/s |',
-           '| :--- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |']
+  lines = ['| objective | width | batch | epochs | seed | linear probe % | Δ raw pixels | Δ SimCLR '
+           '(same seed and batch) | kNN % | linear head % | training s | images/s |',
+           '| :--- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |']
   groups = {}
   for r in runs:
-    groups.setdefault((r['objective'], r['width'], r['epochs']), []).append(r)
+    groups.setdefault((r['objective'], r['width'], r['batch'], r['epochs']), []).append(r)
   order = list(LABELS)
-  for (objective, width, epochs), members in sorted(
+  for (objective, width, batch, epochs), members in sorted(
       groups.items(), key=lambda item: (order.index(item[0][0]), item[0][1:])):
     differences = []
     for r in sorted(members, key=lambda r: r['seed']):
-      paired = simclr.get((width, epochs, r['seed']))
+      paired = simclr.get((width, batch, epochs, r['seed']))
       difference = ''
       if objective not in ('simclr', 'supervised') and r['probe'] is not None and paired:
         differences.append(r['probe'] - paired)
         difference = percent(differences[-1], signed=True)
       lines.append(
-          f"| {LABELS[objective]} | {width:g} | {epochs} | {r['seed']} | {_mean_sd([r['probe']])} "
+          f"| {LABELS[objective]} | {width:g} | {batch} | {epochs} | {r['seed']} | "
+          f"{_mean_sd([r['probe']])} "
           f"| {_signed(r['probe'], raw_pixels)} | {difference} | {_mean_sd([r['knn']])} | "
           f"{_mean_sd([r['head']])} | {r['train_seconds']:.0f} | {r['images_per_second']:.0f} |")
     if len(members) > 1:
       probes = [r['probe'] for r in members]
       mean_probe = np.mean(probes) if None not in probes else None
       lines.append(
-          f"| {LABELS[objective]}, mean ± sd | {width:g} | {epochs} | "
+          f"| {LABELS[objective]}, mean ± sd | {width:g} | {batch} | {epochs} | "
           f"{', '.join(str(r['seed']) for r in members)} | **{_mean_sd(probes)}** | "
           f"{_signed(mean_probe, raw_pixels)} | {_mean_sd_signed(differences)} | "
           f"{_mean_sd([r['knn'] for r in members])} | {_mean_sd([r['head'] for r in members])} "
@@ -158,13 +159,14 @@ def curves_table(runs):
 
 
 def plot(runs, path):
-  """kNN top-1 after each epoch of every run."""
+  """kNN top-1 after each epoch of every run: colour the objective, line the width (dotted
+  below 0.5) and batch size (dashed above 64), marker the seed."""
   knn_curves.plot(
-      [(f"{LABELS[r['objective']]} x{r['width']:g} seed {r['seed']}", r['objective'],
-        '-' if r['width'] == 0.5 else ':', 'os^v'[r['seed'] % 4],
-        [(e, v) for e, v in r['curve'] if v is not None]) for r in runs],
+      [(f"{LABELS[r['objective']]} x{r['width']:g} b{r['batch']} seed {r['seed']}",
+        r['objective'], ':' if r['width'] < 0.5 else '--' if r['batch'] > 64 else '-',
+        'os^v'[r['seed'] % 4], [(e, v) for e, v in r['curve'] if v is not None]) for r in runs],
       path, ylabel='kNN top-1 % (10,000 test images, k=200)',
-      title='Fashion-MNIST, batch 64: kNN after each epoch')
+      title='Fashion-MNIST: kNN after each epoch')
 
 
 def raw_pixels(out_dir):

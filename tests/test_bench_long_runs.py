@@ -1,5 +1,5 @@
 """bench/long_runs.py: a record holds a finished run's newest result and its flags, and the table
-pairs each objective's probe with SimCLR's of the same seed, width and epochs."""
+pairs each objective's probe with SimCLR's of the same seed, width, batch size and epochs."""
 import importlib.util
 import json
 import os
@@ -19,11 +19,11 @@ def long_runs():
 
 
 def write_run(model_dir, *, seed, probe, knn_curve, dcl_mode=True, loss=None,
-              train_mode='pretrain'):
+              train_mode='pretrain', batch=64):
   """A finished run's files as run.py leaves them: flags.json and a result file per epoch."""
   os.makedirs(model_dir)
   flags = {'train_mode': train_mode, 'DCL_mode': dcl_mode, 'loss': loss, 'seed': seed,
-           'width_multiplier': 0.5, 'train_epochs': len(knn_curve), 'train_batch_size': 64}
+           'width_multiplier': 0.5, 'train_epochs': len(knn_curve), 'train_batch_size': batch}
   with open(os.path.join(model_dir, 'flags.json'), 'w') as f:
     json.dump(flags, f)
   monitor = []
@@ -46,7 +46,9 @@ def test_records_and_their_table_pair_each_seed_with_simclr(long_runs, tmp_path,
                                    dcl_mode=False),
           'simclr_w05_e2_s1': dict(seed=1, probe=0.8790, knn_curve=[0.79, 0.82], dcl_mode=False),
           'sogclr_w05_e2_s0': dict(seed=0, probe=0.8825, knn_curve=[0.7964, 0.8209]),
-          'sogclr_w05_e2_s1': dict(seed=1, probe=0.8869, knn_curve=[0.7992, 0.8253])}
+          'sogclr_w05_e2_s1': dict(seed=1, probe=0.8869, knn_curve=[0.7992, 0.8253]),
+          # Another batch size: its own group, paired with no SimCLR of batch 64.
+          'sogclr_w05_b512_e2_s0': dict(seed=0, probe=0.8700, knn_curve=[0.78, 0.81], batch=512)}
   for name, run in runs.items():
     write_run(str(tmp_path / name), **run)
     long_runs.main(['--record', str(tmp_path / name), f'--name={name}', '--host=h',
@@ -59,13 +61,14 @@ def test_records_and_their_table_pair_each_seed_with_simclr(long_runs, tmp_path,
   capsys.readouterr()
   long_runs.main([f'--out_dir={out_dir}'])
   lines = (out_dir / 'long_runs.md').read_text().splitlines()
-  assert lines[2] == '| SimCLR | 0.5 | 2 | 0 | 87.8 | +3.7 |  | 82.2 | 80.0 | 80 | 160 |'
-  assert lines[4] == ('| SimCLR, mean ± sd | 0.5 | 2 | 0, 1 | **87.8 ± 0.1** | +3.7 |  | '
+  assert lines[2] == '| SimCLR | 0.5 | 64 | 2 | 0 | 87.8 | +3.7 |  | 82.2 | 80.0 | 80 | 160 |'
+  assert lines[4] == ('| SimCLR, mean ± sd | 0.5 | 64 | 2 | 0, 1 | **87.8 ± 0.1** | +3.7 |  | '
                       '82.1 ± 0.1 | 80.0 ± 0.0 | | |')
   # 0.8825 is 88.3 (halves up), 0.8825 - 0.8779 is +0.5; the mean pairs seed with seed.
-  assert lines[5] == '| SogCLR | 0.5 | 2 | 0 | 88.3 | +4.2 | +0.5 | 82.1 | 80.0 | 80 | 160 |'
-  assert lines[7] == ('| SogCLR, mean ± sd | 0.5 | 2 | 0, 1 | **88.5 ± 0.3** | +4.4 | '
+  assert lines[5] == '| SogCLR | 0.5 | 64 | 2 | 0 | 88.3 | +4.2 | +0.5 | 82.1 | 80.0 | 80 | 160 |'
+  assert lines[7] == ('| SogCLR, mean ± sd | 0.5 | 64 | 2 | 0, 1 | **88.5 ± 0.3** | +4.4 | '
                       '+0.6 ± 0.2 | 82.3 ± 0.3 | 80.0 ± 0.0 | | |')
+  assert lines[8] == '| SogCLR | 0.5 | 512 | 2 | 0 | 87.0 | +2.9 |  | 81.0 | 80.0 | 80 | 1280 |'
   assert '| sogclr_w05_e2_s1 | 79.9 | 82.5 |' in lines
   assert 'raw pixels: 78.85%' in ''.join(lines)
   assert (out_dir / 'long_runs.png').stat().st_size > 10_000

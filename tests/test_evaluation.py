@@ -23,19 +23,19 @@ MONITORS = ['--knn_monitor', '--knn_k=20', '--weight_decay=1e-3']
 def pretraining(tmp_path_factory, run_main, tiny):
   """3 SogCLR steps with LARS, evaluated with the monitors and the probe.
 
-  model_dir, results, and extracted: the (features, labels) of each call of a FeatureExtractor.
+  model_dir, results, and extracted: the SplitOutputs of each extraction of a FeatureExtractor.
   """
   model_dir = str(tmp_path_factory.mktemp('pretrained'))
   extracted = []
-  extract = evaluation.FeatureExtractor.__call__
+  extract = evaluation.FeatureExtractor.outputs
 
-  def counted(self, dataset, **kwargs):
-    value = extract(self, dataset, **kwargs)
-    extracted.append(value[:2])
+  def counted(self, dataset):
+    value = extract(self, dataset)
+    extracted.append(value)
     return value
 
   with pytest.MonkeyPatch.context() as patch:
-    patch.setattr(evaluation.FeatureExtractor, '__call__', counted)
+    patch.setattr(evaluation.FeatureExtractor, 'outputs', counted)
     results = run_main(*tiny, *MONITORS, f'--model_dir={model_dir}', '--train_steps=3',
                        '--probe_max_examples=100000', '--probe_baselines=False',
                        '--DCL_mode=True', '--optimizer=lars',
@@ -96,11 +96,13 @@ def test_knn_monitor_equals_knn_on_the_checkpoint_features(pretraining, final_fe
 
 @pytest.mark.slow
 def test_the_probe_extracts_each_split_once_and_the_knn_monitor_agrees(pretraining, final_features):
-  # The probe and the projector extract the train split once and the eval split once between
-  # them (the kNN monitor streams its own) ...
-  by_size = {len(x): (x, y) for x, y in pretraining.extracted}
-  assert sorted(len(x) for x, _ in pretraining.extracted) == [360, 1437]
-  (train_x, train_y), (test_x, test_y) = by_size[1437], by_size[360]
+  # The head, the kNN monitor, the probe and the projector read the train split once and the
+  # eval split once between them: one forward pass each at the final step ...
+  by_size = {len(found.labels): found for found in pretraining.extracted}
+  assert sorted(len(found.labels) for found in pretraining.extracted) == [360, 1437]
+  train, test = by_size[1437], by_size[360]
+  (train_x, train_y), (test_x, test_y) = (train.features, train.labels), (test.features,
+                                                                            test.labels)
   # ... and are the final model's features (to float32 round-off).
   for extracted, expected in zip((train_x, train_y, test_x, test_y), final_features):
     np.testing.assert_allclose(extracted, expected, rtol=1e-4, atol=1e-5)
@@ -192,7 +194,7 @@ def test_merge_top_k_keeps_the_k_largest_with_their_labels():
   np.testing.assert_array_equal(merged[1].numpy(), [[5, 1, 3]])
 
 
-def test_streaming_knn_equals_numpy_knn_on_random_features(one_replica, two_replicas):
+def test_streaming_and_host_knn_equal_numpy_knn_on_random_features(one_replica, two_replicas):
   # Clustered random features, train split of 300 in batches of 64 (a padded last batch), 70
   # eval rows in batches of 32; k larger than a batch, so the running top-k is really merged.
   rng = np.random.default_rng(0)
@@ -227,6 +229,11 @@ def test_streaming_knn_equals_numpy_knn_on_random_features(one_replica, two_repl
                                        temperature=0.1, num_classes=5)
   assert everything(dataset(one_replica, *train, 64), dataset(one_replica, *test, 32)) == (
       probe.knn_accuracy(*train, *test, k=300, temperature=0.1))
+  # The same classifier on features held on the host, in chunks of 32 eval rows (3 chunks).
+  for k, reference_k in ((100, 100), (5000, 300)):
+    assert evaluation.knn_top_1(*train, *test, k=k, temperature=0.1, num_classes=5,
+                                chunk_size=32) == probe.knn_accuracy(
+                                    *train, *test, k=reference_k, temperature=0.1)
 
 
 @pytest.mark.slow  # about 5 s
@@ -262,6 +269,8 @@ def _assert_results_are_those_of(model, evaluator, digits, step, result):
   assert result['global_step'] == step
   assert result['eval/num_examples'] == 360
   assert result['eval/top_1'] == pytest.approx(np.mean(logits.argmax(1) == test_y))
+  top_5 = np.argsort(-logits, 1)[:, :5]
+  assert result['eval/top_5'] == pytest.approx(np.mean(np.any(top_5 == test_y[:, None], 1)))
   # Within one image of the float64 reference: these random-scaled weights give near-tied
   # 20th neighbours, which the replicas' float32 similarities may order differently (seen
   # once in a full run: 0.5028 against 0.5000); test_knn_monitor_equals_knn_on_the_checkpoint_
@@ -276,8 +285,12 @@ def _assert_results_are_those_of(model, evaluator, digits, step, result):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize('held', [True, False], ids=['features_held', 'streamed'])
 def test_evaluator_traces_once_for_the_whole_run_and_follows_the_weights(
-    two_replicas, digits, data_dir, tiny_model_config):
+    held, two_replicas, digits, data_dir, tiny_model_config):
+  # held: the train split (1,437) within --probe_max_examples, so one forward pass a split
+  # serves the head, the kNN and the probe; streamed: --probe_max_examples=0, the head's
+  # metrics and the kNN on the replicas.
   builder, info = digits
   config = tiny_model_config()
   with two_replicas.scope():
@@ -290,23 +303,25 @@ def test_evaluator_traces_once_for_the_whole_run_and_follows_the_weights(
   evaluator = evaluation.Evaluator(
       two_replicas, model, builder, info,
       evaluation.EvalConfig(eval_batch_size=100, knn_monitor=True, knn_k=20,
-                            probe_baselines=False, projector_max_points=0),
+                            probe_baselines=False, projector_max_points=0,
+                            probe_max_examples=100_000 if held else 0),
       data=data_lib.DataConfig(dataset='digits', data_dir=data_dir, train_split='train',
                                eval_split='test', image_size=16),
       weight_decay=1e-3)
+  assert evaluator.holds_features == held
   extractions = []
-  extract = evaluator.extract_features
+  extract = evaluator.extract_features.outputs
 
-  def counted(dataset, **kwargs):
+  def counted(dataset):
     extractions.append(dataset)
-    return extract(dataset, **kwargs)
+    return extract(dataset)
 
-  evaluator.extract_features = counted
+  evaluator.extract_features.outputs = counted
 
   def tracing_counts():
     knn = evaluator.streaming_knn
     return (evaluator.head_metrics._sums.experimental_get_tracing_count(),
-            extract._run.experimental_get_tracing_count(),
+            evaluator.extract_features._run.experimental_get_tracing_count(),
             knn._eval_step.experimental_get_tracing_count(),
             knn._train_step.experimental_get_tracing_count())
 
@@ -315,21 +330,21 @@ def test_evaluator_traces_once_for_the_whole_run_and_follows_the_weights(
     if weights is not None:
       model.set_weights(weights)
     results.append(evaluator.evaluate(step))
-    if step == 3:  # The probe of the same step reuses the kNN monitor's features of both splits.
+    # Held: each split read once at this step; streamed: no host extraction.
+    assert len(extractions) == (2 * step if held else 2 * (step - 1))
+    if held and step == 3:  # The probe of the same step reuses the evaluation's features.
       top_1 = evaluator.probe(step)['probe/top_1']
+      assert len(extractions) == 6
       assert top_1 == probe.linear_probe_accuracy(*evaluator.features(step, 'train'),
                                                   *evaluator.features(step, 'test'))
       assert top_1 > 0.3  # even a random trunk's features beat chance (0.1) on digits
-    # The kNN monitor streams on the replicas: no host extraction (the probe's are below).
-    assert len(extractions) == (2 * step if step == 3 else 2 * (step - 1))
-
     _assert_results_are_those_of(model, evaluator, digits, step, results[-1])
     assert len(extractions) == 2 * step  # each split once per step
     traces.append(tracing_counts())
 
-  # The first evaluation traced each function once (static batches: the padded last batch
-  # too); the next two evaluations (other weights, other steps) traced nothing.
-  assert traces[0] == (1, 1, 1, 1), traces
+  # The first evaluation traced each function it uses once (static batches: the padded last
+  # batch too); the next two evaluations (other weights, other steps) traced nothing.
+  assert traces[0] == ((0, 1, 0, 0) if held else (1, 1, 1, 1)), traces
   assert traces[1] == traces[2] == traces[0], traces
   # Three sets of weights, three sets of results.
   assert len({r['eval/regularization_loss'] for r in results}) == 3
