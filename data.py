@@ -863,6 +863,13 @@ def release_in_background(references):
   return thread
 
 
+def input_release_pending():
+  """True while a 'release-input' thread (release_in_background) is still deleting an
+  iterator."""
+  return any(thread.name == 'release-input' and thread.is_alive()
+             for thread in threading.enumerate())
+
+
 def batches(dataset, watching=None, what='batch'):
   """The elements of `dataset` (a tf.data or distributed dataset), as a for loop over it gives
   them; when the loop ends (exhausted, broken off or by an error) its iterator goes to
