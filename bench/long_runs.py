@@ -2,16 +2,21 @@ r"""Fashion-MNIST runs at the recipe's budget (docs/fashion_mnist.md, "Prepare a
 records of whole `run.py` runs, and their table and per-epoch curves.
 
 A record is one run's last result file (`result_<step>.json`, with its per-epoch monitor and the
-end-of-run probe), its `flags.json`, the command and the host, kept in
-bench/results/fashion_mnist/<name>.json. The table groups the runs by objective, width, batch
-size and epochs (mean ± sample sd over seeds) and gives each pretraining run's probe against raw
-pixels (baselines.json) and against SimCLR of the same seed, width, batch size and epochs.
+end-of-run probe), its `flags.json`, the command and the host, and (with --data_dir) the global
+contrastive objective of its newest checkpoint on the 2-epoch grid's fixed views
+(bench/small_batch.py: two seeded views of the first 5,000 training images, temperature 0.1),
+kept in bench/results/fashion_mnist/<name>.json. The table groups the runs by objective, width,
+batch size and epochs (mean ± sample sd over seeds) and gives each pretraining run's probe
+against raw pixels (baselines.json) and against SimCLR of the same seed, width, batch size and
+epochs.
 
   python bench/long_runs.py --record=runs/fmnist_sogclr --name=sogclr_w05_e6_s0 \
-      --command='docs/fashion_mnist.md "Prepare and pretrain"' --host='2 cores, ...'
+      --command='docs/fashion_mnist.md "Prepare and pretrain"' --host='2 cores, ...' \
+      --data_dir=~/tensorflow_datasets
   python bench/long_runs.py          # long_runs.md and long_runs.png from every record
 """
 import argparse
+import dataclasses
 import decimal
 import glob
 import json
@@ -46,6 +51,34 @@ def record(model_dir, command, host):
   return {'command': command, 'flags': flags, 'host': host, 'results': results}
 
 
+def global_objective(model_dir, flags, data_dir):
+  """The global contrastive objective of the newest checkpoint in `model_dir` on the batch-size
+  grid's two fixed views of its dataset (bench/small_batch.py's column, with its preset: for
+  Fashion-MNIST the first 5,000 training images, temperature 0.1); None for a supervised run
+  (no projection head)."""
+  if flags['train_mode'] != 'pretrain':
+    return None
+  # TensorFlow and the project's modules (small_batch puts the repository on the path) for
+  # this only: the table needs neither.
+  import small_batch  # noqa: PLC0415
+  import tensorflow as tf  # noqa: PLC0415
+
+  import settings  # noqa: PLC0415
+
+  preset = small_batch.PRESETS[flags['dataset']]
+  builder = small_batch.data_lib.get_builder(flags['dataset'], data_dir)
+  info = small_batch.data_lib.describe(builder, 'train', 'test')
+  config = settings.build_config(flags)
+  model = small_batch.model_lib.build_model(
+      dataclasses.replace(config.model, num_classes=info.num_classes), config.data.image_size)
+  tf.train.Checkpoint(model=model).restore(
+      tf.train.latest_checkpoint(model_dir)).assert_existing_objects_matched()
+  views = small_batch.fixed_views(builder, info, preset)
+  return float(small_batch.objective.global_nt_xent(
+      small_batch.projections(model, views[0]), small_batch.projections(model, views[1]),
+      preset.temperature))
+
+
 def objective_of(flags):
   """'supervised', 'simclr', 'sogclr' or 'isogclr' from a run's flags.json."""
   if flags['train_mode'] == 'finetune':
@@ -64,6 +97,7 @@ def run_row(name, rec):
       'batch': flags['train_batch_size'], 'epochs': flags['train_epochs'], 'seed': flags['seed'],
       'probe': results.get('probe/top_1'), 'knn': results.get('eval/knn_top_1'),
       'head': results.get('eval/top_1'), 'train_seconds': results['train_seconds'],
+      'global_objective': rec.get('global_objective'),
       'images_per_second': steps * flags['train_batch_size'] / results['train_seconds'],
       'curve': [(m['epoch'], m.get('eval/knn_top_1')) for m in results.get('monitor', [])],
       'host': rec['host']}
@@ -103,9 +137,11 @@ def markdown_table(runs, raw_pixels):
   """A row per run and a mean ± sd row per group of two or more seeds."""
   simclr = {(r['width'], r['batch'], r['epochs'], r['seed']): r['probe'] for r in runs
             if r['objective'] == 'simclr'}
-  lines = ['| objective | width | batch | epochs | seed | linear probe % | Δ raw pixels | Δ SimCLR '
-           '(same seed and batch) | kNN % | linear head % | training s | images/s |',
-           '| :--- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |']
+  lines = ['| objective | width | batch | epochs | seed | global objective | linear probe % | '
+           'Δ raw pixels | Δ SimCLR (same seed and batch) | kNN % | linear head % | training s | '
+           'images/s |',
+           '| :--- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | '
+           '---: |']
   groups = {}
   for r in runs:
     groups.setdefault((r['objective'], r['width'], r['batch'], r['epochs']), []).append(r)
@@ -121,7 +157,7 @@ def markdown_table(runs, raw_pixels):
         difference = percent(differences[-1], signed=True)
       lines.append(
           f"| {LABELS[objective]} | {width:g} | {batch} | {epochs} | {r['seed']} | "
-          f"{_mean_sd([r['probe']])} "
+          f"{_objective([r['global_objective']])} | {_mean_sd([r['probe']])} "
           f"| {_signed(r['probe'], raw_pixels)} | {difference} | {_mean_sd([r['knn']])} | "
           f"{_mean_sd([r['head']])} | {r['train_seconds']:.0f} | {r['images_per_second']:.0f} |")
     if len(members) > 1:
@@ -129,11 +165,20 @@ def markdown_table(runs, raw_pixels):
       mean_probe = np.mean(probes) if None not in probes else None
       lines.append(
           f"| {LABELS[objective]}, mean ± sd | {width:g} | {batch} | {epochs} | "
-          f"{', '.join(str(r['seed']) for r in members)} | **{_mean_sd(probes)}** | "
+          f"{', '.join(str(r['seed']) for r in members)} | "
+          f"{_objective([r['global_objective'] for r in members])} | **{_mean_sd(probes)}** | "
           f"{_signed(mean_probe, raw_pixels)} | {_mean_sd_signed(differences)} | "
           f"{_mean_sd([r['knn'] for r in members])} | {_mean_sd([r['head'] for r in members])} "
           '| | |')
   return '\n'.join(lines) + '\n'
+
+
+def _objective(values):
+  """The global objective to 3 decimals, 'mean ± sd' over several runs; '' unmeasured."""
+  values = [v for v in values if v is not None]
+  if len(values) > 1:
+    return f'{np.mean(values):.3f} ± {np.std(values, ddof=1):.3f}'
+  return f'{values[0]:.3f}' if values else ''
 
 
 def _signed(value, reference):
@@ -186,6 +231,8 @@ def main(argv=None):
   parser.add_argument('--name', help='The record\'s name, e.g. sogclr_w05_e6_s0 (--record).')
   parser.add_argument('--command', default='', help='How the run was started (--record).')
   parser.add_argument('--host', default='', help='The host and what ran beside (--record).')
+  parser.add_argument('--data_dir', help='With --record: the run\'s data_dir; the record then '
+                      'holds the global objective of its newest checkpoint.')
   parser.add_argument('--out_dir', default=OUT_DIR)
   args = parser.parse_args(argv)
   if args.record:
@@ -193,8 +240,16 @@ def main(argv=None):
       parser.error('--record needs --name=<objective>_..._e<epochs>[_s<seed>], e.g. '
                    'sogclr_w05_e6_s0')
     path = os.path.join(args.out_dir, args.name + '.json')
+    made = record(args.record, args.command, args.host)
+    if os.path.exists(path):  # recorded again (e.g. to add the objective): the same run
+      with open(path) as f:
+        earlier = json.load(f)
+      made['command'] = args.command or earlier['command']
+      made['host'] = args.host or earlier['host']
+    if args.data_dir:
+      made['global_objective'] = global_objective(args.record, made['flags'], args.data_dir)
     with open(path, 'w') as f:
-      json.dump(record(args.record, args.command, args.host), f, indent=1)
+      json.dump(made, f, indent=1)
       f.write('\n')
     print(f'Wrote {path}')
     return
