@@ -284,6 +284,19 @@ def _assert_results_are_those_of(model, evaluator, digits, step, result):
       1e-3 * sum(np.sum(k ** 2) for k in kernels) / 2, rel=1e-5)
 
 
+def _counted_extractions(evaluator):
+  """The list of the datasets `evaluator` extracts features from from now on."""
+  extractions = []
+  extract = evaluator.extract_features.outputs
+
+  def counted(dataset):
+    extractions.append(dataset)
+    return extract(dataset)
+
+  evaluator.extract_features.outputs = counted
+  return extractions
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize('held', [True, False], ids=['features_held', 'streamed'])
 def test_evaluator_traces_once_for_the_whole_run_and_follows_the_weights(
@@ -309,14 +322,7 @@ def test_evaluator_traces_once_for_the_whole_run_and_follows_the_weights(
                                eval_split='test', image_size=16),
       weight_decay=1e-3)
   assert evaluator.holds_features == held
-  extractions = []
-  extract = evaluator.extract_features.outputs
-
-  def counted(dataset):
-    extractions.append(dataset)
-    return extract(dataset)
-
-  evaluator.extract_features.outputs = counted
+  extractions = _counted_extractions(evaluator)
 
   def tracing_counts():
     knn = evaluator.streaming_knn
