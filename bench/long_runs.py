@@ -174,11 +174,14 @@ def markdown_table(runs, raw_pixels):
 
 
 def _objective(values):
-  """The global objective to 3 decimals, 'mean ± sd' over several runs; '' unmeasured."""
-  values = [v for v in values if v is not None]
-  if len(values) > 1:
-    return f'{np.mean(values):.3f} ± {np.std(values, ddof=1):.3f}'
-  return f'{values[0]:.3f}' if values else ''
+  """The global objective to 3 decimals, 'mean ± sd' over several runs, and how many runs
+  when some were not measured; '' unmeasured."""
+  measured = [v for v in values if v is not None]
+  if not measured:
+    return ''
+  text = (f'{np.mean(measured):.3f} ± {np.std(measured, ddof=1):.3f}' if len(measured) > 1
+          else f'{measured[0]:.3f}')
+  return text if len(measured) == len(values) else f'{text} ({len(measured)} of {len(values)})'
 
 
 def _signed(value, reference):

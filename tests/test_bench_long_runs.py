@@ -58,6 +58,9 @@ def test_records_and_their_table_pair_each_seed_with_simclr(long_runs, tmp_path,
   assert record['results']['global_step'] == 200 and record['results']['probe/top_1'] == 0.8869
   assert record['flags']['seed'] == 1 and record['host'] == 'h'
 
+  # A global objective measured for one of SogCLR's two seeds (a checkpoint kept).
+  path = out_dir / 'sogclr_w05_e2_s0.json'
+  path.write_text(json.dumps(json.loads(path.read_text()) | {'global_objective': 7.5244}))
   capsys.readouterr()
   long_runs.main([f'--out_dir={out_dir}'])
   lines = (out_dir / 'long_runs.md').read_text().splitlines()
@@ -65,10 +68,10 @@ def test_records_and_their_table_pair_each_seed_with_simclr(long_runs, tmp_path,
   assert lines[4] == ('| SimCLR, mean ± sd | 0.5 | 64 | 2 | 0, 1 |  | **87.8 ± 0.1** | +3.7 |  | '
                       '82.1 ± 0.1 | 80.0 ± 0.0 | | |')
   # 0.8825 is 88.3 (halves up), 0.8825 - 0.8779 is +0.5; the mean pairs seed with seed.
-  assert lines[5] == ('| SogCLR | 0.5 | 64 | 2 | 0 |  | 88.3 | +4.2 | +0.5 | 82.1 | 80.0 | 80 '
-                      '| 160 |')
-  assert lines[7] == ('| SogCLR, mean ± sd | 0.5 | 64 | 2 | 0, 1 |  | **88.5 ± 0.3** | +4.4 | '
-                      '+0.6 ± 0.2 | 82.3 ± 0.3 | 80.0 ± 0.0 | | |')
+  assert lines[5] == ('| SogCLR | 0.5 | 64 | 2 | 0 | 7.524 | 88.3 | +4.2 | +0.5 | 82.1 | 80.0 | '
+                      '80 | 160 |')
+  assert lines[7] == ('| SogCLR, mean ± sd | 0.5 | 64 | 2 | 0, 1 | 7.524 (1 of 2) | **88.5 ± 0.3** '
+                      '| +4.4 | +0.6 ± 0.2 | 82.3 ± 0.3 | 80.0 ± 0.0 | | |')
   assert lines[8] == ('| SogCLR | 0.5 | 512 | 2 | 0 |  | 87.0 | +2.9 |  | 81.0 | 80.0 | 80 | '
                       '1280 |')
   assert '| sogclr_w05_e2_s1 | 79.9 | 82.5 |' in lines
