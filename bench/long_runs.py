@@ -214,7 +214,7 @@ def plot(runs, path):
         r['objective'], ':' if r['width'] < 0.5 else '--' if r['batch'] > 64 else '-',
         'os^v'[r['seed'] % 4], [(e, v) for e, v in r['curve'] if v is not None]) for r in runs],
       path, ylabel='kNN top-1 % (10,000 test images, k=200)',
-      title='Fashion-MNIST: kNN after each epoch')
+      title='Fashion-MNIST: kNN after each epoch', legend_outside=True)
 
 
 def raw_pixels(out_dir):
