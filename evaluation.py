@@ -98,6 +98,14 @@ def eval_dataset(strategy, builder, info, split, *, global_batch_size, image_siz
   return strategy.distribute_datasets_from_function(padded_input_fn)
 
 
+def head_hits(labels, logits):
+  """(top-1, top-5) per image, booleans [N]: whether the label (one-hot [N, C]) is the head's
+  first class, and among its first five (all of them with fewer classes)."""
+  targets = tf.argmax(labels, 1)
+  return (tf.math.in_top_k(targets, logits, 1),
+          tf.math.in_top_k(targets, logits, min(5, logits.shape[-1])))
+
+
 class HeadMetrics:
   """Top-1/top-5 of a model's supervised head over an eval_dataset; one tf.function for all
   calls (its batches have one static shape)."""
@@ -109,14 +117,10 @@ class HeadMetrics:
 
   def _batch_sums(self, batch):
     logits = self.model(batch['views'][0], training=False)['supervised_logits']
-    targets = tf.argmax(batch['labels'], 1)
     weights = tf.cast(batch['mask'], tf.float32)
-
-    def correct(k):
-      return tf.reduce_sum(weights * tf.cast(tf.math.in_top_k(targets, logits, k), tf.float32))
-
-    return {'top_1': correct(1), 'top_5': correct(min(5, logits.shape[-1])),
-            'count': tf.reduce_sum(weights)}
+    top_1, top_5 = (tf.reduce_sum(weights * tf.cast(hits, tf.float32))
+                    for hits in head_hits(batch['labels'], logits))
+    return {'top_1': top_1, 'top_5': top_5, 'count': tf.reduce_sum(weights)}
 
   def _batch_sums_replicated(self, inputs):
     per_replica = self.strategy.run(self._batch_sums, args=(inputs,))
@@ -165,13 +169,10 @@ class FeatureExtractor:
 
   def _replica_outputs(self, batch):
     outputs = self.model(batch['views'][0], training=False)
-    targets = tf.argmax(batch['labels'], 1)
-    found = {'features': outputs['features'], 'labels': targets, 'ids': batch['ids'],
-             'mask': batch['mask']}
-    if outputs.get('supervised_logits') is not None:
-      logits = outputs['supervised_logits']
-      found['top_1'] = tf.math.in_top_k(targets, logits, 1)
-      found['top_5'] = tf.math.in_top_k(targets, logits, min(5, logits.shape[-1]))
+    found = {'features': outputs['features'], 'labels': tf.argmax(batch['labels'], 1),
+             'ids': batch['ids'], 'mask': batch['mask']}
+    if 'supervised_logits' in outputs:
+      found['top_1'], found['top_5'] = head_hits(batch['labels'], outputs['supervised_logits'])
     return found
 
   def _replicated(self, inputs):
@@ -180,14 +181,12 @@ class FeatureExtractor:
   def outputs(self, dataset):
     """The SplitOutputs of `dataset`."""
     parts = {}
-    local = self.strategy.experimental_local_results
     for inputs in data_lib.batches(dataset):
-      found = self._run(inputs)
-      for replica in range(len(local(found['mask']))):
-        mask = local(found['mask'])[replica].numpy()
-        for key, value in found.items():
-          if key != 'mask':
-            parts.setdefault(key, []).append(local(value)[replica].numpy()[mask])
+      found = {key: self.strategy.experimental_local_results(value)
+               for key, value in self._run(inputs).items()}
+      for replica, mask in enumerate(found.pop('mask')):
+        for key, values in found.items():
+          parts.setdefault(key, []).append(values[replica].numpy()[mask.numpy()])
     return SplitOutputs(**{key: np.concatenate(value) for key, value in parts.items()})
 
   def __call__(self, dataset, with_ids=False):
@@ -453,7 +452,7 @@ class Evaluator:
   def _head_metrics(self, step, knn):
     """The head's metrics: from the eval split's features pass when this evaluation makes
     one anyway (the kNN on held features, the Projector) and the whole split is evaluated."""
-    shared = self.holds_features and knn or self.one_host and self.projector_dir
+    shared = (self.holds_features and knn) or (self.one_host and self.projector_dir)
     if shared and not self.config.eval_steps:
       return self.outputs(step, self.data.eval_split).head_metrics()
     return self.head_metrics(self.dataset(self.data.eval_split), self.config.eval_steps,

@@ -8,7 +8,7 @@ evaluation (head, kNN, Projector) and the last step's (the same, then the probe)
 the Fashion-MNIST recipe's (ResNet-18 x0.5 at 32 px, random weights: the time does not depend on
 them). The two paths alternate within one process, `--repeats` times each; compare the ratio.
 
-  python bench/eval_step.py --data_dir=/work/tfds            # Fashion-MNIST, about 15 minutes
+  python bench/eval_step.py                                   # Fashion-MNIST, about 15 minutes
   python bench/eval_step.py --dataset=digits --image_size=16  # the demo digits, a quick look
 """
 import argparse
